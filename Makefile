@@ -1,0 +1,26 @@
+# Two entry points: `make run` (the main job, offline data) and `make test`.
+# Both create .venv and install topoopt into it when missing or when pyproject.toml changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.topoopt-installed
+
+.PHONY: run test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/topoopt main
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/h0.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

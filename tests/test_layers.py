@@ -1,0 +1,82 @@
+"""neuron_cloud, layer selection and layer_topology."""
+
+import pytest
+import torch
+from torch import nn
+
+from topoopt import h0_deaths, layer_topology, neuron_cloud, select_layers, topological_layers
+from topoopt.models import build_mlp
+
+
+def test_linear_cloud_is_the_weight_rows_and_keeps_the_graph():
+    layer = nn.Linear(5, 3)
+    cloud = neuron_cloud(layer)
+    assert cloud.shape == (3, 5)
+    assert torch.equal(cloud, layer.weight)
+    cloud.sum().backward()
+    assert torch.equal(layer.weight.grad, torch.ones(3, 5))
+
+
+@pytest.mark.parametrize(
+    "layer,shape",
+    [(nn.Conv1d(2, 4, 3), (4, 6)), (nn.Conv2d(3, 8, (2, 3)), (8, 18)), (nn.Conv3d(1, 5, 2), (5, 8))],
+)
+def test_conv_cloud_has_one_flattened_filter_per_channel(layer, shape):
+    cloud = neuron_cloud(layer)
+    assert cloud.shape == shape
+    assert torch.equal(cloud[1], layer.weight[1].flatten())
+
+
+def test_bias_is_an_extra_coordinate():
+    layer = nn.Linear(4, 2)
+    cloud = neuron_cloud(layer, include_bias=True)
+    assert cloud.shape == (2, 5)
+    assert torch.equal(cloud[:, -1], layer.bias)
+
+
+def test_bias_option_without_bias_is_an_error():
+    with pytest.raises(ValueError, match="has no bias"):
+        neuron_cloud(nn.Linear(4, 2, bias=False), include_bias=True)
+
+
+def test_other_modules_are_rejected_by_type_name():
+    with pytest.raises(TypeError, match="got BatchNorm1d"):
+        neuron_cloud(nn.BatchNorm1d(3))
+
+
+def test_layers_are_found_by_name_through_wrappers():
+    model = build_mlp("mlp:8-6-4-2")
+    assert list(topological_layers(model)) == ["fc1", "fc2", "fc3"]
+    assert list(topological_layers(torch.nn.DataParallel(model))) == ["fc1", "fc2", "fc3"]
+
+
+def test_unknown_layer_names_list_the_valid_ones():
+    with pytest.raises(KeyError, match=r"Unknown layer name\(s\) \['fc9'\].*\['fc1', 'fc2', 'fc3'\]"):
+        select_layers(build_mlp("mlp:8-6-4-2"), ["fc1", "fc9"])
+
+
+def test_layer_topology_reports_each_layer():
+    model = build_mlp("mlp:8-6-4-2")
+    report = layer_topology(model)
+    assert list(report) == ["fc1", "fc2", "fc3"]
+    fc1 = report["fc1"]
+    assert (fc1.n_neurons, fc1.dim) == (6, 8)
+    deaths = h0_deaths(model.fc1.weight.detach())
+    assert fc1.mean_lifetime == pytest.approx(deaths.mean().item())
+    assert 0 < fc1.normalized_entropy <= 1
+    assert list(layer_topology(model, layers=["fc2"])) == ["fc2"]
+
+
+def test_layer_topology_names_a_layer_with_nan_weights():
+    model = build_mlp("mlp:8-6-4-2")
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="Layer 'fc2'.*NaN or Inf"):
+        layer_topology(model)
+
+
+def test_zero_initialised_layer_has_zero_metrics():
+    model = build_mlp("mlp:8-6-4-2")
+    nn.init.zeros_(model.fc1.weight)
+    fc1 = layer_topology(model)["fc1"]
+    assert fc1.mean_lifetime == 0 and fc1.normalized_entropy == 0 and fc1.zero_bars == 5

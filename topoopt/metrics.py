@@ -1,0 +1,140 @@
+"""Scalar summaries of an H0 diagram, each differentiable with finite gradients.
+
+All functions take the finite H0 deaths of `topoopt.h0_deaths` (births are 0, so a death is a
+lifetime). Zero lifetimes, from coinciding neurons, are allowed everywhere: they are left out of
+the entropies (a bar of length 0 carries no probability mass) and counted in the mean lifetime
+(so the mean moves continuously as coinciding neurons separate). No metric returns NaN, and none
+has a NaN or infinite gradient, even for an all-zero layer.
+
+`METRICS` maps the names used across topoopt (penalties, the optimizer wrapper, the monitor) to
+these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+
+__all__ = [
+    "persistent_entropy",
+    "normalized_persistent_entropy",
+    "mean_lifetime",
+    "total_persistence",
+    "max_lifetime",
+    "METRICS",
+    "get_metric",
+]
+
+
+def _check_deaths(deaths: torch.Tensor) -> torch.Tensor:
+    if not isinstance(deaths, torch.Tensor):
+        raise TypeError(f"deaths must be a torch.Tensor, got {type(deaths).__name__}")
+    if deaths.dim() != 1:
+        raise ValueError(f"deaths must be a 1-D tensor of lifetimes, got shape {tuple(deaths.shape)}")
+    if deaths.numel() and bool((deaths < 0).any()):
+        raise ValueError("deaths must be non-negative lifetimes (H0 bars are born at 0)")
+    return deaths
+
+
+def _entropy_and_count(deaths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    positive = deaths > 0
+    count = positive.sum()
+    total = deaths.sum()
+    # Where-guards keep both the value and the gradient finite: at l = 0, p·log p → 0.
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    p = torch.where(positive, deaths / safe_total, torch.ones_like(deaths))
+    entropy = -(p * torch.log(p)).sum()
+    return entropy, count
+
+
+def persistent_entropy(deaths: torch.Tensor) -> torch.Tensor:
+    """Persistent entropy E = −Σ pᵢ log pᵢ, pᵢ = lᵢ / Σl over the positive lifetimes.
+
+    Rucco et al. (2016) "Characterisation of the idiotypic immune network through persistent
+    entropy". 0 for an empty diagram or one with a single positive bar.
+    """
+    entropy, _ = _entropy_and_count(_check_deaths(deaths))
+    return entropy
+
+
+def normalized_persistent_entropy(
+    deaths: torch.Tensor, normalization: Literal["count", "total"] = "count"
+) -> torch.Tensor:
+    """Persistent entropy divided by its maximum, a complexity score of the neuron cloud.
+
+    `normalization="count"` (default): E / log n, n the number of positive lifetimes, in [0, 1];
+    1 when all bars are equal (neurons evenly spread), near 0 when one gap dominates (clustered
+    neurons). 0 when n ≤ 1. It is invariant to the scale of the weights.
+
+    `normalization="total"`: E / log Σl, as giotto-tda's `PersistenceEntropy(normalize=True)`.
+    Not the default: it changes when the weights are rescaled, and it is negative or unbounded
+    when Σl < 1 (log Σl ≤ 0), which is common for small weights. 0 where Σl = 1.
+    """
+    deaths = _check_deaths(deaths)
+    entropy, count = _entropy_and_count(deaths)
+    if normalization == "count":
+        denominator = torch.log(count.to(deaths.dtype))
+        valid = count > 1
+    elif normalization == "total":
+        denominator = torch.log(deaths.sum())
+        valid = (count > 0) & (denominator != 0)
+    else:
+        raise ValueError(
+            f"Invalid normalization: {normalization!r}. Valid values are 'count' and 'total'"
+        )
+    safe_denominator = torch.where(valid, denominator, torch.ones_like(denominator))
+    return torch.where(valid, entropy / safe_denominator, torch.zeros_like(entropy))
+
+
+def mean_lifetime(deaths: torch.Tensor) -> torch.Tensor:
+    """Mean H0 lifetime over all N−1 bars, zero-length ones included; 0 for an empty diagram.
+
+    Equals the total length of the minimum spanning tree over N−1: the typical gap between a
+    neuron and its nearest group. It scales with the weights, so read it beside ‖W‖.
+    """
+    deaths = _check_deaths(deaths)
+    if deaths.numel() == 0:
+        return deaths.sum()
+    return deaths.mean()
+
+
+def total_persistence(deaths: torch.Tensor, p: float = 1.0) -> torch.Tensor:
+    """Σ lᵢᵖ over all bars (p > 0); for p = 1 the length of the minimum spanning tree."""
+    deaths = _check_deaths(deaths)
+    if not (isinstance(p, (int, float)) and math.isfinite(p) and p > 0):
+        raise ValueError(f"Invalid exponent p: {p!r}. It must be a finite number > 0")
+    if p >= 1:
+        return deaths.pow(p).sum()
+    # lᵖ has an infinite slope at 0 for p < 1: zero bars are left out of the gradient.
+    positive = deaths > 0
+    safe = torch.where(positive, deaths, torch.ones_like(deaths))
+    return torch.where(positive, safe.pow(p), torch.zeros_like(deaths)).sum()
+
+
+def max_lifetime(deaths: torch.Tensor) -> torch.Tensor:
+    """Longest finite H0 bar: the largest gap separating two groups of neurons; 0 when empty."""
+    deaths = _check_deaths(deaths)
+    if deaths.numel() == 0:
+        return deaths.sum()
+    return deaths.max()
+
+
+METRICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "normalized_entropy": normalized_persistent_entropy,
+    "entropy": persistent_entropy,
+    "mean_lifetime": mean_lifetime,
+    "total_persistence": total_persistence,
+    "max_lifetime": max_lifetime,
+}
+
+
+def get_metric(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The metric function called `name`; an unknown name is a `ValueError` listing the valid ones."""
+    try:
+        return METRICS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown metric {name!r}. Valid metrics are: {', '.join(sorted(METRICS))}"
+        ) from None

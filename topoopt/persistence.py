@@ -1,0 +1,79 @@
+"""Differentiable H0 persistence of a point cloud (Vietoris–Rips, Euclidean).
+
+Convention (that of gudhi's `RipsComplex` and ripser): every point is born at 0 and an edge enters
+the filtration at its length, so the finite H0 deaths are the edge lengths of a Euclidean minimum
+spanning tree. Unlike gudhi and ripser, zero-length bars (coinciding points) are *kept*: a cloud of
+N points always has N−1 finite deaths, and a metric computed from them moves continuously when two
+coinciding neurons separate. Compare with those libraries on the positive deaths only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from topoopt.spanning_tree import euclidean_mst_edges
+
+__all__ = ["h0_deaths", "h0_edges", "edge_lengths", "h1_diagram"]
+
+
+def _as_cloud(points: torch.Tensor, argument: str = "points") -> torch.Tensor:
+    if not isinstance(points, torch.Tensor):
+        raise TypeError(f"{argument} must be a torch.Tensor, got {type(points).__name__}")
+    if points.dim() != 2:
+        raise ValueError(
+            f"{argument} must be an N×d matrix (one row per point), got shape {tuple(points.shape)}"
+        )
+    if not points.is_floating_point():
+        raise TypeError(f"{argument} must be a floating-point tensor, got {points.dtype}")
+    if points.dtype in (torch.float16, torch.bfloat16):
+        points = points.float()
+    if points.numel() and not bool(torch.isfinite(points).all()):
+        bad = int((~torch.isfinite(points)).any(dim=1).sum())
+        raise ValueError(f"{argument} contains NaN or Inf values (in {bad} of {points.shape[0]} rows)")
+    return points
+
+
+def h0_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Endpoints (u, v) of the N−1 minimum-spanning-tree edges whose lengths are the H0 deaths.
+
+    Found without autograd. Re-gathering `‖points[u] − points[v]‖` later gives the deaths of a
+    slightly moved cloud without searching the tree again (see `topoopt.TopoPenalty`'s `reuse`).
+    """
+    return euclidean_mst_edges(_as_cloud(points))
+
+
+def edge_lengths(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Differentiable lengths of edges (u, v); the gradient is 0, never NaN, at zero length."""
+    # vector_norm's backward is defined as 0 at the origin; sqrt(sum(diff²)) would give NaN.
+    return torch.linalg.vector_norm(points[u] - points[v], dim=1)
+
+
+def h0_deaths(points: torch.Tensor) -> torch.Tensor:
+    """Finite H0 death times of the Vietoris–Rips filtration of `points`, sorted ascending.
+
+    `points` is an N×d tensor (one row per neuron). Returns N−1 deaths, the Euclidean minimum
+    spanning tree's edge lengths, zero-length ones included; an empty tensor when N < 2.
+    Differentiable: the gradient flows through the N−1 tree edges only, and is 0 where points
+    coincide. float16/bfloat16 input is computed in float32; the result stays on the input's
+    device. NaN or Inf in `points` raises `ValueError`.
+    """
+    cloud = _as_cloud(points)
+    if cloud.shape[0] < 2:
+        return cloud.reshape(-1)[:0]
+    u, v = euclidean_mst_edges(cloud.detach())
+    return torch.sort(edge_lengths(cloud, u, v)).values
+
+
+def h1_diagram(points: torch.Tensor) -> torch.Tensor:
+    """H1 persistence diagram (k×2 births and deaths) of the Vietoris–Rips filtration.
+
+    Routed through torch-topological's `VietorisRipsComplex`; far costlier than H0 (it builds the
+    whole filtration), meant for monitoring small layers, not for every training step.
+    """
+    from torch_topological.nn import VietorisRipsComplex
+
+    cloud = _as_cloud(points)
+    if cloud.shape[0] < 3:
+        return cloud.new_zeros((0, 2))
+    info = VietorisRipsComplex(dim=1)(cloud)
+    return info[1].diagram
