@@ -2,6 +2,8 @@
 
 from topoopt.cloud import neuron_cloud
 from topoopt.layers import LayerTopology, layer_topology, select_layers, topological_layers
+from topoopt.optimizer import POLICIES, TopoOptimizer, awaken_policy, calm_policy
+from topoopt.penalty import TopoPenalty
 from topoopt.metrics import (
     METRICS,
     get_metric,
@@ -35,4 +37,9 @@ __all__ = [
     "layer_topology",
     "LayerTopology",
     "MemoryBudgetError",
+    "TopoPenalty",
+    "TopoOptimizer",
+    "POLICIES",
+    "calm_policy",
+    "awaken_policy",
 ]

@@ -1,0 +1,116 @@
+"""H0 of a neuron cloud (d = 784): topoopt against torch-topological, giotto-ph, ripser, gudhi.
+
+Every method is timed in the same run on the same cloud; the table reports medians and ratios
+against torch-topological and against the N×N float32 Gram product alone (the arithmetic floor).
+topoopt and torch-topological are timed forward + backward; the others give no gradient.
+
+    python benchmarks/h0.py                 # N ∈ {100, 1000, 4096}
+    python benchmarks/h0.py --large 20000   # one N = 20,000 layer, topoopt only
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import topoopt
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _topoopt(x: torch.Tensor):
+    def run():
+        cloud = x.clone().requires_grad_(True)
+        topoopt.h0_deaths(cloud).sum().backward()
+    return run
+
+
+def _torch_topological(x: torch.Tensor):
+    from torch_topological.nn import VietorisRipsComplex
+
+    complex_ = VietorisRipsComplex(dim=0)
+
+    def run():
+        cloud = x.clone().requires_grad_(True)
+        diagram = complex_(cloud)[0].diagram
+        diagram[torch.isfinite(diagram)].sum().backward()
+    return run
+
+
+def _gram(x: torch.Tensor):
+    return lambda: x @ x.T
+
+
+def _giotto(x: np.ndarray):
+    from gph import ripser_parallel
+
+    return lambda: ripser_parallel(x, maxdim=0, n_threads=torch.get_num_threads())
+
+
+def _ripser(x: np.ndarray):
+    from ripser import ripser
+
+    return lambda: ripser(x, maxdim=0)
+
+
+def _gudhi(x: np.ndarray):
+    import gudhi
+
+    def run():
+        tree = gudhi.RipsComplex(points=x).create_simplex_tree(max_dimension=1)
+        tree.compute_persistence()
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 4096])
+    parser.add_argument("--dim", type=int, default=784)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--large", type=int, default=0, help="also time one cloud of this many neurons")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d = {args.dim}, "
+          f"median of {args.repeats} (slow references: of 3)\n")
+    header = f"{'N':>6} {'method':<28} {'median ms':>10} {'vs torch-topological':>21} {'vs Gram':>8}"
+    print(header)
+    print("-" * len(header))
+    generator = torch.Generator().manual_seed(0)
+    for n in args.sizes:
+        x = torch.randn(n, args.dim, generator=generator) / args.dim**0.5
+        x_np = x.double().numpy()
+        methods = {
+            "Gram product X·Xᵀ (floor)": (_gram(x), args.repeats),
+            "topoopt.h0_deaths fwd+bwd": (_topoopt(x), args.repeats),
+            "torch-topological fwd+bwd": (_torch_topological(x), 3),
+            "giotto-ph ripser_parallel": (_giotto(x_np), 3),
+            "ripser": (_ripser(x_np), 3),
+            "gudhi RipsComplex": (_gudhi(x_np), 3),
+        }
+        medians = {name: _time(fn, repeats) for name, (fn, repeats) in methods.items()}
+        reference, floor = medians["torch-topological fwd+bwd"], medians["Gram product X·Xᵀ (floor)"]
+        for name, seconds in medians.items():
+            print(f"{n:>6} {name:<28} {seconds * 1e3:>10.1f} {reference / seconds:>20.2f}× "
+                  f"{seconds / floor:>7.2f}×")
+        print()
+    if args.large:
+        x = torch.randn(args.large, args.dim, generator=generator) / args.dim**0.5
+        seconds = _time(_topoopt(x), 1)
+        print(f"N = {args.large}, d = {args.dim}: topoopt.h0_deaths forward+backward {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

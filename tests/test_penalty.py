@@ -1,0 +1,102 @@
+"""TopoPenalty: values against the metrics, every=k, targets, weights, and bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+from topoopt import TopoPenalty, h0_deaths, mean_lifetime, normalized_persistent_entropy
+from topoopt.models import build_mlp, initialise
+
+
+def model():
+    return build_mlp("mlp:12-8-6-3")
+
+
+def test_value_is_the_weighted_sum_of_layer_metrics():
+    net = model()
+    penalty = TopoPenalty(net, metric="mean_lifetime", weight={"fc1": 2.0, "fc3": 0.5})
+    expected = 2.0 * mean_lifetime(h0_deaths(net.fc1.weight)) + 0.5 * mean_lifetime(h0_deaths(net.fc3.weight))
+    torch.testing.assert_close(penalty(), expected)
+
+
+def test_maximize_negates_and_target_squares_the_distance():
+    net = model()
+    value = normalized_persistent_entropy(h0_deaths(net.fc2.weight))
+    assert TopoPenalty(net, layers=["fc2"], direction="maximize")().item() == pytest.approx(-value.item())
+    assert TopoPenalty(net, layers=["fc2"], target=0.5)().item() == pytest.approx((value.item() - 0.5) ** 2)
+
+
+def test_gradient_reaches_the_weights_and_maximizing_lifetime_spreads_neurons():
+    torch.manual_seed(1)
+    net = model()
+    penalty = TopoPenalty(net, metric="mean_lifetime", direction="maximize", layers=["fc1"])
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    before = mean_lifetime(h0_deaths(net.fc1.weight.detach())).item()
+    for _ in range(20):
+        optimizer.zero_grad()
+        penalty().backward()
+        optimizer.step()
+    assert mean_lifetime(h0_deaths(net.fc1.weight.detach())).item() > before * 1.2
+
+
+def test_every_k_returns_an_exact_zero_without_graph_in_between():
+    penalty = TopoPenalty(model(), every=3)
+    values = [penalty() for _ in range(7)]
+    computed = [i for i, v in enumerate(values) if v.requires_grad]
+    assert computed == [0, 3, 6]
+    assert all(v.item() == 0.0 and v.grad_fn is None for i, v in enumerate(values) if i not in computed)
+
+
+def test_tree_reuse_remeasures_the_cached_edges():
+    net = model()
+    penalty = TopoPenalty(net, metric="mean_lifetime", tree_every=5, layers=["fc1"])
+    penalty()
+    with torch.no_grad():
+        net.fc1.weight.mul_(2.0)  # same tree, doubled lengths
+    assert penalty().item() == pytest.approx(2 * mean_lifetime(h0_deaths(net.fc1.weight / 2)).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["normalized_entropy", "mean_lifetime", "total_persistence"])
+def test_zero_initialised_network_gives_finite_penalty_and_gradients(metric):
+    net = model()
+    initialise(net, "zero")
+    value = TopoPenalty(net, metric=metric)()
+    value.backward()
+    assert torch.isfinite(value)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_nan_weights_name_the_layer():
+    net = model()
+    with torch.no_grad():
+        net.fc2.weight[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="Layer 'fc2'.*NaN or Inf"):
+        TopoPenalty(net)()
+
+
+def test_unknown_metric_and_layer_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="Unknown metric 'lifetime'. Valid metrics are: normalized_entropy, mean_lifetime"):
+        TopoPenalty(model(), metric="lifetime")
+    with pytest.raises(KeyError, match=r"\['fc1', 'fc2', 'fc3'\]"):
+        TopoPenalty(model(), layers=["fc4"])
+    with pytest.raises(KeyError, match="weight names unknown layer"):
+        TopoPenalty(model(), weight={"fc7": 1.0})
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"direction": "up"}, "Invalid direction: 'up'"),
+        ({"every": 0}, "Invalid every: 0"),
+        ({"weight": float("nan")}, "Invalid weight for layer 'fc1'"),
+        ({"target": 0.5, "direction": "maximize"}, "target and direction='maximize' exclude each other"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TopoPenalty(model(), **kwargs)
+
+
+def test_penalty_does_not_own_the_model_parameters():
+    penalty = TopoPenalty(model())
+    assert list(penalty.parameters()) == [] and penalty.state_dict() == {}

@@ -1,0 +1,285 @@
+"""TopoOptimizer: a drop-in wrapper that scales each layer's step by its topological complexity.
+
+The wrapper lets the inner optimizer take its step, then moves each layer's parameters to
+``p_old + s_l · (p_new − p_old)``: the effective step is exactly s_l times the inner step, for
+SGD, Adam (where scaling the gradient would change nothing), LBFGS or any other optimizer.
+``group["lr"]`` is never touched, so learning-rate schedulers see what they would see without
+the wrapper. The wrapper *is* a ``torch.optim.Optimizer`` and shares the inner optimizer's
+``param_groups`` and ``state`` (as davda54/sam does), so schedulers, ``GradScaler`` and
+checkpointing accept it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from topoopt.cloud import neuron_cloud
+from topoopt.layers import select_layers
+from topoopt.metrics import get_metric
+from topoopt.persistence import h0_deaths
+
+__all__ = ["TopoOptimizer", "POLICIES", "COMPLEXITY_METRICS", "calm_policy", "awaken_policy"]
+
+# Complexities are made dimensionless so that one policy works for every metric and layer size:
+# entropy is already in [0, 1]; lifetimes are divided by the layer's RMS neuron norm.
+COMPLEXITY_METRICS = ("normalized_entropy", "mean_lifetime", "total_persistence", "max_lifetime")
+
+Policy = Callable[[Mapping[str, float], Mapping[str, float], float], dict[str, float]]
+
+
+def calm_policy(complexity: Mapping[str, float], change: Mapping[str, float], strength: float) -> dict[str, float]:
+    """A brake: s_l = 1 / (1 + strength · (max(0, c_l − c̄) + v_l)), so s_l ≤ 1.
+
+    c_l is the layer's smoothed complexity, c̄ its mean over the wrapped layers, and v_l the
+    smoothed absolute change of c_l between measurements. Layers whose cloud is more complex
+    than the others', or whose topology is still changing fast, take smaller steps; settled,
+    simple layers keep the inner optimizer's step.
+    """
+    mean = sum(complexity.values()) / len(complexity)
+    return {
+        name: 1.0 / (1.0 + strength * (max(0.0, c - mean) + change.get(name, 0.0)))
+        for name, c in complexity.items()
+    }
+
+
+def awaken_policy(complexity: Mapping[str, float], change: Mapping[str, float], strength: float) -> dict[str, float]:
+    """An accelerator: s_l = 1 + strength · (1 − min(c_l, 1)), so s_l ≥ 1.
+
+    A layer whose cloud is still structureless (neurons coinciding or collapsed onto a few
+    points, as after zero or tiny initialisation: complexity near 0) takes larger steps until
+    its neurons have spread out (complexity near 1, where s_l = 1).
+    """
+    return {name: 1.0 + strength * (1.0 - min(c, 1.0)) for name, c in complexity.items()}
+
+
+POLICIES: dict[str, Policy] = {"calm": calm_policy, "awaken": awaken_policy}
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        raise ValueError(f"Invalid {name}: {value}")
+    return float(value)
+
+
+class TopoOptimizer(torch.optim.Optimizer):
+    """Wraps any ``torch.optim.Optimizer``; layer l's step becomes s_l times the inner step.
+
+    Every ``every`` steps (the first step included), the complexity of each wrapped layer's
+    neuron cloud is measured with ``metric`` (under ``torch.no_grad``, outside the loss graph)
+    and smoothed with an exponential moving average of factor ``ema``. ``policy`` turns the
+    smoothed complexities into scales ("calm" brakes, "awaken" accelerates; see
+    `calm_policy` and `awaken_policy`, or pass a callable of the same signature), which are
+    clipped to ``bounds``. Parameters outside the wrapped layers, and layers with fewer than 2
+    neurons, keep s = 1.
+
+    ``scales`` (layer → s_l) and ``complexity`` (layer → last measured value) are readable for
+    monitoring. ``state_dict()`` holds the inner optimizer's state and the wrapper's own, as
+    plain data that loads with ``torch.load(weights_only=True)``.
+
+    Under DistributedDataParallel the weights are identical on every rank, and the measurement is
+    deterministic, so every rank computes the same scales without communicating.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        metric: str = "normalized_entropy",
+        policy: str | Policy = "calm",
+        strength: float = 1.0,
+        every: int = 10,
+        ema: float = 0.9,
+        bounds: tuple[float, float] = (0.25, 4.0),
+        layers: Iterable[str] | None = None,
+        include_bias: bool = False,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, TopoOptimizer):
+            raise TypeError("optimizer is already a TopoOptimizer; wrap the inner optimizer once")
+        if metric not in COMPLEXITY_METRICS:
+            raise ValueError(f"Unknown metric {metric!r}. Valid metrics are: {', '.join(COMPLEXITY_METRICS)}")
+        if isinstance(policy, str):
+            if policy not in POLICIES:
+                raise ValueError(f"Unknown policy {policy!r}. Valid policies are: {', '.join(POLICIES)}")
+            policy_fn = POLICIES[policy]
+        elif callable(policy):
+            policy_fn = policy
+        else:
+            raise TypeError(f"policy must be a name or a callable, got {type(policy).__name__}")
+        strength = _check_number("strength", strength, 0.0, math.inf)
+        ema = _check_number("ema", ema, 0.0, 1.0)
+        if ema == 1.0:
+            raise ValueError(f"Invalid ema: {ema} (1 would never update the average)")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Invalid every: {every!r}. It must be an integer ≥ 1")
+        if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):
+            raise ValueError(f"Invalid bounds: {bounds!r}. Expected (low, high)")
+        low = _check_number("lower bound", bounds[0], 0.0, math.inf, low_open=True)
+        high = _check_number("upper bound", bounds[1], 0.0, math.inf, low_open=True)
+        if not low <= 1.0 <= high:
+            raise ValueError(f"Invalid bounds: {tuple(bounds)}. They must satisfy low ≤ 1 ≤ high")
+        chosen = select_layers(model, layers)
+        managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for name, module in chosen.items():
+            if not any(id(p) in managed for p in module.parameters(recurse=False)):
+                raise ValueError(f"Layer {name!r} has no parameter in the optimizer's param_groups")
+
+        self._attached = False
+        # Optimizer.__init__ sets up hooks and step patching; its param_groups/state are dropped
+        # by the setters below, since the inner optimizer's are shared instead.
+        super().__init__([{"params": []}], {})
+        self.optimizer = optimizer
+        self.defaults = optimizer.defaults
+        self._attached = True
+
+        self.metric = metric
+        self.policy = policy
+        self._policy_fn = policy_fn
+        self.strength = strength
+        self.every = every
+        self.ema = ema
+        self.bounds = (low, high)
+        self.include_bias = include_bias
+        self._layers = chosen
+        self._metric_fn = get_metric(metric)
+        self.topo_step = 0
+        self.complexity: dict[str, float] = {}
+        self.smoothed: dict[str, float] = {}
+        self.change: dict[str, float] = {}
+        self.scales: dict[str, float] = {name: 1.0 for name in chosen}
+
+    # ---- sharing the inner optimizer's groups and state ----
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups if self.__dict__.get("_attached") else []
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if self.__dict__.get("_attached"):
+            self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state if self.__dict__.get("_attached") else {}
+
+    @state.setter
+    def state(self, value) -> None:
+        if self.__dict__.get("_attached"):
+            self.optimizer.state = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer's own __getstate__ keeps only defaults/state/param_groups; deepcopy and
+        # pickle need the inner optimizer, the layers and the moving averages too.
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.__dict__.get("_attached"):
+            self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        return (f"TopoOptimizer(metric={self.metric!r}, policy={self.policy!r}, strength={self.strength}, "
+                f"every={self.every}, bounds={self.bounds}, layers={list(self._layers)})\n  {self.optimizer!r}")
+
+    # ---- measuring topology ----
+    def _measure(self, name: str, module: nn.Module) -> float | None:
+        cloud = neuron_cloud(module, include_bias=self.include_bias).detach()
+        if cloud.shape[0] < 2:
+            return None
+        try:
+            deaths = h0_deaths(cloud)
+        except ValueError as error:
+            raise ValueError(f"Layer {name!r}: {error}") from None
+        value = float(self._metric_fn(deaths))
+        if self.metric != "normalized_entropy":
+            rms_norm = float(torch.linalg.vector_norm(cloud.float())) / math.sqrt(cloud.shape[0])
+            bars = deaths.numel() if self.metric == "total_persistence" else 1
+            value = value / (rms_norm * bars) if rms_norm > 0 else 0.0
+        return value
+
+    @torch.no_grad()
+    @torch.compiler.disable
+    def update_scales(self) -> dict[str, float]:
+        """Measure every wrapped layer now, update the moving averages and the scales."""
+        measured = {}
+        for name, module in self._layers.items():
+            value = self._measure(name, module)
+            if value is None:
+                continue
+            self.complexity[name] = value
+            previous = self.smoothed.get(name)
+            if previous is None:
+                self.smoothed[name] = value
+                self.change[name] = 0.0
+            else:
+                self.smoothed[name] = self.ema * previous + (1 - self.ema) * value
+                jump = abs(self.smoothed[name] - previous)
+                self.change[name] = self.ema * self.change[name] + (1 - self.ema) * jump
+            measured[name] = self.smoothed[name]
+        scales = dict(self._policy_fn(measured, self.change, self.strength)) if measured else {}
+        low, high = self.bounds
+        for name in self._layers:
+            raw = scales.get(name, 1.0)
+            if not math.isfinite(raw):
+                raise ValueError(f"The policy gave layer {name!r} a non-finite scale: {raw}")
+            self.scales[name] = min(max(float(raw), low), high)
+        return dict(self.scales)
+
+    # ---- the step ----
+    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+        if self.topo_step % self.every == 0:
+            self.update_scales()
+        self.topo_step += 1
+        scaled = [
+            (self.scales[name], [p for p in module.parameters(recurse=False)])
+            for name, module in self._layers.items()
+            if self.scales[name] != 1.0
+        ]
+        with torch.no_grad():
+            before = [[p.detach().clone() for p in params] for _, params in scaled]
+        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        with torch.no_grad():
+            for (scale, params), olds in zip(scaled, before):
+                for param, old in zip(params, olds):
+                    param.copy_(torch.lerp(old, param, scale))
+        return loss
+
+    # ---- checkpointing ----
+    def state_dict(self) -> dict[str, Any]:
+        state = self.optimizer.state_dict()
+        state["topoopt"] = {
+            "topo_step": self.topo_step,
+            "layers": list(self._layers),
+            "complexity": dict(self.complexity),
+            "smoothed": dict(self.smoothed),
+            "change": dict(self.change),
+            "scales": dict(self.scales),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        own = state_dict.pop("topoopt", None)
+        if own is None:
+            raise KeyError("This state_dict has no 'topoopt' entry: it was not saved by a TopoOptimizer")
+        if list(own["layers"]) != list(self._layers):
+            raise ValueError(f"The saved layers {list(own['layers'])} differ from this wrapper's {list(self._layers)}")
+        self.optimizer.load_state_dict(state_dict)  # replaces the inner groups; shared via property
+        self.topo_step = int(own["topo_step"])
+        self.complexity = {k: float(v) for k, v in own["complexity"].items()}
+        self.smoothed = {k: float(v) for k, v in own["smoothed"].items()}
+        self.change = {k: float(v) for k, v in own["change"].items()}
+        self.scales = {k: float(v) for k, v in own["scales"].items()}

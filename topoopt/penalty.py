@@ -1,0 +1,144 @@
+"""Topological penalty terms: per-layer H0 metrics as a differentiable loss term."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import torch
+from torch import nn
+
+from topoopt.cloud import neuron_cloud
+from topoopt.layers import select_layers
+from topoopt.metrics import get_metric
+from topoopt.persistence import _as_cloud, edge_lengths
+from topoopt.spanning_tree import euclidean_mst_edges
+
+__all__ = ["TopoPenalty", "PENALTY_METRICS"]
+
+PENALTY_METRICS = ("normalized_entropy", "mean_lifetime", "total_persistence", "max_lifetime", "entropy")
+
+
+class TopoPenalty(nn.Module):
+    """Weighted sum over layers of an H0 metric of each layer's neuron cloud, to add to a loss.
+
+    What each setting does to the weight cloud, through the gradient of the H0 deaths:
+    - ``mean_lifetime`` / ``total_persistence``, ``direction="maximize"``: pushes neurons that are
+      nearest neighbours in the spanning tree apart, spreading the cloud (against redundant,
+      coinciding neurons). ``"minimize"`` pulls them together, merging neurons into groups
+      (a sparsity-like pressure on the number of distinct neurons).
+    - ``normalized_entropy``, ``"maximize"``: evens out the tree's edge lengths, so neurons spread
+      uniformly; ``"minimize"`` makes a few gaps dominate, so neurons form well-separated clusters.
+      Scale free: it does not shrink or grow the weights.
+    - ``target=t``: the squared distance (metric − t)², holding the metric near t instead.
+
+    ``weight`` is one number or a dict from layer name to number (layers missing from the dict get
+    0). With ``every=k`` the term is computed on every k-th call (the 1st, k+1-th, ...) and is an
+    exact zero with no graph otherwise; pass ``weight`` ≈ k·λ to keep the same average pressure.
+    With ``tree_every=m`` the spanning tree is searched on every m-th computation and its edges
+    re-measured in between: exact for the current weights only when m = 1, and cheaper.
+
+    Calling it with no arguments returns a scalar tensor. A layer with NaN/Inf weights raises a
+    ``ValueError`` naming it. A zero-initialised layer gives a finite value and zero gradient (a
+    penalty alone cannot break that symmetry).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        metric: str = "normalized_entropy",
+        weight: float | Mapping[str, float] = 1.0,
+        layers: Iterable[str] | None = None,
+        direction: Literal["minimize", "maximize"] = "minimize",
+        target: float | None = None,
+        every: int = 1,
+        tree_every: int = 1,
+        include_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if metric not in PENALTY_METRICS:
+            raise ValueError(f"Unknown metric {metric!r}. Valid metrics are: {', '.join(PENALTY_METRICS)}")
+        if direction not in ("minimize", "maximize"):
+            raise ValueError(f"Invalid direction: {direction!r}. Valid values are 'minimize' and 'maximize'")
+        if target is not None:
+            if not (isinstance(target, (int, float)) and math.isfinite(target)):
+                raise ValueError(f"Invalid target: {target!r}")
+            if direction == "maximize":
+                raise ValueError("target and direction='maximize' exclude each other: a target is approached from both sides")
+        for name, value in (("every", every), ("tree_every", tree_every)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Invalid {name}: {value!r}. It must be an integer ≥ 1")
+        chosen = select_layers(model, layers)
+        if not chosen:
+            raise ValueError("The model has no Linear/Conv layer to penalise")
+        self._layers = chosen  # a plain dict: the model's parameters stay out of this module's
+        self.weights = self._layer_weights(weight, chosen)
+        self.metric = metric
+        self.direction = direction
+        self.target = target
+        self.every = every
+        self.tree_every = tree_every
+        self.include_bias = include_bias
+        self._metric_fn = get_metric(metric)
+        self._calls = 0
+        self._computations = 0
+        self._trees: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last_values: dict[str, float] = {}
+
+    @staticmethod
+    def _layer_weights(weight, chosen: Mapping[str, nn.Module]) -> dict[str, float]:
+        if isinstance(weight, Mapping):
+            unknown = [name for name in weight if name not in chosen]
+            if unknown:
+                raise KeyError(f"weight names unknown layer(s) {unknown}. Chosen layers: {list(chosen)}")
+            values = {name: weight.get(name, 0.0) for name in chosen}
+        else:
+            values = {name: weight for name in chosen}
+        for name, value in values.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"Invalid weight for layer {name!r}: {value!r}")
+        return {name: float(value) for name, value in values.items()}
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    def _deaths(self, name: str, module: nn.Module) -> torch.Tensor:
+        cloud = neuron_cloud(module, include_bias=self.include_bias)
+        try:
+            cloud = _as_cloud(cloud, argument="weights")
+        except ValueError as error:
+            raise ValueError(f"Layer {name!r}: {error}") from None
+        if cloud.shape[0] < 2:
+            return cloud.reshape(-1)[:0]
+        tree = self._trees.get(name)
+        if tree is None or self._computations % self.tree_every == 0:
+            tree = euclidean_mst_edges(cloud.detach())
+            self._trees[name] = tree
+        return edge_lengths(cloud, *tree)
+
+    def _term(self, value: torch.Tensor) -> torch.Tensor:
+        if self.target is not None:
+            return (value - self.target) ** 2
+        return -value if self.direction == "maximize" else value
+
+    @torch.compiler.disable
+    def forward(self) -> torch.Tensor:
+        self._calls += 1
+        first = next(iter(self._layers.values())).weight
+        if (self._calls - 1) % self.every:
+            return torch.zeros((), device=first.device, dtype=torch.float32)
+        total = torch.zeros((), device=first.device, dtype=torch.float32)
+        for name, module in self._layers.items():
+            if self.weights[name] == 0.0:
+                continue
+            value = self._metric_fn(self._deaths(name, module))
+            self.last_values[name] = float(value.detach())
+            total = total + self.weights[name] * self._term(value)
+        self._computations += 1
+        return total
+
+    def extra_repr(self) -> str:
+        goal = f"target={self.target}" if self.target is not None else f"direction={self.direction!r}"
+        return f"metric={self.metric!r}, {goal}, layers={self.layer_names}, every={self.every}"
