@@ -76,12 +76,15 @@ def _check_memory(n_points: int, device: torch.device) -> None:
 
 
 def _may_have_duplicates(points: torch.Tensor) -> bool:
-    """Cheap screen: equal rows have equal projections, so distinct projections rule them out."""
-    direction = torch.linspace(1.0, 2.0, points.shape[1], device=points.device, dtype=points.dtype)
-    projection = torch.sort(points @ direction).values
+    """Cheap screen: equal rows have equal projections, so distinct projections rule them out.
+
+    The float64 projection of one row can differ in its last bits with the row's position (BLAS
+    blocking), hence the 1e-11 relative tolerance; distinct random rows are ~1/N² apart.
+    """
+    direction = torch.linspace(1.0, 2.0, points.shape[1], device=points.device, dtype=torch.float64)
+    projection = torch.sort(points.double() @ direction).values
     gaps = projection[1:] - projection[:-1]
-    tolerance = 1e-6 * projection.abs().max()
-    return bool((gaps <= tolerance).any())
+    return bool((gaps <= 1e-11 * projection.abs().max()).any())
 
 
 def _merge_duplicates(points: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
