@@ -21,7 +21,7 @@ from torch import nn
 from topoopt.cloud import neuron_cloud
 from topoopt.layers import select_layers
 from topoopt.metrics import get_metric
-from topoopt.persistence import h0_deaths
+from topoopt.tree_cache import layer_deaths
 
 __all__ = ["TopoOptimizer", "POLICIES", "COMPLEXITY_METRICS", "calm_policy", "awaken_policy"]
 
@@ -76,7 +76,9 @@ class TopoOptimizer(torch.optim.Optimizer):
     and smoothed with an exponential moving average of factor ``ema``. ``policy`` turns the
     smoothed complexities into scales ("calm" brakes, "awaken" accelerates; see
     `calm_policy` and `awaken_policy`, or pass a callable of the same signature), which are
-    clipped to ``bounds``. Parameters outside the wrapped layers, and layers with fewer than 2
+    clipped to ``bounds``. With ``tree_every=m`` the spanning trees are searched at most every
+    m-th measurement and re-measured in between (cheaper; see `topoopt.tree_cache`); a tree that
+    `TopoPenalty` found for the same weights is reused. Parameters outside the wrapped layers, and layers with fewer than 2
     neurons, keep s = 1.
 
     ``scales`` (layer → s_l) and ``complexity`` (layer → last measured value) are readable for
@@ -99,6 +101,7 @@ class TopoOptimizer(torch.optim.Optimizer):
         bounds: tuple[float, float] = (0.25, 4.0),
         layers: Iterable[str] | None = None,
         include_bias: bool = False,
+        tree_every: int = 1,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -118,8 +121,9 @@ class TopoOptimizer(torch.optim.Optimizer):
         ema = _check_number("ema", ema, 0.0, 1.0)
         if ema == 1.0:
             raise ValueError(f"Invalid ema: {ema} (1 would never update the average)")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"Invalid every: {every!r}. It must be an integer ≥ 1")
+        for name, value in (("every", every), ("tree_every", tree_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value!r}. It must be an integer ≥ 1")
         if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):
             raise ValueError(f"Invalid bounds: {bounds!r}. Expected (low, high)")
         low = _check_number("lower bound", bounds[0], 0.0, math.inf, low_open=True)
@@ -148,6 +152,7 @@ class TopoOptimizer(torch.optim.Optimizer):
         self.ema = ema
         self.bounds = (low, high)
         self.include_bias = include_bias
+        self.tree_every = tree_every
         self._layers = chosen
         self._metric_fn = get_metric(metric)
         self.topo_step = 0
@@ -199,10 +204,7 @@ class TopoOptimizer(torch.optim.Optimizer):
         cloud = neuron_cloud(module, include_bias=self.include_bias).detach()
         if cloud.shape[0] < 2:
             return None
-        try:
-            deaths = h0_deaths(cloud)
-        except ValueError as error:
-            raise ValueError(f"Layer {name!r}: {error}") from None
+        deaths = layer_deaths(name, module, self.include_bias, self.tree_every)
         value = float(self._metric_fn(deaths))
         if self.metric != "normalized_entropy":
             rms_norm = float(torch.linalg.vector_norm(cloud.float())) / math.sqrt(cloud.shape[0])
@@ -254,7 +256,7 @@ class TopoOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for (scale, params), olds in zip(scaled, before):
                 for param, old in zip(params, olds):
-                    param.copy_(torch.lerp(old, param, scale))
+                    torch.lerp(old, param, scale, out=param)  # old + s·(new − old), one pass
         return loss
 
     # ---- checkpointing ----

@@ -9,11 +9,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from topoopt.cloud import neuron_cloud
 from topoopt.layers import select_layers
 from topoopt.metrics import get_metric
-from topoopt.persistence import _as_cloud, edge_lengths
-from topoopt.spanning_tree import euclidean_mst_edges
+from topoopt.tree_cache import layer_deaths
 
 __all__ = ["TopoPenalty", "PENALTY_METRICS"]
 
@@ -36,8 +34,9 @@ class TopoPenalty(nn.Module):
     ``weight`` is one number or a dict from layer name to number (layers missing from the dict get
     0). With ``every=k`` the term is computed on every k-th call (the 1st, k+1-th, ...) and is an
     exact zero with no graph otherwise; pass ``weight`` ≈ k·λ to keep the same average pressure.
-    With ``tree_every=m`` the spanning tree is searched on every m-th computation and its edges
-    re-measured in between: exact for the current weights only when m = 1, and cheaper.
+    With ``tree_every=m`` a layer's spanning tree is searched at most every m-th time its weights
+    changed, and its edges re-measured in between: cheaper, exact only when m = 1 (see
+    `topoopt.tree_cache`). A tree found for the same weights is always reused.
 
     Calling it with no arguments returns a scalar tensor. A layer with NaN/Inf weights raises a
     ``ValueError`` naming it. A zero-initialised layer gives a finite value and zero gradient (a
@@ -82,8 +81,6 @@ class TopoPenalty(nn.Module):
         self.include_bias = include_bias
         self._metric_fn = get_metric(metric)
         self._calls = 0
-        self._computations = 0
-        self._trees: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_values: dict[str, float] = {}
 
     @staticmethod
@@ -104,20 +101,6 @@ class TopoPenalty(nn.Module):
     def layer_names(self) -> list[str]:
         return list(self._layers)
 
-    def _deaths(self, name: str, module: nn.Module) -> torch.Tensor:
-        cloud = neuron_cloud(module, include_bias=self.include_bias)
-        try:
-            cloud = _as_cloud(cloud, argument="weights")
-        except ValueError as error:
-            raise ValueError(f"Layer {name!r}: {error}") from None
-        if cloud.shape[0] < 2:
-            return cloud.reshape(-1)[:0]
-        tree = self._trees.get(name)
-        if tree is None or self._computations % self.tree_every == 0:
-            tree = euclidean_mst_edges(cloud.detach())
-            self._trees[name] = tree
-        return edge_lengths(cloud, *tree)
-
     def _term(self, value: torch.Tensor) -> torch.Tensor:
         if self.target is not None:
             return (value - self.target) ** 2
@@ -133,10 +116,9 @@ class TopoPenalty(nn.Module):
         for name, module in self._layers.items():
             if self.weights[name] == 0.0:
                 continue
-            value = self._metric_fn(self._deaths(name, module))
+            value = self._metric_fn(layer_deaths(name, module, self.include_bias, self.tree_every))
             self.last_values[name] = float(value.detach())
             total = total + self.weights[name] * self._term(value)
-        self._computations += 1
         return total
 
     def extra_repr(self) -> str:

@@ -1,0 +1,82 @@
+"""Training-step overhead of TopoOptimizer and TopoPenalty against the plain optimizer.
+
+Times blocks of 10 steps (so `every=10` pays its measurement once a block) of an MLP at batch
+128 on CPU and reports the median time per step and its ratio to the plain optimizer's, all
+measured in the same run on the same data.
+
+    python benchmarks/overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from topoopt import TopoOptimizer, TopoPenalty
+from topoopt.models import build_mlp
+
+INNER = {"sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), "adam": lambda p: torch.optim.Adam(p, lr=1e-3)}
+
+
+def time_per_step(spec: str, inner: str, variant: str, every: int, blocks: int, tree_every: int) -> float:
+    torch.manual_seed(0)
+    model = build_mlp(spec)
+    optimizer = INNER[inner](model.parameters())
+    penalty = None
+    if variant in ("optimizer", "both"):
+        optimizer = TopoOptimizer(optimizer, model, policy="calm", every=every)
+    if variant in ("penalty", "both"):
+        penalty = TopoPenalty(model, metric="normalized_entropy", weight=1e-3, every=every, tree_every=tree_every)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(128, int(spec.split(":")[1].split("-")[0]), generator=g)
+    y = torch.randint(0, 10, (128,), generator=g)
+
+    def block():
+        for _ in range(10):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            if penalty is not None:
+                loss = loss + penalty()
+            loss.backward()
+            optimizer.step()
+
+    block()  # warm-up
+    times = []
+    for _ in range(blocks):
+        start = time.perf_counter()
+        block()
+        times.append((time.perf_counter() - start) / 10)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["mlp:784-100-100-10", "mlp:784-1000-1000-10"])
+    parser.add_argument("--blocks", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tree-every", type=int, default=1, help="TopoPenalty's tree_every")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 128, "
+          f"median of {args.blocks} blocks of 10 steps, penalty tree_every={args.tree_every}\n")
+    header = f"{'model':<22} {'inner':<5} {'variant':<22} {'ms/step':>8} {'× plain':>8}"
+    print(header)
+    print("-" * len(header))
+    for spec in args.models:
+        for inner in INNER:
+            plain = time_per_step(spec, inner, "plain", 1, args.blocks, args.tree_every)
+            print(f"{spec:<22} {inner:<5} {'plain':<22} {plain * 1e3:>8.2f} {1.0:>7.2f}×")
+            for every in (10, 1):
+                for variant in ("optimizer", "penalty", "both"):
+                    seconds = time_per_step(spec, inner, variant, every, args.blocks, args.tree_every)
+                    label = f"{variant} every={every}"
+                    print(f"{spec:<22} {inner:<5} {label:<22} {seconds * 1e3:>8.2f} {seconds / plain:>7.2f}×")
+        print()
+
+
+if __name__ == "__main__":
+    main()
