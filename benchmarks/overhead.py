@@ -28,7 +28,7 @@ def time_per_step(spec: str, inner: str, variant: str, every: int, blocks: int, 
     optimizer = INNER[inner](model.parameters())
     penalty = None
     if variant in ("optimizer", "both"):
-        optimizer = TopoOptimizer(optimizer, model, policy="calm", every=every)
+        optimizer = TopoOptimizer(optimizer, model, policy="calm", every=every, tree_every=tree_every)
     if variant in ("penalty", "both"):
         penalty = TopoPenalty(model, metric="normalized_entropy", weight=1e-3, every=every, tree_every=tree_every)
     g = torch.Generator().manual_seed(1)
@@ -58,11 +58,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mlp:784-100-100-10", "mlp:784-1000-1000-10"])
     parser.add_argument("--blocks", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tree-every", type=int, default=1, help="TopoPenalty's tree_every")
+    parser.add_argument("--tree-every", type=int, default=1, help="tree_every of TopoPenalty and TopoOptimizer")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 128, "
-          f"median of {args.blocks} blocks of 10 steps, penalty tree_every={args.tree_every}\n")
+          f"median of {args.blocks} blocks of 10 steps, tree_every={args.tree_every}\n")
     header = f"{'model':<22} {'inner':<5} {'variant':<22} {'ms/step':>8} {'× plain':>8}"
     print(header)
     print("-" * len(header))

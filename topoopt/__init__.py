@@ -2,6 +2,8 @@
 
 from topoopt.cloud import neuron_cloud
 from topoopt.layers import LayerTopology, layer_topology, select_layers, topological_layers
+from topoopt.data import DATASETS, DatasetUnavailable, load_dataset, stratified_subset
+from topoopt.monitor import TopologyMonitor
 from topoopt.optimizer import POLICIES, TopoOptimizer, awaken_policy, calm_policy
 from topoopt.penalty import TopoPenalty
 from topoopt.metrics import (
@@ -42,4 +44,9 @@ __all__ = [
     "POLICIES",
     "calm_policy",
     "awaken_policy",
+    "TopologyMonitor",
+    "DATASETS",
+    "DatasetUnavailable",
+    "load_dataset",
+    "stratified_subset",
 ]

@@ -1,0 +1,112 @@
+"""TopologyMonitor: event files read back, skipped layers, hparams, and a live TensorBoard server."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from topoopt import TopoOptimizer
+from topoopt.models import build_mlp
+from topoopt.monitor import TopologyMonitor, tag
+
+
+def events(log_dir):
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def run_monitor(log_dir, steps=4, **kwargs):
+    model = build_mlp("mlp:12-8-6-3")
+    optimizer = TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, every=1, policy="calm")
+    x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    with TopologyMonitor(model, log_dir=log_dir, optimizer=optimizer, **kwargs) as monitor:
+        for step in range(steps):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            monitor.step(step)
+        monitor.close(hparams={"lr": 0.1, "topo": True}, final={"accuracy": 0.5})
+    return model, monitor
+
+
+def test_scalars_follow_the_tag_scheme_and_match_the_monitor(tmp_path):
+    _, monitor = run_monitor(tmp_path, diagrams_every=2)
+    acc = events(tmp_path)
+    scalar_tags = set(acc.Tags()["scalars"])
+    for layer in ("fc1", "fc2", "fc3"):
+        assert {f"topology/{layer}/normalized_entropy", f"topology/{layer}/mean_lifetime", f"optim/{layer}/lr_scale"} <= scalar_tags
+    series = acc.Scalars("topology/fc2/mean_lifetime")
+    assert [e.step for e in series] == [0, 1, 2, 3]
+    assert series[-1].value == pytest.approx(monitor.last["fc2"]["mean_lifetime"], rel=1e-6)
+    assert {"diagram/fc1", "barcode/fc1"} <= set(acc.Tags()["images"])
+    assert [e.step for e in acc.Images("diagram/fc1")] == [0, 2]
+    assert "deaths/fc3" in acc.Tags()["histograms"]
+
+
+def test_dotted_layer_names_become_slashes():
+    assert tag("topology", "encoder.0", "mean_lifetime") == "topology/encoder/0/mean_lifetime"
+
+
+def test_bad_layer_is_skipped_once_with_its_reason(tmp_path):
+    model = build_mlp("mlp:12-8-6-3")
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = float("nan")
+    with TopologyMonitor(model, log_dir=tmp_path) as monitor:
+        monitor.step(0)
+        monitor.step(1)
+    assert "NaN or Inf" in monitor.skipped["fc2"]
+    acc = events(tmp_path)
+    assert "topology/fc1/mean_lifetime" in acc.Tags()["scalars"]
+    assert "topology/fc2/mean_lifetime" not in acc.Tags()["scalars"]
+    assert acc.Tags()["tensors"].count("skipped/fc2/text_summary") == 1
+
+
+def test_invalid_arguments():
+    model = build_mlp("mlp:4-3-2")
+    with pytest.raises(ValueError, match="exactly one of log_dir and writer"):
+        TopologyMonitor(model)
+    with pytest.raises(ValueError, match="Unknown metric 'entropie'"):
+        TopologyMonitor(model, log_dir="unused", metrics=["entropie"])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_serves_the_scalars_and_layout(tmp_path):
+    run_monitor(tmp_path / "run")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        tags = None
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{base}/data/plugin/scalars/tags", timeout=5) as response:
+                    tags = json.load(response)
+                if tags.get("run", {}).get("topology/fc1/mean_lifetime"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert tags and "topology/fc1/mean_lifetime" in tags["run"]
+        with urllib.request.urlopen(f"{base}/data/plugin/custom_scalars/layout", timeout=5) as response:
+            layout = json.load(response)
+        titles = {chart["title"] for category in layout["category"] for chart in category["chart"]}
+        assert {"normalized_entropy", "mean_lifetime", "lr_scale"} <= titles
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

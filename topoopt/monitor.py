@@ -1,0 +1,179 @@
+"""TensorBoard monitoring of per-layer topology during training.
+
+Tag scheme (one place, `tag`): ``topology/<layer>/<metric>`` for metrics, ``optim/<layer>/...``
+for a `TopoOptimizer`'s scales, ``deaths/<layer>`` for histograms, ``diagram/<layer>`` and
+``barcode/<layer>`` for figures. Dots in module names become ``/``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from topoopt.layers import select_layers
+from topoopt.metrics import get_metric
+from topoopt.optimizer import TopoOptimizer
+from topoopt.tree_cache import layer_deaths
+
+__all__ = ["TopologyMonitor", "tag"]
+
+
+def tag(group: str, layer: str, metric: str | None = None) -> str:
+    """The TensorBoard tag of a layer's series: ``group/<layer with / for .>[/metric]``."""
+    parts = [group, layer.replace(".", "/") or "model"]
+    return "/".join(parts + ([metric] if metric else []))
+
+
+def _is_writer_rank() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _figures(name: str, deaths: torch.Tensor):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    values = deaths.detach().cpu().double().numpy()
+    top = float(values.max()) if values.size else 1.0
+    diagram, axes = plt.subplots(figsize=(4, 4))
+    axes.scatter([0.0] * len(values), values, s=8)
+    axes.plot([0, top * 1.05], [0, top * 1.05], color="grey", linewidth=0.8)
+    axes.set(xlabel="birth", ylabel="death", title=f"H0 diagram: {name}")
+    barcode, axes = plt.subplots(figsize=(5, 3))
+    ordered = sorted(values, reverse=True)
+    axes.hlines(range(len(ordered)), 0, ordered, linewidth=1.0)
+    axes.set(xlabel="filtration value", ylabel="bar", title=f"H0 barcode: {name}")
+    return diagram, barcode
+
+
+class TopologyMonitor:
+    """Logs each layer's topology to TensorBoard every ``every`` steps; never breaks training.
+
+    Pass ``log_dir`` (a `SummaryWriter` is created and owned) or ``writer`` (left open for its
+    owner). Call ``step(global_step)`` after each optimizer step, ``flush()`` each epoch, and
+    ``close(hparams, final)`` at the end; or use it as a context manager. Every
+    ``diagrams_every`` steps it also logs death histograms and persistence-diagram and barcode
+    figures. A layer whose topology cannot be computed is logged once as skipped, with the
+    reason. Under DDP only rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        log_dir: str | Path | None = None,
+        writer=None,
+        every: int = 1,
+        metrics: Sequence[str] = ("normalized_entropy", "mean_lifetime"),
+        diagrams_every: int = 0,
+        optimizer: torch.optim.Optimizer | None = None,
+        layers: Iterable[str] | None = None,
+        embeddings_at: Iterable[int] = (),
+    ) -> None:
+        if (log_dir is None) == (writer is None):
+            raise ValueError("Pass exactly one of log_dir and writer")
+        for name, value in (("every", every), ("diagrams_every", diagrams_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (name == "every" and value == 0):
+                raise ValueError(f"Invalid {name}: {value!r}")
+        self._metric_fns = {name: get_metric(name) for name in metrics}
+        self.layers = select_layers(model, layers)
+        self.every = every
+        self.diagrams_every = diagrams_every
+        self.optimizer = optimizer if isinstance(optimizer, TopoOptimizer) else None
+        self.embeddings_at = set(embeddings_at)
+        self.skipped: dict[str, str] = {}
+        self.last: dict[str, dict[str, float]] = {}
+        self._active = _is_writer_rank()
+        self._owns_writer = writer is None
+        self.writer = None
+        if self._active:
+            if writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(log_dir=str(log_dir))
+            self.writer = writer
+            self._write_layout()
+
+    def _write_layout(self) -> None:
+        charts = {
+            metric: ["Multiline", [f"^topology/.*/{metric}$"]] for metric in self._metric_fns
+        }
+        if self.optimizer is not None:
+            charts["lr_scale"] = ["Multiline", [r"^optim/.*/lr_scale$"]]
+        self.writer.add_custom_scalars({"topology": charts})
+
+    def _skip(self, name: str, reason: str, step: int) -> None:
+        if name not in self.skipped:
+            self.skipped[name] = reason
+            self.writer.add_text(f"skipped/{name}", f"topology not computed: {reason}", step)
+
+    @torch.no_grad()
+    def step(self, global_step: int) -> None:
+        """Log what is due at `global_step`."""
+        if not self._active or global_step % self.every:
+            return
+        diagrams = self.diagrams_every and global_step % self.diagrams_every == 0
+        for name, module in self.layers.items():
+            try:
+                deaths = layer_deaths(name, module).detach()
+                values = {metric: float(fn(deaths)) for metric, fn in self._metric_fns.items()}
+            except Exception as error:  # logging must never stop training
+                self._skip(name, f"{type(error).__name__}: {error}", global_step)
+                continue
+            self.last[name] = values
+            for metric, value in values.items():
+                self.writer.add_scalar(tag("topology", name, metric), value, global_step)
+            if diagrams and deaths.numel():
+                self.writer.add_histogram(tag("deaths", name), deaths.float().cpu(), global_step)
+                diagram, barcode = _figures(name, deaths)
+                self.writer.add_figure(tag("diagram", name), diagram, global_step)
+                self.writer.add_figure(tag("barcode", name), barcode, global_step)
+            if global_step in self.embeddings_at:
+                cloud = module.weight.detach().reshape(module.weight.shape[0], -1).float().cpu()
+                self.writer.add_embedding(cloud, tag=tag("cloud", name).replace("/", "_"), global_step=global_step)
+        if self.optimizer is not None:
+            for name, scale in self.optimizer.scales.items():
+                self.writer.add_scalar(tag("optim", name, "lr_scale"), scale, global_step)
+                if name in self.optimizer.complexity:
+                    self.writer.add_scalar(tag("optim", name, "complexity"), self.optimizer.complexity[name], global_step)
+
+    def log_scalars(self, values: Mapping[str, float], global_step: int) -> None:
+        """Log training scalars (loss, accuracy) beside the topology, under their own tags."""
+        if self._active:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, global_step)
+
+    def flush(self) -> None:
+        if self._active:
+            self.writer.flush()
+
+    def close(self, hparams: Mapping[str, object] | None = None, final: Mapping[str, float] | None = None) -> None:
+        """Write the hparams entry (booleans as strings, final metrics) and close an owned writer."""
+        if not self._active or self.writer is None:
+            return
+        try:
+            if hparams is not None:
+                plain = {k: (str(v) if isinstance(v, bool) or v is None else v) for k, v in hparams.items()}
+                plain = {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in plain.items()}
+                metrics = {f"hparam/{k}": float(v) for k, v in (final or {}).items() if math.isfinite(float(v))}
+                for name, values in self.last.items():
+                    for metric, value in values.items():
+                        metrics[f"hparam/{tag('topology', name, metric)}"] = value
+                self.writer.add_hparams(plain, metrics, run_name=".")
+            self.writer.flush()
+        finally:
+            if self._owns_writer:
+                self.writer.close()
+            self.writer = None
+
+    def __enter__(self) -> "TopologyMonitor":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
