@@ -1,0 +1,71 @@
+"""The command line on tiny configs, resume, and the offline datasets."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from topoopt import DatasetUnavailable, load_dataset, stratified_subset
+from topoopt.cli import main
+
+TINY = ["train", "--dataset", "digits", "--model", "mlp:64-16-10", "--epochs", "2", "--batch-size", "128",
+        "--quiet", "--monitor-every", "2", "--diagrams-every", "5"]
+
+
+def test_train_writes_the_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(TINY + ["--log-dir", str(run), "--topo-optimizer", "calm", "--penalty", "mean_lifetime",
+                        "--penalty-direction", "maximize", "--topo-every", "3"]) == 0
+    assert json.loads((run / "config.json").read_text())["topo_optimizer"] == "calm"
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and "fc1/normalized_entropy" in rows[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert list(run.glob("events.out.tfevents.*"))
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(TINY[:6] + ["3"] + TINY[7:] + ["--log-dir", str(straight)]) == 0
+    assert main(TINY + ["--log-dir", str(split)]) == 0  # 2 epochs, then resume to 3
+    assert main(TINY[:6] + ["3"] + TINY[7:] + ["--log-dir", str(split), "--resume"]) == 0
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(split / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_folder_needs_resume(tmp_path, capsys):
+    (tmp_path / "x").write_text("")
+    assert main(TINY + ["--log-dir", str(tmp_path)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value", [("--epochs", "0"), ("--lr", "-1"), ("--dataset", "cifar"), ("--topo-optimizer", "fast")])
+def test_invalid_options_name_the_option(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", option, value])
+    assert exit_info.value.code == 2
+    assert option in capsys.readouterr().err
+
+
+def test_unavailable_dataset_is_one_clear_line(tmp_path, capsys):
+    assert main(TINY[:1] + ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "dataset-fashion-mnist" in err and "Traceback" not in err
+
+
+def test_offline_datasets_and_stratified_subsets():
+    digits = load_dataset("digits")
+    assert digits.n_features == 64 and digits.n_classes == 10 and float(digits.x_train.max()) <= 1.0
+    subset = stratified_subset(digits, 50, seed=3)
+    assert len(subset.y_train) == 50 and torch.equal(subset.x_test, digits.x_test)
+    assert subset.y_train.bincount().min() >= 4
+    assert torch.equal(stratified_subset(digits, 50, seed=3).y_train, subset.y_train)
+    mnist = load_dataset("mnist5k")
+    assert mnist.n_features == 784 and len(mnist.y_test) == 1000
+    with pytest.raises(ValueError, match="Invalid subset size"):
+        stratified_subset(digits, 5)
+    with pytest.raises(DatasetUnavailable, match="pass --data-dir"):
+        load_dataset("fashion-mnist", data_dir="/nonexistent")
