@@ -232,3 +232,19 @@ def test_oversized_cloud_fails_before_allocating(monkeypatch):
     monkeypatch.setattr(spanning_tree, "_available_bytes", lambda device: 10 * 2**20)
     with pytest.raises(MemoryBudgetError, match=r"2000×2000 float32 distance matrix"):
         h0_deaths(torch.randn(2000, 3))
+
+
+@pytest.mark.skipif(spanning_tree._native_prim is None, reason="compiled Prim not built")
+@pytest.mark.parametrize("n", [2, 3, 57, 400])
+def test_compiled_and_numpy_prim_agree(n):
+    x = torch.randn(n, 6)
+    squared = spanning_tree._squared_distances(x)
+    native_u, native_v = spanning_tree._prim(squared)
+    numpy_u, numpy_v = spanning_tree._prim_numpy(squared)
+    assert np.array_equal(native_u, numpy_u) and np.array_equal(native_v, numpy_v)
+
+
+def test_numpy_fallback_matches_gudhi(monkeypatch):
+    monkeypatch.setattr(spanning_tree, "_native_prim", None)
+    x = np.random.default_rng(5).normal(size=(200, 7))
+    np.testing.assert_allclose(positive(h0_deaths(torch.tensor(x))), gudhi_h0_deaths(x), rtol=1e-5)

@@ -27,7 +27,9 @@ def _as_cloud(points: torch.Tensor, argument: str = "points") -> torch.Tensor:
         raise TypeError(f"{argument} must be a floating-point tensor, got {points.dtype}")
     if points.dtype in (torch.float16, torch.bfloat16):
         points = points.float()
-    if points.numel() and not bool(torch.isfinite(points).all()):
+    # One reduction first: a sum is finite unless some entry is NaN/Inf (or it overflows, which
+    # the exact check below then clears).
+    if points.numel() and not bool(torch.isfinite(points.sum())) and not bool(torch.isfinite(points).all()):
         bad = int((~torch.isfinite(points)).any(dim=1).sum())
         raise ValueError(f"{argument} contains NaN or Inf values (in {bad} of {points.shape[0]} rows)")
     return points
