@@ -51,7 +51,9 @@ def test_invalid_options_name_the_option(option, value, capsys):
 
 
 def test_unavailable_dataset_is_one_clear_line(tmp_path, capsys):
-    assert main(TINY[:1] + ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--quiet"]) == 2
+    run = tmp_path / "run"
+    assert main(TINY[:1] + ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--log-dir", str(run), "--quiet"]) == 2
+    assert not run.exists()
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "dataset-fashion-mnist" in err and "Traceback" not in err
 

@@ -113,6 +113,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     """Train one run and return its summary (also written to ``summary.json``)."""
     from tqdm import tqdm
 
+    device = _device(config.device)
+    # Data first: a dataset that cannot be had must leave no run folder behind.
+    data = stratified_subset(load_dataset(config.dataset, config.data_dir), config.subset, seed=config.seed)
     run_dir = Path(config.log_dir or Path("tensorboard_logs") / config.name())
     checkpoint_path = run_dir / "checkpoint.pt"
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
@@ -120,9 +123,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
 
-    device = _device(config.device)
     torch.manual_seed(config.seed)
-    data = stratified_subset(load_dataset(config.dataset, config.data_dir), config.subset, seed=config.seed)
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     model = build_mlp(config.model, activation=config.activation, bias=config.bias)
