@@ -160,6 +160,7 @@ class TopoOptimizer(torch.optim.Optimizer):
         self.smoothed: dict[str, float] = {}
         self.change: dict[str, float] = {}
         self.scales: dict[str, float] = {name: 1.0 for name in chosen}
+        self._scaled: tuple[list[torch.Tensor], list[float]] | None = None
 
     # ---- sharing the inner optimizer's groups and state ----
     @property
@@ -238,25 +239,36 @@ class TopoOptimizer(torch.optim.Optimizer):
             if not math.isfinite(raw):
                 raise ValueError(f"The policy gave layer {name!r} a non-finite scale: {raw}")
             self.scales[name] = min(max(float(raw), low), high)
+        self._scaled = None
         return dict(self.scales)
 
     # ---- the step ----
+    def _scaled_parameters(self) -> tuple[list[torch.Tensor], list[float]]:
+        params, factors = [], []
+        for name, module in self._layers.items():
+            if self.scales[name] != 1.0:
+                for param in module.parameters(recurse=False):
+                    params.append(param)
+                    factors.append(self.scales[name])
+        return params, factors
+
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
         if self.topo_step % self.every == 0:
             self.update_scales()
+        if self._scaled is None:
+            self._scaled = self._scaled_parameters()
         self.topo_step += 1
-        scaled = [
-            (self.scales[name], [p for p in module.parameters(recurse=False)])
-            for name, module in self._layers.items()
-            if self.scales[name] != 1.0
-        ]
-        with torch.no_grad():
-            before = [[p.detach().clone() for p in params] for _, params in scaled]
+        params, factors = self._scaled
+        if params:
+            with torch.no_grad():
+                before = torch._foreach_mul(params, 1.0)  # one batched copy
         loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        with torch.no_grad():
-            for (scale, params), olds in zip(scaled, before):
-                for param, old in zip(params, olds):
-                    torch.lerp(old, param, scale, out=param)  # old + s·(new − old), one pass
+        if params:
+            with torch.no_grad():
+                # p ← p_old + s·(p_new − p_old), batched over all scaled tensors.
+                torch._foreach_sub_(params, before)
+                torch._foreach_mul_(params, factors)
+                torch._foreach_add_(params, before)
         return loss
 
     # ---- checkpointing ----
@@ -285,3 +297,4 @@ class TopoOptimizer(torch.optim.Optimizer):
         self.smoothed = {k: float(v) for k, v in own["smoothed"].items()}
         self.change = {k: float(v) for k, v in own["change"].items()}
         self.scales = {k: float(v) for k, v in own["scales"].items()}
+        self._scaled = None
