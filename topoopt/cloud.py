@@ -16,7 +16,8 @@ def neuron_cloud(module: nn.Module, include_bias: bool = False) -> torch.Tensor:
 
     `nn.Linear`: row i of the weight, the incoming weights of output neuron i. `nn.Conv1d/2d/3d`:
     one flattened filter per output channel. With `include_bias`
-    a neuron's bias is appended as one more coordinate. Any other module is a `TypeError`.
+    a neuron's bias is appended as one more coordinate. A layer with an ``effective_weight``
+    (a masked layer) gives that instead of its raw weight. Any other module is a `TypeError`.
     """
     if not isinstance(module, CLOUD_LAYER_TYPES):
         raise TypeError(
@@ -27,6 +28,9 @@ def neuron_cloud(module: nn.Module, include_bias: bool = False) -> torch.Tensor:
         raise ValueError(
             f"This {type(module).__name__} is not initialised yet: run one forward pass first"
         )
+    # Masked layers (topoopt.sparse.SparseLinear) expose the weight they really use, so that a
+    # topological gradient never reaches a pruned connection.
+    weight = getattr(module, "effective_weight", weight)
     cloud = weight.reshape(weight.shape[0], -1)
     if include_bias:
         if module.bias is None:

@@ -42,8 +42,13 @@ class SparseLinear(nn.Linear):
                 noise = torch.rand(self.bias.shape, generator=self._generator, dtype=self.bias.dtype)
                 self.bias.copy_((2 * noise - 1) * bound.squeeze(1))
 
+    @property
+    def effective_weight(self) -> torch.Tensor:
+        """W ⊙ M, the weight the layer computes with (and its neuron cloud)."""
+        return self.weight * self.mask
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        return F.linear(x, self.effective_weight, self.bias)
 
     @property
     def density(self) -> float:
