@@ -1,8 +1,8 @@
 """Training-step overhead of TopoOptimizer and TopoPenalty against the plain optimizer.
 
 Times blocks of 10 steps (so `every=10` pays its measurement once a block) of an MLP at batch
-128 on CPU and reports the median time per step and its ratio to the plain optimizer's, all
-measured in the same run on the same data.
+128 on CPU, the variants interleaved block by block, and reports the median time per step and
+its ratio to the plain optimizer's, all measured in the same run on the same data.
 
     python benchmarks/overhead.py
 """
@@ -22,7 +22,8 @@ from topoopt.models import build_mlp
 INNER = {"sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), "adam": lambda p: torch.optim.Adam(p, lr=1e-3)}
 
 
-def time_per_step(spec: str, inner: str, variant: str, every: int, blocks: int, tree_every: int) -> float:
+def make_block(spec: str, inner: str, variant: str, every: int, tree_every: int):
+    """A function running 10 training steps of one variant (its own model and optimizer)."""
     torch.manual_seed(0)
     model = build_mlp(spec)
     optimizer = INNER[inner](model.parameters())
@@ -45,18 +46,24 @@ def time_per_step(spec: str, inner: str, variant: str, every: int, blocks: int, 
             optimizer.step()
 
     block()  # warm-up
-    times = []
-    for _ in range(blocks):
-        start = time.perf_counter()
-        block()
-        times.append((time.perf_counter() - start) / 10)
-    return statistics.median(times)
+    return block
+
+
+def per_step_medians(blocks: dict, repeats: int) -> dict:
+    """Median seconds per step of each block; variants interleaved so drift hits all alike."""
+    times = {name: [] for name in blocks}
+    for _ in range(repeats):
+        for name, block in blocks.items():
+            start = time.perf_counter()
+            block()
+            times[name].append((time.perf_counter() - start) / 10)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mlp:784-100-100-10", "mlp:784-1000-1000-10"])
-    parser.add_argument("--blocks", type=int, default=7)
+    parser.add_argument("--blocks", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tree-every", type=int, default=1, help="tree_every of TopoPenalty and TopoOptimizer")
     args = parser.parse_args()
@@ -68,13 +75,13 @@ def main() -> None:
     print("-" * len(header))
     for spec in args.models:
         for inner in INNER:
-            plain = time_per_step(spec, inner, "plain", 1, args.blocks, args.tree_every)
-            print(f"{spec:<22} {inner:<5} {'plain':<22} {plain * 1e3:>8.2f} {1.0:>7.2f}×")
+            blocks = {"plain": make_block(spec, inner, "plain", 1, args.tree_every)}
             for every in (10, 1):
                 for variant in ("optimizer", "penalty", "both"):
-                    seconds = time_per_step(spec, inner, variant, every, args.blocks, args.tree_every)
-                    label = f"{variant} every={every}"
-                    print(f"{spec:<22} {inner:<5} {label:<22} {seconds * 1e3:>8.2f} {seconds / plain:>7.2f}×")
+                    blocks[f"{variant} every={every}"] = make_block(spec, inner, variant, every, args.tree_every)
+            medians = per_step_medians(blocks, args.blocks)
+            for label, seconds in medians.items():
+                print(f"{spec:<22} {inner:<5} {label:<22} {seconds * 1e3:>8.2f} {seconds / medians['plain']:>7.2f}×")
         print()
 
 
