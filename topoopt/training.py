@@ -26,7 +26,7 @@ from topoopt.monitor import TopologyMonitor
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "train", "fit"]
 
 
 @dataclass
@@ -200,3 +200,34 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         final = {k: v for k, v in summary.items() if k in ("test_accuracy", "train_accuracy", "loss")}
         monitor.close(hparams={k: v for k, v in dataclasses.asdict(config).items() if k != "topo_bounds"}, final=final)
     return summary
+
+
+def fit(model: torch.nn.Module, data, epochs: int, batch_size: int, optimizer: torch.optim.Optimizer,
+        seed: int = 0, penalty: TopoPenalty | None = None, on_epoch=None) -> list[dict]:
+    """Minibatch training of a classifier on in-memory tensors; one history row per epoch.
+
+    Each row holds epoch, step, loss, train_accuracy (on the epoch's batches) and test_accuracy.
+    ``on_epoch(row, model)`` may add entries to the row (e.g. topology metrics).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    history, step = [], 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(data.x_train), generator=generator)
+        total, correct = 0.0, 0
+        for batch in order.split(batch_size):
+            optimizer.zero_grad()
+            logits = model(data.x_train[batch])
+            loss = F.cross_entropy(logits, data.y_train[batch])
+            (loss + penalty() if penalty is not None else loss).backward()
+            optimizer.step()
+            step += 1
+            total += loss.item() * len(batch)
+            correct += int((logits.argmax(1) == data.y_train[batch]).sum())
+        model.eval()
+        row = {"epoch": epoch, "step": step, "loss": total / len(order), "train_accuracy": correct / len(order),
+               "test_accuracy": _accuracy(model, data.x_test, data.y_test)}
+        if on_epoch is not None:
+            on_epoch(row, model)
+        history.append(row)
+    return history
