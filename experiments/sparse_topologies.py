@@ -5,8 +5,8 @@ Reproduces the question of Bourely, Boueri & Choromanski, "Sparse Neural Network
 graphs match dense ones, with accuracy following the graphs' spectral gap and algebraic
 connectivity rather than their density?
 
-Model: a dense input layer, `depth` SparseLinear layers of equal width (each its own mask), a
-dense output layer. Data: `digits` with a fixed random pixel permutation (banded masks get no
+Model: `depth` SparseLinear layers of equal width (the first one reading the pixels, each layer
+its own mask of the same family and degree), then a dense output layer. Data: `digits` with a fixed random pixel permutation (banded masks get no
 locality advantage), or `mnist5k`. Every cell (mask family × degree × mask seed × training seed)
 is one run; finished cells are skipped on re-run.
 
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from topoopt.data import load_dataset
-from topoopt.sparse import SparseLinear, graph_measures, make_mask
+from topoopt.sparse import SparseLinear, block_diagonal, graph_measures, make_mask
 from topoopt.sweep import run_cells
 from topoopt.training import fit
 
@@ -73,16 +73,20 @@ def mask_specs(config: StudyConfig) -> list[dict]:
     return specs
 
 
-def layer_masks(spec: dict, width: int, depth: int) -> list[torch.Tensor]:
+def layer_masks(spec: dict, n_features: int, width: int, depth: int) -> list[torch.Tensor]:
+    """One out × in mask per sparse layer: n_features → width, then width → width."""
     masks = []
     for layer in range(depth):
+        fan_in = n_features if layer == 0 else width
+        # The first layer keeps the same number of edges per neuron relative to its inputs.
+        degree = spec["degree"] * (fan_in // width) if layer == 0 else spec["degree"]
         seed = 1000 * spec["mask_seed"] + layer
-        if spec["family"] == "block_diagonal":
-            from topoopt.sparse import block_diagonal
-
-            masks.append(block_diagonal(width, width, spec["degree"], blocks=spec["mask_seed"]))
+        if spec["family"] == "dense":
+            masks.append(torch.ones(width, fan_in))
+        elif spec["family"] == "block_diagonal":
+            masks.append(block_diagonal(width, fan_in, degree, blocks=spec["mask_seed"]))
         else:
-            masks.append(make_mask(spec["family"], width, width, spec["degree"], seed=seed, p=spec["p"]))
+            masks.append(make_mask(spec["family"], width, fan_in, degree, seed=seed, p=spec["p"]))
     return masks
 
 
@@ -94,10 +98,10 @@ def load_permuted(name: str):
 
 def build_model(n_features: int, n_classes: int, width: int, masks: list[torch.Tensor], seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Linear(n_features, width), nn.ReLU()]
+    layers: list[nn.Module] = []
     generator = torch.Generator().manual_seed(seed)
     for mask in masks:  # the dense baseline passes all-ones masks: same depth, same init rule
-        layers += [SparseLinear(width, width, mask, generator=generator), nn.ReLU()]
+        layers += [SparseLinear(mask.shape[1], mask.shape[0], mask, generator=generator), nn.ReLU()]
     layers.append(nn.Linear(width, n_classes))
     return nn.Sequential(*layers)
 
@@ -105,10 +109,7 @@ def build_model(n_features: int, n_classes: int, width: int, masks: list[torch.T
 def run_cell(cell: dict) -> dict:
     config = StudyConfig(**cell["config"])
     data = load_permuted(config.dataset)
-    if cell["family"] == "dense":
-        masks = [torch.ones(config.width, config.width) for _ in range(config.depth)]
-    else:
-        masks = layer_masks(cell, config.width, config.depth)
+    masks = layer_masks(cell, data.n_features, config.width, config.depth)
     measures = [graph_measures(m) for m in masks]
     model = build_model(data.n_features, data.n_classes, config.width, masks, cell["seed"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
