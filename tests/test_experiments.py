@@ -45,7 +45,7 @@ def test_sweep_rejects_duplicate_ids(tmp_path):
 
 
 def test_sparse_topologies_tiny_grid(tmp_path):
-    import sparse_topologies
+    from topoopt.studies import sparse_topologies
 
     args = ["--quick", "--seeds", "1", "--epochs", "2", "--out", str(tmp_path / "out"),
             "--tensorboard", str(tmp_path / "tb"), "--no-progress"]
@@ -59,3 +59,35 @@ def test_sparse_topologies_tiny_grid(tmp_path):
     lines = (out / "runs.jsonl").read_text().splitlines()
     sparse_topologies.main(args)  # a re-run skips every finished cell
     assert (out / "runs.jsonl").read_text().splitlines() == lines
+
+
+def test_small_data_tiny_grid(tmp_path):
+    from topoopt.studies import small_data
+
+    analysis = small_data.main(["--quick", "--datasets", "digits", "--seeds", "3", "--steps", "20",
+                                "--out", str(tmp_path / "out"), "--tensorboard", str(tmp_path / "tb"), "--no-progress"])
+    rows = [r for r in analysis["correlations"] if r["budget"] == "steps"]
+    assert {r["layer"] for r in rows} == {"fc1", "fc2", "fc3"}
+    assert all(0 <= r["p_holm"] <= 1 for r in analysis["correlations"])
+    assert "digits/steps" in analysis["friedman"]
+    assert (tmp_path / "out" / "digits_topology.png").exists()
+    assert (tmp_path / "out" / "correlations.csv").read_text().startswith("dataset,budget,layer,metric,target")
+
+
+def test_holm_adjustment_matches_the_definition():
+    from topoopt.studies.small_data import holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_ablate_tiny_grid_through_the_cli(tmp_path, capsys):
+    from topoopt.cli import main
+
+    assert main(["ablate", "--datasets", "digits", "--variants", "opt-calm-4", "pen-entropy-max-0.1", "--optimizers", "adam",
+                 "--seeds", "2", "--steps", "30", "--out", str(tmp_path / "out"), "--tensorboard", str(tmp_path / "tb"),
+                 "--no-progress"]) == 0
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    variants = {row["variant"] for row in table["table"]}
+    assert variants == {"plain", "opt-calm-4", "pen-entropy-max-0.1"}
+    assert "digits/adam" in table["best"]
+    assert "steps→plain" in capsys.readouterr().out

@@ -129,10 +129,30 @@ def build_parser() -> argparse.ArgumentParser:
     main_job.add_argument("--log-root", default="tensorboard_logs")
     main_job.add_argument("--quiet", action="store_true")
     main_job.set_defaults(handler=_main_job)
+    for name, module in STUDIES.items():
+        commands.add_parser(name, help=f"run a study ({module}); see `topoopt {name} --help`", add_help=False)
     return parser
 
 
+# Studies parse their own options: `topoopt sparse --help`.
+STUDIES = {
+    "sparse": "topoopt.studies.sparse_topologies",
+    "small-data": "topoopt.studies.small_data",
+    "ablate": "topoopt.studies.ablate",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in STUDIES:
+        import importlib
+
+        try:
+            importlib.import_module(STUDIES[argv[0]]).main(argv[1:])
+        except DatasetUnavailable as error:
+            print(f"topoopt: {error}", file=sys.stderr)
+            return 2
+        return 0
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

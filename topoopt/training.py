@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from topoopt.monitor import TopologyMonitor
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
 
-__all__ = ["TrainConfig", "train", "fit"]
+__all__ = ["TrainConfig", "train", "fit", "fit_steps"]
 
 
 @dataclass
@@ -230,4 +231,45 @@ def fit(model: torch.nn.Module, data, epochs: int, batch_size: int, optimizer: t
         if on_epoch is not None:
             on_epoch(row, model)
         history.append(row)
+    return history
+
+
+def fit_steps(model: torch.nn.Module, data, steps: int, batch_size: int, optimizer: torch.optim.Optimizer,
+              evaluations: int = 10, seed: int = 0, penalty: TopoPenalty | None = None, on_eval=None) -> list[dict]:
+    """Train for exactly `steps` minibatches (reshuffling each epoch); evaluate `evaluations` times.
+
+    A fixed step budget removes the confound between training-set size and training time that a
+    fixed epoch count has. Each history row: step, epoch (fractional), train_loss (mean since the
+    last evaluation), test_accuracy, seconds (training time so far); ``on_eval(row, model)`` may
+    add entries.
+    """
+    if steps < 1 or evaluations < 1:
+        raise ValueError(f"Invalid steps/evaluations: {steps}/{evaluations}")
+    checkpoints = sorted({max(1, round(steps * (i + 1) / evaluations)) for i in range(evaluations)})
+    generator = torch.Generator().manual_seed(seed)
+    history, step, running, count, seconds = [], 0, 0.0, 0, 0.0
+    batches_per_epoch = max(1, math.ceil(len(data.x_train) / batch_size))
+    while step < steps:
+        order = torch.randperm(len(data.x_train), generator=generator)
+        for batch in order.split(batch_size):
+            started = time.perf_counter()
+            model.train()
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+            (loss + penalty() if penalty is not None else loss).backward()
+            optimizer.step()
+            seconds += time.perf_counter() - started
+            step += 1
+            running += loss.item()
+            count += 1
+            if step == checkpoints[len(history)]:
+                model.eval()
+                row = {"step": step, "epoch": step / batches_per_epoch, "train_loss": running / count,
+                       "test_accuracy": _accuracy(model, data.x_test, data.y_test), "seconds": seconds}
+                running, count = 0.0, 0
+                if on_eval is not None:
+                    on_eval(row, model)
+                history.append(row)
+            if step == steps:
+                break
     return history

@@ -1,0 +1,8 @@
+"""See topoopt.studies.ablate (also: topoopt ablate --help)."""
+
+import sys
+
+from topoopt.studies.ablate import main
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

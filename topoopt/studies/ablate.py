@@ -1,0 +1,235 @@
+"""Study 2: do TopoPenalty and TopoOptimizer make training better on small datasets?
+
+Grid: {SGD, Adam} × {plain, + TopoPenalty (entropy or lifetime, two weights each),
++ TopoOptimizer (each policy, two strengths), both} × datasets × seeds, every cell with the same
+step budget. Per cell: final test accuracy (mean, 95% t-interval), steps to reach the plain
+baseline's final accuracy, wall-time ratio to plain, and a paired t-test (and Wilcoxon) against
+plain at the same seeds. "No setting beats the baseline beyond the CI" is a result.
+
+    topoopt ablate --quick --jobs 2     # (or python experiments/ablate.py --quick)
+    topoopt ablate --jobs 2             # the full grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from topoopt.data import load_dataset, stratified_subset
+from topoopt.models import build_mlp
+from topoopt.optimizer import TopoOptimizer
+from topoopt.penalty import TopoPenalty
+from topoopt.sweep import run_cells
+from topoopt.training import fit_steps
+
+RESULTS_DIR = Path("experiments") / "results" / "ablate"
+
+# name → settings; "plain" must come first (the baseline of every comparison).
+VARIANTS: dict[str, dict] = {
+    "plain": {},
+    "pen-entropy-max-0.01": {"penalty": ("normalized_entropy", "maximize", 0.01)},
+    "pen-entropy-max-0.1": {"penalty": ("normalized_entropy", "maximize", 0.1)},
+    "pen-lifetime-max-0.001": {"penalty": ("mean_lifetime", "maximize", 0.001)},
+    "pen-lifetime-max-0.01": {"penalty": ("mean_lifetime", "maximize", 0.01)},
+    "opt-calm-1": {"optimizer": ("calm", 1.0)},
+    "opt-calm-4": {"optimizer": ("calm", 4.0)},
+    "opt-awaken-1": {"optimizer": ("awaken", 1.0)},
+    "opt-awaken-4": {"optimizer": ("awaken", 4.0)},
+    "both-calm-1+entropy-0.01": {"optimizer": ("calm", 1.0), "penalty": ("normalized_entropy", "maximize", 0.01)},
+}
+
+# (dataset, training-set size or None for the whole training split)
+DATASETS: dict[str, tuple[str, int | None]] = {
+    "digits": ("digits", None),
+    "mnist5k-100": ("mnist5k", 100),
+    "mnist5k-500": ("mnist5k", 500),
+    "mnist5k-4000": ("mnist5k", None),
+    "fashion-2000": ("fashion-mnist", 2000),
+}
+
+
+@dataclass
+class AblationConfig:
+    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
+    optimizers: list[str] = field(default_factory=lambda: ["sgd", "adam"])
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    seeds: int = 5
+    steps: int = 1500
+    evaluations: int = 15
+    batch_size: int = 64
+    hidden: list[int] = field(default_factory=lambda: [100, 100])
+    topo_every: int = 10
+    tree_every: int = 1
+    out: str = str(RESULTS_DIR)
+    tensorboard: str = "tensorboard_logs/ablate"
+
+    @classmethod
+    def quick(cls) -> "AblationConfig":
+        return cls(datasets=["digits", "mnist5k-500"], variants=["plain", "pen-entropy-max-0.1", "pen-lifetime-max-0.01",
+                                                                  "opt-calm-4", "opt-awaken-4", "both-calm-1+entropy-0.01"],
+                   seeds=3, steps=500, evaluations=10, out=str(RESULTS_DIR / "quick"), tensorboard="tensorboard_logs/ablate_quick")
+
+
+LR = {"sgd": 0.05, "adam": 1e-3}
+
+
+def make_cells(config: AblationConfig) -> list[dict]:
+    unknown = [v for v in config.variants if v not in VARIANTS] + [d for d in config.datasets if d not in DATASETS]
+    if unknown:
+        raise ValueError(f"Unknown variant/dataset names {unknown}. Variants: {list(VARIANTS)}; datasets: {list(DATASETS)}")
+    plain = asdict(config)
+    return [{"id": f"{d}/{o}/{v}/s{s}", "dataset": d, "optimizer": o, "variant": v, "seed": s, "config": plain}
+            for d in config.datasets for o in config.optimizers for v in config.variants for s in range(config.seeds)]
+
+
+def run_cell(cell: dict) -> dict:
+    config = AblationConfig(**cell["config"])
+    name, size = DATASETS[cell["dataset"]]
+    data = stratified_subset(load_dataset(name), size, seed=cell["seed"])
+    torch.manual_seed(cell["seed"])
+    model = build_mlp([data.n_features, *config.hidden, data.n_classes])
+    inner = (torch.optim.SGD(model.parameters(), lr=LR["sgd"], momentum=0.9) if cell["optimizer"] == "sgd"
+             else torch.optim.Adam(model.parameters(), lr=LR["adam"]))
+    settings = VARIANTS[cell["variant"]]
+    optimizer = inner
+    if "optimizer" in settings:
+        policy, strength = settings["optimizer"]
+        optimizer = TopoOptimizer(inner, model, policy=policy, strength=strength, every=config.topo_every,
+                                  tree_every=config.tree_every)
+    penalty = None
+    if "penalty" in settings:
+        metric, direction, weight = settings["penalty"]
+        penalty = TopoPenalty(model, metric=metric, direction=direction, weight=weight, tree_every=config.tree_every)
+
+    def on_eval(row, net):
+        if isinstance(optimizer, TopoOptimizer):
+            row["scales"] = dict(optimizer.scales)
+
+    history = fit_steps(model, data, config.steps, config.batch_size, optimizer, evaluations=config.evaluations,
+                        seed=cell["seed"], penalty=penalty, on_eval=on_eval)
+    return {k: cell[k] for k in ("dataset", "optimizer", "variant", "seed")} | {
+        "test_accuracy": history[-1]["test_accuracy"], "seconds": history[-1]["seconds"],
+        "curve": [(h["step"], h["test_accuracy"]) for h in history], "scales": history[-1].get("scales")}
+
+
+def _ci95(values: np.ndarray) -> tuple[float, float]:
+    from scipy import stats
+
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean()), float(half)
+
+
+def analyse(records: list[dict]) -> list[dict]:
+    from scipy import stats
+
+    cells: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in records:
+        cells[(r["dataset"], r["optimizer"], r["variant"])][r["seed"]] = r
+    table = []
+    for (dataset, optimizer, variant), runs in sorted(cells.items()):
+        baseline = cells.get((dataset, optimizer, "plain"), {})
+        seeds = sorted(set(runs) & set(baseline))
+        accuracy = np.array([runs[s]["test_accuracy"] for s in seeds])
+        base = np.array([baseline[s]["test_accuracy"] for s in seeds])
+        mean, half = _ci95(accuracy)
+        target = base.mean() if len(base) else float("nan")
+        reach = []
+        for s in seeds:
+            hits = [step for step, acc in runs[s]["curve"] if acc >= target]
+            reach.append(hits[0] if hits else None)
+        row = {"dataset": dataset, "optimizer": optimizer, "variant": variant, "n": len(seeds),
+               "accuracy_mean": mean, "accuracy_ci95": half, "delta_vs_plain": float(mean - target),
+               "steps_to_plain_final": float(np.median([x for x in reach if x is not None])) if any(x is not None for x in reach) else None,
+               "reached_plain_final": sum(x is not None for x in reach),
+               "time_ratio": float(np.median([runs[s]["seconds"] / baseline[s]["seconds"] for s in seeds]))}
+        if variant != "plain" and len(seeds) > 1:
+            differences = accuracy - base
+            if np.allclose(differences, 0):
+                row["paired_t_p"], row["wilcoxon_p"] = 1.0, 1.0
+            else:
+                row["paired_t_p"] = float(stats.ttest_rel(accuracy, base).pvalue)
+                row["wilcoxon_p"] = float(stats.wilcoxon(accuracy, base).pvalue)
+        table.append(row)
+    return table
+
+
+def best_per_dataset(table: list[dict]) -> dict[str, dict]:
+    """The variant with the highest mean accuracy per dataset and optimizer, and whether it beats plain."""
+    best = {}
+    for row in table:
+        key = f"{row['dataset']}/{row['optimizer']}"
+        if key not in best or row["accuracy_mean"] > best[key]["accuracy_mean"]:
+            best[key] = row
+    for key, row in best.items():
+        significant = row["variant"] != "plain" and row.get("paired_t_p", 1.0) < 0.05 and row["delta_vs_plain"] > 0
+        row = dict(row)
+        best[key] = {"variant": row["variant"], "accuracy_mean": row["accuracy_mean"], "delta_vs_plain": row["delta_vs_plain"],
+                     "paired_t_p": row.get("paired_t_p"), "beats_plain_significantly": significant}
+    return best
+
+
+def write_tensorboard(records: list[dict], log_dir: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir) as writer:
+        for r in records:
+            hparams = {k: r[k] for k in ("dataset", "optimizer", "variant", "seed")}
+            writer.add_hparams(hparams, {"hparam/test_accuracy": r["test_accuracy"], "hparam/seconds": r["seconds"]},
+                               run_name=f"{r['dataset']}_{r['optimizer']}_{r['variant']}_s{r['seed']}")
+
+
+def format_table(table: list[dict]) -> str:
+    lines = [f"{'dataset':<13} {'opt':<4} {'variant':<26} {'acc':>6} {'±95%':>6} {'Δ plain':>8} {'p(t)':>6} {'steps→plain':>11} {'time×':>6}"]
+    for r in table:
+        p = r.get("paired_t_p")
+        steps = r["steps_to_plain_final"]
+        lines.append(f"{r['dataset']:<13} {r['optimizer']:<4} {r['variant']:<26} {r['accuracy_mean']:>6.4f} {r['accuracy_ci95']:>6.4f} "
+                     f"{r['delta_vs_plain']:>+8.4f} {'' if p is None else f'{p:.3f}':>6} "
+                     f"{'never' if steps is None else f'{steps:.0f}':>11} {r['time_ratio']:>6.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small grid that finishes in minutes")
+    parser.add_argument("--datasets", nargs="+", default=None, help=f"from {list(DATASETS)}")
+    parser.add_argument("--variants", nargs="+", default=None, help=f"from {list(VARIANTS)}")
+    parser.add_argument("--optimizers", nargs="+", choices=["sgd", "adam"], default=None)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--tensorboard", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    config = AblationConfig.quick() if args.quick else AblationConfig()
+    for name in ("datasets", "variants", "optimizers", "seeds", "steps", "out", "tensorboard"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    if "plain" not in config.variants:
+        config.variants = ["plain", *config.variants]
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    records = run_cells(make_cells(config), run_cell, out / "runs.jsonl", jobs=args.jobs,
+                        progress=not args.no_progress, desc="ablate")
+    table = analyse(records)
+    best = best_per_dataset(table)
+    (out / "table.json").write_text(json.dumps({"table": table, "best": best}, indent=2))
+    write_tensorboard(records, config.tensorboard)
+    print(format_table(table))
+    print(json.dumps(best, indent=2))
+    return {"table": table, "best": best}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Study 1: does a layer's weight topology track learning on small datasets?
+
+Claim under test: a layer's normalized persistent entropy (E / log n) and mean H0 lifetime
+correlate with the model's accuracy, depend on the amount of training data, and change unevenly
+across layers during training.
+
+Design (each choice removes a known confound):
+- Stratified training subsets from ~25 per class to the full set, a fixed test set, ≥ 5 seeds.
+- The same number of gradient steps for every subset size (``budget="steps"``): with a fixed
+  epoch count, size and training time are confounded. That variant is run too, labelled
+  ``budget="epochs"``.
+- ‖W‖_F is recorded as a control: mean lifetime scales with the weights, so a correlation that
+  the norm explains is not topology (partial Spearman given ‖W‖_F).
+
+    topoopt small-data --quick       # (or python experiments/small_data.py --quick)
+    topoopt small-data               # the full study
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from topoopt.data import load_dataset, stratified_subset
+from topoopt.layers import layer_topology
+from topoopt.models import build_mlp
+from topoopt.sweep import run_cells
+from topoopt.training import fit_steps
+
+RESULTS_DIR = Path("experiments") / "results" / "small_data"
+METRICS = ("normalized_entropy", "mean_lifetime", "weight_norm")
+
+
+@dataclass
+class SmallDataConfig:
+    datasets: list[str] = field(default_factory=lambda: ["digits", "mnist5k", "fashion-mnist"])
+    sizes: dict[str, list[int]] = field(default_factory=lambda: {
+        "digits": [250, 500, 1000, 1347],
+        "mnist5k": [250, 500, 1000, 2000, 4000],
+        "fashion-mnist": [250, 500, 1000, 2000, 4000, 8000],
+    })
+    hidden: list[int] = field(default_factory=lambda: [100, 100])
+    seeds: int = 5
+    steps: int = 1500
+    epochs: int = 30
+    budgets: list[str] = field(default_factory=lambda: ["steps", "epochs"])
+    batch_size: int = 64
+    lr: float = 1e-3
+    evaluations: int = 10
+    out: str = str(RESULTS_DIR)
+    tensorboard: str = "tensorboard_logs/small_data"
+
+    @classmethod
+    def quick(cls) -> "SmallDataConfig":
+        return cls(datasets=["digits", "mnist5k"], sizes={"digits": [250, 500, 1347], "mnist5k": [250, 1000, 4000]},
+                   seeds=5, steps=400, epochs=8, evaluations=4, out=str(RESULTS_DIR / "quick"),
+                   tensorboard="tensorboard_logs/small_data_quick")
+
+
+def make_cells(config: SmallDataConfig) -> list[dict]:
+    cells = []
+    plain = asdict(config)
+    for dataset in config.datasets:
+        for budget in config.budgets:
+            for size in config.sizes[dataset]:
+                for seed in range(config.seeds):
+                    cells.append({"id": f"{dataset}/{budget}/n{size}/s{seed}", "dataset": dataset, "budget": budget,
+                                  "size": size, "seed": seed, "config": plain})
+    return cells
+
+
+def run_cell(cell: dict) -> dict:
+    from torch.utils.tensorboard import SummaryWriter
+
+    config = SmallDataConfig(**cell["config"])
+    full = load_dataset(cell["dataset"])
+    data = stratified_subset(full, cell["size"] if cell["size"] < len(full.y_train) else None, seed=cell["seed"])
+    torch.manual_seed(cell["seed"])
+    model = build_mlp([data.n_features, *config.hidden, data.n_classes])
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    steps = config.steps if cell["budget"] == "steps" else config.epochs * math.ceil(cell["size"] / config.batch_size)
+    writer = SummaryWriter(f"{config.tensorboard}/{cell['id'].replace('/', '_')}")
+
+    def on_eval(row, net):
+        for name, topo in layer_topology(net).items():
+            for metric in METRICS:
+                row[f"{name}/{metric}"] = getattr(topo, metric)
+                writer.add_scalar(f"topology/{name}/{metric}", getattr(topo, metric), row["step"])
+        writer.add_scalar("test/accuracy", row["test_accuracy"], row["step"])
+
+    try:
+        history = fit_steps(model, data, steps, config.batch_size, optimizer, evaluations=config.evaluations,
+                            seed=cell["seed"], on_eval=on_eval)
+    finally:
+        writer.close()
+    return {k: cell[k] for k in ("dataset", "budget", "size", "seed")} | {"steps": steps, "history": history,
+                                                                        "final": history[-1]}
+
+
+# ---- statistics ----
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values, in the input order."""
+    order = np.argsort(p_values)
+    m = len(p_values)
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, (m - rank) * p_values[index])
+        adjusted[index] = min(1.0, running)
+    return adjusted.tolist()
+
+
+def partial_spearman(x, y, control) -> tuple[float, float]:
+    """Spearman ρ of x and y with a linear effect of `control` removed from the ranks; t-test p."""
+    from scipy import stats
+
+    ranks = [stats.rankdata(v) for v in (x, y, control)]
+    design = np.column_stack([np.ones(len(x)), ranks[2]])
+    residuals = [r - design @ np.linalg.lstsq(design, r, rcond=None)[0] for r in ranks[:2]]
+    if np.std(residuals[0]) == 0 or np.std(residuals[1]) == 0:
+        return float("nan"), float("nan")
+    rho = float(np.corrcoef(*residuals)[0, 1])
+    n = len(x)
+    t = rho * math.sqrt((n - 3) / max(1e-12, 1 - rho**2))
+    return rho, float(2 * stats.t.sf(abs(t), n - 3))
+
+
+def analyse(records: list[dict]) -> dict:
+    from scipy import stats
+
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for record in records:
+        groups[(record["dataset"], record["budget"])].append(record)
+    tests, rows = [], []
+    friedman = {}
+    for (dataset, budget), runs in sorted(groups.items()):
+        layers = sorted({key.split("/")[0] for key in runs[0]["final"] if "/" in key})
+        accuracy = np.array([r["final"]["test_accuracy"] for r in runs])
+        log_size = np.log([r["size"] for r in runs])
+        for layer in layers:
+            norm = np.array([r["final"][f"{layer}/weight_norm"] for r in runs])
+            for metric in METRICS:
+                values = np.array([r["final"][f"{layer}/{metric}"] for r in runs])
+                for target, against in (("accuracy", accuracy), ("size", log_size)):
+                    rho, p = stats.spearmanr(values, against)
+                    row = {"dataset": dataset, "budget": budget, "layer": layer, "metric": metric, "target": target,
+                           "rho": float(rho), "p": float(p)}
+                    if metric != "weight_norm":
+                        row["partial_rho_given_norm"], row["partial_p_given_norm"] = partial_spearman(values, against, norm)
+                    if target == "accuracy":
+                        row["partial_rho_given_log_size"], row["partial_p_given_log_size"] = partial_spearman(values, against, log_size)
+                    rows.append(row)
+                    tests.append(float(p) if np.isfinite(p) else 1.0)
+        # Layers changing at different rates: relative change of normalized entropy from the first
+        # evaluation to the last, per run (blocks) and layer (treatments).
+        changes = [[abs(r["history"][-1][f"{layer}/normalized_entropy"] - r["history"][0][f"{layer}/normalized_entropy"])
+                    / max(1e-12, abs(r["history"][0][f"{layer}/normalized_entropy"])) for r in runs] for layer in layers]
+        statistic, p = stats.friedmanchisquare(*changes)
+        friedman[f"{dataset}/{budget}"] = {"chi2": float(statistic), "p": float(p),
+                                           "median_relative_change": {l: float(np.median(c)) for l, c in zip(layers, changes)}}
+    for row, adjusted in zip(rows, holm(tests)):
+        row["p_holm"] = adjusted
+    return {"correlations": rows, "friedman": friedman}
+
+
+def plot(records: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for dataset in sorted({r["dataset"] for r in records}):
+        runs = [r for r in records if r["dataset"] == dataset and r["budget"] == "steps"]
+        layers = sorted({key.split("/")[0] for key in runs[0]["final"] if "/" in key})
+        figure, axes = plt.subplots(2, len(METRICS), figsize=(4 * len(METRICS), 7))
+        sizes = sorted({r["size"] for r in runs})
+        for j, metric in enumerate(METRICS):
+            for layer in layers:
+                means = [np.mean([r["final"][f"{layer}/{metric}"] for r in runs if r["size"] == s]) for s in sizes]
+                axes[0, j].plot(sizes, means, marker="o", label=layer)
+                largest = [r for r in runs if r["size"] == sizes[-1]]
+                steps = [h["step"] for h in largest[0]["history"]]
+                curve = np.mean([[h[f"{layer}/{metric}"] for h in r["history"]] for r in largest], axis=0)
+                axes[1, j].plot(steps, curve, label=layer)
+            axes[0, j].set(xscale="log", xlabel="training-set size", title=f"{metric} (final, mean of seeds)")
+            axes[1, j].set(xlabel=f"step (size {sizes[-1]})", title=f"{metric} during training")
+            axes[0, j].legend(fontsize=7)
+        figure.suptitle(f"{dataset}: per-layer topology, same step budget for every size")
+        figure.tight_layout()
+        figure.savefig(out / f"{dataset}_topology.png", dpi=110)
+        plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small grid that finishes in minutes")
+    parser.add_argument("--datasets", nargs="+", default=None)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--tensorboard", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    config = SmallDataConfig.quick() if args.quick else SmallDataConfig()
+    for name in ("datasets", "seeds", "steps", "out", "tensorboard"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    unknown = [d for d in config.datasets if d not in config.sizes]
+    if unknown:
+        raise SystemExit(f"topoopt small-data: no subset sizes for {unknown}; known: {list(config.sizes)}")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    records = run_cells(make_cells(config), run_cell, out / "runs.jsonl", jobs=args.jobs,
+                        progress=not args.no_progress, desc="small-data")
+    analysis = analyse(records)
+    (out / "analysis.json").write_text(json.dumps(analysis, indent=2))
+    with open(out / "correlations.csv", "w") as handle:
+        leading = ["dataset", "budget", "layer", "metric", "target", "rho", "p", "p_holm"]
+        columns = leading + sorted({k for row in analysis["correlations"] for k in row} - set(leading))
+        handle.write(",".join(columns) + "\n")
+        for row in analysis["correlations"]:
+            handle.write(",".join(str(row.get(c, "")) for c in columns) + "\n")
+    plot(records, out)
+    print(format_summary(analysis))
+    return analysis
+
+
+def format_summary(analysis: dict) -> str:
+    lines = ["dataset/budget  layer  metric              target    rho     p_holm  partial|‖W‖"]
+    for row in analysis["correlations"]:
+        if row["metric"] == "weight_norm":
+            continue
+        partial = row.get("partial_rho_given_norm", float("nan"))
+        lines.append(f"{row['dataset'] + '/' + row['budget']:<15} {row['layer']:<6} {row['metric']:<19} {row['target']:<8} "
+                     f"{row['rho']:+.3f}  {row['p_holm']:.2g}  {partial:+.3f}")
+    for key, value in analysis["friedman"].items():
+        lines.append(f"Friedman {key}: chi2 {value['chi2']:.2f}, p {value['p']:.2g}, median relative change {value['median_relative_change']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Sparse networks wired by bipartite graphs: accuracy against expansion, not density.
+
+Reproduces the question of Bourely, Boueri & Choromanski, "Sparse Neural Networks Topologies"
+(arXiv 1706.05683): do sparse layers fixed before training by random or structured bipartite
+graphs match dense ones, with accuracy following the graphs' spectral gap and algebraic
+connectivity rather than their density?
+
+Model: `depth` SparseLinear layers of equal width (the first one reading the pixels, each layer
+its own mask of the same family and degree), then a dense output layer. Data: `digits` with a fixed random pixel permutation (banded masks get no
+locality advantage), or `mnist5k`. Every cell (mask family × degree × mask seed × training seed)
+is one run; finished cells are skipped on re-run.
+
+    topoopt sparse --quick      # (or python experiments/sparse_topologies.py --quick): minutes
+    topoopt sparse              # the full grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from topoopt.data import load_dataset
+from topoopt.sparse import SparseLinear, block_diagonal, graph_measures, make_mask
+from topoopt.sweep import run_cells
+from topoopt.training import fit
+
+RESULTS_DIR = Path("experiments") / "results" / "sparse_topologies"
+
+
+@dataclass
+class StudyConfig:
+    dataset: str = "digits"
+    width: int = 64
+    depth: int = 3
+    degree: int = 4
+    other_degrees: list[int] = field(default_factory=lambda: [3, 8, 16])
+    rewire_p: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0])
+    masks_per_family: int = 6
+    seeds: int = 3
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 3e-3
+    jobs: int = 1
+    out: str = str(RESULTS_DIR)
+    tensorboard: str = "tensorboard_logs/sparse_topologies"
+
+    @classmethod
+    def quick(cls) -> "StudyConfig":
+        return cls(other_degrees=[8], rewire_p=[0.05, 0.3, 1.0], masks_per_family=2, seeds=2, epochs=25,
+                   out=str(RESULTS_DIR / "quick"), tensorboard="tensorboard_logs/sparse_topologies_quick")
+
+
+def mask_specs(config: StudyConfig) -> list[dict]:
+    """Masks at the main degree (≥ 40 for the full grid) plus a few at other degrees."""
+    specs = [{"family": "banded", "degree": config.degree, "mask_seed": 0, "p": 0.0}]
+    for p in config.rewire_p:
+        for s in range(max(1, config.masks_per_family // 3)):
+            specs.append({"family": "rewired", "degree": config.degree, "mask_seed": s, "p": p})
+    for family in ("biregular", "erdos_renyi", "xnet", "expander"):
+        specs += [{"family": family, "degree": config.degree, "mask_seed": s, "p": 0.0} for s in range(config.masks_per_family)]
+    specs += [{"family": "block_diagonal", "degree": config.degree, "mask_seed": b, "p": 0.0} for b in (2, 4)]
+    for degree in config.other_degrees:
+        specs.append({"family": "banded", "degree": degree, "mask_seed": 0, "p": 0.0})
+        specs += [{"family": "biregular", "degree": degree, "mask_seed": s, "p": 0.0} for s in range(2)]
+    return specs
+
+
+def layer_masks(spec: dict, n_features: int, width: int, depth: int) -> list[torch.Tensor]:
+    """One out × in mask per sparse layer: n_features → width, then width → width."""
+    masks = []
+    for layer in range(depth):
+        fan_in = n_features if layer == 0 else width
+        # The first layer keeps the same number of edges per neuron relative to its inputs.
+        degree = spec["degree"] * (fan_in // width) if layer == 0 else spec["degree"]
+        seed = 1000 * spec["mask_seed"] + layer
+        if spec["family"] == "dense":
+            masks.append(torch.ones(width, fan_in))
+        elif spec["family"] == "block_diagonal":
+            masks.append(block_diagonal(width, fan_in, degree, blocks=spec["mask_seed"]))
+        else:
+            masks.append(make_mask(spec["family"], width, fan_in, degree, seed=seed, p=spec["p"]))
+    return masks
+
+
+def load_permuted(name: str):
+    data = load_dataset(name)
+    permutation = torch.from_numpy(np.random.default_rng(12345).permutation(data.n_features))
+    return type(data)(data.name, data.x_train[:, permutation], data.y_train, data.x_test[:, permutation], data.y_test)
+
+
+def build_model(n_features: int, n_classes: int, width: int, masks: list[torch.Tensor], seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    generator = torch.Generator().manual_seed(seed)
+    for mask in masks:  # the dense baseline passes all-ones masks: same depth, same init rule
+        layers += [SparseLinear(mask.shape[1], mask.shape[0], mask, generator=generator), nn.ReLU()]
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
+
+
+def run_cell(cell: dict) -> dict:
+    config = StudyConfig(**cell["config"])
+    data = load_permuted(config.dataset)
+    masks = layer_masks(cell, data.n_features, config.width, config.depth)
+    measures = [graph_measures(m) for m in masks]
+    model = build_model(data.n_features, data.n_classes, config.width, masks, cell["seed"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    history = fit(model, data, config.epochs, config.batch_size, optimizer, seed=cell["seed"])
+    reached = [row["epoch"] for row in history if row["train_accuracy"] >= 0.9]
+    return {
+        **{k: cell[k] for k in ("family", "degree", "mask_seed", "p", "seed")},
+        "mask_id": cell["mask_id"],
+        "test_accuracy": history[-1]["test_accuracy"],
+        "train_accuracy": history[-1]["train_accuracy"],
+        "epochs_to_90": reached[0] if reached else None,
+        "density": float(np.mean([m.density for m in measures])),
+        "min_spectral_gap": min(m.spectral_gap for m in measures),
+        "min_normalized_gap": min(m.normalized_gap for m in measures),
+        "min_algebraic_connectivity": min(m.algebraic_connectivity for m in measures),
+        "min_ramanujan_margin": min(m.ramanujan_margin for m in measures),
+        "all_connected": all(m.connected for m in measures),
+    }
+
+
+def make_cells(config: StudyConfig) -> list[dict]:
+    plain = asdict(config)
+    cells = []
+    for spec in mask_specs(config) + [{"family": "dense", "degree": config.width, "mask_seed": 0, "p": 0.0}]:
+        mask_id = f"{spec['family']}-d{spec['degree']}-m{spec['mask_seed']}-p{spec['p']}"
+        for seed in range(config.seeds):
+            cells.append({**spec, "seed": seed, "mask_id": mask_id, "id": f"{config.dataset}/{mask_id}/s{seed}", "config": plain})
+    return cells
+
+
+# ---- statistics ----
+
+def _partial_spearman(x: np.ndarray, y: np.ndarray, control: np.ndarray) -> tuple[float, float]:
+    """Spearman correlation of x and y after removing a linear effect of `control` from the ranks."""
+    from scipy import stats
+
+    ranks = [stats.rankdata(v) for v in (x, y, control)]
+    design = np.column_stack([np.ones(len(x)), ranks[2]])
+    residuals = [r - design @ np.linalg.lstsq(design, r, rcond=None)[0] for r in ranks[:2]]
+    rho, _ = stats.pearsonr(*residuals)
+    # t-test with n − 3 degrees of freedom (one controlled variable).
+    n = len(x)
+    t = rho * math.sqrt((n - 3) / max(1e-12, 1 - rho**2))
+    return float(rho), float(2 * stats.t.sf(abs(t), n - 3))
+
+
+def analyse(records: list[dict], config: StudyConfig) -> dict:
+    from scipy import stats
+
+    by_mask: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        by_mask[record["mask_id"]].append(record)
+    masks = []
+    for mask_id, rows in by_mask.items():
+        first = rows[0]
+        masks.append({**{k: first[k] for k in ("family", "degree", "density", "min_spectral_gap", "min_normalized_gap",
+                                                "min_algebraic_connectivity", "min_ramanujan_margin", "all_connected")},
+                      "mask_id": mask_id, "accuracy": float(np.mean([r["test_accuracy"] for r in rows])),
+                      "accuracy_std": float(np.std([r["test_accuracy"] for r in rows])),
+                      "epochs_to_90": [r["epochs_to_90"] for r in rows]})
+    sparse = [m for m in masks if m["family"] != "dense"]
+    fixed = [m for m in sparse if m["degree"] == config.degree]
+    acc = np.array([m["accuracy"] for m in fixed])
+    summary: dict = {"n_runs": len(records), "n_masks_fixed_density": len(fixed), "fixed_density": fixed[0]["density"] if fixed else None}
+    for measure in ("min_spectral_gap", "min_algebraic_connectivity"):
+        values = np.array([m[measure] for m in fixed])
+        rho, p = stats.spearmanr(values, acc)
+        summary[f"spearman_{measure}"] = {"rho": float(rho), "p": float(p)}
+    connected = [m for m in fixed if m["all_connected"]]
+    if len(connected) > 3:
+        rho, p = stats.spearmanr([m["min_spectral_gap"] for m in connected], [m["accuracy"] for m in connected])
+        summary["spearman_min_spectral_gap_connected_only"] = {"rho": float(rho), "p": float(p), "n": len(connected)}
+    all_acc = np.array([m["accuracy"] for m in sparse])
+    log_density = np.log(np.array([m["density"] for m in sparse]))
+    gaps = np.array([m["min_spectral_gap"] for m in sparse])
+    alg = np.array([m["min_algebraic_connectivity"] for m in sparse])
+    summary["partial_spearman_gap_given_density"] = dict(zip(("rho", "p"), _partial_spearman(gaps, all_acc, log_density)))
+    summary["partial_spearman_algebraic_given_density"] = dict(zip(("rho", "p"), _partial_spearman(alg, all_acc, log_density)))
+    design = np.column_stack([np.ones(len(sparse)), gaps, log_density])
+    coef, *_ = np.linalg.lstsq(design, all_acc, rcond=None)
+    fitted = design @ coef
+    r2 = 1 - np.sum((all_acc - fitted) ** 2) / np.sum((all_acc - all_acc.mean()) ** 2)
+    summary["regression_accuracy_on_gap_and_log_density"] = {"intercept": float(coef[0]), "gap": float(coef[1]),
+                                                             "log_density": float(coef[2]), "r2": float(r2)}
+    families = defaultdict(list)
+    for m in fixed:
+        families[m["family"]].append(m["accuracy"])
+    groups = [v for v in families.values() if len(v) > 1]
+    if len(groups) > 1:
+        h, p = stats.kruskal(*groups)
+        summary["kruskal_wallis_families"] = {"H": float(h), "p": float(p)}
+    summary["family_mean_accuracy_fixed_density"] = {f: float(np.mean(v)) for f, v in sorted(families.items())}
+    dense = [m for m in masks if m["family"] == "dense"]
+    if dense:
+        summary["dense_accuracy"] = dense[0]["accuracy"]
+    return {"summary": summary, "masks": masks}
+
+
+def plot(masks: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = plt.get_cmap("tab10")
+    families = sorted({m["family"] for m in masks if m["family"] != "dense"})
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, family in enumerate(families):
+        rows = [m for m in masks if m["family"] == family]
+        left.scatter([m["min_spectral_gap"] for m in rows], [m["accuracy"] for m in rows], label=family, color=colours(i), s=18)
+        right.scatter([m["density"] for m in rows], [m["accuracy"] for m in rows], label=family, color=colours(i), s=18)
+    for m in masks:
+        if m["family"] == "dense":
+            for axes in (left, right):
+                axes.axhline(m["accuracy"], color="black", linestyle="--", linewidth=0.8, label="dense")
+    left.set(xlabel="smallest per-layer spectral gap σ₁ − σ₂", ylabel="test accuracy (mean over seeds)", title="accuracy against expansion")
+    right.set(xlabel="density", xscale="log", ylabel="test accuracy", title="accuracy against density")
+    left.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "accuracy_vs_gap_and_density.png", dpi=120)
+    plt.close(figure)
+
+
+def write_tensorboard(records: list[dict], log_dir: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir) as writer:
+        for record in records:
+            hparams = {k: record[k] for k in ("family", "degree", "mask_seed", "p", "seed")}
+            metrics = {f"hparam/{k}": float(record[k]) for k in ("test_accuracy", "min_spectral_gap", "min_algebraic_connectivity", "density")}
+            writer.add_hparams(hparams, metrics, run_name=record["id"].replace("/", "_"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small grid that finishes in minutes")
+    parser.add_argument("--dataset", choices=["digits", "mnist5k"], default="digits")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", default=None, help=f"results folder (default {RESULTS_DIR})")
+    parser.add_argument("--tensorboard", default=None, help="TensorBoard folder (default tensorboard_logs/sparse_topologies)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    config = StudyConfig.quick() if args.quick else StudyConfig()
+    config.dataset = args.dataset
+    config.jobs = args.jobs
+    for name in ("seeds", "epochs", "out", "tensorboard"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    out = Path(config.out) / config.dataset
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    records = run_cells(make_cells(config), run_cell, out / "runs.jsonl", jobs=config.jobs,
+                        progress=not args.no_progress, desc=f"sparse {config.dataset}")
+    analysis = analyse(records, config)
+    (out / "summary.json").write_text(json.dumps(analysis["summary"], indent=2))
+    with open(out / "masks.csv", "w") as handle:
+        columns = [k for k in analysis["masks"][0] if k != "epochs_to_90"]
+        handle.write(",".join(columns) + "\n")
+        for m in analysis["masks"]:
+            handle.write(",".join(str(m[c]) for c in columns) + "\n")
+    plot(analysis["masks"], out)
+    write_tensorboard(records, f"{config.tensorboard}/{config.dataset}")
+    print(json.dumps(analysis["summary"], indent=2))
+    return analysis
+
+
+if __name__ == "__main__":
+    main()
