@@ -139,6 +139,7 @@ STUDIES = {
     "sparse": "topoopt.studies.sparse_topologies",
     "small-data": "topoopt.studies.small_data",
     "ablate": "topoopt.studies.ablate",
+    "learning-graphs": "topoopt.studies.learning_graphs",
 }
 
 

@@ -1,0 +1,302 @@
+"""Learning graphs of Gabella et al., "Topology of Learning in Artificial Neural Networks"
+(arXiv 1902.08160): trees under zero initialisation, surfaces under tiny random initialisation.
+
+Training follows the authors' code: bias-free layers, sigmoid hidden layers, softmax +
+cross-entropy, SGD without momentum, lr 0.05, batch 100; each layer's neuron cloud is recorded
+at 201 evenly spaced steps. Each layer's trajectory becomes a Mapper graph with the authors'
+per-layer settings (`topoopt.learning_graphs.PAPER_SETTINGS`).
+
+- ``--setting tree``: 784-100-10 from exact zeros plus a seeded perturbation N(0, ε²) (ε = 0 is
+  run too: exact zero gives identical hidden neurons, see `exact_zero_groups`).
+- ``--setting surface``: 784-100-100-10 from N(0, 1e-6²), seed 42 (and more seeds).
+
+    topoopt learning-graphs --setting tree --quick
+    topoopt learning-graphs --setting surface
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from topoopt.data import load_dataset
+from topoopt.learning_graphs import (
+    PAPER_SETTINGS,
+    MapperSettings,
+    TrajectoryRecorder,
+    branching_events,
+    graph_statistics,
+    learning_graph,
+    load_trajectory,
+    terminal_leaves,
+)
+from topoopt.models import build_mlp
+
+RESULTS_DIR = Path("experiments") / "results" / "learning_graphs"
+
+
+@dataclass
+class RunConfig:
+    setting: str = "tree"
+    dataset: str = "mnist5k"
+    data_dir: str | None = None
+    epsilon: float = 1e-3          # tree: perturbation scale; surface: init std
+    seed: int = 0
+    epochs: int = 50
+    snapshots: int = 201
+    lr: float = 0.05
+    batch_size: int = 100
+
+    @property
+    def widths(self) -> list[int]:
+        return [784, 100, 10] if self.setting == "tree" else [784, 100, 100, 10]
+
+    def name(self) -> str:
+        return f"{self.setting}_{self.dataset}_eps{self.epsilon:g}_s{self.seed}_e{self.epochs}"
+
+
+def _layer_roles(names: list[str]) -> dict[str, str]:
+    roles = {names[-1]: "output"}
+    for name, role in zip(names[:-1], ("first", "second")):
+        roles[name] = role
+    return roles
+
+
+def train_and_record(config: RunConfig, folder: Path) -> dict:
+    """Train as the authors did and record every layer's cloud at `snapshots` steps."""
+    data = load_dataset(config.dataset, config.data_dir)
+    model = build_mlp(config.widths, activation="sigmoid", bias=False)
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.no_grad():
+        for layer in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+            if config.setting == "tree":
+                layer.weight.zero_()
+                if config.epsilon > 0:
+                    layer.weight.add_(torch.randn(layer.weight.shape, generator=generator) * config.epsilon)
+            else:
+                layer.weight.normal_(0.0, config.epsilon, generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    batches = math.ceil(len(data.y_train) / config.batch_size)
+    total_steps = batches * config.epochs
+    every = max(1, total_steps // (config.snapshots - 1))
+    nines = data.y_test == 9
+    nine_predictions = []
+    recorder = TrajectoryRecorder(model, folder / "trajectory", every=every, chunk_size=64)
+
+    def snapshot(step: int, epoch: int) -> None:
+        with torch.no_grad():
+            predictions = model(data.x_test).argmax(1)
+        accuracy = float((predictions == data.y_test).float().mean())
+        if recorder.record(step, epoch, accuracy, force=(step == 0)):
+            counts = torch.bincount(predictions[nines], minlength=10).tolist()
+            nine_predictions.append({"step": step, "accuracy": accuracy, "nines_as": counts})
+
+    shuffle = torch.Generator().manual_seed(config.seed)
+    step = 0
+    snapshot(0, 0)
+    for epoch in range(1, config.epochs + 1):
+        for batch in torch.randperm(len(data.y_train), generator=shuffle).split(config.batch_size):
+            optimizer.zero_grad()
+            F.cross_entropy(model(data.x_train[batch]), data.y_train[batch]).backward()
+            optimizer.step()
+            step += 1
+            snapshot(step, epoch)
+    recorder.close()
+    (folder / "nines.json").write_text(json.dumps(nine_predictions))
+    hidden = model.fc1.weight.detach()
+    return {"steps": step, "snapshot_every": every, "final_accuracy": nine_predictions[-1]["accuracy"],
+            "hidden_groups_at_end": exact_zero_groups(hidden)}
+
+
+def exact_zero_groups(weight: torch.Tensor) -> list[list[int]]:
+    """Groups of neurons with bitwise-identical incoming weights (contiguous index ranges)."""
+    groups: dict[bytes, list[int]] = {}
+    for index, row in enumerate(weight.cpu().numpy()):
+        groups.setdefault(row.tobytes(), []).append(index)
+    return [[g[0], g[-1]] if g == list(range(g[0], g[-1] + 1)) else g for g in groups.values()]
+
+
+def two_nn_dimension(points: np.ndarray) -> float:
+    """Intrinsic dimension by the TwoNN estimator (Facco et al. 2017): n / Σ log(r₂/r₁)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    distances, _ = NearestNeighbors(n_neighbors=3).fit(points).kneighbors(points)
+    r1, r2 = distances[:, 1], distances[:, 2]
+    valid = r1 > 0
+    ratios = np.log(r2[valid] / r1[valid])
+    return float(valid.sum() / ratios.sum()) if ratios.sum() > 0 else float("nan")
+
+
+def analyse_run(folder: Path, config: RunConfig) -> dict:
+    from topoopt.learning_graphs import recorded_layers
+
+    layers = recorded_layers(folder / "trajectory")
+    roles = _layer_roles(layers)
+    nines = json.loads((folder / "nines.json").read_text())
+    report: dict = {"layers": {}}
+    for layer in layers:
+        trajectory = load_trajectory(folder / "trajectory", layer)
+        settings = PAPER_SETTINGS[roles[layer]]
+        graph = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron, settings)
+        stats = graph_statistics(graph)
+        events = branching_events(graph.graph)
+        labels = {}
+        if roles[layer] == "output":
+            for leaf in terminal_leaves(graph.graph):
+                neurons = graph.graph.nodes[leaf]["neurons"]
+                labels[leaf] = ",".join(str(n) for n in neurons)
+        stats["digit_leaves"] = sorted(labels.values())
+        stats["seconds"] = graph.seconds
+        stats["events"] = events[:50]
+        graph.save_png(folder / f"{layer}_graph.png", title=f"{config.name()} {layer} ({settings.lens})", labels=labels)
+        graph.save_json(folder / f"{layer}_graph.json")
+        graph.save_html(folder / f"{layer}_graph.html", title=f"{config.name()} {layer}")
+        if config.setting == "surface" and roles[layer] == "first":
+            surface = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron, PAPER_SETTINGS["surface"])
+            stats["pca3_graph"] = graph_statistics(surface)
+            surface.save_png(folder / f"{layer}_pca3_graph.png", title=f"{config.name()} {layer} (PCA-3 lens)")
+            reduced = _pca(trajectory.points, 20)
+            middle = (trajectory.snapshot > trajectory.n_snapshots // 10) & (trajectory.snapshot < trajectory.n_snapshots // 2)
+            stats["two_nn_dimension_surface_phase"] = two_nn_dimension(reduced[middle])
+            stats["two_nn_dimension_all"] = two_nn_dimension(reduced)
+        report["layers"][layer] = stats
+        _plot_pca(trajectory, folder / f"{layer}_pca.png", f"{layer}: PCA of the trajectory, coloured by step")
+        _plot_norms(trajectory, folder / f"{layer}_norms.png", layer)
+    report["accuracy_curve"] = [(n["step"], n["accuracy"]) for n in nines]
+    _plot_accuracy(nines, report, folder / "accuracy_and_branchings.png", layers[-1])
+    report["nines_stop_being_sevens"] = _nines_vs_sevens(nines)
+    return report
+
+
+def _pca(points: np.ndarray, dims: int) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=min(dims, *points.shape), random_state=0).fit_transform(points.astype(np.float64))
+
+
+def _nines_vs_sevens(nines: list[dict]) -> dict:
+    """The last step at which more test 9s were read as 7 than as 9, and the shares over time."""
+    last = None
+    for n in nines:
+        if n["nines_as"][7] > n["nines_as"][9]:
+            last = n["step"]
+    return {"last_step_more_7_than_9": last,
+            "share_as_7_first_last": [nines[0]["nines_as"][7] / max(1, sum(nines[0]["nines_as"])),
+                                      nines[-1]["nines_as"][7] / max(1, sum(nines[-1]["nines_as"]))]}
+
+
+def _plot_pca(trajectory, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reduced = _pca(trajectory.points, 2)
+    figure, axes = plt.subplots(figsize=(6, 5))
+    drawn = axes.scatter(reduced[:, 0], reduced[:, 1], c=trajectory.point_steps(), s=2, cmap="viridis")
+    figure.colorbar(drawn, label="training step")
+    axes.set(title=title, xlabel="PC 1", ylabel="PC 2")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _plot_norms(trajectory, path: Path, layer: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norms = np.linalg.norm(trajectory.clouds(), axis=2)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(trajectory.steps, norms, linewidth=0.5, alpha=0.6)
+    axes.set(title=f"{layer}: weight norm of each neuron", xlabel="training step", ylabel="‖w_i‖")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _plot_accuracy(nines: list[dict], report: dict, path: Path, output_layer: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.plot([n["step"] for n in nines], [n["accuracy"] for n in nines], label="test accuracy")
+    for event in report["layers"][output_layer]["events"]:
+        axes.axvline(event["step"], color="red", alpha=0.3, linewidth=0.8)
+    axes.set(xlabel="training step", ylabel="test accuracy", title="accuracy; red: output-layer branching events")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def run(config: RunConfig, out: Path) -> dict:
+    folder = out / config.name()
+    summary_path = folder / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    training = train_and_record(config, folder)
+    report = analyse_run(folder, config)
+    summary = {"config": asdict(config), "training": training,
+               "layers": {k: {kk: vv for kk, vv in v.items() if kk != "events"} for k, v in report["layers"].items()},
+               "events": {k: v["events"] for k, v in report["layers"].items()},
+               "nines": report["nines_stop_being_sevens"]}
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=["tree", "surface"], default="tree")
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and snapshots: about a minute")
+    parser.add_argument("--dataset", choices=["mnist5k", "mnist", "digits"], default="mnist5k")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=None,
+                        help="tree: perturbation scales (0 = exact zero); surface: init std (default 1e-6)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--out", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    tree = args.setting == "tree"
+    epsilons = args.epsilons or ([0.0, 1e-4, 1e-3, 1e-2] if tree else [1e-6])
+    seeds = args.seeds or ([0, 1, 2] if tree else [42, 0, 1])
+    epochs = args.epochs or ((8 if tree else 10) if args.quick else (50 if tree else 70))
+    if args.quick and args.seeds is None:
+        seeds = seeds[:1]
+    if args.quick and args.epsilons is None and tree:
+        epsilons = [0.0, 1e-3]
+    out = Path(args.out) / ("quick" if args.quick else "full")
+    results = []
+    for epsilon in epsilons:
+        for seed in seeds:
+            config = RunConfig(setting=args.setting, dataset=args.dataset, data_dir=args.data_dir, epsilon=epsilon,
+                               seed=seed, epochs=epochs, snapshots=101 if args.quick else 201)
+            summary = run(config, out)
+            results.append(summary)
+            hidden = summary["layers"]["fc1"]
+            output = summary["layers"][sorted(summary["layers"])[-1]]
+            line = (f"{config.name()}: accuracy {summary['training']['final_accuracy']:.3f}; hidden graph "
+                    f"{hidden['nodes']} nodes, {hidden['branches']} branches, {hidden['cycles']} cycles; output graph "
+                    f"{output['branches']} branches ({', '.join(output['digit_leaves'])}); "
+                    f"identical hidden groups at end: {len(summary['training']['hidden_groups_at_end'])}")
+            if "pca3_graph" in hidden:
+                line += (f"; PCA-3 graph cycles {hidden['pca3_graph']['cycles']}, "
+                         f"TwoNN dimension {hidden['two_nn_dimension_surface_phase']:.2f}")
+            print(line)
+    (out / f"{args.setting}_summary.json").write_text(json.dumps(results, indent=2))
+    return {"runs": results}
+
+
+if __name__ == "__main__":
+    main()
