@@ -102,7 +102,9 @@ class LearningGraph:
 
         figure, axes = plt.subplots(figsize=(8, 7))
         if self.graph.number_of_nodes():
-            positions = nx.kamada_kawai_layout(self.graph) if self.graph.number_of_nodes() < 1500 else nx.spring_layout(self.graph, seed=0)
+            # Kamada–Kawai draws trees most legibly but costs O(n²) memory and time per iteration.
+            positions = (nx.kamada_kawai_layout(self.graph) if self.graph.number_of_nodes() <= 300
+                         else nx.spring_layout(self.graph, seed=0))
             sizes = np.array([d["size"] for _, d in self.graph.nodes(data=True)], dtype=float)
             colours = [d["mean_step"] for _, d in self.graph.nodes(data=True)]
             nx.draw_networkx_edges(self.graph, positions, ax=axes, width=0.6, alpha=0.6)
