@@ -140,7 +140,10 @@ def learning_graph(points: np.ndarray, point_steps: np.ndarray, point_neurons: n
     started = time.perf_counter()
     lens, reduced = lens_values(points, settings)
     k = lens.shape[1]
+    # min_points_per_node = min_samples: gudhi turns a cover element holding a single point into a
+    # node, where DBSCAN (and KeplerMapper) would call that point noise.
     mapper = MapperComplex(input_type="point cloud", resolutions=[settings.intervals] * k, gains=[settings.gain] * k,
+                           min_points_per_node=settings.min_samples,
                            clustering=DBSCAN(eps=settings.eps, min_samples=settings.min_samples),
                            filter_bnds=np.column_stack([lens.min(axis=0), lens.max(axis=0)]))
     mapper.fit(reduced, filters=lens, colors=point_steps.reshape(-1, 1).astype(float))

@@ -239,14 +239,22 @@ def _plot_accuracy(nines: list[dict], report: dict, path: Path, output_layer: st
     plt.close(figure)
 
 
-def run(config: RunConfig, out: Path) -> dict:
+def run(config: RunConfig, out: Path, reanalyse: bool = False) -> dict:
+    """Train and record (unless done), then build and summarise the learning graphs (unless done)."""
     folder = out / config.name()
     summary_path = folder / "summary.json"
-    if summary_path.exists():
+    if summary_path.exists() and not reanalyse:
         return json.loads(summary_path.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    training = train_and_record(config, folder)
+    training_path = folder / "training.json"
+    if not training_path.exists() and summary_path.exists():  # runs summarised before training.json existed
+        training_path.write_text(json.dumps(json.loads(summary_path.read_text())["training"]))
+    if training_path.exists() and (folder / "trajectory" / "snapshots.jsonl").exists():
+        training = json.loads(training_path.read_text())
+    else:
+        training = train_and_record(config, folder)
+        training_path.write_text(json.dumps(training))
     report = analyse_run(folder, config)
     summary = {"config": asdict(config), "training": training,
                "layers": {k: {kk: vv for kk, vv in v.items() if kk != "events"} for k, v in report["layers"].items()},
@@ -267,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS_DIR))
+    parser.add_argument("--reanalyse", action="store_true", help="rebuild the graphs from the recorded trajectories")
     args = parser.parse_args(argv)
     tree = args.setting == "tree"
     epsilons = args.epsilons or ([0.0, 1e-4, 1e-3, 1e-2] if tree else [1e-6])
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in seeds:
             config = RunConfig(setting=args.setting, dataset=args.dataset, data_dir=args.data_dir, epsilon=epsilon,
                                seed=seed, epochs=epochs, snapshots=101 if args.quick else 201)
-            summary = run(config, out)
+            summary = run(config, out, reanalyse=args.reanalyse)
             results.append(summary)
             hidden = summary["layers"]["fc1"]
             output = summary["layers"][sorted(summary["layers"])[-1]]
