@@ -132,7 +132,7 @@ def test_tree_study_quick_smoke(tmp_path):
     from topoopt.studies.learning_graphs import main
 
     result = main(["--setting", "tree", "--dataset", "digits", "--epochs", "2", "--epsilons", "0.001", "--seeds", "0",
-                   "--out", str(tmp_path)])
+                   "--out", str(tmp_path), "--tensorboard", str(tmp_path / "tb")])
     (run,) = result["runs"]
     assert set(run["layers"]) == {"fc1", "fc2"}
     folder = next((tmp_path / "full").glob("tree_digits_*"))

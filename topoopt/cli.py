@@ -113,7 +113,14 @@ def _main_job(args: argparse.Namespace) -> int:
             rows.append([key, plain[key], topo[key]])
     print()
     print(format_table(["mnist5k, 784-100-100-10, SGD", "plain", "TopoOptimizer + TopoPenalty"], rows))
-    print(f"\nLook at both runs: tensorboard --logdir {args.log_root}")
+    if not args.skip_learning_graphs:
+        from topoopt.studies import learning_graphs
+
+        print("\nLearning graphs (Gabella et al. 2019), quick runs on mnist5k:")
+        for setting in ("tree", "surface"):
+            learning_graphs.main(["--setting", setting, "--quick"])
+        print(f"Graphs (PNG, JSON, HTML): {learning_graphs.RESULTS_DIR / 'quick'}")
+    print(f"\nLook at the runs: tensorboard --logdir {args.log_root}")
     return 0
 
 
@@ -128,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     main_job.add_argument("--seed", type=int, default=0)
     main_job.add_argument("--log-root", default="tensorboard_logs")
     main_job.add_argument("--quiet", action="store_true")
+    main_job.add_argument("--skip-learning-graphs", action="store_true", help="only the plain/topology comparison")
     main_job.set_defaults(handler=_main_job)
     for name, module in STUDIES.items():
         commands.add_parser(name, help=f"run a study ({module}); see `topoopt {name} --help`", add_help=False)
