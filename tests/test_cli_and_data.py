@@ -71,3 +71,11 @@ def test_offline_datasets_and_stratified_subsets():
         stratified_subset(digits, 5)
     with pytest.raises(DatasetUnavailable, match="pass --data-dir"):
         load_dataset("fashion-mnist", data_dir="/nonexistent")
+
+
+def test_main_job_prints_the_side_by_side_table(tmp_path, capsys):
+    assert main(["main", "--epochs", "1", "--skip-learning-graphs", "--quiet", "--log-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "TopoOptimizer + TopoPenalty" in out and "fc2/normalized_entropy" in out
+    assert f"tensorboard --logdir {tmp_path}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["main_plain_s0", "main_topo_s0"]

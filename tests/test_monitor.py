@@ -110,3 +110,14 @@ def test_tensorboard_serves_the_scalars_and_layout(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_only_rank_zero_writes(tmp_path, monkeypatch):
+    from topoopt import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "_is_writer_rank", lambda: False)
+    model = build_mlp("mlp:12-8-6-3")
+    with TopologyMonitor(model, log_dir=tmp_path / "rank1") as monitor:
+        monitor.step(0)
+        monitor.close(hparams={"a": 1})
+    assert not (tmp_path / "rank1").exists()
