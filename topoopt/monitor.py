@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from topoopt._validation import check_positive_int
 from topoopt.layers import select_layers
 from topoopt.metrics import get_metric
 from topoopt.optimizer import TopoOptimizer
@@ -78,9 +79,9 @@ class TopologyMonitor:
     ) -> None:
         if (log_dir is None) == (writer is None):
             raise ValueError("Pass exactly one of log_dir and writer")
-        for name, value in (("every", every), ("diagrams_every", diagrams_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (name == "every" and value == 0):
-                raise ValueError(f"Invalid {name}: {value!r}")
+        check_positive_int("every", every)
+        if diagrams_every != 0:  # 0 turns the figures off
+            check_positive_int("diagrams_every", diagrams_every)
         self._metric_fns = {name: get_metric(name) for name in metrics}
         self.layers = select_layers(model, layers)
         self.every = every

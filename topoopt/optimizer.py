@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from topoopt.cloud import neuron_cloud
+from topoopt._validation import check_positive_int
 from topoopt.layers import select_layers
 from topoopt.metrics import get_metric
 from topoopt.tree_cache import layer_deaths
@@ -121,9 +122,8 @@ class TopoOptimizer(torch.optim.Optimizer):
         ema = _check_number("ema", ema, 0.0, 1.0)
         if ema == 1.0:
             raise ValueError(f"Invalid ema: {ema} (1 would never update the average)")
-        for name, value in (("every", every), ("tree_every", tree_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r}. It must be an integer ≥ 1")
+        check_positive_int("every", every)
+        check_positive_int("tree_every", tree_every)
         if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):
             raise ValueError(f"Invalid bounds: {bounds!r}. Expected (low, high)")
         low = _check_number("lower bound", bounds[0], 0.0, math.inf, low_open=True)

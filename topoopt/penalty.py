@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from topoopt._validation import check_positive_int
 from topoopt.layers import select_layers
 from topoopt.metrics import get_metric
 from topoopt.tree_cache import layer_deaths
@@ -65,9 +66,8 @@ class TopoPenalty(nn.Module):
                 raise ValueError(f"Invalid target: {target!r}")
             if direction == "maximize":
                 raise ValueError("target and direction='maximize' exclude each other: a target is approached from both sides")
-        for name, value in (("every", every), ("tree_every", tree_every)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r}. It must be an integer ≥ 1")
+        check_positive_int("every", every)
+        check_positive_int("tree_every", tree_every)
         chosen = select_layers(model, layers)
         if not chosen:
             raise ValueError("The model has no Linear/Conv layer to penalise")
