@@ -89,8 +89,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _main_job(args: argparse.Namespace) -> int:
     """mnist5k twice: the plain optimizer, then TopoOptimizer + TopoPenalty; a side-by-side table."""
+    import time
+
     from topoopt.report import format_table
     from topoopt.training import TrainConfig, train
+
+    started = time.perf_counter()
 
     common = dict(dataset="mnist5k", model="mlp:784-100-100-10", optimizer="sgd", lr=0.1, momentum=0.9,
                   epochs=args.epochs, seed=args.seed, diagrams_every=100)
@@ -120,7 +124,8 @@ def _main_job(args: argparse.Namespace) -> int:
         for setting in ("tree", "surface"):
             learning_graphs.main(["--setting", setting, "--quick"])
         print(f"Graphs (PNG, JSON, HTML): {learning_graphs.RESULTS_DIR / 'quick'}")
-    print(f"\nLook at the runs: tensorboard --logdir {args.log_root}")
+    print(f"\nMain job finished in {time.perf_counter() - started:.0f} s.")
+    print(f"Look at the runs: tensorboard --logdir {args.log_root}")
     return 0
 
 
