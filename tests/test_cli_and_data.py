@@ -79,3 +79,30 @@ def test_main_job_prints_the_side_by_side_table(tmp_path, capsys):
     assert "TopoOptimizer + TopoPenalty" in out and "fc2/normalized_entropy" in out
     assert f"tensorboard --logdir {tmp_path}" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["main_plain_s0", "main_topo_s0"]
+
+
+def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from topoopt import monitor as monitor_module
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(TINY + ["--log-dir", str(straight)]) == 0
+    original = monitor_module.TopologyMonitor.step
+
+    def interrupting_step(self, global_step):
+        original(self, global_step)
+        if global_step == 13:  # in the second epoch (11 batches an epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(monitor_module.TopologyMonitor, "step", interrupting_step)
+    assert main(TINY + ["--log-dir", str(split)]) == 130
+    assert "Interrupted at step 14" in capsys.readouterr().out
+    saved = torch.load(split / "checkpoint.pt", weights_only=True)
+    assert saved["partial"]["next_batch"] == 3 and saved["epoch"] == 1
+    monkeypatch.setattr(monitor_module.TopologyMonitor, "step", original)
+    assert main(TINY + ["--log-dir", str(split), "--resume"]) == 0
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(split / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

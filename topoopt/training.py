@@ -3,7 +3,8 @@
 A run folder holds ``config.json``, ``metrics.csv`` (one row per epoch: loss, train and test
 accuracy, and each layer's topology), ``summary.json``, ``checkpoint.pt`` and the TensorBoard
 events. Checkpoints are written to a temporary file and renamed, so an interrupted write never
-corrupts the previous one. Ctrl-C stops cleanly, keeping the checkpoint of the last whole epoch.
+corrupts the previous one. Ctrl-C finishes the step in progress, saves a checkpoint (mid-epoch,
+with the epoch's batch order) and stops; ``--resume`` continues bit-identically.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,71 +139,102 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     penalty = (TopoPenalty(model, metric=config.penalty, weight=config.penalty_weight, direction=config.penalty_direction,
                            every=config.penalty_every, tree_every=config.tree_every) if config.penalty else None)
     generator = torch.Generator().manual_seed(config.seed)
-    start_epoch, global_step, rows = 0, 0, []
+    start_epoch, global_step, rows, partial = 0, 0, [], None
     if resume and checkpoint_path.exists():
         saved = torch.load(checkpoint_path, weights_only=True)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"])
         start_epoch, global_step, rows = saved["epoch"], saved["global_step"], saved["rows"]
+        partial = saved.get("partial")
 
-    def checkpoint(epoch: int) -> None:
+    def checkpoint(epoch: int, in_progress: dict | None = None) -> None:
         _save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                          "epoch": epoch, "global_step": global_step, "rows": rows}, checkpoint_path)
+                          "epoch": epoch, "global_step": global_step, "rows": rows, "partial": in_progress}, checkpoint_path)
 
     monitor = TopologyMonitor(model, log_dir=run_dir, every=config.monitor_every, diagrams_every=config.diagrams_every,
                               optimizer=optimizer if isinstance(optimizer, TopoOptimizer) else None)
     started = time.perf_counter()
     summary: dict = {}
-    try:
-        for epoch in range(start_epoch, config.epochs):
-            model.train()
-            order = torch.randperm(len(x_train), generator=generator).to(device)
-            batches = order.split(config.batch_size)
-            bar = tqdm(batches, desc=f"{config.name()} epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-            total, correct, seen = 0.0, 0, 0
-            for batch in bar:
-                optimizer.zero_grad()
-                logits = model(x_train[batch])
-                loss = F.cross_entropy(logits, y_train[batch])
-                objective = loss + penalty() if penalty is not None else loss
-                objective.backward()
-                optimizer.step()
-                monitor.step(global_step)
-                global_step += 1
-                total += loss.item() * len(batch)
-                correct += int((logits.argmax(1) == y_train[batch]).sum())
-                seen += len(batch)
-                bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.3f}")
-            model.eval()
-            row = {"epoch": epoch + 1, "step": global_step, "loss": total / seen, "train_accuracy": correct / seen,
-                   "test_accuracy": _accuracy(model, x_test, y_test)}
-            for name, topo in layer_topology(model).items():
-                row[f"{name}/normalized_entropy"] = topo.normalized_entropy
-                row[f"{name}/mean_lifetime"] = topo.mean_lifetime
-                row[f"{name}/weight_norm"] = topo.weight_norm
-            rows.append(row)
-            monitor.log_scalars({"train/loss": row["loss"], "train/accuracy": row["train_accuracy"],
-                                 "test/accuracy": row["test_accuracy"]}, global_step)
-            monitor.flush()
-            checkpoint(epoch + 1)
-            if progress:
-                print(f"{config.name()} epoch {epoch + 1}: loss {row['loss']:.4f}, test accuracy {row['test_accuracy']:.3f}")
-        with open(run_dir / "metrics.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        summary = {"run": config.name(), "run_dir": str(run_dir), "seconds": time.perf_counter() - started, **rows[-1]}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    except KeyboardInterrupt:
-        # The epoch in progress is dropped: the last checkpoint (end of epoch len(rows)) is
-        # whole, and resuming from it replays the same batches.
-        print(f"\nInterrupted: {checkpoint_path} holds epoch {len(rows)}; continue with --resume")
-        raise
-    finally:
-        final = {k: v for k, v in summary.items() if k in ("test_accuracy", "train_accuracy", "loss")}
-        monitor.close(hparams={k: v for k, v in dataclasses.asdict(config).items() if k != "topo_bounds"}, final=final)
+    with _StopOnInterrupt() as stop:
+        try:
+            for epoch in range(start_epoch, config.epochs):
+                model.train()
+                if partial is not None:  # resuming inside an epoch: same batches, same order
+                    order, first = partial["order"].to(device), partial["next_batch"]
+                    total, correct, seen = partial["total"], partial["correct"], partial["seen"]
+                    partial = None
+                else:
+                    order, first = torch.randperm(len(x_train), generator=generator).to(device), 0
+                    total, correct, seen = 0.0, 0, 0
+                batches = order.split(config.batch_size)
+                bar = tqdm(batches[first:], desc=f"{config.name()} epoch {epoch + 1}/{config.epochs}",
+                           disable=not progress, leave=False)
+                for index, batch in enumerate(bar, start=first):
+                    optimizer.zero_grad()
+                    logits = model(x_train[batch])
+                    loss = F.cross_entropy(logits, y_train[batch])
+                    objective = loss + penalty() if penalty is not None else loss
+                    objective.backward()
+                    optimizer.step()
+                    monitor.step(global_step)
+                    global_step += 1
+                    total += loss.item() * len(batch)
+                    correct += int((logits.argmax(1) == y_train[batch]).sum())
+                    seen += len(batch)
+                    bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.3f}")
+                    if stop.requested:  # Ctrl-C: finish the step, save, stop
+                        checkpoint(epoch, {"order": order.cpu(), "next_batch": index + 1, "total": total,
+                                           "correct": correct, "seen": seen})
+                        print(f"\nInterrupted at step {global_step}: saved {checkpoint_path}; continue with --resume")
+                        raise KeyboardInterrupt
+                model.eval()
+                row = {"epoch": epoch + 1, "step": global_step, "loss": total / seen, "train_accuracy": correct / seen,
+                       "test_accuracy": _accuracy(model, x_test, y_test)}
+                for name, topo in layer_topology(model).items():
+                    row[f"{name}/normalized_entropy"] = topo.normalized_entropy
+                    row[f"{name}/mean_lifetime"] = topo.mean_lifetime
+                    row[f"{name}/weight_norm"] = topo.weight_norm
+                rows.append(row)
+                monitor.log_scalars({"train/loss": row["loss"], "train/accuracy": row["train_accuracy"],
+                                     "test/accuracy": row["test_accuracy"]}, global_step)
+                monitor.flush()
+                checkpoint(epoch + 1)
+                if progress:
+                    print(f"{config.name()} epoch {epoch + 1}: loss {row['loss']:.4f}, test accuracy {row['test_accuracy']:.3f}")
+            with open(run_dir / "metrics.csv", "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            summary = {"run": config.name(), "run_dir": str(run_dir), "seconds": time.perf_counter() - started, **rows[-1]}
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        finally:
+            final = {k: v for k, v in summary.items() if k in ("test_accuracy", "train_accuracy", "loss")}
+            monitor.close(hparams={k: v for k, v in dataclasses.asdict(config).items() if k != "topo_bounds"}, final=final)
     return summary
+
+
+class _StopOnInterrupt:
+    """Turns the first Ctrl-C into a request the training loop honours after a whole step (so no
+    half-applied update is saved); a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def fit(model: torch.nn.Module, data, epochs: int, batch_size: int, optimizer: torch.optim.Optimizer,
