@@ -137,3 +137,14 @@ def test_tree_study_quick_smoke(tmp_path):
     assert set(run["layers"]) == {"fc1", "fc2"}
     folder = next((tmp_path / "full").glob("tree_digits_*"))
     assert (folder / "fc2_graph.png").exists() and (folder / "fc1_graph.html").exists()
+
+
+def test_local_pca_dimension_of_a_noisy_plane_and_line():
+    """Points near a 2-D plane (a line) in R^20 have local dimension 2 (1)."""
+    from topoopt.studies.learning_graphs import local_pca_dimension
+
+    rng = np.random.default_rng(0)
+    rotation = np.linalg.qr(rng.normal(size=(20, 20)))[0]
+    for dims in (1, 2):
+        flat = np.c_[rng.uniform(size=(2000, dims)), np.zeros((2000, 20 - dims))] @ rotation
+        assert local_pca_dimension(flat + 1e-3 * rng.normal(size=flat.shape)) == dims

@@ -135,6 +135,23 @@ def two_nn_dimension(points: np.ndarray) -> float:
     return float(valid.sum() / ratios.sum()) if ratios.sum() > 0 else float("nan")
 
 
+def local_pca_dimension(points: np.ndarray, neighbours: int = 50, variance: float = 0.9, samples: int = 500) -> float:
+    """Median over sampled points of how many principal components of the point's `neighbours`
+    nearest neighbours explain `variance` of their spread: a dimension at the scale of a
+    neighbourhood, where TwoNN sees the scale of the nearest neighbour (noise included)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(len(points), size=min(samples, len(points)), replace=False)
+    _, index = NearestNeighbors(n_neighbors=min(neighbours, len(points))).fit(points).kneighbors(points[chosen])
+    dims = []
+    for rows in index:
+        patch = points[rows] - points[rows].mean(axis=0)
+        spectrum = np.linalg.svd(patch, compute_uv=False) ** 2
+        dims.append(int(np.searchsorted(np.cumsum(spectrum) / spectrum.sum(), variance) + 1))
+    return float(np.median(dims))
+
+
 def analyse_run(folder: Path, config: RunConfig) -> dict:
     from topoopt.learning_graphs import recorded_layers
 
@@ -164,9 +181,16 @@ def analyse_run(folder: Path, config: RunConfig) -> dict:
             stats["pca3_graph"] = graph_statistics(surface)
             surface.save_png(folder / f"{layer}_pca3_graph.png", title=f"{config.name()} {layer} (PCA-3 lens)")
             reduced = _pca(trajectory.points, 20)
-            middle = (trajectory.snapshot > trajectory.n_snapshots // 10) & (trajectory.snapshot < trajectory.n_snapshots // 2)
-            stats["two_nn_dimension_surface_phase"] = two_nn_dimension(reduced[middle])
+            # The surface phase: the accuracy plateau, before test accuracy first exceeds 20%.
+            accuracy = np.nan_to_num(trajectory.accuracy, nan=0.0)
+            escape = int(np.argmax(accuracy > 0.2)) if (accuracy > 0.2).any() else trajectory.n_snapshots
+            phase = (trajectory.snapshot >= trajectory.n_snapshots // 20) & (trajectory.snapshot < escape)
+            stats["surface_phase_snapshots"] = [trajectory.n_snapshots // 20, escape]
+            if phase.sum() > 100:
+                stats["two_nn_dimension_surface_phase"] = two_nn_dimension(reduced[phase])
+                stats["local_pca_dimension_surface_phase"] = local_pca_dimension(reduced[phase])
             stats["two_nn_dimension_all"] = two_nn_dimension(reduced)
+            stats["local_pca_dimension_all"] = local_pca_dimension(reduced)
         report["layers"][layer] = stats
         _plot_pca(trajectory, folder / f"{layer}_pca.png", f"{layer}: PCA of the trajectory, coloured by step")
         _plot_norms(trajectory, folder / f"{layer}_norms.png", layer)
@@ -331,8 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{output['branches']} branches ({', '.join(output['digit_leaves'])}); "
                     f"identical hidden groups at end: {len(summary['training']['hidden_groups_at_end'])}")
             if "pca3_graph" in hidden:
-                line += (f"; PCA-3 graph cycles {hidden['pca3_graph']['cycles']}, "
-                         f"TwoNN dimension {hidden['two_nn_dimension_surface_phase']:.2f}")
+                line += (f"; PCA-3 graph cycles {hidden['pca3_graph']['cycles']}; surface-phase dimension: "
+                         f"local PCA {hidden.get('local_pca_dimension_surface_phase', float('nan')):.1f}, "
+                         f"TwoNN {hidden.get('two_nn_dimension_surface_phase', float('nan')):.1f}")
             print(line)
     (out / f"{args.setting}_summary.json").write_text(json.dumps(results, indent=2))
     return {"runs": results}
