@@ -176,10 +176,11 @@ def analyse_run(folder: Path, config: RunConfig) -> dict:
         graph.save_png(folder / f"{layer}_graph.png", title=f"{config.name()} {layer} ({settings.lens})", labels=labels)
         graph.save_json(folder / f"{layer}_graph.json")
         graph.save_html(folder / f"{layer}_graph.html", title=f"{config.name()} {layer}")
-        if config.setting == "surface" and roles[layer] == "first":
+        if roles[layer] == "first":  # the PCA-3 graph, in both settings, so cycle counts compare
             surface = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron, PAPER_SETTINGS["surface"])
             stats["pca3_graph"] = graph_statistics(surface)
             surface.save_png(folder / f"{layer}_pca3_graph.png", title=f"{config.name()} {layer} (PCA-3 lens)")
+        if config.setting == "surface" and roles[layer] == "first":
             reduced = _pca(trajectory.points, 20)
             # The surface phase: the accuracy plateau, before test accuracy first exceeds 20%.
             accuracy = np.nan_to_num(trajectory.accuracy, nan=0.0)
@@ -355,9 +356,10 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{output['branches']} branches ({', '.join(output['digit_leaves'])}); "
                     f"identical hidden groups at end: {len(summary['training']['hidden_groups_at_end'])}")
             if "pca3_graph" in hidden:
-                line += (f"; PCA-3 graph cycles {hidden['pca3_graph']['cycles']}; surface-phase dimension: "
-                         f"local PCA {hidden.get('local_pca_dimension_surface_phase', float('nan')):.1f}, "
-                         f"TwoNN {hidden.get('two_nn_dimension_surface_phase', float('nan')):.1f}")
+                line += f"; hidden PCA-3 graph cycles {hidden['pca3_graph']['cycles']}"
+            if "local_pca_dimension_surface_phase" in hidden:
+                line += (f"; surface-phase dimension: local PCA {hidden['local_pca_dimension_surface_phase']:.1f}, "
+                         f"TwoNN {hidden['two_nn_dimension_surface_phase']:.1f}")
             print(line)
     (out / f"{args.setting}_summary.json").write_text(json.dumps(results, indent=2))
     return {"runs": results}
