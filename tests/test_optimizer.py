@@ -57,7 +57,7 @@ def train(optimizer, net, x, y, steps, scheduler=None):
     "kwargs,error,message",
     [
         ({"metric": "entropie"}, ValueError, "Unknown metric 'entropie'. Valid metrics are: normalized_entropy, mean_lifetime, total_persistence, max_lifetime"),
-        ({"policy": "fast"}, ValueError, "Unknown policy 'fast'. Valid policies are: calm, awaken"),
+        ({"policy": "fast"}, ValueError, "Unknown policy 'fast'. Valid policies are: calm, awaken, contrast"),
         ({"policy": 3}, TypeError, "policy must be a name or a callable, got int"),
         ({"strength": -1.0}, ValueError, "Invalid strength: -1.0"),
         ({"ema": 1.0}, ValueError, r"Invalid ema: 1.0 \(1 would never update the average\)"),
@@ -375,3 +375,12 @@ def test_ddp_ranks_agree_on_weights_and_scales():
     (weights0, scales0), (weights1, scales1) = results[0], results[1]
     assert scales0 == scales1 and any(s != 1.0 for s in scales0.values())
     assert all(torch.equal(a, b) for a, b in zip(weights0, weights1))
+
+
+def test_contrast_policy_ranks_layers_by_standardised_complexity():
+    from topoopt import contrast_policy
+
+    scales = contrast_policy({"a": 0.99, "b": 0.995, "c": 1.0}, {}, strength=0.5)
+    assert scales["a"] > 1.0 > scales["c"] and scales["b"] == pytest.approx(1.0)
+    assert scales["a"] * scales["c"] == pytest.approx(1.0)
+    assert contrast_policy({"a": 0.3, "b": 0.3}, {}, 2.0) == {"a": 1.0, "b": 1.0}

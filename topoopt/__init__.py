@@ -4,7 +4,7 @@ from topoopt.cloud import neuron_cloud
 from topoopt.layers import LayerTopology, layer_topology, select_layers, topological_layers
 from topoopt.data import DATASETS, DatasetUnavailable, load_dataset, stratified_subset
 from topoopt.monitor import TopologyMonitor
-from topoopt.optimizer import POLICIES, TopoOptimizer, awaken_policy, calm_policy
+from topoopt.optimizer import POLICIES, TopoOptimizer, awaken_policy, calm_policy, contrast_policy
 from topoopt.penalty import TopoPenalty
 from topoopt.metrics import (
     METRICS,
@@ -44,6 +44,7 @@ __all__ = [
     "POLICIES",
     "calm_policy",
     "awaken_policy",
+    "contrast_policy",
     "TopologyMonitor",
     "DATASETS",
     "DatasetUnavailable",

@@ -24,7 +24,7 @@ from topoopt.layers import select_layers
 from topoopt.metrics import get_metric
 from topoopt.tree_cache import layer_deaths
 
-__all__ = ["TopoOptimizer", "POLICIES", "COMPLEXITY_METRICS", "calm_policy", "awaken_policy"]
+__all__ = ["TopoOptimizer", "POLICIES", "COMPLEXITY_METRICS", "calm_policy", "awaken_policy", "contrast_policy"]
 
 # Complexities are made dimensionless so that one policy works for every metric and layer size:
 # entropy is already in [0, 1]; lifetimes are divided by the layer's RMS neuron norm.
@@ -58,7 +58,24 @@ def awaken_policy(complexity: Mapping[str, float], change: Mapping[str, float], 
     return {name: 1.0 + strength * (1.0 - min(c, 1.0)) for name, c in complexity.items()}
 
 
-POLICIES: dict[str, Policy] = {"calm": calm_policy, "awaken": awaken_policy}
+def contrast_policy(complexity: Mapping[str, float], change: Mapping[str, float], strength: float) -> dict[str, float]:
+    """Relative braking: s_l = exp(−strength · z_l), z_l = (c_l − c̄) / sd(c) across the layers.
+
+    Added after the small-data study found normalized entropy within 0.98–1.0 in every layer, so
+    that `calm` and `awaken` scales stay within ~2% of 1. Standardising across layers makes the
+    policy act on the *ranking* of layers: the most complex layer is slowed, the least sped up,
+    by factors set by `strength` alone (the geometric mean of the scales is 1). All layers equal,
+    or a single layer: s = 1.
+    """
+    values = list(complexity.values())
+    mean = sum(values) / len(values)
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    if spread == 0:
+        return {name: 1.0 for name in complexity}
+    return {name: math.exp(-strength * (c - mean) / spread) for name, c in complexity.items()}
+
+
+POLICIES: dict[str, Policy] = {"calm": calm_policy, "awaken": awaken_policy, "contrast": contrast_policy}
 
 
 def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:

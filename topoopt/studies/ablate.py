@@ -43,6 +43,10 @@ VARIANTS: dict[str, dict] = {
     "opt-awaken-1": {"optimizer": ("awaken", 1.0)},
     "opt-awaken-4": {"optimizer": ("awaken", 4.0)},
     "both-calm-1+entropy-0.01": {"optimizer": ("calm", 1.0), "penalty": ("normalized_entropy", "maximize", 0.01)},
+    # Follow-up (after the first grid): calm/awaken scales stayed within ~2% of 1 because
+    # normalized entropy is 0.98–1.0 in every layer; contrast standardises across layers.
+    "opt-contrast-0.5": {"optimizer": ("contrast", 0.5)},
+    "opt-contrast-lifetime-0.5": {"optimizer": ("contrast", 0.5, "mean_lifetime")},
 }
 
 # (dataset, training-set size or None for the whole training split)
@@ -100,9 +104,9 @@ def run_cell(cell: dict) -> dict:
     settings = VARIANTS[cell["variant"]]
     optimizer = inner
     if "optimizer" in settings:
-        policy, strength = settings["optimizer"]
+        policy, strength, *metric = settings["optimizer"]
         optimizer = TopoOptimizer(inner, model, policy=policy, strength=strength, every=config.topo_every,
-                                  tree_every=config.tree_every)
+                                  tree_every=config.tree_every, metric=metric[0] if metric else "normalized_entropy")
     penalty = None
     if "penalty" in settings:
         metric, direction, weight = settings["penalty"]
