@@ -188,6 +188,10 @@ def analyse_run(folder: Path, config: RunConfig) -> dict:
             phase = (trajectory.snapshot >= trajectory.n_snapshots // 20) & (trajectory.snapshot < escape)
             stats["surface_phase_snapshots"] = [trajectory.n_snapshots // 20, escape]
             if phase.sum() > 100:
+                from sklearn.decomposition import PCA
+
+                explained = PCA(n_components=5, random_state=0).fit(trajectory.points[phase]).explained_variance_ratio_
+                stats["pca_cumulative_variance_surface_phase"] = np.cumsum(explained).round(5).tolist()
                 stats["two_nn_dimension_surface_phase"] = two_nn_dimension(reduced[phase])
                 stats["local_pca_dimension_surface_phase"] = local_pca_dimension(reduced[phase])
             stats["two_nn_dimension_all"] = two_nn_dimension(reduced)
@@ -358,7 +362,9 @@ def main(argv: list[str] | None = None) -> dict:
             if "pca3_graph" in hidden:
                 line += f"; hidden PCA-3 graph cycles {hidden['pca3_graph']['cycles']}"
             if "local_pca_dimension_surface_phase" in hidden:
-                line += (f"; surface-phase dimension: local PCA {hidden['local_pca_dimension_surface_phase']:.1f}, "
+                variance = hidden["pca_cumulative_variance_surface_phase"]
+                line += (f"; surface phase: 2 PCs explain {variance[1]:.4f} of the variance; local dimension "
+                         f"(50 neighbours) {hidden['local_pca_dimension_surface_phase']:.0f}, "
                          f"TwoNN {hidden['two_nn_dimension_surface_phase']:.1f}")
             print(line)
     (out / f"{args.setting}_summary.json").write_text(json.dumps(results, indent=2))
