@@ -75,7 +75,7 @@ def test_small_data_tiny_grid(tmp_path):
 
 
 def test_holm_adjustment_matches_the_definition():
-    from topoopt.studies.small_data import holm
+    from topoopt.studies.statistics import holm
 
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 

@@ -26,6 +26,7 @@ from topoopt.data import load_dataset, stratified_subset
 from topoopt.models import build_mlp
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
+from topoopt.studies.statistics import holm
 from topoopt.sweep import run_cells
 from topoopt.training import fit_steps
 
@@ -163,21 +164,26 @@ def analyse(records: list[dict]) -> list[dict]:
                 row["paired_t_p"] = float(stats.ttest_rel(accuracy, base).pvalue)
                 row["wilcoxon_p"] = float(stats.wilcoxon(accuracy, base).pvalue)
         table.append(row)
+    tested = [row for row in table if "paired_t_p" in row]
+    for row, adjusted in zip(tested, holm([row["paired_t_p"] for row in tested])):
+        row["paired_t_p_holm"] = adjusted
     return table
 
 
 def best_per_dataset(table: list[dict]) -> dict[str, dict]:
-    """The variant with the highest mean accuracy per dataset and optimizer, and whether it beats plain."""
+    """The variant with the highest mean accuracy per dataset and optimizer, and whether it beats
+    plain significantly (paired t-test, Holm-corrected over every comparison in the table)."""
     best = {}
     for row in table:
         key = f"{row['dataset']}/{row['optimizer']}"
         if key not in best or row["accuracy_mean"] > best[key]["accuracy_mean"]:
             best[key] = row
     for key, row in best.items():
-        significant = row["variant"] != "plain" and row.get("paired_t_p", 1.0) < 0.05 and row["delta_vs_plain"] > 0
+        significant = row["variant"] != "plain" and row.get("paired_t_p_holm", 1.0) < 0.05 and row["delta_vs_plain"] > 0
         row = dict(row)
         best[key] = {"variant": row["variant"], "accuracy_mean": row["accuracy_mean"], "delta_vs_plain": row["delta_vs_plain"],
-                     "paired_t_p": row.get("paired_t_p"), "beats_plain_significantly": significant}
+                     "paired_t_p": row.get("paired_t_p"), "paired_t_p_holm": row.get("paired_t_p_holm"),
+                     "beats_plain_significantly": significant}
     return best
 
 
@@ -192,12 +198,14 @@ def write_tensorboard(records: list[dict], log_dir: str) -> None:
 
 
 def format_table(table: list[dict]) -> str:
-    lines = [f"{'dataset':<13} {'opt':<4} {'variant':<26} {'acc':>6} {'±95%':>6} {'Δ plain':>8} {'p(t)':>6} {'steps→plain':>11} {'time×':>6}"]
+    lines = [f"{'dataset':<13} {'opt':<4} {'variant':<26} {'acc':>6} {'±95%':>6} {'Δ plain':>8} {'p(t)':>6} {'Holm':>6} {'steps→plain':>11} {'time×':>6}"]
     for r in table:
         p = r.get("paired_t_p")
+        p_text = "" if p is None else f"{p:.3f}"
+        holm_text = "" if p is None else f"{r['paired_t_p_holm']:.2f}"
         steps = r["steps_to_plain_final"]
         lines.append(f"{r['dataset']:<13} {r['optimizer']:<4} {r['variant']:<26} {r['accuracy_mean']:>6.4f} {r['accuracy_ci95']:>6.4f} "
-                     f"{r['delta_vs_plain']:>+8.4f} {'' if p is None else f'{p:.3f}':>6} "
+                     f"{r['delta_vs_plain']:>+8.4f} {p_text:>6} {holm_text:>6} "
                      f"{'never' if steps is None else f'{steps:.0f}':>11} {r['time_ratio']:>6.2f}")
     return "\n".join(lines)
 

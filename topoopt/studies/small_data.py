@@ -31,6 +31,7 @@ import torch
 from topoopt.data import load_dataset, stratified_subset
 from topoopt.layers import layer_topology
 from topoopt.models import build_mlp
+from topoopt.studies.statistics import holm, partial_spearman
 from topoopt.sweep import run_cells
 from topoopt.training import fit_steps
 
@@ -105,33 +106,6 @@ def run_cell(cell: dict) -> dict:
 
 
 # ---- statistics ----
-
-def holm(p_values: list[float]) -> list[float]:
-    """Holm–Bonferroni adjusted p-values, in the input order."""
-    order = np.argsort(p_values)
-    m = len(p_values)
-    adjusted = np.empty(m)
-    running = 0.0
-    for rank, index in enumerate(order):
-        running = max(running, (m - rank) * p_values[index])
-        adjusted[index] = min(1.0, running)
-    return adjusted.tolist()
-
-
-def partial_spearman(x, y, control) -> tuple[float, float]:
-    """Spearman ρ of x and y with a linear effect of `control` removed from the ranks; t-test p."""
-    from scipy import stats
-
-    ranks = [stats.rankdata(v) for v in (x, y, control)]
-    design = np.column_stack([np.ones(len(x)), ranks[2]])
-    residuals = [r - design @ np.linalg.lstsq(design, r, rcond=None)[0] for r in ranks[:2]]
-    if np.std(residuals[0]) == 0 or np.std(residuals[1]) == 0:
-        return float("nan"), float("nan")
-    rho = float(np.corrcoef(*residuals)[0, 1])
-    n = len(x)
-    t = rho * math.sqrt((n - 3) / max(1e-12, 1 - rho**2))
-    return rho, float(2 * stats.t.sf(abs(t), n - 3))
-
 
 def analyse(records: list[dict]) -> dict:
     from scipy import stats

@@ -29,6 +29,7 @@ from torch import nn
 
 from topoopt.data import load_dataset
 from topoopt.sparse import SparseLinear, block_diagonal, graph_measures, make_mask
+from topoopt.studies.statistics import partial_spearman
 from topoopt.sweep import run_cells
 from topoopt.training import fit
 
@@ -142,20 +143,6 @@ def make_cells(config: StudyConfig) -> list[dict]:
 
 # ---- statistics ----
 
-def _partial_spearman(x: np.ndarray, y: np.ndarray, control: np.ndarray) -> tuple[float, float]:
-    """Spearman correlation of x and y after removing a linear effect of `control` from the ranks."""
-    from scipy import stats
-
-    ranks = [stats.rankdata(v) for v in (x, y, control)]
-    design = np.column_stack([np.ones(len(x)), ranks[2]])
-    residuals = [r - design @ np.linalg.lstsq(design, r, rcond=None)[0] for r in ranks[:2]]
-    rho, _ = stats.pearsonr(*residuals)
-    # t-test with n − 3 degrees of freedom (one controlled variable).
-    n = len(x)
-    t = rho * math.sqrt((n - 3) / max(1e-12, 1 - rho**2))
-    return float(rho), float(2 * stats.t.sf(abs(t), n - 3))
-
-
 def analyse(records: list[dict], config: StudyConfig) -> dict:
     from scipy import stats
 
@@ -186,8 +173,8 @@ def analyse(records: list[dict], config: StudyConfig) -> dict:
     log_density = np.log(np.array([m["density"] for m in sparse]))
     gaps = np.array([m["min_spectral_gap"] for m in sparse])
     alg = np.array([m["min_algebraic_connectivity"] for m in sparse])
-    summary["partial_spearman_gap_given_density"] = dict(zip(("rho", "p"), _partial_spearman(gaps, all_acc, log_density)))
-    summary["partial_spearman_algebraic_given_density"] = dict(zip(("rho", "p"), _partial_spearman(alg, all_acc, log_density)))
+    summary["partial_spearman_gap_given_density"] = dict(zip(("rho", "p"), partial_spearman(gaps, all_acc, log_density)))
+    summary["partial_spearman_algebraic_given_density"] = dict(zip(("rho", "p"), partial_spearman(alg, all_acc, log_density)))
     design = np.column_stack([np.ones(len(sparse)), gaps, log_density])
     coef, *_ = np.linalg.lstsq(design, all_acc, rcond=None)
     fitted = design @ coef
