@@ -67,7 +67,7 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
             if handle.read(1) != b"\n":
                 handle.write(b"\n")
     todo = [cell for cell in cells if cell["id"] not in done]
-    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, disable=not progress) as bar:
+    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, disable=None if progress else True) as bar:  # None: off when not a terminal
         if jobs == 1:
             for cell in todo:
                 record = {**fn(cell), "id": cell["id"]}

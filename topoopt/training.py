@@ -169,7 +169,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                     total, correct, seen = 0.0, 0, 0
                 batches = order.split(config.batch_size)
                 bar = tqdm(batches[first:], desc=f"{config.name()} epoch {epoch + 1}/{config.epochs}",
-                           disable=not progress, leave=False)
+                           disable=None if progress else True, leave=False)  # None: off when not a terminal
                 for index, batch in enumerate(bar, start=first):
                     optimizer.zero_grad()
                     logits = model(x_train[batch])
