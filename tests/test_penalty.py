@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from topoopt import TopoPenalty, h0_deaths, mean_lifetime, normalized_persistent_entropy
 from topoopt.models import build_mlp, initialise

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from topoopt.data import load_dataset
 from topoopt.learning_graphs import (
     PAPER_SETTINGS,
-    MapperSettings,
     TrajectoryRecorder,
     branching_events,
     graph_statistics,
