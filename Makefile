@@ -1,5 +1,5 @@
 # Two entry points: `make run` (the main job, offline data) and `make test`.
-# Both create .venv and install topoopt into it when missing or when pyproject.toml changed.
+# Both create .venv and install topoopt into it when missing or when its build files changed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.topoopt-installed
 
 .PHONY: run test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py topoopt/_native/prim.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,bench]'

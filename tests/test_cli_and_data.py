@@ -42,7 +42,8 @@ def test_existing_run_folder_needs_resume(tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option,value", [("--epochs", "0"), ("--lr", "-1"), ("--dataset", "cifar"), ("--topo-optimizer", "fast")])
+@pytest.mark.parametrize("option,value", [("--epochs", "0"), ("--lr", "-1"), ("--dataset", "cifar"), ("--topo-optimizer", "fast"),
+                                          ("--model", "mlp:64-x-10")])
 def test_invalid_options_name_the_option(option, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", option, value])
@@ -106,3 +107,9 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, monkeypatc
     a = torch.load(straight / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(split / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_that_does_not_fit_the_data_is_one_line(tmp_path, capsys):
+    assert main(TINY[:1] + ["--dataset", "digits", "--model", "mlp:784-10-10", "--log-dir", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "maps 784 inputs to 10 classes, but digits has 64 features" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

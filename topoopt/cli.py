@@ -28,12 +28,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _model_spec(text: str) -> str:
+    from topoopt.models import parse_model_spec
+
+    try:
+        parse_model_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     defaults = _defaults()
     parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
     parser.add_argument("--data-dir", default=None, help="folder with the dataset's files (mnist, fashion-mnist)")
     parser.add_argument("--subset", type=_positive_int, default=None, help="stratified training subset size")
-    parser.add_argument("--model", default=defaults.model, help="mlp:IN-H1-...-OUT (default %(default)s)")
+    parser.add_argument("--model", type=_model_spec, default=defaults.model, help="mlp:IN-H1-...-OUT (default %(default)s)")
     parser.add_argument("--activation", choices=["relu", "sigmoid", "tanh", "gelu"], default=defaults.activation)
     parser.add_argument("--no-bias", dest="bias", action="store_false", help="Linear layers without bias")
     parser.add_argument("--init", choices=["default", "zero", "normal"], default=defaults.init)
@@ -173,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetUnavailable as error:
         print(f"topoopt: {error}", file=sys.stderr)
         return 2
-    except FileExistsError as error:
-        print(f"topoopt: {error}", file=sys.stderr)
+    except (FileExistsError, ValueError) as error:  # bad combinations of options, NaN weights, ...
+        print(f"topoopt {args.command}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

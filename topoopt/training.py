@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from topoopt.data import load_dataset, stratified_subset
 from topoopt.layers import layer_topology
-from topoopt.models import build_mlp, initialise
+from topoopt.models import build_mlp, initialise, parse_model_spec
 from topoopt.monitor import TopologyMonitor
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
@@ -118,8 +118,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     from tqdm import tqdm
 
     device = _device(config.device)
-    # Data first: a dataset that cannot be had must leave no run folder behind.
+    # Data and shapes first: a dataset that cannot be had, or a model that does not fit it,
+    # must leave no run folder behind.
     data = stratified_subset(load_dataset(config.dataset, config.data_dir), config.subset, seed=config.seed)
+    widths = parse_model_spec(config.model)
+    if widths[0] != data.n_features or widths[-1] != data.n_classes:
+        raise ValueError(f"--model {config.model} maps {widths[0]} inputs to {widths[-1]} classes, but "
+                         f"{config.dataset} has {data.n_features} features and {data.n_classes} classes")
     run_dir = Path(config.log_dir or Path("tensorboard_logs") / config.name())
     checkpoint_path = run_dir / "checkpoint.pt"
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
@@ -131,8 +136,6 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     model = build_mlp(config.model, activation=config.activation, bias=config.bias)
-    if model.fc1.in_features != data.n_features:
-        raise ValueError(f"--model {config.model} takes {model.fc1.in_features} inputs, but {config.dataset} has {data.n_features} features")
     initialise(model, config.init, std=config.init_std)
     model.to(device)
     optimizer = _make_optimizer(config, model)
