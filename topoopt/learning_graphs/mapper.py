@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.cluster import DBSCAN
 from sklearn.decomposition import PCA
 
-__all__ = ["LENSES", "MapperSettings", "LearningGraph", "lens_values", "learning_graph", "PAPER_SETTINGS",
+__all__ = ["LENSES", "MapperSettings", "LearningGraph", "lens_values", "learning_graph", "pca_reduce", "PAPER_SETTINGS",
            "KMAPPER_OLD_OVERLAP_AS_GAIN"]
 
 LENSES = ("pca_norm", "norm", "pca3")
@@ -53,7 +53,8 @@ PAPER_SETTINGS = {
 }
 
 
-def _reduce(points: np.ndarray, dims: int) -> np.ndarray:
+def pca_reduce(points: np.ndarray, dims: int) -> np.ndarray:
+    """The points' first `dims` principal coordinates (fewer when the cloud has fewer), seeded."""
     dims = min(dims, points.shape[0], points.shape[1])
     return PCA(n_components=dims, random_state=0).fit_transform(points.astype(np.float64))
 
@@ -62,7 +63,7 @@ def lens_values(points: np.ndarray, settings: MapperSettings) -> tuple[np.ndarra
     """(lens values n × k, the points DBSCAN clusters) for `settings`."""
     if settings.lens not in LENSES:
         raise ValueError(f"Unknown lens {settings.lens!r}. Valid lenses are: {', '.join(LENSES)}")
-    reduced = _reduce(points, settings.pca_dims)
+    reduced = pca_reduce(points, settings.pca_dims)
     if settings.lens == "pca_norm":
         return np.linalg.norm(reduced, axis=1, keepdims=True), reduced
     if settings.lens == "norm":

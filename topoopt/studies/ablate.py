@@ -26,6 +26,7 @@ from topoopt.data import load_dataset, stratified_subset
 from topoopt.models import build_mlp
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
+from topoopt.studies.options import add_sweep_options, apply_overrides
 from topoopt.studies.statistics import holm
 from topoopt.sweep import run_cells
 from topoopt.training import fit_steps
@@ -212,21 +213,14 @@ def format_table(table: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a small grid that finishes in minutes")
+    add_sweep_options(parser)
     parser.add_argument("--datasets", nargs="+", default=None, help=f"from {list(DATASETS)}")
     parser.add_argument("--variants", nargs="+", default=None, help=f"from {list(VARIANTS)}")
     parser.add_argument("--optimizers", nargs="+", choices=["sgd", "adam"], default=None)
-    parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--tensorboard", default=None)
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     config = AblationConfig.quick() if args.quick else AblationConfig()
-    for name in ("datasets", "variants", "optimizers", "seeds", "steps", "out", "tensorboard"):
-        if getattr(args, name) is not None:
-            setattr(config, name, getattr(args, name))
+    apply_overrides(config, args, ("datasets", "variants", "optimizers", "seeds", "steps", "out", "tensorboard"))
     if "plain" not in config.variants:
         config.variants = ["plain", *config.variants]
     out = Path(config.out)

@@ -36,6 +36,7 @@ from topoopt.learning_graphs import (
     load_trajectory,
     terminal_leaves,
 )
+from topoopt.learning_graphs.mapper import pca_reduce
 from topoopt.models import build_mlp
 
 RESULTS_DIR = Path("experiments") / "results" / "learning_graphs"
@@ -180,7 +181,7 @@ def analyse_run(folder: Path, config: RunConfig) -> dict:
             stats["pca3_graph"] = graph_statistics(surface)
             surface.save_png(folder / f"{layer}_pca3_graph.png", title=f"{config.name()} {layer} (PCA-3 lens)")
         if config.setting == "surface" and roles[layer] == "first":
-            reduced = _pca(trajectory.points, 20)
+            reduced = pca_reduce(trajectory.points, 20)
             # The surface phase: the accuracy plateau, before test accuracy first exceeds 20%.
             accuracy = np.nan_to_num(trajectory.accuracy, nan=0.0)
             escape = int(np.argmax(accuracy > 0.2)) if (accuracy > 0.2).any() else trajectory.n_snapshots
@@ -224,12 +225,6 @@ def _log_tensorboard(folder: Path, config: RunConfig, layers: list[str], nines: 
                                  dataformats="HWC")
 
 
-def _pca(points: np.ndarray, dims: int) -> np.ndarray:
-    from sklearn.decomposition import PCA
-
-    return PCA(n_components=min(dims, *points.shape), random_state=0).fit_transform(points.astype(np.float64))
-
-
 def _nines_vs_sevens(nines: list[dict]) -> dict:
     """The last step at which more test 9s were read as 7 than as 9, and the shares over time."""
     last = None
@@ -247,7 +242,7 @@ def _plot_pca(trajectory, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    reduced = _pca(trajectory.points, 2)
+    reduced = pca_reduce(trajectory.points, 2)
     figure, axes = plt.subplots(figsize=(6, 5))
     drawn = axes.scatter(reduced[:, 0], reduced[:, 1], c=trajectory.point_steps(), s=2, cmap="viridis")
     figure.colorbar(drawn, label="training step")

@@ -31,6 +31,7 @@ import torch
 from topoopt.data import load_dataset, stratified_subset
 from topoopt.layers import layer_topology
 from topoopt.models import build_mlp
+from topoopt.studies.options import add_sweep_options, apply_overrides
 from topoopt.studies.statistics import holm, partial_spearman
 from topoopt.sweep import run_cells
 from topoopt.training import fit_steps
@@ -175,19 +176,12 @@ def plot(records: list[dict], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a small grid that finishes in minutes")
+    add_sweep_options(parser)
     parser.add_argument("--datasets", nargs="+", default=None)
-    parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--tensorboard", default=None)
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     config = SmallDataConfig.quick() if args.quick else SmallDataConfig()
-    for name in ("datasets", "seeds", "steps", "out", "tensorboard"):
-        if getattr(args, name) is not None:
-            setattr(config, name, getattr(args, name))
+    apply_overrides(config, args, ("datasets", "seeds", "steps", "out", "tensorboard"))
     unknown = [d for d in config.datasets if d not in config.sizes]
     if unknown:
         raise SystemExit(f"topoopt small-data: no subset sizes for {unknown}; known: {list(config.sizes)}")

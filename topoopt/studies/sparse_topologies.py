@@ -28,6 +28,7 @@ from torch import nn
 
 from topoopt.data import load_dataset
 from topoopt.sparse import SparseLinear, block_diagonal, graph_measures, make_mask
+from topoopt.studies.options import add_sweep_options, apply_overrides
 from topoopt.studies.statistics import partial_spearman
 from topoopt.sweep import run_cells
 from topoopt.training import fit
@@ -231,21 +232,15 @@ def write_tensorboard(records: list[dict], log_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a small grid that finishes in minutes")
+    add_sweep_options(parser, out_help=f"results folder (default {RESULTS_DIR})",
+                      tensorboard_help="TensorBoard folder (default tensorboard_logs/sparse_topologies)")
     parser.add_argument("--dataset", choices=["digits", "mnist5k"], default="digits")
-    parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--out", default=None, help=f"results folder (default {RESULTS_DIR})")
-    parser.add_argument("--tensorboard", default=None, help="TensorBoard folder (default tensorboard_logs/sparse_topologies)")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     config = StudyConfig.quick() if args.quick else StudyConfig()
     config.dataset = args.dataset
     config.jobs = args.jobs
-    for name in ("seeds", "epochs", "out", "tensorboard"):
-        if getattr(args, name) is not None:
-            setattr(config, name, getattr(args, name))
+    apply_overrides(config, args, ("seeds", "epochs", "out", "tensorboard"))
     out = Path(config.out) / config.dataset
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
