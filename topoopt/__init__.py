@@ -17,6 +17,7 @@ from topoopt.metrics import (
 )
 from topoopt.persistence import edge_lengths, h0_deaths, h0_edges, h1_diagram
 from topoopt.spanning_tree import MemoryBudgetError
+from topoopt.tree_cache import TreeCache
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "layer_topology",
     "LayerTopology",
     "MemoryBudgetError",
+    "TreeCache",
     "TopoPenalty",
     "TopoOptimizer",
     "POLICIES",

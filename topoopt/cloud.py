@@ -2,27 +2,56 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-__all__ = ["neuron_cloud", "CLOUD_LAYER_TYPES"]
+from topoopt.persistence import _as_cloud
+
+__all__ = ["neuron_cloud", "layer_cloud", "weight_cloud", "CLOUD_LAYER_TYPES"]
 
 # Layers whose neurons each own one weight vector (subclasses, e.g. masked layers, included).
-CLOUD_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CLOUD_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def weight_cloud(weight: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
+    """The N×d cloud of a weight tensor of 2 or more dimensions, one row per output neuron.
+
+    A Linear or Conv weight is (out, in/groups, *kernel): row i is output unit i's weight,
+    flattened. A transposed convolution stores (in, out/groups, *kernel); its output channel j of
+    group g reads the slice ``weight[g-th block of inputs, j]``, which becomes one row.
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"A neuron cloud needs a weight of 2 or more dimensions, got shape {tuple(weight.shape)}")
+    if not transposed:
+        return weight.reshape(weight.shape[0], weight[0].numel() if weight.shape[0] else 0)
+    in_channels, out_per_group, *kernel = weight.shape
+    grouped = weight.reshape(groups, in_channels // groups, out_per_group, *kernel).transpose(1, 2)
+    row_length = (in_channels // groups) * math.prod(kernel)
+    return grouped.reshape(groups * out_per_group, row_length)
 
 
 def neuron_cloud(module: nn.Module, include_bias: bool = False) -> torch.Tensor:
     """The N×d cloud of a layer's neurons, keeping the autograd graph to its weight.
 
-    `nn.Linear`: row i of the weight, the incoming weights of output neuron i. `nn.Conv1d/2d/3d`:
-    one flattened filter per output channel. With `include_bias`
+    `nn.Linear`: row i of the weight, the incoming weights of output neuron i. `nn.Conv1d/2d/3d`
+    and `nn.ConvTranspose1d/2d/3d`: one flattened filter per output channel. With `include_bias`
     a neuron's bias is appended as one more coordinate. A layer with an ``effective_weight``
-    (a masked layer) gives that instead of its raw weight. Any other module is a `TypeError`.
+    (a masked layer) gives that instead of its raw weight; a parametrized weight (weight norm,
+    spectral norm, ...) is read as the layer uses it. Any other module is a `TypeError`.
     """
     if not isinstance(module, CLOUD_LAYER_TYPES):
-        raise TypeError(
-            f"neuron_cloud takes an nn.Linear or a convolution, got {type(module).__name__}"
-        )
+        supported = ", ".join(kind.__name__ for kind in CLOUD_LAYER_TYPES)
+        raise TypeError(f"neuron_cloud takes one of {supported}; got {type(module).__name__}")
     weight = module.weight
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise ValueError(
@@ -31,7 +60,8 @@ def neuron_cloud(module: nn.Module, include_bias: bool = False) -> torch.Tensor:
     # Masked layers (topoopt.sparse.SparseLinear) expose the weight they really use, so that a
     # topological gradient never reaches a pruned connection.
     weight = getattr(module, "effective_weight", weight)
-    cloud = weight.reshape(weight.shape[0], -1)
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    cloud = weight_cloud(weight, transposed=transposed, groups=getattr(module, "groups", 1))
     if include_bias:
         if module.bias is None:
             raise ValueError(f"include_bias=True, but this {type(module).__name__} has no bias")
@@ -42,3 +72,22 @@ def neuron_cloud(module: nn.Module, include_bias: bool = False) -> torch.Tensor:
             )
         cloud = torch.cat([cloud, module.bias.unsqueeze(1)], dim=1)
     return cloud
+
+
+def layer_cloud(name: str, module: nn.Module, include_bias: bool = False) -> torch.Tensor | None:
+    """The layer's cloud checked for measuring, or None when it has no geometry to measure.
+
+    None for a layer with no neurons or no incoming weights (``Linear(5, 0)``, ``Linear(0, 5)``):
+    its diagram is empty. Errors name the layer: NaN/Inf weights, weights on the ``meta`` device.
+    float16/bfloat16 weights come back as float32.
+    """
+    try:
+        cloud = neuron_cloud(module, include_bias=include_bias)
+        if cloud.device.type == "meta":
+            raise ValueError("its weights are on the 'meta' device (not materialised): call "
+                             "model.to_empty(device=...) and initialise them before measuring")
+        if cloud.shape[0] == 0 or cloud.shape[1] == 0:
+            return None
+        return _as_cloud(cloud, argument="weights")
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"Layer {name!r}: {error}") from None

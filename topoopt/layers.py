@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from topoopt.cloud import CLOUD_LAYER_TYPES, neuron_cloud
+from topoopt.cloud import CLOUD_LAYER_TYPES, layer_cloud, neuron_cloud
 from topoopt.metrics import (
     max_lifetime,
     mean_lifetime,
@@ -18,7 +18,7 @@ from topoopt.metrics import (
 )
 from topoopt.persistence import h0_deaths
 
-__all__ = ["topological_layers", "select_layers", "LayerTopology", "layer_topology"]
+__all__ = ["topological_layers", "select_layers", "layer_parameters", "LayerTopology", "layer_topology"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -62,6 +62,20 @@ def select_layers(model: nn.Module, layers: Iterable[str] | None = None) -> dict
     return {name: available[name] for name in chosen}
 
 
+def layer_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters that produce a layer's weight and bias, each once.
+
+    Its own (``weight``, ``bias``) and, for a parametrized layer (``weight_norm``,
+    ``spectral_norm``, any ``torch.nn.utils.parametrize``), the parametrization's: there
+    ``module.parameters(recurse=False)`` sees only the bias.
+    """
+    found = {id(p): p for p in module.parameters(recurse=False)}
+    parametrizations = getattr(module, "parametrizations", None)
+    if isinstance(parametrizations, nn.Module):
+        found.update((id(p), p) for p in parametrizations.parameters())
+    return list(found.values())
+
+
 @dataclass(frozen=True)
 class LayerTopology:
     """H0 summary of one layer's neuron cloud (plain floats, detached from autograd)."""
@@ -85,11 +99,14 @@ def layer_topology(
     """H0 deaths and metrics of every Linear/Conv layer (or those named in `layers`)."""
     report = {}
     for name, module in select_layers(model, layers).items():
-        cloud = neuron_cloud(module, include_bias=include_bias).detach()
-        try:
+        cloud = layer_cloud(name, module, include_bias)
+        if cloud is None:  # no neurons or no inputs: an empty diagram
+            shape = neuron_cloud(module, include_bias=include_bias).shape
+            cloud = torch.zeros(shape)
+            deaths = cloud.new_zeros(0)
+        else:
+            cloud = cloud.detach()
             deaths = h0_deaths(cloud)
-        except ValueError as error:
-            raise ValueError(f"Layer {name!r}: {error}") from None
         report[name] = LayerTopology(
             n_neurons=cloud.shape[0],
             dim=cloud.shape[1],
@@ -99,7 +116,7 @@ def layer_topology(
             total_persistence=float(total_persistence(deaths)),
             max_lifetime=float(max_lifetime(deaths)),
             zero_bars=int((deaths == 0).sum()),
-            weight_norm=float(torch.linalg.vector_norm(cloud.float())),
+            weight_norm=float(torch.linalg.vector_norm(cloud.double())),
             deaths=deaths.cpu(),
         )
     return report

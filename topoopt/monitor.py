@@ -18,7 +18,8 @@ from topoopt._validation import check_positive_int
 from topoopt.layers import select_layers
 from topoopt.metrics import get_metric
 from topoopt.optimizer import TopoOptimizer
-from topoopt.tree_cache import layer_deaths
+from topoopt.cloud import neuron_cloud
+from topoopt.tree_cache import TreeCache, measure_layer
 
 __all__ = ["TopologyMonitor", "tag"]
 
@@ -61,7 +62,9 @@ class TopologyMonitor:
     owner). Call ``step(global_step)`` after each optimizer step, ``flush()`` each epoch, and
     ``close(hparams, final)`` at the end; or use it as a context manager. Every
     ``diagrams_every`` steps it also logs death histograms and persistence-diagram and barcode
-    figures. A layer whose topology cannot be computed is logged once as skipped, with the
+    figures. ``metrics`` is a metric name or a sequence of them. Measurements are exact (a
+    tree reused only for bit-identical weights, see `topoopt.TreeCache`; pass ``trees`` to share
+    a penalty's or an optimizer's). A layer whose topology cannot be computed is logged once as skipped, with the
     reason. Under DDP only rank 0 writes.
     """
 
@@ -76,18 +79,22 @@ class TopologyMonitor:
         optimizer: torch.optim.Optimizer | None = None,
         layers: Iterable[str] | None = None,
         embeddings_at: Iterable[int] = (),
+        trees: TreeCache | None = None,
     ) -> None:
         if (log_dir is None) == (writer is None):
             raise ValueError("Pass exactly one of log_dir and writer")
         check_positive_int("every", every)
         if diagrams_every != 0:  # 0 turns the figures off
             check_positive_int("diagrams_every", diagrams_every)
+        if isinstance(metrics, str):  # one metric's name, not its letters
+            metrics = (metrics,)
         self._metric_fns = {name: get_metric(name) for name in metrics}
         self.layers = select_layers(model, layers)
         self.every = every
         self.diagrams_every = diagrams_every
         self.optimizer = optimizer if isinstance(optimizer, TopoOptimizer) else None
         self.embeddings_at = set(embeddings_at)
+        self.trees = trees if trees is not None else TreeCache()
         self.skipped: dict[str, str] = {}
         self.last: dict[str, dict[str, float]] = {}
         self._active = _is_writer_rank()
@@ -122,7 +129,8 @@ class TopologyMonitor:
         diagrams = self.diagrams_every and global_step % self.diagrams_every == 0
         for name, module in self.layers.items():
             try:
-                deaths = layer_deaths(name, module).detach()
+                deaths = measure_layer(self.trees, name, module)
+                deaths = module.weight.new_zeros(0) if deaths is None else deaths.detach()
                 values = {metric: float(fn(deaths)) for metric, fn in self._metric_fns.items()}
             except Exception as error:  # logging must never stop training
                 self._skip(name, f"{type(error).__name__}: {error}", global_step)
@@ -136,7 +144,7 @@ class TopologyMonitor:
                 self.writer.add_figure(tag("diagram", name), diagram, global_step)
                 self.writer.add_figure(tag("barcode", name), barcode, global_step)
             if global_step in self.embeddings_at:
-                cloud = module.weight.detach().reshape(module.weight.shape[0], -1).float().cpu()
+                cloud = neuron_cloud(module).detach().float().cpu()
                 self.writer.add_embedding(cloud, tag=tag("cloud", name).replace("/", "_"), global_step=global_step)
         if self.optimizer is not None:
             for name, scale in self.optimizer.scales.items():

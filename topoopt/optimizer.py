@@ -11,6 +11,7 @@ checkpointing accept it.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -18,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from topoopt.cloud import neuron_cloud
 from topoopt._validation import check_positive_int
-from topoopt.layers import select_layers
+from topoopt.cloud import layer_cloud
+from topoopt.layers import layer_parameters, select_layers
 from topoopt.metrics import get_metric
-from topoopt.tree_cache import layer_deaths
+from topoopt.tree_cache import TreeCache, cache_key
 
 __all__ = ["TopoOptimizer", "POLICIES", "COMPLEXITY_METRICS", "calm_policy", "awaken_policy", "contrast_policy"]
 
@@ -96,8 +97,24 @@ class TopoOptimizer(torch.optim.Optimizer):
     `calm_policy` and `awaken_policy`, or pass a callable of the same signature), which are
     clipped to ``bounds``. With ``tree_every=m`` the spanning trees are searched at most every
     m-th measurement and re-measured in between (cheaper; see `topoopt.tree_cache`); a tree that
-    `TopoPenalty` found for the same weights is reused. Parameters outside the wrapped layers, and layers with fewer than 2
-    neurons, keep s = 1.
+    `TopoPenalty` found is reused when both are given the same ``trees`` (a `TreeCache`).
+    Parameters outside the wrapped layers, and layers with fewer than 2 neurons or no inputs,
+    keep s = 1.
+
+    Which parameters a scale moves: those that produce the layer's weight and bias (its own, and
+    a parametrization's, such as ``weight_norm``'s ``original0``/``original1``). A parameter
+    shared by several wrapped layers (tied weights) is moved once, by the mean of their scales.
+
+    Safety. After the inner step, the scaled tensors (already in hand) are checked: a NaN or Inf
+    there raises ``FloatingPointError`` naming the layers, with the parameters left exactly as
+    the inner optimizer left them (never scaled, so the wrapper never turns Inf into NaN). Pass
+    ``check_finite=False`` to skip that check (it costs one host sync per step on a GPU). Layers
+    at s = 1 are not touched on any step; their non-finite weights are reported at the next
+    measurement (``ValueError`` naming the layer and what was measured). If the inner step
+    raises (a failing closure, say), the step did not happen: with a closure the parameters and
+    the inner optimizer's state are restored (they are copied before such a step), without one
+    the parameters are as the inner optimizer left them; either way ``topo_step`` and the
+    moving averages are unchanged.
 
     ``scales`` (layer → s_l) and ``complexity`` (layer → last measured value) are readable for
     monitoring. ``state_dict()`` holds the inner optimizer's state and the wrapper's own, as
@@ -120,6 +137,8 @@ class TopoOptimizer(torch.optim.Optimizer):
         layers: Iterable[str] | None = None,
         include_bias: bool = False,
         tree_every: int = 1,
+        trees: TreeCache | None = None,
+        check_finite: bool = True,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -147,10 +166,12 @@ class TopoOptimizer(torch.optim.Optimizer):
         high = _check_number("upper bound", bounds[1], 0.0, math.inf, low_open=True)
         if not low <= 1.0 <= high:
             raise ValueError(f"Invalid bounds: {tuple(bounds)}. They must satisfy low ≤ 1 ≤ high")
+        if trees is not None and not isinstance(trees, TreeCache):
+            raise TypeError(f"trees must be a topoopt.TreeCache, got {type(trees).__name__}")
         chosen = select_layers(model, layers)
         managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for name, module in chosen.items():
-            if not any(id(p) in managed for p in module.parameters(recurse=False)):
+            if not any(id(p) in managed for p in layer_parameters(module)):
                 raise ValueError(f"Layer {name!r} has no parameter in the optimizer's param_groups")
 
         self._attached = False
@@ -170,6 +191,8 @@ class TopoOptimizer(torch.optim.Optimizer):
         self.bounds = (low, high)
         self.include_bias = include_bias
         self.tree_every = tree_every
+        self.trees = trees if trees is not None else TreeCache()
+        self.check_finite = bool(check_finite)
         self._layers = chosen
         self._metric_fn = get_metric(metric)
         self.topo_step = 0
@@ -177,7 +200,7 @@ class TopoOptimizer(torch.optim.Optimizer):
         self.smoothed: dict[str, float] = {}
         self.change: dict[str, float] = {}
         self.scales: dict[str, float] = {name: 1.0 for name in chosen}
-        self._scaled: tuple[list[torch.Tensor], list[float]] | None = None
+        self._scaled: tuple[list[torch.Tensor], list[float], list[str]] | None = None
 
     # ---- sharing the inner optimizer's groups and state ----
     @property
@@ -219,15 +242,20 @@ class TopoOptimizer(torch.optim.Optimizer):
 
     # ---- measuring topology ----
     def _measure(self, name: str, module: nn.Module) -> float | None:
-        cloud = neuron_cloud(module, include_bias=self.include_bias).detach()
-        if cloud.shape[0] < 2:
+        cloud = layer_cloud(name, module, self.include_bias)
+        if cloud is None or cloud.shape[0] < 2:
             return None
-        deaths = layer_deaths(name, module, self.include_bias, self.tree_every)
+        cloud = cloud.detach()
+        deaths = self.trees.deaths(cache_key(name, self.include_bias), cloud, self.tree_every)
         value = float(self._metric_fn(deaths))
         if self.metric != "normalized_entropy":
-            rms_norm = float(torch.linalg.vector_norm(cloud.float())) / math.sqrt(cloud.shape[0])
+            # In float64: the float32 norm of weights of about 1e19 overflows.
+            rms_norm = float(torch.linalg.vector_norm(cloud.double())) / math.sqrt(cloud.shape[0])
             bars = deaths.numel() if self.metric == "total_persistence" else 1
             value = value / (rms_norm * bars) if rms_norm > 0 else 0.0
+        if not math.isfinite(value):
+            raise ValueError(f"Layer {name!r}: measuring its {self.metric} gave {value} "
+                             f"(longest bar {float(deaths.max()):.3g}); the weights' scale is out of range")
         return value
 
     @torch.no_grad()
@@ -252,36 +280,100 @@ class TopoOptimizer(torch.optim.Optimizer):
         scales = dict(self._policy_fn(measured, self.change, self.strength)) if measured else {}
         low, high = self.bounds
         for name in self._layers:
-            raw = scales.get(name, 1.0)
+            raw = float(scales.get(name, 1.0))
             if not math.isfinite(raw):
                 raise ValueError(f"The policy gave layer {name!r} a non-finite scale: {raw}")
-            self.scales[name] = min(max(float(raw), low), high)
+            self.scales[name] = min(max(raw, low), high)
         self._scaled = None
         return dict(self.scales)
 
     # ---- the step ----
-    def _scaled_parameters(self) -> tuple[list[torch.Tensor], list[float]]:
-        params, factors = [], []
+    def _scaled_parameters(self) -> tuple[list[torch.Tensor], list[float], list[str]]:
+        """Each parameter of a wrapped layer once, with its scale (a shared one: the mean)."""
+        managed = {id(p) for group in self.param_groups for p in group["params"]}
+        found: dict[int, tuple[torch.Tensor, list[float], list[str]]] = {}
         for name, module in self._layers.items():
-            if self.scales[name] != 1.0:
-                for param in module.parameters(recurse=False):
-                    params.append(param)
-                    factors.append(self.scales[name])
-        return params, factors
+            for param in layer_parameters(module):
+                if id(param) in managed:
+                    entry = found.setdefault(id(param), (param, [], []))
+                    entry[1].append(self.scales[name])
+                    entry[2].append(name)
+        params, factors, owners = [], [], []
+        for param, scales, names in found.values():
+            factor = sum(scales) / len(scales)
+            if factor != 1.0:
+                params.append(param)
+                factors.append(factor)
+                owners.append("/".join(dict.fromkeys(names)))
+        return params, factors, owners
+
+    def _own_state(self) -> dict[str, Any]:
+        return {
+            "topo_step": self.topo_step,
+            "layers": list(self._layers),
+            "complexity": dict(self.complexity),
+            "smoothed": dict(self.smoothed),
+            "change": dict(self.change),
+            "scales": dict(self.scales),
+        }
+
+    def _restore_own_state(self, own: dict[str, Any]) -> None:
+        self.topo_step = int(own["topo_step"])
+        self.complexity = {k: float(v) for k, v in own["complexity"].items()}
+        self.smoothed = {k: float(v) for k, v in own["smoothed"].items()}
+        self.change = {k: float(v) for k, v in own["change"].items()}
+        self.scales = {k: float(v) for k, v in own["scales"].items()}
+        self._scaled = None
+
+    def _snapshot_for_closure(self) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+        params = [p for group in self.param_groups for p in group["params"]]
+        with torch.no_grad():
+            values = [p.detach().clone() for p in params]
+        state = {param: copy.deepcopy(entry) for param, entry in self.optimizer.state.items()}
+        return params, values, state
+
+    def _restore_snapshot(self, snapshot) -> None:
+        params, values, state = snapshot
+        with torch.no_grad():
+            for param, value in zip(params, values):
+                param.copy_(value)
+        self.optimizer.state.clear()
+        self.optimizer.state.update(state)
+
+    def _non_finite_layers(self, params: list[torch.Tensor], owners: list[str]) -> list[str]:
+        largest = torch.stack(torch._foreach_norm(params, math.inf))  # NaN or Inf where any is
+        finite = torch.isfinite(largest)
+        if bool(finite.all()):
+            return []
+        return sorted({owners[i] for i in torch.nonzero(~finite).flatten().tolist()})
 
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+        own_before = self._own_state()
         if self.topo_step % self.every == 0:
             self.update_scales()
         if self._scaled is None:
             self._scaled = self._scaled_parameters()
-        self.topo_step += 1
-        params, factors = self._scaled
+        params, factors, owners = self._scaled
+        snapshot = self._snapshot_for_closure() if closure is not None else None
         if params:
             with torch.no_grad():
                 before = torch._foreach_mul(params, 1.0)  # one batched copy
-        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        try:
+            loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        except BaseException:
+            if snapshot is not None:
+                self._restore_snapshot(snapshot)
+            self._restore_own_state(own_before)
+            raise
+        self.topo_step += 1  # the inner step was taken
         if params:
             with torch.no_grad():
+                bad = self._non_finite_layers(params, owners) if self.check_finite else []
+                if bad:
+                    raise FloatingPointError(
+                        f"TopoOptimizer step {self.topo_step - 1}: the inner optimizer's step made the "
+                        f"weights of layer(s) {bad} NaN or Inf (non-finite gradients?). They were left "
+                        f"as the inner optimizer left them, unscaled.")
                 # p ← p_old + s·(p_new − p_old), batched over all scaled tensors.
                 torch._foreach_sub_(params, before)
                 torch._foreach_mul_(params, factors)
@@ -291,14 +383,9 @@ class TopoOptimizer(torch.optim.Optimizer):
     # ---- checkpointing ----
     def state_dict(self) -> dict[str, Any]:
         state = self.optimizer.state_dict()
-        state["topoopt"] = {
-            "topo_step": self.topo_step,
-            "layers": list(self._layers),
-            "complexity": dict(self.complexity),
-            "smoothed": dict(self.smoothed),
-            "change": dict(self.change),
-            "scales": dict(self.scales),
-        }
+        state["topoopt"] = self._own_state()
+        if self.tree_every > 1:  # approximate trees: the resumed run must reuse the same ones
+            state["topoopt"]["trees"] = self.trees.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -309,9 +396,6 @@ class TopoOptimizer(torch.optim.Optimizer):
         if list(own["layers"]) != list(self._layers):
             raise ValueError(f"The saved layers {list(own['layers'])} differ from this wrapper's {list(self._layers)}")
         self.optimizer.load_state_dict(state_dict)  # replaces the inner groups; shared via property
-        self.topo_step = int(own["topo_step"])
-        self.complexity = {k: float(v) for k, v in own["complexity"].items()}
-        self.smoothed = {k: float(v) for k, v in own["smoothed"].items()}
-        self.change = {k: float(v) for k, v in own["change"].items()}
-        self.scales = {k: float(v) for k, v in own["scales"].items()}
-        self._scaled = None
+        self._restore_own_state(own)
+        if "trees" in own:
+            self.trees.load_state_dict(own["trees"])

@@ -12,7 +12,7 @@ from torch import nn
 from topoopt._validation import check_positive_int
 from topoopt.layers import select_layers
 from topoopt.metrics import get_metric
-from topoopt.tree_cache import layer_deaths
+from topoopt.tree_cache import TreeCache, measure_layer
 
 __all__ = ["TopoPenalty", "PENALTY_METRICS"]
 
@@ -37,10 +37,16 @@ class TopoPenalty(nn.Module):
     exact zero with no graph otherwise; pass ``weight`` ≈ k·λ to keep the same average pressure.
     With ``tree_every=m`` a layer's spanning tree is searched at most every m-th time its weights
     changed, and its edges re-measured in between: cheaper, exact only when m = 1 (see
-    `topoopt.tree_cache`). A tree found for the same weights is always reused.
+    `topoopt.tree_cache`). A tree found for the same weights is always reused. ``trees`` is the
+    `TreeCache` to keep trees in (a new one by default); pass the one a `TopoOptimizer` uses to
+    search once per step between them.
+
+    ``state_dict()`` carries the call counter (for ``every``) and, when ``tree_every > 1``, the
+    cached trees, so a resumed run computes exactly what the interrupted one would have.
 
     Calling it with no arguments returns a scalar tensor. A layer with NaN/Inf weights raises a
-    ``ValueError`` naming it. A zero-initialised layer gives a finite value and zero gradient (a
+    ``ValueError`` naming it, and so does a metric that is not finite. A layer with no neurons
+    or no inputs contributes 0. A zero-initialised layer gives a finite value and zero gradient (a
     penalty alone cannot break that symmetry).
     """
 
@@ -55,6 +61,7 @@ class TopoPenalty(nn.Module):
         every: int = 1,
         tree_every: int = 1,
         include_bias: bool = False,
+        trees: TreeCache | None = None,
     ) -> None:
         super().__init__()
         if metric not in PENALTY_METRICS:
@@ -68,6 +75,8 @@ class TopoPenalty(nn.Module):
                 raise ValueError("target and direction='maximize' exclude each other: a target is approached from both sides")
         check_positive_int("every", every)
         check_positive_int("tree_every", tree_every)
+        if trees is not None and not isinstance(trees, TreeCache):
+            raise TypeError(f"trees must be a topoopt.TreeCache, got {type(trees).__name__}")
         chosen = select_layers(model, layers)
         if not chosen:
             raise ValueError("The model has no Linear/Conv layer to penalise")
@@ -80,6 +89,7 @@ class TopoPenalty(nn.Module):
         self.tree_every = tree_every
         self.include_bias = include_bias
         self._metric_fn = get_metric(metric)
+        self.trees = trees if trees is not None else TreeCache()
         self._calls = 0
         self.last_values: dict[str, float] = {}
 
@@ -110,16 +120,33 @@ class TopoPenalty(nn.Module):
     def forward(self) -> torch.Tensor:
         self._calls += 1
         first = next(iter(self._layers.values())).weight
-        if (self._calls - 1) % self.every:
-            return torch.zeros((), device=first.device, dtype=torch.float32)
         total = torch.zeros((), device=first.device, dtype=torch.float32)
+        if (self._calls - 1) % self.every:
+            return total
         for name, module in self._layers.items():
             if self.weights[name] == 0.0:
                 continue
-            value = self._metric_fn(layer_deaths(name, module, self.include_bias, self.tree_every))
+            deaths = measure_layer(self.trees, name, module, self.include_bias, self.tree_every)
+            if deaths is None:
+                continue
+            value = self._metric_fn(deaths)
             self.last_values[name] = float(value.detach())
+            if not math.isfinite(self.last_values[name]):
+                raise ValueError(f"Layer {name!r}: its {self.metric} is {self.last_values[name]}, "
+                                 f"not finite (longest bar {float(deaths.detach().max()):.3g})")
             total = total + self.weights[name] * self._term(value)
         return total
+
+    def get_extra_state(self) -> dict:
+        state = {"calls": self._calls}
+        if self.tree_every > 1:
+            state["trees"] = self.trees.state_dict()
+        return state
+
+    def set_extra_state(self, state: dict) -> None:
+        self._calls = int(state["calls"])
+        if "trees" in state:
+            self.trees.load_state_dict(state["trees"])
 
     def extra_repr(self) -> str:
         goal = f"target={self.target}" if self.target is not None else f"direction={self.direction!r}"

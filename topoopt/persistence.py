@@ -9,11 +9,16 @@ coinciding neurons separate. Compare with those libraries on the positive deaths
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from topoopt.spanning_tree import euclidean_mst_edges
 
 __all__ = ["h0_deaths", "h0_edges", "edge_lengths", "h1_diagram"]
+
+# Below 2⁻⁶⁰ (≈ 8.7e-19) a float32 length's square is subnormal (< 2⁻¹²⁰): too few digits left.
+_SMALLEST_SAFE_LENGTH = 2.0**-60
 
 
 def _as_cloud(points: torch.Tensor, argument: str = "points") -> torch.Tensor:
@@ -45,11 +50,26 @@ def h0_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def edge_lengths(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Differentiable lengths of edges (u, v); the gradient is 0, never NaN, at zero length."""
+    """Differentiable lengths of edges (u, v); the gradient is 0, never NaN, at zero length.
+
+    Exact over the whole float32 range: a squared norm overflows above about 1.8e19 and loses
+    digits in subnormals below about 1e-19, so edges outside that range are measured again in
+    float64 (rare; one reduction decides).
+    """
     # vector_norm's backward is defined as 0 at the origin; sqrt(sum(diff²)) would give NaN.
     # index_select's backward is an index_add; points[u]'s is a slower sorting index_put.
     difference = points.index_select(0, u) - points.index_select(0, v)
-    return torch.linalg.vector_norm(difference, dim=1)
+    lengths = torch.linalg.vector_norm(difference, dim=1)
+    if points.dtype == torch.float64 or lengths.numel() == 0:
+        return lengths
+    with torch.no_grad():
+        positive = torch.where(lengths > 0, lengths, torch.full_like(lengths, math.inf))
+        unsafe = ~torch.isfinite(lengths.max()) | (positive.min() < _SMALLEST_SAFE_LENGTH)
+    if not bool(unsafe):
+        return lengths
+    wide = points.double()
+    difference = wide.index_select(0, u) - wide.index_select(0, v)
+    return torch.linalg.vector_norm(difference, dim=1).to(points.dtype)
 
 
 def h0_deaths(points: torch.Tensor) -> torch.Tensor:

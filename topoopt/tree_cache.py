@@ -1,69 +1,130 @@
-"""Spanning trees of layers' neuron clouds, shared and reused between measurements.
+"""Spanning trees of layers' neuron clouds, kept between measurements by an explicit owner.
 
-Searching the tree costs O(N²·d); re-measuring its N−1 edges costs O(N·d). A tree is reused
-- always while the layer's weights are unchanged (same tensor version), so `TopoPenalty` and
-  `TopoOptimizer` measuring the same step search once between them; and
-- for up to `tree_every − 1` further lookups after the weights moved, when asked to. Measured on
-  this project's machines (shared/PERF_NOTES.md): a tree from 1 SGD step earlier gave a worst
-  sorted-death error of 0.3%, from 10 steps earlier 2.4%.
+Searching a layer's tree costs O(N²·d); re-measuring its N−1 edges costs O(N·d). A `TreeCache`
+keeps, for each layer, the tree and a copy of the cloud it was searched on:
+
+- **Exact reuse.** A lookup whose cloud is bit-for-bit the searched one reuses the tree. The
+  contents are compared, not `Tensor._version` or `data_ptr`: writes through ``.data`` (EMA,
+  clipping, Lookahead, ``load_state_dict`` helpers) leave the version counter unchanged.
+- **Approximate reuse**, only when the caller asks for it with ``tree_every=m > 1``: up to m − 1
+  lookups of moved weights re-measure the old tree's edges before the next search. The entry
+  keeps the cloud it was *searched on*, so a later exact lookup (``tree_every=1``) of moved
+  weights always searches again: an approximate tree can never reach an exact caller.
+  Measured on this project's machines (shared/PERF_NOTES.md): a tree from 1 SGD step earlier
+  gave a worst sorted-death error of 0.3%, from 10 steps earlier 2.4%.
+
+Owner and sharing rule: `TopoPenalty`, `TopoOptimizer` and `TopologyMonitor` each create their
+own cache unless one is passed as ``trees=``. Pass one cache to several of them (of one model)
+to search once per step between them; the approximate-reuse count is then shared, each
+lookup of moved weights counting once. Entries are keyed by layer name (and whether the bias
+is included). ``state_dict()`` holds every entry as plain tensors and ints, so a resumed run
+reuses exactly the trees the interrupted one would have.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
 
-from topoopt.cloud import neuron_cloud
-from topoopt.persistence import _as_cloud, edge_lengths
+from topoopt._validation import check_positive_int
+from topoopt.cloud import layer_cloud
+from topoopt.persistence import edge_lengths
 from topoopt.spanning_tree import euclidean_mst_edges
 
-__all__ = ["layer_deaths"]
+__all__ = ["TreeCache", "cache_key", "measure_layer"]
 
 
 @dataclass
-class _Tree:
-    weights_key: tuple[int, ...]
+class _Entry:
+    searched_on: torch.Tensor  # a detached copy of the cloud the tree was searched on
     u: torch.Tensor
     v: torch.Tensor
-    reuses: int = 0
+    reuses: int = 0  # approximate lookups served since the search
 
 
-_TREES: "weakref.WeakKeyDictionary[nn.Module, dict[bool, _Tree]]" = weakref.WeakKeyDictionary()
+class TreeCache:
+    """Per-layer minimum spanning trees, reused only where that is exact or asked for."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self.searches = 0  # tree searches run so far (for tests and benchmarks)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"TreeCache(layers={list(self._entries)}, searches={self.searches})"
+
+    def edges(self, key: str, cloud: torch.Tensor, tree_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tree (u, v) to measure `cloud` with: reused when exact or allowed, else searched."""
+        check_positive_int("tree_every", tree_every)
+        cloud = cloud.detach()
+        entry = self._entries.get(key)
+        if entry is not None and entry.searched_on.device != cloud.device:  # loaded on another device
+            entry = _Entry(entry.searched_on.to(cloud.device), entry.u.to(cloud.device),
+                           entry.v.to(cloud.device), entry.reuses)
+            self._entries[key] = entry
+        if entry is not None and _same_layout(entry.searched_on, cloud):
+            if torch.equal(entry.searched_on, cloud):
+                return entry.u, entry.v
+            if entry.reuses + 1 < tree_every:
+                entry.reuses += 1
+                return entry.u, entry.v
+        u, v = euclidean_mst_edges(cloud)
+        self.searches += 1
+        self._entries[key] = _Entry(cloud.clone(), u, v)
+        return u, v
+
+    def deaths(self, key: str, cloud: torch.Tensor, tree_every: int = 1) -> torch.Tensor:
+        """The H0 deaths of `cloud`, differentiable, in tree order (unsorted).
+
+        Exact (equal to `topoopt.h0_deaths` up to order) when ``tree_every=1``. Metrics that do
+        not depend on the order of the deaths (all of `topoopt.METRICS`) can take them directly.
+        """
+        if cloud.shape[0] < 2:
+            return cloud.reshape(-1)[:0]
+        u, v = self.edges(key, cloud, tree_every)
+        return edge_lengths(cloud, u, v)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "entries": {
+                key: {"searched_on": e.searched_on, "u": e.u, "v": e.v, "reuses": e.reuses}
+                for key, e in self._entries.items()
+            },
+            "searches": self.searches,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        entries = {}
+        for key, saved in state_dict["entries"].items():
+            entries[key] = _Entry(saved["searched_on"], saved["u"], saved["v"], int(saved["reuses"]))
+        self._entries = entries
+        self.searches = int(state_dict.get("searches", 0))
 
 
-def _weights_key(module: nn.Module, include_bias: bool) -> tuple[int, ...]:
-    tensors = [module.weight] + ([module.bias] if include_bias and module.bias is not None else [])
-    return tuple(x for t in tensors for x in (t.data_ptr(), t._version, t.shape.numel()))
+def measure_layer(
+    trees: TreeCache, name: str, module, include_bias: bool = False, tree_every: int = 1
+) -> torch.Tensor | None:
+    """A layer's H0 deaths (tree order) through `trees`; None for a layer with nothing to measure.
 
-
-def layer_deaths(name: str, module: nn.Module, include_bias: bool = False, tree_every: int = 1) -> torch.Tensor:
-    """The H0 deaths of a layer's neuron cloud, differentiable, in tree order (unsorted).
-
-    NaN/Inf weights raise a `ValueError` naming the layer. Metrics that do not depend on the
-    order of the deaths (all of `topoopt.METRICS`) can take the result directly.
+    Errors name the layer (NaN/Inf or meta weights, see `topoopt.cloud.layer_cloud`).
     """
-    try:
-        cloud = _as_cloud(neuron_cloud(module, include_bias=include_bias), argument="weights")
-    except ValueError as error:
-        raise ValueError(f"Layer {name!r}: {error}") from None
-    if cloud.shape[0] < 2:
-        return cloud.reshape(-1)[:0]
-    key = _weights_key(module, include_bias)
-    trees = _TREES.setdefault(module, {})
-    tree = trees.get(include_bias)
-    if tree is None or tree.u.numel() != cloud.shape[0] - 1:
-        tree = None
-    elif tree.weights_key != key:
-        if tree.reuses + 1 < tree_every:
-            tree.reuses += 1
-            tree.weights_key = key
-        else:
-            tree = None
-    if tree is None:
-        u, v = euclidean_mst_edges(cloud.detach())
-        tree = _Tree(key, u, v)
-        trees[include_bias] = tree
-    return edge_lengths(cloud, tree.u, tree.v)
+    cloud = layer_cloud(name, module, include_bias)
+    if cloud is None:
+        return None
+    return trees.deaths(cache_key(name, include_bias), cloud, tree_every)
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+def cache_key(name: str, include_bias: bool) -> str:
+    """The entry of a layer's cloud, with or without its bias column."""
+    return f"{name}+bias" if include_bias else name

@@ -1,0 +1,108 @@
+"""TreeCache: exact whenever asked to be, whatever else wrote to the weights; resumable."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from topoopt import TopoOptimizer, TopoPenalty, TopologyMonitor, TreeCache, h0_deaths, mean_lifetime
+from topoopt.models import build_mlp
+
+
+def exact_mean_lifetime(layer: nn.Linear) -> float:
+    return float(mean_lifetime(h0_deaths(layer.weight.detach())))
+
+
+def moved(layer: nn.Linear, seed: int) -> None:
+    """Move the weights far enough that the old tree is no longer minimal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.add_(torch.randn(layer.weight.shape, generator=g, dtype=layer.weight.dtype))
+
+
+def test_identical_weights_reuse_the_tree_and_moved_weights_search_again():
+    cloud = torch.randn(30, 5, dtype=torch.float64)
+    trees = TreeCache()
+    first = trees.deaths("fc", cloud)
+    assert torch.equal(trees.deaths("fc", cloud.clone()), first) and trees.searches == 1
+    moved_cloud = cloud + 0.5 * torch.randn_like(cloud)
+    assert torch.allclose(torch.sort(trees.deaths("fc", moved_cloud)).values, h0_deaths(moved_cloud))
+    assert trees.searches == 2
+
+
+def test_approximate_reuse_counts_lookups_of_moved_weights():
+    cloud = torch.randn(30, 5, dtype=torch.float64)
+    trees = TreeCache()
+    trees.deaths("fc", cloud, tree_every=3)
+    for k in range(1, 7):
+        trees.deaths("fc", cloud + 1e-3 * k, tree_every=3)
+    # Searches at lookups 0, 3 and 6 (of moved weights each time).
+    assert trees.searches == 3
+
+
+def test_an_approximate_tree_never_reaches_an_exact_caller_sharing_the_cache():
+    torch.manual_seed(0)
+    net = build_mlp("mlp:6-40-3").double()
+    trees = TreeCache()
+    approximate = TopoPenalty(net, metric="mean_lifetime", tree_every=10, trees=trees, weight={"fc1": 1.0})
+    approximate()
+    moved(net.fc1, 1)
+    approximate()  # reuses the old tree on purpose
+    stale = approximate.last_values["fc1"]
+    exact = exact_mean_lifetime(net.fc1)
+    assert abs(stale - exact) > 1e-3  # the scenario is real: the old tree is wrong now
+    exact_penalty = TopoPenalty(net, metric="mean_lifetime", trees=trees, weight={"fc1": 1.0})
+    exact_penalty()
+    assert exact_penalty.last_values["fc1"] == pytest.approx(exact, rel=1e-12)
+    optimizer = TopoOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net, metric="mean_lifetime",
+                              trees=trees, layers=["fc1"])
+    optimizer.update_scales()
+    rms = float(net.fc1.weight.detach().norm()) / 40**0.5
+    assert optimizer.complexity["fc1"] == pytest.approx(exact / rms, rel=1e-12)
+    monitor = TopologyMonitor(net, writer=_NullWriter(), metrics="mean_lifetime", trees=trees)
+    monitor.step(0)
+    assert monitor.last["fc1"]["mean_lifetime"] == pytest.approx(exact, rel=1e-12)
+
+
+def test_writes_through_data_are_seen_by_every_exact_owner():
+    torch.manual_seed(0)
+    net = build_mlp("mlp:6-40-3").double()
+    penalty = TopoPenalty(net, metric="mean_lifetime", weight={"fc1": 1.0})
+    optimizer = TopoOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net, metric="mean_lifetime", layers=["fc1"])
+    penalty()
+    optimizer.update_scales()
+    version = net.fc1.weight._version
+    net.fc1.weight.data.mul_(2.0).add_(torch.randn(40, 6, dtype=torch.float64))  # EMA/clipping-style write
+    assert net.fc1.weight._version == version  # invisible to a version counter
+    exact = exact_mean_lifetime(net.fc1)
+    value = penalty()
+    assert penalty.last_values["fc1"] == pytest.approx(exact, rel=1e-12)
+    assert float(value.detach()) == pytest.approx(exact, rel=1e-12)
+    optimizer.update_scales()
+    rms = float(net.fc1.weight.detach().norm()) / 40**0.5
+    assert optimizer.complexity["fc1"] == pytest.approx(exact / rms, rel=1e-12)
+
+
+def test_state_dict_round_trip_keeps_trees_and_counts():
+    cloud = torch.randn(20, 4, dtype=torch.float64)
+    trees = TreeCache()
+    trees.deaths("fc", cloud, tree_every=5)
+    trees.deaths("fc", cloud + 0.1, tree_every=5)
+    buffer = io.BytesIO()
+    torch.save(trees.state_dict(), buffer)
+    buffer.seek(0)
+    restored = TreeCache()
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    for k in range(2, 8):
+        a = trees.deaths("fc", cloud + 0.1 * k, tree_every=5)
+        b = restored.deaths("fc", cloud + 0.1 * k, tree_every=5)
+        assert torch.equal(a, b)
+    assert restored.searches == trees.searches
+
+
+class _NullWriter:
+    """Accepts the SummaryWriter calls the monitor makes, and keeps nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
