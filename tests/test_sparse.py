@@ -139,3 +139,56 @@ def test_bad_masks_are_rejected():
         SparseLinear(4, 3, torch.ones(4, 3))
     with pytest.raises(ValueError, match="only 0 and 1"):
         SparseLinear(2, 2, torch.full((2, 2), 0.5))
+
+
+def test_families_draw_from_their_own_seed_streams():
+    """The same index in two families gives different seeds, so no two generators that build on
+    the same random draw can return the same mask."""
+    from topoopt.sparse import MASK_FAMILIES, family_seed
+
+    seeds = {family_seed(family, index, layer) for family in MASK_FAMILIES for index in range(6) for layer in range(3)}
+    assert len(seeds) == len(MASK_FAMILIES) * 6 * 3
+    assert family_seed("biregular", 2, 1) == family_seed("biregular", 2, 1)
+    with pytest.raises(ValueError, match="Valid families"):
+        family_seed("star", 0)
+
+
+def test_expander_is_not_the_biregular_mask_of_its_seed():
+    """Regression: the expander used to try random_biregular(seed) first and keep it when it met
+    the bound, so 5 of 6 'expanders' were the biregular masks of the same seeds."""
+    for seed in range(6):
+        assert not torch.equal(ramanujan_expander(64, 64, 4, seed=seed), make_mask("biregular", 64, 64, 4, seed=seed))
+
+
+def test_mask_fingerprint_detects_identical_wirings():
+    from topoopt.sparse import mask_fingerprint
+
+    a, b = make_mask("biregular", 16, 24, 3, seed=0), make_mask("biregular", 16, 24, 3, seed=1)
+    assert mask_fingerprint([a, b]) == mask_fingerprint([a.clone(), b.clone()])
+    assert mask_fingerprint([a, b]) != mask_fingerprint([b, a]) != mask_fingerprint([a])
+    assert mask_fingerprint(a) != mask_fingerprint(a.T.contiguous())
+
+
+def test_study_drops_duplicate_networks_and_refuses_to_analyse_them():
+    from topoopt.studies.sparse_topologies import StudyConfig, analyse, make_cells, unique_specs
+
+    spec = {"family": "biregular", "degree": 4, "mask_seed": 0, "p": 0.0}
+    kept, duplicates = unique_specs([spec, dict(spec, family="rewired", p=0.3), dict(spec)], 64, 64, 3)
+    assert [s["family"] for s in kept] == ["biregular", "rewired"]
+    assert duplicates == [{"mask_id": "biregular-d4-m0-p0.0", "same_as": "biregular-d4-m0-p0.0", "mask_hash": kept[0]["mask_hash"]}]
+    cells, duplicates = make_cells(StudyConfig.quick(), 64)
+    assert duplicates == []
+    hashes = {c["mask_id"]: c["mask_hash"] for c in cells}
+    assert len(set(hashes.values())) == len(hashes)
+    record = {"family": "biregular", "degree": 4, "density": 0.06, "min_spectral_gap": 1.0, "min_normalized_gap": 0.1,
+              "min_algebraic_connectivity": 0.5, "min_ramanujan_margin": 0.1, "all_connected": True, "isolated_units": 0,
+              "unused_inputs": 0, "mask_hash": "same", "test_accuracy": 0.9, "epochs_to_90": 1}
+    with pytest.raises(ValueError, match="deduplicate"):
+        analyse([dict(record, mask_id="a"), dict(record, mask_id="b")], StudyConfig())
+
+
+def test_isolated_nodes_are_counted_and_zero_the_algebraic_connectivity():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    measures = graph_measures(mask)
+    assert (measures.isolated_outputs, measures.isolated_inputs) == (1, 1)
+    assert measures.algebraic_connectivity == pytest.approx(0.0, abs=1e-12) and not measures.connected

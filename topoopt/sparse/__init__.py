@@ -6,7 +6,9 @@ from topoopt.sparse.masks import (
     banded,
     block_diagonal,
     erdos_renyi,
+    family_seed,
     make_mask,
+    mask_fingerprint,
     ramanujan_expander,
     random_biregular,
     rewired_banded,
@@ -25,6 +27,8 @@ __all__ = [
     "ramanujan_expander",
     "block_diagonal",
     "make_mask",
+    "family_seed",
+    "mask_fingerprint",
     "GraphMeasures",
     "graph_measures",
 ]

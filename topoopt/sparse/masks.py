@@ -9,6 +9,9 @@ regular as the widths allow. Rewiring preserves both sides' degrees.
 
 from __future__ import annotations
 
+import hashlib
+import zlib
+
 import numpy as np
 import torch
 
@@ -22,6 +25,8 @@ __all__ = [
     "ramanujan_expander",
     "block_diagonal",
     "make_mask",
+    "family_seed",
+    "mask_fingerprint",
 ]
 
 
@@ -117,13 +122,16 @@ def xnet(out_features: int, in_features: int, degree: int, seed: int) -> torch.T
 def ramanujan_expander(out_features: int, in_features: int, degree: int, seed: int, tries: int = 200) -> torch.Tensor:
     """A random biregular mask whose second singular value meets the Ramanujan bound.
 
-    Draws random biregular graphs (seeds seed, seed+1, …) until σ₂(M) ≤ √(d_L−1) + √(d_R−1);
-    raises `RuntimeError` if none of `tries` does.
+    Draws random biregular graphs until σ₂(M) ≤ √(d_L−1) + √(d_R−1); raises `RuntimeError` if
+    none of `tries` does. Attempt a uses the seed derived from (seed, a), never seed + a: with
+    `random_biregular(…, seed)` itself as the first attempt, an expander drawn with the seed of
+    a biregular mask was that very mask whenever it passed the bound (most do).
     """
     from topoopt.sparse.measures import graph_measures
 
     for attempt in range(tries):
-        mask = random_biregular(out_features, in_features, degree, seed + attempt)
+        attempt_seed = int(np.random.SeedSequence([seed, attempt, 0x5A3E]).generate_state(1)[0])
+        mask = random_biregular(out_features, in_features, degree, attempt_seed)
         if graph_measures(mask).ramanujan_margin >= 0:
             return mask
     raise RuntimeError(f"No Ramanujan mask found in {tries} tries ({out_features}×{in_features}, degree {degree})")
@@ -146,6 +154,29 @@ def block_diagonal(out_features: int, in_features: int, degree: int, blocks: int
 
 
 MASK_FAMILIES = ("banded", "rewired", "biregular", "erdos_renyi", "xnet", "expander", "block_diagonal")
+
+
+def family_seed(family: str, index: int, layer: int = 0) -> int:
+    """A seed of the stream of `family` for its `index`-th mask and a given layer.
+
+    Each family has its own stream (keyed by its name), so two families never share seeds:
+    otherwise two generators built on the same random biregular draw return the same mask.
+    """
+    if family not in MASK_FAMILIES:
+        raise ValueError(f"Unknown mask family {family!r}. Valid families are: {', '.join(MASK_FAMILIES)}")
+    return int(np.random.SeedSequence([zlib.crc32(family.encode()), index, layer]).generate_state(1)[0])
+
+
+def mask_fingerprint(masks: list[torch.Tensor] | torch.Tensor) -> str:
+    """A hash of one mask or a network's list of masks (shapes and entries): equal masks, equal
+    fingerprints; used to detect the same wiring appearing twice in a study."""
+    masks = [masks] if isinstance(masks, torch.Tensor) else masks
+    digest = hashlib.sha256()
+    for mask in masks:
+        array = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.int8)
+        digest.update(repr(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def make_mask(family: str, out_features: int, in_features: int, degree: int, seed: int, p: float = 0.5) -> torch.Tensor:

@@ -21,7 +21,11 @@ class GraphMeasures:
     - ``ramanujan_bound`` √(d_L−1) + √(d_R−1) with d_L, d_R the mean row and column degrees, and
       ``ramanujan_margin`` = bound − σ₂ (≥ 0: a Ramanujan graph, an optimal expander);
     - ``algebraic_connectivity``: λ₂ of the Laplacian D − A of the out+in nodes (0 iff disconnected);
-    - ``density``: edges / (out·in); ``connected``: one component, isolated nodes included.
+    - ``density``: edges / (out·in); ``connected``: one component, isolated nodes included;
+    - ``isolated_outputs`` (rows without an input: units whose output is their bias alone) and
+      ``isolated_inputs`` (columns nothing reads: unused pixels or dead units of the previous
+      layer). Any isolated node makes λ₂ = 0, so for graphs with uneven degrees (Erdős–Rényi,
+      X-Net) λ₂ = 0 counts dead units rather than measuring expansion.
     """
 
     sigma1: float
@@ -35,6 +39,8 @@ class GraphMeasures:
     connected: bool
     left_degree: float
     right_degree: float
+    isolated_outputs: int = 0
+    isolated_inputs: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,4 +75,6 @@ def graph_measures(mask: torch.Tensor | np.ndarray) -> GraphMeasures:
         connected=components == 1,
         left_degree=left,
         right_degree=right,
+        isolated_outputs=int((m.sum(axis=1) == 0).sum()),
+        isolated_inputs=int((m.sum(axis=0) == 0).sum()),
     )

@@ -10,6 +10,11 @@ its own mask of the same family and degree), then a dense output layer. Data: `d
 locality advantage), or `mnist5k`. Every cell (mask family × degree × mask seed × training seed)
 is one run; finished cells are skipped on re-run.
 
+Each mask family draws from its own seed stream (`family_seed`), and a network whose masks are
+identical to an earlier one's (same fingerprint) is dropped before training and listed in the
+summary, so no wiring is counted twice. Cell ids carry the fingerprint, so a results file from
+another wiring is never mistaken for this one.
+
     topoopt sparse --quick      # (or python experiments/sparse_topologies.py --quick): minutes
     topoopt sparse              # the full grid
 """
@@ -27,7 +32,7 @@ import torch
 from torch import nn
 
 from topoopt.data import load_dataset
-from topoopt.sparse import SparseLinear, block_diagonal, graph_measures, make_mask
+from topoopt.sparse import SparseLinear, block_diagonal, family_seed, graph_measures, make_mask, mask_fingerprint
 from topoopt.studies.options import add_sweep_options, apply_overrides
 from topoopt.studies.statistics import partial_spearman
 from topoopt.sweep import run_cells
@@ -81,14 +86,33 @@ def layer_masks(spec: dict, n_features: int, width: int, depth: int) -> list[tor
         fan_in = n_features if layer == 0 else width
         # The first layer keeps the same number of edges per neuron relative to its inputs.
         degree = spec["degree"] * (fan_in // width) if layer == 0 else spec["degree"]
-        seed = 1000 * spec["mask_seed"] + layer
         if spec["family"] == "dense":
             masks.append(torch.ones(width, fan_in))
         elif spec["family"] == "block_diagonal":
             masks.append(block_diagonal(width, fan_in, degree, blocks=spec["mask_seed"]))
         else:
-            masks.append(make_mask(spec["family"], width, fan_in, degree, seed=seed, p=spec["p"]))
+            masks.append(make_mask(spec["family"], width, fan_in, degree, p=spec["p"],
+                                   seed=family_seed(spec["family"], spec["mask_seed"], layer)))
     return masks
+
+
+def mask_id(spec: dict) -> str:
+    return f"{spec['family']}-d{spec['degree']}-m{spec['mask_seed']}-p{spec['p']}"
+
+
+def unique_specs(specs: list[dict], n_features: int, width: int, depth: int) -> tuple[list[dict], list[dict]]:
+    """The specs whose networks' masks differ from every earlier spec's (each with its
+    `mask_hash`), and the dropped duplicates with the mask they repeat."""
+    seen: dict[str, str] = {}
+    kept, duplicates = [], []
+    for spec in specs:
+        fingerprint = mask_fingerprint(layer_masks(spec, n_features, width, depth))
+        if fingerprint in seen:
+            duplicates.append({"mask_id": mask_id(spec), "same_as": seen[fingerprint], "mask_hash": fingerprint})
+        else:
+            seen[fingerprint] = mask_id(spec)
+            kept.append({**spec, "mask_hash": fingerprint})
+    return kept, duplicates
 
 
 def load_permuted(name: str):
@@ -112,6 +136,8 @@ def run_cell(cell: dict) -> dict:
     data = load_permuted(config.dataset)
     masks = layer_masks(cell, data.n_features, config.width, config.depth)
     measures = [graph_measures(m) for m in masks]
+    if mask_fingerprint(masks) != cell["mask_hash"]:
+        raise RuntimeError(f"{cell['id']}: masks differ from those the cell was planned with")
     model = build_model(data.n_features, data.n_classes, config.width, masks, cell["seed"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     history = fit(model, data, config.epochs, config.batch_size, optimizer, seed=cell["seed"])
@@ -119,6 +145,7 @@ def run_cell(cell: dict) -> dict:
     return {
         **{k: cell[k] for k in ("family", "degree", "mask_seed", "p", "seed")},
         "mask_id": cell["mask_id"],
+        "mask_hash": cell["mask_hash"],
         "test_accuracy": history[-1]["test_accuracy"],
         "train_accuracy": history[-1]["train_accuracy"],
         "epochs_to_90": reached[0] if reached else None,
@@ -128,17 +155,25 @@ def run_cell(cell: dict) -> dict:
         "min_algebraic_connectivity": min(m.algebraic_connectivity for m in measures),
         "min_ramanujan_margin": min(m.ramanujan_margin for m in measures),
         "all_connected": all(m.connected for m in measures),
+        # Isolated nodes: units without inputs (any layer) or whose output no later sparse layer
+        # reads (layers ≥ 2's columns); the first layer's unread columns are unused pixels.
+        "isolated_units": sum(m.isolated_outputs for m in measures) + sum(m.isolated_inputs for m in measures[1:]),
+        "unused_inputs": measures[0].isolated_inputs,
     }
 
 
-def make_cells(config: StudyConfig) -> list[dict]:
+def make_cells(config: StudyConfig, n_features: int) -> tuple[list[dict], list[dict]]:
+    """The cells to run (distinct networks only) and the duplicate masks that were dropped."""
     plain = asdict(config)
+    specs = mask_specs(config) + [{"family": "dense", "degree": config.width, "mask_seed": 0, "p": 0.0}]
+    kept, duplicates = unique_specs(specs, n_features, config.width, config.depth)
     cells = []
-    for spec in mask_specs(config) + [{"family": "dense", "degree": config.width, "mask_seed": 0, "p": 0.0}]:
-        mask_id = f"{spec['family']}-d{spec['degree']}-m{spec['mask_seed']}-p{spec['p']}"
+    for spec in kept:
+        name = mask_id(spec)
         for seed in range(config.seeds):
-            cells.append({**spec, "seed": seed, "mask_id": mask_id, "id": f"{config.dataset}/{mask_id}/s{seed}", "config": plain})
-    return cells
+            cells.append({**spec, "seed": seed, "mask_id": name, "id": f"{config.dataset}/{name}/{spec['mask_hash']}/s{seed}",
+                          "config": plain})
+    return cells, duplicates
 
 
 # ---- statistics ----
@@ -149,11 +184,15 @@ def analyse(records: list[dict], config: StudyConfig) -> dict:
     by_mask: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         by_mask[record["mask_id"]].append(record)
+    hashes = [rows[0]["mask_hash"] for rows in by_mask.values()]
+    if len(set(hashes)) != len(hashes):
+        raise ValueError("the same masks appear under two mask ids: deduplicate before analysing")
     masks = []
     for mask_id, rows in by_mask.items():
         first = rows[0]
         masks.append({**{k: first[k] for k in ("family", "degree", "density", "min_spectral_gap", "min_normalized_gap",
-                                                "min_algebraic_connectivity", "min_ramanujan_margin", "all_connected")},
+                                                "min_algebraic_connectivity", "min_ramanujan_margin", "all_connected",
+                                                "isolated_units", "unused_inputs", "mask_hash")},
                       "mask_id": mask_id, "accuracy": float(np.mean([r["test_accuracy"] for r in rows])),
                       "accuracy_std": float(np.std([r["test_accuracy"] for r in rows])),
                       "epochs_to_90": [r["epochs_to_90"] for r in rows]})
@@ -167,14 +206,31 @@ def analyse(records: list[dict], config: StudyConfig) -> dict:
         summary[f"spearman_{measure}"] = {"rho": float(rho), "p": float(p)}
     connected = [m for m in fixed if m["all_connected"]]
     if len(connected) > 3:
-        rho, p = stats.spearmanr([m["min_spectral_gap"] for m in connected], [m["accuracy"] for m in connected])
-        summary["spearman_min_spectral_gap_connected_only"] = {"rho": float(rho), "p": float(p), "n": len(connected)}
+        for measure in ("min_spectral_gap", "min_algebraic_connectivity"):
+            rho, p = stats.spearmanr([m[measure] for m in connected], [m["accuracy"] for m in connected])
+            summary[f"spearman_{measure}_connected_only"] = {"rho": float(rho), "p": float(p), "n": len(connected)}
+    # λ₂ = 0 wherever a node is isolated: for Erdős–Rényi and X-Net it then counts dead units,
+    # not expansion, so report those masks on their own.
+    disconnected = [m for m in fixed if not m["all_connected"]]
+    summary["disconnected_masks_fixed_density"] = {
+        family: {"n": sum(m["family"] == family for m in disconnected),
+                 "of": sum(m["family"] == family for m in fixed),
+                 "isolated_units": [m["isolated_units"] for m in disconnected if m["family"] == family],
+                 "unused_inputs": [m["unused_inputs"] for m in disconnected if m["family"] == family]}
+        for family in sorted({m["family"] for m in disconnected})}
+    uneven = [m for m in fixed if m["family"] in ("erdos_renyi", "xnet")]
+    if len(uneven) > 3 and len({m["isolated_units"] for m in uneven}) > 1:
+        rho, p = stats.spearmanr([m["isolated_units"] for m in uneven], [m["accuracy"] for m in uneven])
+        summary["spearman_isolated_units_erdos_renyi_xnet"] = {"rho": float(rho), "p": float(p), "n": len(uneven)}
     all_acc = np.array([m["accuracy"] for m in sparse])
     log_density = np.log(np.array([m["density"] for m in sparse]))
     gaps = np.array([m["min_spectral_gap"] for m in sparse])
     alg = np.array([m["min_algebraic_connectivity"] for m in sparse])
     summary["partial_spearman_gap_given_density"] = dict(zip(("rho", "p"), partial_spearman(gaps, all_acc, log_density)))
     summary["partial_spearman_algebraic_given_density"] = dict(zip(("rho", "p"), partial_spearman(alg, all_acc, log_density)))
+    summary["n_masks_all_densities"] = len(sparse)
+    biregular = [m for m in sparse if m["family"] == "biregular"]
+    summary["biregular_meeting_ramanujan_bound"] = {"n": sum(m["min_ramanujan_margin"] >= 0 for m in biregular), "of": len(biregular)}
     design = np.column_stack([np.ones(len(sparse)), gaps, log_density])
     coef, *_ = np.linalg.lstsq(design, all_acc, rcond=None)
     fitted = design @ coef
@@ -244,9 +300,11 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(config.out) / config.dataset
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    records = run_cells(make_cells(config), run_cell, out / "runs.jsonl", jobs=config.jobs,
+    cells, duplicates = make_cells(config, load_permuted(config.dataset).n_features)
+    records = run_cells(cells, run_cell, out / "runs.jsonl", jobs=config.jobs,
                         progress=not args.no_progress, desc=f"sparse {config.dataset}")
     analysis = analyse(records, config)
+    analysis["summary"]["duplicate_masks_dropped"] = duplicates
     (out / "summary.json").write_text(json.dumps(analysis["summary"], indent=2))
     with open(out / "masks.csv", "w") as handle:
         columns = [k for k in analysis["masks"][0] if k != "epochs_to_90"]
