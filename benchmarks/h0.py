@@ -6,6 +6,9 @@ topoopt and torch-topological are timed forward + backward; the others give no g
 
     python benchmarks/h0.py                 # N ∈ {100, 1000, 4096}
     python benchmarks/h0.py --large 20000   # one N = 20,000 layer, topoopt only
+    python benchmarks/h0.py --clustered --sizes 1000 3000 --threads 1
+        # clouds whose near pairs are most pairs (tiny neurons beside grown ones, nested
+        # clusters, a dense sheet), against a Gaussian cloud and the Gram product of the same N
 """
 
 from __future__ import annotations
@@ -80,6 +83,34 @@ def _gudhi(x: np.ndarray):
     return run
 
 
+def _clustered_cloud(kind: str, n: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    x = torch.randn(n, d, generator=generator)
+    if kind == "tiny neurons + 10 grown":  # zero/tiny initialisation after a few neurons grew
+        x[10:] *= 1e-6
+    elif kind == "nested clusters":
+        centres = torch.randn(n // 50 + 1, d, generator=generator).repeat_interleave(50, dim=0)[:n]
+        x = x * 1e-6 + centres * 1e-3
+        x[: n // 4] += 10 * torch.randn(d, generator=generator)
+    elif kind == "dense 2-D sheet":
+        x = torch.randn(n, 2, generator=generator) @ torch.randn(2, d, generator=generator)
+    return x
+
+
+def clustered(sizes: list[int], d: int, repeats: int) -> None:
+    """topoopt on clouds where the Gram identity loses most pairs, against a Gaussian cloud."""
+    print(f"{'N':>6} {'cloud':<26} {'median ms':>10} {'vs Gaussian':>12} {'vs Gram':>8}")
+    generator = torch.Generator().manual_seed(0)
+    for n in sizes:
+        kinds = ["Gaussian", "tiny neurons + 10 grown", "nested clusters", "dense 2-D sheet"]
+        clouds = {kind: _clustered_cloud(kind, n, d, generator) for kind in kinds}
+        floor = _time(_gram(clouds["Gaussian"]), repeats)
+        medians = {kind: _time(_topoopt(cloud), repeats) for kind, cloud in clouds.items()}
+        for kind, seconds in medians.items():
+            print(f"{n:>6} {kind:<26} {seconds * 1e3:>10.1f} {seconds / medians['Gaussian']:>11.2f}× "
+                  f"{seconds / floor:>7.2f}×")
+        print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 4096])
@@ -87,8 +118,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--large", type=int, default=0, help="also time one cloud of this many neurons")
+    parser.add_argument("--clustered", action="store_true", help="time clustered clouds instead (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.clustered:
+        clustered(args.sizes, args.dim, args.repeats)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d = {args.dim}, "
           f"median of {args.repeats} (slow references: of 3)\n")
     header = f"{'N':>6} {'method':<28} {'median ms':>10} {'vs torch-topological':>21} {'vs Gram':>8}"

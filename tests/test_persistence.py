@@ -40,6 +40,15 @@ def make_cloud(kind: str, n: int, d: int, scale: float, rng: np.random.Generator
         x = np.outer(rng.normal(size=n), rng.normal(size=d))
     elif kind == "offset":  # a common component far larger than the spread
         x = 1e3 + x
+    elif kind == "tiny_cluster":  # zero/tiny initialisation with a few grown neurons
+        x[10:] *= 1e-6
+    elif kind == "nested_clusters":  # clusters inside clusters, each far from its parent's centre
+        x = x * 1e-6 + np.repeat(rng.normal(size=(n // 50 + 1, d)), 50, axis=0)[:n] * 1e-3
+        x[: n // 4] += 10 * rng.normal(size=d)
+    elif kind == "small_clusters":  # many groups of a few neurons each, far from the centre
+        x = 5.0 + 1e-4 * x + np.repeat(rng.normal(size=(n // 4 + 1, d)), 4, axis=0)[:n]
+    elif kind == "plane":  # a dense two-dimensional sheet: one component of near pairs
+        x = rng.normal(size=(n, 2)) @ rng.normal(size=(2, d))
     return x * scale
 
 
@@ -57,6 +66,10 @@ CASES = [
         ("near_duplicates", 300, 50),
         ("collinear", 300, 20),
         ("offset", 200, 30),
+        ("tiny_cluster", 400, 64),
+        ("nested_clusters", 400, 32),
+        ("small_clusters", 600, 16),
+        ("plane", 500, 8),
     ]
     for scale in (1e-8, 1.0, 1e3)
 ]
@@ -248,3 +261,18 @@ def test_numpy_fallback_matches_gudhi(monkeypatch):
     monkeypatch.setattr(spanning_tree, "_native_prim", None)
     x = np.random.default_rng(5).normal(size=(200, 7))
     np.testing.assert_allclose(positive(h0_deaths(torch.tensor(x))), gudhi_h0_deaths(x), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["tiny_cluster", "nested_clusters", "small_clusters", "plane"])
+def test_clustered_clouds_recompute_few_pairs_exactly(kind, monkeypatch):
+    """Clusters far from the centre make most pairs "near"; they are measured about their own
+    centres instead of recomputing O(N²) pairs in float64 (the cost stays ~ a few Gram passes)."""
+    recomputed = []
+    original = spanning_tree._recompute_exactly
+    monkeypatch.setattr(spanning_tree, "_recompute_exactly",
+                        lambda result, points, pairs, f: (recomputed.append(len(pairs)), original(result, points, pairs, f)))
+    n = 1200
+    x = make_cloud(kind, n, 64, 1.0, np.random.default_rng(0)).astype(np.float32)
+    deaths = h0_deaths(torch.tensor(x))
+    assert sum(recomputed) <= 40 * n
+    np.testing.assert_allclose(positive(deaths), gudhi_h0_deaths(x.astype(np.float64)), rtol=1e-5, atol=0)

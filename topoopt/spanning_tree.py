@@ -40,6 +40,17 @@ __all__ = ["euclidean_mst_edges", "distance_matrix_bytes", "MemoryBudgetError"]
 # ≤ 6 eps / (2 · 0.05) ≈ 3.6e-6, below the 1e-5 agreement we promise against gudhi.
 NEAR_PAIR_RATIO = 0.05
 
+# float64 Gram error is ~6 eps64 (|x|²+|y|²) ≈ 7e-16 (|x|²+|y|²): above 1e-8 of the norms a
+# distance is good to ≤ 4e-8.
+NEAR_PAIR_RATIO_FLOAT64 = 1e-8
+# Near pairs recomputed exactly before clusters are measured about their own centres instead.
+_EXACT_PAIRS_PER_POINT = 4
+# Components this small have all their pairs recomputed exactly (cheaper than another pass).
+_SMALL_COMPONENT = 8
+# Nested clusters deeper than this (each a cluster far from its parent's centre) are recomputed
+# exactly: float32's exponent range allows only a few dozen such levels anyway.
+_MAX_DEPTH = 16
+
 # Rows per Gram block: 256 rows × N columns keeps the float32 block at 20 MiB for N = 20,000.
 _BLOCK_ROWS = 256
 # Float64 pair differences are recomputed this many elements (pairs × d) at a time (64 MiB).
@@ -113,46 +124,121 @@ def _merge_duplicates(points: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, n
 
 
 def _squared_distances(points: torch.Tensor) -> np.ndarray:
-    """N×N float32 squared distances of the cloud, near pairs exact (diagonal unspecified).
+    """N×N float32 squared distances of the cloud, every entry accurate to a relative 4e-6.
 
-    Distances are those of the cloud centred and multiplied by a power of two, which keeps the
-    float32 Gram product accurate and free of under/overflow; the tree does not change.
+    Distances are those of the cloud centred and multiplied by a power of two (which keeps the
+    Gram product accurate and free of under/overflow; the tree does not change). Diagonal
+    unspecified.
     """
+    result, _ = _accurate_squared_distances(points, depth=0)
+    return result.numpy()
+
+
+def _accurate_squared_distances(points: torch.Tensor, depth: int) -> tuple[torch.Tensor, float]:
+    """Squared distances times factor², near pairs repaired at bounded cost; (matrix, factor).
+
+    The Gram identity loses the pairs that are close compared with their norms. A few of them
+    are recomputed exactly. Many of them means clusters far from the cloud's centre (2,990
+    tiny neurons beside 10 grown ones, say: 98% of the pairs). Such a cluster is a connected
+    component of the near pairs; measured again about its *own* centre, its pairs are no
+    longer near, so each large component is recursed into, and the cost stays a small multiple
+    of the Gram product instead of O(N²·d) float64 gathers (benchmarks/h0.py, "clustered").
+    A component about as wide as its distance from the centre (a dense sheet through it, say)
+    gains nothing from centring again; its Gram product is taken in float64 instead, whose near
+    pairs (1e-8 of the norms) are genuinely rare.
+    """
+    n = points.shape[0]
+    result, pairs, factor = _gram_pass(points, torch.float32, NEAR_PAIR_RATIO)
+    if pairs.shape[0] <= _EXACT_PAIRS_PER_POINT * n or depth >= _MAX_DEPTH:
+        _recompute_exactly(result, points, pairs, factor**2)
+        return result, factor
+    exact: list[torch.Tensor] = []
+    for group in _components(n, pairs.numpy()):
+        if len(group) <= _SMALL_COMPONENT:
+            rows, cols = np.triu_indices(len(group), k=1)
+            exact.append(torch.as_tensor(np.stack([group[rows], group[cols]], axis=1)))
+            continue
+        index = torch.as_tensor(group, device=points.device)
+        members = points[index]
+        if _far_from_centre(members, points) and len(group) < n:
+            inner, inner_factor = _accurate_squared_distances(members, depth + 1)
+        else:  # centring again would not help: a float64 Gram product of the group instead
+            inner, near, inner_factor = _gram_pass(members, torch.float64, NEAR_PAIR_RATIO_FLOAT64)
+            _recompute_exactly(inner, members, near, inner_factor**2)
+        # Both factors are powers of two, so moving to this level's scale is exact.
+        inner.mul_((factor / inner_factor) ** 2)
+        result.numpy()[np.ix_(group, group)] = inner.numpy()
+    if exact:
+        _recompute_exactly(result, points, torch.cat(exact), factor**2)
+    return result, factor
+
+
+def _far_from_centre(members: torch.Tensor, points: torch.Tensor) -> bool:
+    """Whether a group's own centre is farther from the cloud's than the group is wide, so that
+    centring on it shrinks the norms the Gram identity loses precision against."""
+    own_centre = members.double().mean(dim=0)
+    offset = float((own_centre - points.double().mean(dim=0)).square().sum())
+    spread = float((members.double() - own_centre).square().sum(dim=1).mean())
+    return offset > spread
+
+
+def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Squared distances from the Gram product in `dtype` (upper triangle, mirrored into a
+    float32 matrix), the pairs closer than ``ratio·(|x|²+|y|²)``, and the power-of-two factor."""
     n = points.shape[0]
     # Centre in the input's own precision: the difference of close floats is exact (Sterbenz).
     centred = points - points.mean(dim=0)
     scale = float(centred.abs().max())
-    power_of_two = 2.0 ** -round(np.log2(scale)) if scale > 0 else 1.0
-    x32 = (centred * power_of_two).float()
-    sq_norms = (x32 * x32).sum(dim=1)
+    factor = 2.0 ** -round(np.log2(scale)) if scale > 0 else 1.0
+    x = (centred * factor).to(dtype)
+    sq_norms = (x * x).sum(dim=1)
     result = torch.empty((n, n), dtype=torch.float32)
     near_pairs: list[torch.Tensor] = []
     for start in range(0, n, _BLOCK_ROWS):
         stop = min(start + _BLOCK_ROWS, n)
         row_norms, col_norms = sq_norms[start:stop, None], sq_norms[None, start:]
-        block = x32[start:stop] @ x32[start:].T
+        block = x[start:stop] @ x[start:].T
         block.mul_(-2).add_(row_norms).add_(col_norms).clamp_(min=0)
-        threshold = torch.add(row_norms, col_norms).mul_(NEAR_PAIR_RATIO)
+        threshold = torch.add(row_norms, col_norms).mul_(ratio)
         near = torch.triu(block < threshold, diagonal=1)
-        near_pairs.append(torch.nonzero(near).cpu() + start)
-        block = block.cpu()
+        near_pairs.append(torch.nonzero(near).to(device="cpu", dtype=torch.int32) + start)
+        block = block.to(device="cpu", dtype=torch.float32)
         result[start:stop, start:] = block
         result[start:, start:stop] = block.T
-    pairs = torch.cat(near_pairs)
-    if pairs.numel():
-        _recompute_exactly(result, points, pairs, power_of_two**2)
-    return result.numpy()
+    return result, torch.cat(near_pairs), factor
+
+
+def _components(n: int, pairs: np.ndarray) -> list[np.ndarray]:
+    """The connected components (of 2 or more points) of the graph on n points with edges `pairs`."""
+    labels = np.arange(n, dtype=pairs.dtype)
+    u, v = np.ascontiguousarray(pairs[:, 0]), np.ascontiguousarray(pairs[:, 1])
+    while True:
+        lowest = np.minimum(labels[u], labels[v])
+        before = labels.copy()
+        np.minimum.at(labels, u, lowest)
+        np.minimum.at(labels, v, lowest)
+        labels = labels[labels]  # pointer jumping: follow each label to its own label
+        if np.array_equal(labels, before):
+            break
+    order = np.argsort(labels, kind="stable")
+    boundaries = np.flatnonzero(np.diff(labels[order])) + 1
+    return [group for group in np.split(order, boundaries) if len(group) > 1]
 
 
 def _recompute_exactly(
     result: torch.Tensor, points: torch.Tensor, pairs: torch.Tensor, factor: float
 ) -> None:
     """Overwrite `result` at `pairs` (and their mirror) with float64 squared differences."""
+    if pairs.shape[0] == 0:
+        return
+    wide = points.double()  # once: converting gathered rows instead costs a copy per pair
+    pairs = pairs.to(device=points.device, dtype=torch.int64)
     pairs_per_chunk = max(1, _PAIR_CHUNK_ELEMENTS // max(1, points.shape[1]))
     for start in range(0, pairs.shape[0], pairs_per_chunk):
         rows, cols = pairs[start : start + pairs_per_chunk].T
-        diff = points[rows.to(points.device)].double() - points[cols.to(points.device)].double()
-        exact = (diff.square().sum(dim=1) * factor).float().cpu()
+        diff = wide.index_select(0, rows) - wide.index_select(0, cols)
+        exact = (torch.linalg.vector_norm(diff, dim=1).square_() * factor).float().cpu()
+        rows, cols = rows.cpu(), cols.cpu()
         result[rows, cols] = exact
         result[cols, rows] = exact
 
