@@ -79,7 +79,7 @@ def test_main_job_prints_the_side_by_side_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "TopoOptimizer + TopoPenalty" in out and "fc2/normalized_entropy" in out
     assert f"tensorboard --logdir {tmp_path}" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["main_plain_s0", "main_topo_s0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["main_plain_e1_s0", "main_topo_e1_s0"]
 
 
 def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, monkeypatch, capsys):

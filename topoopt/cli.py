@@ -4,28 +4,45 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Sequence
 
 from topoopt.data import DATASETS, DatasetUnavailable
 from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES
 from topoopt.penalty import PENALTY_METRICS
+from topoopt.studies.options import positive_int
+from topoopt.training import CHANGEABLE_ON_RESUME
 
 __all__ = ["main", "build_parser"]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {text}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (the option and what is wrong), exit status 2, no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    value = _float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
 def _model_spec(text: str) -> str:
@@ -38,42 +55,49 @@ def _model_spec(text: str) -> str:
     return text
 
 
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    defaults = _defaults()
-    parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
-    parser.add_argument("--data-dir", default=None, help="folder with the dataset's files (mnist, fashion-mnist)")
-    parser.add_argument("--subset", type=_positive_int, default=None, help="stratified training subset size")
-    parser.add_argument("--model", type=_model_spec, default=defaults.model, help="mlp:IN-H1-...-OUT (default %(default)s)")
-    parser.add_argument("--activation", choices=["relu", "sigmoid", "tanh", "gelu"], default=defaults.activation)
-    parser.add_argument("--no-bias", dest="bias", action="store_false", help="Linear layers without bias")
-    parser.add_argument("--init", choices=["default", "zero", "normal"], default=defaults.init)
-    parser.add_argument("--init-std", type=float, default=defaults.init_std, help="std of --init normal")
-    parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=defaults.optimizer)
-    parser.add_argument("--lr", type=_positive_float, default=defaults.lr)
-    parser.add_argument("--momentum", type=float, default=defaults.momentum)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
-    parser.add_argument("--topo-optimizer", choices=sorted(POLICIES), default=None, metavar="POLICY",
+def _add_train_options(parser: argparse.ArgumentParser, defaults) -> None:
+    """The options of `topoopt train`; with ``defaults=None`` an option not given is left out of
+    the parsed namespace (how a resumed run tells the options given from the defaults)."""
+    default = (lambda name: getattr(defaults, name)) if defaults is not None else (lambda name: argparse.SUPPRESS)
+    parser.add_argument("--dataset", choices=DATASETS, default=default("dataset"))
+    parser.add_argument("--data-dir", default=default("data_dir"), help="folder with the dataset's files (mnist, fashion-mnist)")
+    parser.add_argument("--subset", type=positive_int, default=default("subset"), help="stratified training subset size")
+    parser.add_argument("--model", type=_model_spec, default=default("model"),
+                        help="mlp:IN-H1-...-OUT (default: mlp:IN-100-100-10, IN the dataset's features: 64 for digits, 784 else)")
+    parser.add_argument("--activation", choices=["relu", "sigmoid", "tanh", "gelu"], default=default("activation"))
+    parser.add_argument("--no-bias", dest="bias", action="store_false", default=default("bias"), help="Linear layers without bias")
+    parser.add_argument("--init", choices=["default", "zero", "normal"], default=default("init"))
+    parser.add_argument("--init-std", type=_non_negative_float, default=default("init_std"), help="std of --init normal")
+    parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=default("optimizer"))
+    parser.add_argument("--lr", type=_positive_float, default=default("lr"))
+    parser.add_argument("--momentum", type=_non_negative_float, default=default("momentum"), help="SGD momentum, in [0, 1)")
+    parser.add_argument("--weight-decay", type=_non_negative_float, default=default("weight_decay"))
+    parser.add_argument("--epochs", type=positive_int, default=default("epochs"),
+                        help="total epochs; may be raised on --resume to extend a run")
+    parser.add_argument("--batch-size", type=positive_int, default=default("batch_size"))
+    parser.add_argument("--topo-optimizer", choices=sorted(POLICIES), default=default("topo_optimizer"), metavar="POLICY",
                         help=f"wrap the optimizer in TopoOptimizer with this policy ({', '.join(POLICIES)})")
-    parser.add_argument("--topo-metric", choices=COMPLEXITY_METRICS, default=defaults.topo_metric)
-    parser.add_argument("--topo-strength", type=float, default=defaults.topo_strength)
-    parser.add_argument("--topo-every", type=_positive_int, default=defaults.topo_every)
-    parser.add_argument("--topo-bounds", type=_positive_float, nargs=2, default=defaults.topo_bounds, metavar=("LOW", "HIGH"))
-    parser.add_argument("--penalty", choices=PENALTY_METRICS, default=None, metavar="METRIC",
+    parser.add_argument("--topo-metric", choices=COMPLEXITY_METRICS, default=default("topo_metric"))
+    parser.add_argument("--topo-strength", type=_non_negative_float, default=default("topo_strength"))
+    parser.add_argument("--topo-every", type=positive_int, default=default("topo_every"))
+    parser.add_argument("--topo-bounds", type=_positive_float, nargs=2, default=default("topo_bounds"), metavar=("LOW", "HIGH"),
+                        help="range of each layer's step scale, LOW ≤ 1 ≤ HIGH")
+    parser.add_argument("--penalty", choices=PENALTY_METRICS, default=default("penalty"), metavar="METRIC",
                         help=f"add TopoPenalty on this metric ({', '.join(PENALTY_METRICS)})")
-    parser.add_argument("--penalty-weight", type=float, default=defaults.penalty_weight)
-    parser.add_argument("--penalty-direction", choices=["minimize", "maximize"], default=defaults.penalty_direction)
-    parser.add_argument("--penalty-every", type=_positive_int, default=defaults.penalty_every)
-    parser.add_argument("--tree-every", type=_positive_int, default=defaults.tree_every)
-    parser.add_argument("--monitor-every", type=_positive_int, default=defaults.monitor_every)
-    parser.add_argument("--diagrams-every", type=_positive_int, default=defaults.diagrams_every)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device)
-    parser.add_argument("--log-dir", default=None, help="run folder (default tensorboard_logs/<run-name>)")
-    parser.add_argument("--run-name", default=None)
-    parser.add_argument("--resume", action="store_true", help="continue the run in --log-dir from its last checkpoint")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--penalty-weight", type=_non_negative_float, default=default("penalty_weight"))
+    parser.add_argument("--penalty-direction", choices=["minimize", "maximize"], default=default("penalty_direction"))
+    parser.add_argument("--penalty-every", type=positive_int, default=default("penalty_every"))
+    parser.add_argument("--tree-every", type=positive_int, default=default("tree_every"))
+    parser.add_argument("--monitor-every", type=positive_int, default=default("monitor_every"))
+    parser.add_argument("--diagrams-every", type=positive_int, default=default("diagrams_every"))
+    parser.add_argument("--seed", type=int, default=default("seed"))
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default("device"))
+    parser.add_argument("--log-dir", default=default("log_dir"), help="run folder (default tensorboard_logs/<run-name>)")
+    parser.add_argument("--run-name", default=default("run_name"))
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --log-dir from its last checkpoint, with its saved options "
+                             f"(only {', '.join('--' + n.replace('_', '-') for n in CHANGEABLE_ON_RESUME)} may differ)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
 
 
 def _defaults():
@@ -82,36 +106,66 @@ def _defaults():
     return TrainConfig()
 
 
-def _config(args: argparse.Namespace):
-    from topoopt.training import TrainConfig
+def _config(args: argparse.Namespace, given: set[str]):
+    """The run's configuration; on --resume, the saved one with the options given on top (the
+    training refuses those that may not change)."""
+    from topoopt.training import TrainConfig, saved_config
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if args.resume:
+        saved = saved_config(config.run_dir())
+        if saved is not None:
+            config = dataclasses.replace(saved, **{k: getattr(config, k) for k in given & fields})
+    return config
+
+
+def _given_options(argv: Sequence[str]) -> set[str]:
+    """The train options named on the command line (not left at their defaults)."""
+    probe = _Parser(prog="topoopt train")
+    _add_train_options(probe, defaults=None)
+    return set(vars(probe.parse_args(argv)))
 
 
 def _train(args: argparse.Namespace) -> int:
     from topoopt.training import train
 
-    summary = train(_config(args), resume=args.resume, progress=not args.quiet)
+    summary = train(_config(args, _given_options(args.argv[1:])), resume=args.resume, progress=not args.quiet)
     print(f"test accuracy {summary['test_accuracy']:.4f}; run folder {summary['run_dir']}")
     return 0
 
 
 def _main_job(args: argparse.Namespace) -> int:
-    """mnist5k twice: the plain optimizer, then TopoOptimizer + TopoPenalty; a side-by-side table."""
+    """mnist5k twice: the plain optimizer, then TopoOptimizer + TopoPenalty; a side-by-side table;
+    then the quick learning graphs. Every part resumes where an interrupted job stopped."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small networks: one thread is as fast, and unhurt when cores are shared
+    try:
+        return _run_main_job(args)
+    except KeyboardInterrupt:
+        print("\nMain job interrupted: run it again (make run, or topoopt main with the same options) "
+              "to continue where it stopped.")
+        raise
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_main_job(args: argparse.Namespace) -> int:
     import time
 
     from topoopt.report import format_table
     from topoopt.training import TrainConfig, train
 
     started = time.perf_counter()
-
     common = dict(dataset="mnist5k", model="mlp:784-100-100-10", optimizer="sgd", lr=0.1, momentum=0.9,
                   epochs=args.epochs, seed=args.seed, diagrams_every=100)
+    tag = f"e{args.epochs}_s{args.seed}"  # runs of other lengths are other runs, never reported as these
     runs = {
-        "plain": TrainConfig(**common, run_name=f"main_plain_s{args.seed}"),
+        "plain": TrainConfig(**common, run_name=f"main_plain_{tag}"),
         "topo": TrainConfig(**common, topo_optimizer="calm", topo_strength=2.0, penalty="normalized_entropy",
-                            penalty_direction="maximize", penalty_weight=0.01, run_name=f"main_topo_s{args.seed}"),
+                            penalty_direction="maximize", penalty_weight=0.01, run_name=f"main_topo_{tag}"),
     }
     summaries = {}
     for label, config in runs.items():
@@ -120,36 +174,42 @@ def _main_job(args: argparse.Namespace) -> int:
     plain, topo = summaries["plain"], summaries["topo"]
     rows = [["test accuracy", plain["test_accuracy"], topo["test_accuracy"]],
             ["train accuracy", plain["train_accuracy"], topo["train_accuracy"]],
-            ["seconds", plain["seconds"], topo["seconds"]]]
+            ["training seconds", plain["seconds"], topo["seconds"]]]
     for layer in ("fc1", "fc2", "fc3"):
         for metric in ("normalized_entropy", "mean_lifetime"):
             key = f"{layer}/{metric}"
             rows.append([key, plain[key], topo[key]])
     print()
-    print(format_table(["mnist5k, 784-100-100-10, SGD", "plain", "TopoOptimizer + TopoPenalty"], rows))
+    print(format_table([f"mnist5k, 784-100-100-10, SGD, {args.epochs} epochs", "plain", "TopoOptimizer + TopoPenalty"], rows))
     if not args.skip_learning_graphs:
         from topoopt.studies import learning_graphs
 
-        print("\nLearning graphs (Gabella et al. 2019), quick runs on mnist5k:")
+        print("\nLearning graphs (Gabella et al. 2019), quick runs on mnist5k: the tree (784-100-10) for "
+              f"4,000 steps; the surface (784-100-100-10) at lr {learning_graphs.QUICK_SURFACE_LR} instead of the "
+              f"paper's {learning_graphs.PAPER_LR}, 12,000 steps (its plateau is 1/lr long), to reach the branching phase:",
+              flush=True)
         for setting in ("tree", "surface"):
             learning_graphs.main(["--setting", setting, "--quick"])
         print(f"Graphs (PNG, JSON, HTML): {learning_graphs.RESULTS_DIR / 'quick'}")
-    print(f"\nMain job finished in {time.perf_counter() - started:.0f} s.")
+    print(f"\nMain job finished in {time.perf_counter() - started:.0f} s (this invocation; training seconds "
+          f"above are summed over resumed segments).")
     print(f"Look at the runs: tensorboard --logdir {args.log_root}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="topoopt", description=__doc__)
+    parser = _Parser(prog="topoopt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train one model with optional topology-aware optimizer and penalty")
-    _add_train_options(train)
+    _add_train_options(train, _defaults())
     train.set_defaults(handler=_train)
     main_job = commands.add_parser("main", help="the main job behind `make run` (offline, mnist5k)")
-    main_job.add_argument("--epochs", type=_positive_int, default=10)
+    main_job.add_argument("--epochs", type=positive_int, default=10)
     main_job.add_argument("--seed", type=int, default=0)
     main_job.add_argument("--log-root", default="tensorboard_logs")
     main_job.add_argument("--quiet", action="store_true")
+    main_job.add_argument("--resume", action="store_true",
+                          help="continue an interrupted main job (it always does: the flag is accepted for symmetry)")
     main_job.add_argument("--skip-learning-graphs", action="store_true", help="only the plain/topology comparison")
     main_job.set_defaults(handler=_main_job)
     for name, module in STUDIES.items():
@@ -168,23 +228,24 @@ STUDIES = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in STUDIES:
-        import importlib
-
-        try:
-            importlib.import_module(STUDIES[argv[0]]).main(argv[1:])
-        except DatasetUnavailable as error:
-            print(f"topoopt: {error}", file=sys.stderr)
-            return 2
-        return 0
-    args = build_parser().parse_args(argv)
+    command = argv[0] if argv else None
     try:
+        if command in STUDIES:
+            import importlib
+
+            importlib.import_module(STUDIES[command]).main(argv[1:])
+            return 0
+        args = build_parser().parse_args(argv)
+        args.argv = argv
         return args.handler(args)
     except DatasetUnavailable as error:
         print(f"topoopt: {error}", file=sys.stderr)
         return 2
-    except (FileExistsError, ValueError) as error:  # bad combinations of options, NaN weights, ...
-        print(f"topoopt {args.command}: {error}", file=sys.stderr)
+    except (FileExistsError, ValueError) as error:  # bad options or files, diverged training, ...
+        print(f"topoopt {command}: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a folder or file that cannot be written or read: errno, text and path
+        print(f"topoopt {command}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -14,6 +14,7 @@ training subset, so runs on different subsets are scored on the same examples.
 from __future__ import annotations
 
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +22,10 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-__all__ = ["DATASETS", "Dataset", "DatasetUnavailable", "load_dataset", "stratified_subset"]
+__all__ = ["DATASETS", "Dataset", "DatasetUnavailable", "default_model", "load_dataset", "stratified_subset"]
 
 DATASETS = ("digits", "mnist5k", "mnist", "fashion-mnist")
+_FEATURES = {"digits": 64, "mnist5k": 784, "mnist": 784, "fashion-mnist": 784}
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -56,13 +58,43 @@ def _split(name: str, x: np.ndarray, y: np.ndarray, test_size: float | int) -> D
                    torch.from_numpy(x_test), torch.from_numpy(y_test))
 
 
+def default_model(dataset: str) -> str:
+    """The model `topoopt train` uses on `dataset` when no --model is given: two hidden layers of 100."""
+    if dataset not in _FEATURES:
+        raise ValueError(f"Unknown dataset {dataset!r}. Valid datasets are: {', '.join(DATASETS)}")
+    return f"mlp:{_FEATURES[dataset]}-100-100-10"
+
+
 def _read_idx(path: Path) -> np.ndarray:
+    """An IDX array (uint8 payload), its header checked against its payload; a damaged file is a
+    `DatasetUnavailable` naming the file."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (EOFError, OSError, zlib.error) as error:  # truncated or not gzip at all
+        raise DatasetUnavailable(f"{path}: cannot be read ({type(error).__name__}: {error}); the file is damaged") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 4:
+        raise DatasetUnavailable(f"{path}: not an IDX file of bytes (header {data[:4].hex() or 'empty'})")
     dims = data[3]
+    header = 4 + 4 * dims
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        raise DatasetUnavailable(f"{path}: the header announces shape {shape} ({expected:,} bytes), "
+                                 f"but the file holds {len(data):,} bytes; the file is damaged")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _check_pair(images: np.ndarray, labels: np.ndarray, image_path: Path, label_path: Path) -> None:
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DatasetUnavailable(f"{image_path} / {label_path}: expected images × rows × columns and a vector of "
+                                 f"labels, got shapes {images.shape} and {labels.shape}")
+    if len(images) != len(labels):
+        raise DatasetUnavailable(f"{image_path} holds {len(images):,} images but {label_path} holds "
+                                 f"{len(labels):,} labels")
+    if len(labels) and labels.max() > 9:
+        raise DatasetUnavailable(f"{label_path}: label {labels.max()} is out of range 0–9")
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -82,6 +114,8 @@ def _fashion_mnist(data_dir: Path | None) -> Dataset:
             f"(apt-get install dataset-fashion-mnist) or pass --data-dir FOLDER"
         )
     x_train, y_train, x_test, y_test = (_read_idx(path) for path in paths)
+    _check_pair(x_train, y_train, paths[0], paths[1])
+    _check_pair(x_test, y_test, paths[2], paths[3])
     as_float = lambda images: torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
     return Dataset("fashion-mnist", as_float(x_train), torch.from_numpy(y_train.astype(np.int64)),
                    as_float(x_test), torch.from_numpy(y_test.astype(np.int64)))
@@ -122,13 +156,18 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
 
 
 def stratified_subset(dataset: Dataset, size: int | None, seed: int = 0) -> Dataset:
-    """The dataset with `size` training examples drawn per class in proportion; test set unchanged."""
+    """The dataset with `size` training examples drawn per class in proportion; test set unchanged.
+
+    Valid sizes: from the number of classes to n − (number of classes), where every class keeps at
+    least one example on each side of the draw, or n itself (the whole training set).
+    """
     n = len(dataset.y_train)
     if size is None or size == n:
         return dataset
     n_classes = dataset.n_classes
-    if not (isinstance(size, int) and n_classes <= size < n):
-        raise ValueError(f"Invalid subset size: {size!r}. It must be an integer in [{n_classes}, {n}]")
+    if isinstance(size, bool) or not (isinstance(size, int) and n_classes <= size <= n - n_classes):
+        raise ValueError(f"Invalid subset size: {size!r}. It must be an integer in [{n_classes}, {n - n_classes}], "
+                         f"or {n} (all of {dataset.name}'s training set)")
     index, _ = train_test_split(np.arange(n), train_size=size, stratify=dataset.y_train.numpy(), random_state=seed)
     index = torch.from_numpy(np.sort(index))
     return Dataset(dataset.name, dataset.x_train[index], dataset.y_train[index], dataset.x_test, dataset.y_test)

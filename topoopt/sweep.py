@@ -1,7 +1,8 @@
 """Resumable sweeps over experiment cells: finished cells are skipped on re-run.
 
 Each finished cell appends one JSON line to a results file (flushed and fsynced), so an
-interrupted sweep loses at most the cells in flight; a torn last line is ignored on reload.
+interrupted sweep loses at most the cells in flight; a torn or garbled line (not JSON, or not
+UTF-8) is ignored on reload, and its cell runs again.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ __all__ = ["load_results", "run_cells"]
 
 
 def load_results(path: Path) -> dict[str, dict]:
-    """Finished cells by id; lines that do not parse (a write cut short) are skipped."""
+    """Finished cells by id; lines that do not parse (a write cut short, bytes that are not UTF-8)
+    are skipped."""
     results: dict[str, dict] = {}
     if not path.exists():
         return results
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(record, dict) and "id" in record:
             results[record["id"]] = record

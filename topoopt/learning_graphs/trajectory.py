@@ -4,12 +4,14 @@ Layout of a trajectory folder::
 
     <folder>/<layer>/chunk_000000.npy   (snapshots_in_chunk, N, d) float32
     <folder>/snapshots.jsonl            one line per snapshot: index, step, epoch, accuracy
+                                        (and any extra entries passed to `record`)
 
 A chunk is written to a temporary file and renamed, then its snapshots' lines are appended:
 a snapshot is on record only once both are durable. Memory is bounded by one chunk per layer.
 Reopening the folder continues after the last recorded step; a snapshot at or before it is
 skipped, so a resumed run neither loses nor duplicates snapshots (call `flush()` right before
-saving a training checkpoint, so that every snapshot up to the checkpoint is on record).
+saving a training checkpoint, so that every snapshot up to the checkpoint is on record). A
+resumed run that replays steps past its checkpoint recomputes the same snapshots and skips them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import nn
 from topoopt.cloud import neuron_cloud
 from topoopt.layers import select_layers
 
-__all__ = ["TrajectoryRecorder", "Trajectory", "load_trajectory", "recorded_layers"]
+__all__ = ["TrajectoryRecorder", "Trajectory", "load_snapshots", "load_trajectory", "recorded_layers"]
 
 
 def _folder_name(layer: str) -> str:
@@ -46,7 +48,10 @@ class TrajectoryRecorder:
         self.every = every
         self.chunk_size = chunk_size
         self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob("*/.chunk_*.tmp.npy"):  # left by a kill during a write
+            stale.unlink()
         self._meta_path = self.folder / "snapshots.jsonl"
+        _drop_torn_line(self._meta_path)
         existing = _read_meta(self._meta_path)
         self.n_recorded = len(existing)
         self.last_step = existing[-1]["step"] if existing else -1
@@ -55,15 +60,21 @@ class TrajectoryRecorder:
         manifest = {"layers": {name: _folder_name(name) for name in self.layers}, "every": every}
         (self.folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
-    def record(self, step: int, epoch: int = 0, accuracy: float | None = None, force: bool = False) -> bool:
-        """Keep a snapshot at `step` if it is due (or `force`) and not already on record."""
-        if step <= self.last_step or not (force or step % self.every == 0):
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether `record(step, ...)` would keep a snapshot (to skip evaluating when it would not)."""
+        return step > self.last_step and (force or step % self.every == 0)
+
+    def record(self, step: int, epoch: int = 0, accuracy: float | None = None, force: bool = False,
+               extra: dict | None = None) -> bool:
+        """Keep a snapshot at `step` if it is due (or `force`) and not already on record; `extra`
+        (plain JSON data) is stored in its line of snapshots.jsonl."""
+        if not self.due(step, force):
             return False
         with torch.no_grad():
             for name, module in self.layers.items():
                 self._clouds[name].append(neuron_cloud(module).detach().float().cpu().numpy().copy())
         self._buffer.append({"index": self.n_recorded + len(self._buffer), "step": int(step), "epoch": int(epoch),
-                             "accuracy": None if accuracy is None else float(accuracy)})
+                             "accuracy": None if accuracy is None else float(accuracy), **(extra or {})})
         self.last_step = step
         if len(self._buffer) >= self.chunk_size:
             self.flush()
@@ -100,16 +111,31 @@ class TrajectoryRecorder:
         self.close()
 
 
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line that a kill left without its newline, so that appends start clean."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "rb+") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
 def _read_meta(path: Path) -> list[dict]:
     if not path.exists():
         return []
     lines = []
-    for text in path.read_text().splitlines():
+    for text in path.read_bytes().splitlines():
         try:
-            lines.append(json.loads(text))
-        except json.JSONDecodeError:
+            lines.append(json.loads(text.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             break  # a torn last line: that snapshot was not on record
     return lines
+
+
+def load_snapshots(folder: str | Path) -> list[dict]:
+    """The snapshots on record, one dict each: index, step, epoch, accuracy and any extras."""
+    return _read_meta(Path(folder) / "snapshots.jsonl")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +43,13 @@ from topoopt.learning_graphs.mapper import pca_reduce
 from topoopt.models import build_mlp
 
 RESULTS_DIR = Path("experiments") / "results" / "learning_graphs"
+TRAINING_CHECKPOINT = "training_checkpoint.pt"
+PAPER_LR = 0.05
+# The quick surface run: the plateau before the branching phase lasts ~36,000 steps at the
+# paper's lr, and its length scales as 1/lr (~9,500 steps at lr 0.2, ~5,000 at 0.5; seed 42).
+# The quick run takes lr 0.25 for 12,000 steps, so that it reaches the branching phase (at
+# lr 0.5 and 8,000 steps the output graph had 17 branches, at 0.25 and 12,000 it had 12).
+QUICK_SURFACE_LR = 0.25
 
 
 @dataclass
@@ -51,7 +61,7 @@ class RunConfig:
     seed: int = 0
     epochs: int = 50
     snapshots: int = 201
-    lr: float = 0.05
+    lr: float = PAPER_LR
     batch_size: int = 100
     tensorboard: str = "tensorboard_logs/learning_graphs"
 
@@ -60,7 +70,8 @@ class RunConfig:
         return [784, 100, 10] if self.setting == "tree" else [784, 100, 100, 10]
 
     def name(self) -> str:
-        return f"{self.setting}_{self.dataset}_eps{self.epsilon:g}_s{self.seed}_e{self.epochs}"
+        rate = "" if self.lr == PAPER_LR else f"_lr{self.lr:g}"
+        return f"{self.setting}_{self.dataset}_eps{self.epsilon:g}_s{self.seed}_e{self.epochs}{rate}"
 
 
 def _layer_roles(names: list[str]) -> dict[str, str]:
@@ -70,10 +81,8 @@ def _layer_roles(names: list[str]) -> dict[str, str]:
     return roles
 
 
-def train_and_record(config: RunConfig, folder: Path) -> dict:
-    """Train as the authors did and record every layer's cloud at `snapshots` steps."""
-    data = load_dataset(config.dataset, config.data_dir)
-    model = build_mlp([data.n_features, *config.widths[1:]], activation="sigmoid", bias=False)
+def _initialised_model(config: RunConfig, n_features: int) -> torch.nn.Module:
+    model = build_mlp([n_features, *config.widths[1:]], activation="sigmoid", bias=False)
     generator = torch.Generator().manual_seed(config.seed)
     with torch.no_grad():
         for layer in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
@@ -83,33 +92,95 @@ def train_and_record(config: RunConfig, folder: Path) -> dict:
                     layer.weight.add_(torch.randn(layer.weight.shape, generator=generator) * config.epsilon)
             else:
                 layer.weight.normal_(0.0, config.epsilon, generator=generator)
+    return model
+
+
+def _load_training_checkpoint(path: Path) -> dict | None:
+    """The saved training state, or None when there is none or it is damaged (then training
+    replays from step 0: it is deterministic, and snapshots on record are skipped)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 (a damaged file: start over rather than load unsafely)
+        print(f"{path} is damaged: training replays from step 0", flush=True)
+        return None
+
+
+def _save_training_checkpoint(state: dict, path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def train_and_record(config: RunConfig, folder: Path, progress: bool = True) -> dict:
+    """Train as the authors did and record every layer's cloud at `snapshots` steps.
+
+    Resumable: the training state is saved (with the recorded trajectory flushed first) at least
+    every 30 s at an epoch's end and on Ctrl-C, and a rerun continues from there.
+    """
+    from topoopt.learning_graphs.trajectory import load_snapshots
+    from topoopt.progress import Heartbeat
+    from topoopt.training import _StopOnInterrupt
+
+    data = load_dataset(config.dataset, config.data_dir)
+    model = _initialised_model(config, data.n_features)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     batches = math.ceil(len(data.y_train) / config.batch_size)
     total_steps = batches * config.epochs
     every = max(1, total_steps // (config.snapshots - 1))
     nines = data.y_test == 9
-    nine_predictions = []
+    shuffle = torch.Generator().manual_seed(config.seed)
+    checkpoint_path = folder / TRAINING_CHECKPOINT
+    checkpoint_path.with_name(checkpoint_path.name + ".tmp").unlink(missing_ok=True)  # left by a kill
+    step, first_epoch = 0, 1
+    saved = _load_training_checkpoint(checkpoint_path)
+    if saved is None:  # from step 0: whatever was recorded is recorded again
+        shutil.rmtree(folder / "trajectory", ignore_errors=True)
     recorder = TrajectoryRecorder(model, folder / "trajectory", every=every, chunk_size=64)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        shuffle.set_state(saved["shuffle"])
+        step, first_epoch = saved["step"], saved["epoch"] + 1
+        print(f"{config.name()}: resuming at step {step:,} of {total_steps:,}", flush=True)
 
     def snapshot(step: int, epoch: int) -> None:
+        if not recorder.due(step, force=(step == 0)):
+            return
         with torch.no_grad():
             predictions = model(data.x_test).argmax(1)
         accuracy = float((predictions == data.y_test).float().mean())
-        if recorder.record(step, epoch, accuracy, force=(step == 0)):
-            counts = torch.bincount(predictions[nines], minlength=10).tolist()
-            nine_predictions.append({"step": step, "accuracy": accuracy, "nines_as": counts})
+        counts = torch.bincount(predictions[nines], minlength=10).tolist()
+        recorder.record(step, epoch, accuracy, force=(step == 0), extra={"nines_as": counts})
 
-    shuffle = torch.Generator().manual_seed(config.seed)
-    step = 0
-    snapshot(0, 0)
-    for epoch in range(1, config.epochs + 1):
-        for batch in torch.randperm(len(data.y_train), generator=shuffle).split(config.batch_size):
-            optimizer.zero_grad()
-            F.cross_entropy(model(data.x_train[batch]), data.y_train[batch]).backward()
-            optimizer.step()
-            step += 1
-            snapshot(step, epoch)
+    def checkpoint(epoch: int) -> None:
+        recorder.flush()  # every snapshot up to the checkpoint is on record before it is saved
+        _save_training_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "shuffle": shuffle.get_state(), "step": step, "epoch": epoch}, checkpoint_path)
+
+    heartbeat = Heartbeat(enabled=progress)
+    saved_at = time.monotonic()
+    if step == 0:
+        snapshot(0, 0)
+    with _StopOnInterrupt() as stop:
+        for epoch in range(first_epoch, config.epochs + 1):
+            for batch in torch.randperm(len(data.y_train), generator=shuffle).split(config.batch_size):
+                optimizer.zero_grad()
+                F.cross_entropy(model(data.x_train[batch]), data.y_train[batch]).backward()
+                optimizer.step()
+                step += 1
+                snapshot(step, epoch)
+            heartbeat.beat(lambda: f"{config.name()}: step {step:,} of {total_steps:,}")
+            if stop.requested or time.monotonic() - saved_at >= 30:
+                checkpoint(epoch)
+                saved_at = time.monotonic()
+            if stop.requested:
+                print(f"\nInterrupted at step {step:,}: saved {checkpoint_path}; run the same command again to continue")
+                raise KeyboardInterrupt
     recorder.close()
+    nine_predictions = [{"step": s["step"], "accuracy": s["accuracy"], "nines_as": s["nines_as"]}
+                        for s in load_snapshots(folder / "trajectory")]
     (folder / "nines.json").write_text(json.dumps(nine_predictions))
     hidden = model.fc1.weight.detach()
     return {"steps": step, "snapshot_every": every, "final_accuracy": nine_predictions[-1]["accuracy"],
@@ -160,6 +231,7 @@ def analyse_run(folder: Path, config: RunConfig) -> dict:
     nines = json.loads((folder / "nines.json").read_text())
     report: dict = {"layers": {}}
     for layer in layers:
+        print(f"{config.name()}: the learning graph of {layer}", flush=True)
         trajectory = load_trajectory(folder / "trajectory", layer)
         settings = PAPER_SETTINGS[roles[layer]]
         graph = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron, settings)
@@ -299,6 +371,7 @@ def run(config: RunConfig, out: Path, reanalyse: bool = False) -> dict:
     else:
         training = train_and_record(config, folder)
         training_path.write_text(json.dumps(training))
+        (folder / TRAINING_CHECKPOINT).unlink(missing_ok=True)  # the trajectory is complete
     report = analyse_run(folder, config)
     summary = {"config": asdict(config), "training": training,
                "layers": {k: {kk: vv for kk, vv in v.items() if kk != "events"} for k, v in report["layers"].items()},
@@ -309,19 +382,28 @@ def run(config: RunConfig, out: Path, reanalyse: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from topoopt.studies.options import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=["tree", "surface"], default="tree")
-    parser.add_argument("--quick", action="store_true", help="4,000 (tree) or 12,000 (surface) steps, 101 snapshots, one seed")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"4,000 steps (tree) or 12,000 steps at lr {QUICK_SURFACE_LR} (surface), 101 snapshots, one seed")
     parser.add_argument("--dataset", choices=["mnist5k", "mnist", "digits"], default="mnist5k")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--epsilons", type=float, nargs="+", default=None,
                         help="tree: perturbation scales (0 = exact zero); surface: init std (default 1e-6)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--epochs", type=positive_int, default=None)
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"SGD learning rate (default {PAPER_LR}, the paper's; {QUICK_SURFACE_LR} for --quick --setting surface)")
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--reanalyse", action="store_true", help="rebuild the graphs from the recorded trajectories")
     parser.add_argument("--tensorboard", default="tensorboard_logs/learning_graphs")
     args = parser.parse_args(argv)
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"argument --lr: must be a finite number > 0, got {args.lr}")
+    if args.epsilons is not None and not all(math.isfinite(e) and e >= 0 for e in args.epsilons):
+        parser.error(f"argument --epsilons: must be finite numbers ≥ 0, got {args.epsilons}")
     tree = args.setting == "tree"
     epsilons = args.epsilons or ([0.0, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2] if tree else [1e-6])
     seeds = args.seeds or ([0, 1, 2] if tree else [42, 0, 1])
@@ -334,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         epochs = 100 if tree else 300
     else:
         epochs = 750 if tree else 1500
+    lr = args.lr if args.lr is not None else (QUICK_SURFACE_LR if args.quick and not tree else PAPER_LR)
     if args.quick and args.seeds is None:
         seeds = seeds[:1]
     if args.quick and args.epsilons is None and tree:
@@ -343,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
     for epsilon in epsilons:
         for seed in seeds:
             config = RunConfig(setting=args.setting, dataset=args.dataset, data_dir=args.data_dir, epsilon=epsilon,
-                               seed=seed, epochs=epochs, snapshots=101 if args.quick else 201,
+                               seed=seed, epochs=epochs, lr=lr, snapshots=101 if args.quick else 201,
                                tensorboard=args.tensorboard)
             summary = run(config, out, reanalyse=args.reanalyse)
             results.append(summary)

@@ -1,0 +1,30 @@
+"""Progress lines for logs: when output is not a terminal (no progress bar), a line at least
+every 30 s (one every 20 s, for margin), so that a long run never looks hung in a log file."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+__all__ = ["Heartbeat"]
+
+
+class Heartbeat:
+    """``beat(describe)`` prints ``describe()`` when `interval` seconds have passed since the last
+    line; it does nothing on a terminal (the progress bar shows progress there) or when disabled."""
+
+    def __init__(self, enabled: bool = True, interval: float = 20.0, stream=None) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        is_terminal = getattr(self.stream, "isatty", lambda: False)()
+        self.enabled = enabled and not is_terminal
+        self.interval = interval
+        self._last = time.monotonic()
+
+    def beat(self, describe: Callable[[], str]) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            print(describe(), file=self.stream, flush=True)
+            self._last = now
