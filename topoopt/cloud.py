@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from topoopt.persistence import _as_cloud
 
-__all__ = ["neuron_cloud", "layer_cloud", "weight_cloud", "CLOUD_LAYER_TYPES"]
+__all__ = ["neuron_cloud", "layer_cloud", "weight_cloud", "ParameterLayer", "CLOUD_LAYER_TYPES"]
 
 # Layers whose neurons each own one weight vector (subclasses, e.g. masked layers, included).
 CLOUD_LAYER_TYPES: tuple[type[nn.Module], ...] = (
@@ -40,7 +41,20 @@ def weight_cloud(weight: torch.Tensor, transposed: bool = False, groups: int = 1
     return grouped.reshape(groups * out_per_group, row_length)
 
 
-def neuron_cloud(module: nn.Module, include_bias: bool = False) -> torch.Tensor:
+@dataclass(frozen=True, eq=False)
+class ParameterLayer:
+    """A layer known only by its parameters (no module): neuron i is row i of ``weight``,
+    flattened (a Linear weight, or a Conv weight per output channel), ``bias`` its optional bias.
+
+    What `TopoOptimizer` builds when it is given parameters instead of a model. A transposed
+    convolution's weight is laid out (in, out, ...): give the module for those.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+def neuron_cloud(module: nn.Module | ParameterLayer, include_bias: bool = False) -> torch.Tensor:
     """The N×d cloud of a layer's neurons, keeping the autograd graph to its weight.
 
     `nn.Linear`: row i of the weight, the incoming weights of output neuron i. `nn.Conv1d/2d/3d`
@@ -49,6 +63,9 @@ def neuron_cloud(module: nn.Module, include_bias: bool = False) -> torch.Tensor:
     (a masked layer) gives that instead of its raw weight; a parametrized weight (weight norm,
     spectral norm, ...) is read as the layer uses it. Any other module is a `TypeError`.
     """
+    if isinstance(module, ParameterLayer):
+        cloud = weight_cloud(module.weight)
+        return _with_bias(cloud, module.bias, "layer") if include_bias else cloud
     if not isinstance(module, CLOUD_LAYER_TYPES):
         supported = ", ".join(kind.__name__ for kind in CLOUD_LAYER_TYPES)
         raise TypeError(f"neuron_cloud takes one of {supported}; got {type(module).__name__}")
@@ -62,19 +79,21 @@ def neuron_cloud(module: nn.Module, include_bias: bool = False) -> torch.Tensor:
     weight = getattr(module, "effective_weight", weight)
     transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
     cloud = weight_cloud(weight, transposed=transposed, groups=getattr(module, "groups", 1))
-    if include_bias:
-        if module.bias is None:
-            raise ValueError(f"include_bias=True, but this {type(module).__name__} has no bias")
-        if cloud.shape[0] != module.bias.shape[0]:
-            raise ValueError(
-                f"include_bias=True needs one bias per neuron: {cloud.shape[0]} neurons, "
-                f"{module.bias.shape[0]} biases"
-            )
-        cloud = torch.cat([cloud, module.bias.unsqueeze(1)], dim=1)
-    return cloud
+    return _with_bias(cloud, module.bias, type(module).__name__) if include_bias else cloud
 
 
-def layer_cloud(name: str, module: nn.Module, include_bias: bool = False) -> torch.Tensor | None:
+def _with_bias(cloud: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Tensor:
+    if bias is None:
+        raise ValueError(f"include_bias=True, but this {kind} has no bias")
+    if bias.dim() != 1 or cloud.shape[0] != bias.shape[0]:
+        raise ValueError(
+            f"include_bias=True needs one bias per neuron: {cloud.shape[0]} neurons, "
+            f"bias of shape {tuple(bias.shape)}"
+        )
+    return torch.cat([cloud, bias.unsqueeze(1)], dim=1)
+
+
+def layer_cloud(name: str, module: nn.Module | ParameterLayer, include_bias: bool = False) -> torch.Tensor | None:
     """The layer's cloud checked for measuring, or None when it has no geometry to measure.
 
     None for a layer with no neurons or no incoming weights (``Linear(5, 0)``, ``Linear(0, 5)``):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from topoopt.cloud import CLOUD_LAYER_TYPES, layer_cloud, neuron_cloud
+from topoopt.cloud import CLOUD_LAYER_TYPES, ParameterLayer, layer_cloud, neuron_cloud
 from topoopt.metrics import (
     max_lifetime,
     mean_lifetime,
@@ -62,13 +62,15 @@ def select_layers(model: nn.Module, layers: Iterable[str] | None = None) -> dict
     return {name: available[name] for name in chosen}
 
 
-def layer_parameters(module: nn.Module) -> list[nn.Parameter]:
+def layer_parameters(module: nn.Module | ParameterLayer) -> list[torch.Tensor]:
     """The parameters that produce a layer's weight and bias, each once.
 
     Its own (``weight``, ``bias``) and, for a parametrized layer (``weight_norm``,
     ``spectral_norm``, any ``torch.nn.utils.parametrize``), the parametrization's: there
     ``module.parameters(recurse=False)`` sees only the bias.
     """
+    if isinstance(module, ParameterLayer):
+        return [t for t in (module.weight, module.bias) if t is not None]
     found = {id(p): p for p in module.parameters(recurse=False)}
     parametrizations = getattr(module, "parametrizations", None)
     if isinstance(parametrizations, nn.Module):

@@ -5,8 +5,13 @@ The wrapper lets the inner optimizer take its step, then moves each layer's para
 SGD, Adam (where scaling the gradient would change nothing), LBFGS or any other optimizer.
 ``group["lr"]`` is never touched, so learning-rate schedulers see what they would see without
 the wrapper. The wrapper *is* a ``torch.optim.Optimizer`` and shares the inner optimizer's
-``param_groups`` and ``state`` (as davda54/sam does), so schedulers, ``GradScaler`` and
-checkpointing accept it.
+``param_groups`` and ``state`` objects (as davda54/sam does), so schedulers, ``GradScaler``,
+gradient clipping and checkpointing accept it.
+
+Framework proxies (Lightning's ``LightningOptimizer``) subclass the wrapper's class and forward
+unknown attributes to it. So the class defines no property that hides an attribute, and every
+mutable piece of the wrapper's own state lives in one object (`_WrapperState`) that the proxy
+reaches by forwarding, never in attributes a method would re-bind on the proxy.
 """
 
 from __future__ import annotations
@@ -14,69 +19,41 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from topoopt._validation import check_positive_int
-from topoopt.cloud import layer_cloud
+from topoopt.cloud import ParameterLayer, layer_cloud
 from topoopt.layers import layer_parameters, select_layers
 from topoopt.metrics import get_metric
+from topoopt.policies import POLICIES, Policy, awaken_policy, calm_policy, contrast_policy
 from topoopt.tree_cache import TreeCache, cache_key
 
-__all__ = ["TopoOptimizer", "POLICIES", "COMPLEXITY_METRICS", "calm_policy", "awaken_policy", "contrast_policy"]
+__all__ = [
+    "TopoOptimizer",
+    "POLICIES",
+    "COMPLEXITY_METRICS",
+    "calm_policy",
+    "awaken_policy",
+    "contrast_policy",
+]
 
 # Complexities are made dimensionless so that one policy works for every metric and layer size:
 # entropy is already in [0, 1]; lifetimes are divided by the layer's RMS neuron norm.
 COMPLEXITY_METRICS = ("normalized_entropy", "mean_lifetime", "total_persistence", "max_lifetime")
 
-Policy = Callable[[Mapping[str, float], Mapping[str, float], float], dict[str, float]]
-
-
-def calm_policy(complexity: Mapping[str, float], change: Mapping[str, float], strength: float) -> dict[str, float]:
-    """A brake: s_l = 1 / (1 + strength · (max(0, c_l − c̄) + v_l)), so s_l ≤ 1.
-
-    c_l is the layer's smoothed complexity, c̄ its mean over the wrapped layers, and v_l the
-    smoothed absolute change of c_l between measurements. Layers whose cloud is more complex
-    than the others', or whose topology is still changing fast, take smaller steps; settled,
-    simple layers keep the inner optimizer's step.
-    """
-    mean = sum(complexity.values()) / len(complexity)
-    return {
-        name: 1.0 / (1.0 + strength * (max(0.0, c - mean) + change.get(name, 0.0)))
-        for name, c in complexity.items()
-    }
-
-
-def awaken_policy(complexity: Mapping[str, float], change: Mapping[str, float], strength: float) -> dict[str, float]:
-    """An accelerator: s_l = 1 + strength · (1 − min(c_l, 1)), so s_l ≥ 1.
-
-    A layer whose cloud is still structureless (neurons coinciding or collapsed onto a few
-    points, as after zero or tiny initialisation: complexity near 0) takes larger steps until
-    its neurons have spread out (complexity near 1, where s_l = 1).
-    """
-    return {name: 1.0 + strength * (1.0 - min(c, 1.0)) for name, c in complexity.items()}
-
-
-def contrast_policy(complexity: Mapping[str, float], change: Mapping[str, float], strength: float) -> dict[str, float]:
-    """Relative braking: s_l = exp(−strength · z_l), z_l = (c_l − c̄) / sd(c) across the layers.
-
-    Added after the small-data study found normalized entropy within 0.98–1.0 in every layer, so
-    that `calm` and `awaken` scales stay within ~2% of 1. Standardising across layers makes the
-    policy act on the *ranking* of layers: the most complex layer is slowed, the least sped up,
-    by factors set by `strength` alone (the geometric mean of the scales is 1). All layers equal,
-    or a single layer: s = 1.
-    """
-    values = list(complexity.values())
-    mean = sum(values) / len(values)
-    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-    if spread == 0:
-        return {name: 1.0 for name in complexity}
-    return {name: math.exp(-strength * (c - mean) / spread) for name, c in complexity.items()}
-
-
-POLICIES: dict[str, Policy] = {"calm": calm_policy, "awaken": awaken_policy, "contrast": contrast_policy}
+# The keys torch.optim.Optimizer keeps per instance for hooks; none of them pickles reliably.
+_HOOK_KEYS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
 
 
 def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
@@ -87,23 +64,86 @@ def _check_number(name: str, value: Any, low: float, high: float, *, low_open: b
     return float(value)
 
 
+@dataclass
+class _WrapperState:
+    """Everything the wrapper changes as it runs (see the module docstring for why one object)."""
+
+    topo_step: int = 0
+    complexity: dict[str, float] = field(default_factory=dict)
+    smoothed: dict[str, float] = field(default_factory=dict)
+    change: dict[str, float] = field(default_factory=dict)
+    scales: dict[str, float] = field(default_factory=dict)
+    scaled: tuple[list[torch.Tensor], list[float], list[str]] | None = None  # cache, not saved
+
+    def as_dict(self, layers: list[str]) -> dict[str, Any]:
+        return {"topo_step": self.topo_step, "layers": list(layers), "complexity": dict(self.complexity),
+                "smoothed": dict(self.smoothed), "change": dict(self.change), "scales": dict(self.scales)}
+
+    def load(self, saved: Mapping[str, Any]) -> None:
+        self.topo_step = int(saved["topo_step"])
+        for key in ("complexity", "smoothed", "change", "scales"):
+            setattr(self, key, {k: float(v) for k, v in saved[key].items()})
+        self.scaled = None
+
+
 class TopoOptimizer(torch.optim.Optimizer):
     """Wraps any ``torch.optim.Optimizer``; layer l's step becomes s_l times the inner step.
 
-    Every ``every`` steps (the first step included), the complexity of each wrapped layer's
-    neuron cloud is measured with ``metric`` (under ``torch.no_grad``, outside the loss graph)
-    and smoothed with an exponential moving average of factor ``ema``. ``policy`` turns the
-    smoothed complexities into scales ("calm" brakes, "awaken" accelerates; see
-    `calm_policy` and `awaken_policy`, or pass a callable of the same signature), which are
-    clipped to ``bounds``. With ``tree_every=m`` the spanning trees are searched at most every
-    m-th measurement and re-measured in between (cheaper; see `topoopt.tree_cache`); a tree that
-    `TopoPenalty` found is reused when both are given the same ``trees`` (a `TreeCache`).
-    Parameters outside the wrapped layers, and layers with fewer than 2 neurons or no inputs,
-    keep s = 1.
+    Two ways to build it:
+
+    - ``TopoOptimizer(optimizer, model, ...)``: wrap an existing optimizer; the layers are the
+      model's Linear/Conv/ConvTranspose layers (or those named in ``layers``).
+    - ``TopoOptimizer(params, inner=torch.optim.AdamW, lr=1e-3, ...)``: the torch.optim form,
+      for frameworks that take an optimizer class and keyword arguments (skorch, ignite, config
+      files). ``params`` is what the inner optimizer accepts: ``model.named_parameters()``,
+      ``model.parameters()`` or param groups. Each parameter of 2 or more dimensions is a layer
+      whose neurons are its rows (a Linear weight, a Conv weight per output channel), named
+      after it (``"fc1.weight"`` → ``"fc1"``; unnamed: ``"param<i>"``); a named 1-D parameter
+      ``"<layer>.bias"`` with one entry per neuron is that layer's bias. Unknown keyword
+      arguments go to ``inner``.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer or iterable
+        The optimizer to wrap, or the parameters for ``inner``.
+    model : nn.Module, optional
+        The model whose layers are measured (first form only).
+    metric : str
+        Complexity measure: ``"normalized_entropy"`` (in [0, 1]) or a lifetime metric
+        (``"mean_lifetime"``, ``"total_persistence"``, ``"max_lifetime"``) divided by the layer's
+        RMS neuron norm, so that it is dimensionless.
+    policy : str or callable
+        ``"calm"`` (a brake), ``"awaken"`` (an accelerator), ``"contrast"`` (acts on the ranking
+        of layers), or a callable ``(complexity, change, strength) -> {layer: scale}``; see
+        `topoopt.policies`.
+    strength : float
+        How strongly the policy acts (≥ 0; 0 gives s = 1 everywhere).
+    every : int
+        Measure every ``every`` steps (the first step included); scales hold in between.
+    ema : float
+        Factor of the exponential moving average of each layer's complexity, in [0, 1).
+    bounds : (float, float)
+        Scales are clipped to [low, high], with 0 < low ≤ 1 ≤ high.
+    layers : list of str, optional
+        Only these layers (all by default).
+    include_bias : bool
+        Append each neuron's bias to its weight vector before measuring.
+    tree_every : int
+        Search each spanning tree at most every m-th measurement and re-measure its edges in
+        between (cheaper, approximate; see `topoopt.TreeCache`). 1 is exact.
+    trees : TreeCache, optional
+        Where trees are kept (a new one by default); share one with a `TopoPenalty` to search
+        once per step between them.
+    check_finite : bool
+        Check the scaled tensors after each step (see Safety).
+    inner : type or callable, optional
+        The optimizer class to build from ``params`` (second form only).
 
     Which parameters a scale moves: those that produce the layer's weight and bias (its own, and
     a parametrization's, such as ``weight_norm``'s ``original0``/``original1``). A parameter
     shared by several wrapped layers (tied weights) is moved once, by the mean of their scales.
+    Parameters outside the wrapped layers, and layers with fewer than 2 neurons or no inputs,
+    keep s = 1.
 
     Safety. After the inner step, the scaled tensors (already in hand) are checked: a NaN or Inf
     there raises ``FloatingPointError`` naming the layers, with the parameters left exactly as
@@ -118,16 +158,16 @@ class TopoOptimizer(torch.optim.Optimizer):
 
     ``scales`` (layer → s_l) and ``complexity`` (layer → last measured value) are readable for
     monitoring. ``state_dict()`` holds the inner optimizer's state and the wrapper's own, as
-    plain data that loads with ``torch.load(weights_only=True)``.
-
-    Under DistributedDataParallel the weights are identical on every rank, and the measurement is
-    deterministic, so every rank computes the same scales without communicating.
+    plain data that loads with ``torch.load(weights_only=True)``; the state-dict, load and step
+    hooks of ``torch.optim.Optimizer`` fire as on a bare optimizer (global step hooks once per
+    step). Under DistributedDataParallel the weights are identical on every rank, and the
+    measurement is deterministic, so every rank computes the same scales without communicating.
     """
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
-        model: nn.Module,
+        optimizer: torch.optim.Optimizer | Iterable[Any],
+        model: nn.Module | None = None,
         metric: str = "normalized_entropy",
         policy: str | Policy = "calm",
         strength: float = 1.0,
@@ -139,110 +179,103 @@ class TopoOptimizer(torch.optim.Optimizer):
         tree_every: int = 1,
         trees: TreeCache | None = None,
         check_finite: bool = True,
+        inner: Callable[..., torch.optim.Optimizer] | None = None,
+        **inner_kwargs: Any,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, TopoOptimizer):
             raise TypeError("optimizer is already a TopoOptimizer; wrap the inner optimizer once")
-        if metric not in COMPLEXITY_METRICS:
-            raise ValueError(f"Unknown metric {metric!r}. Valid metrics are: {', '.join(COMPLEXITY_METRICS)}")
-        if isinstance(policy, str):
-            if policy not in POLICIES:
-                raise ValueError(f"Unknown policy {policy!r}. Valid policies are: {', '.join(POLICIES)}")
-            policy_fn = POLICIES[policy]
-        elif callable(policy):
-            policy_fn = policy
+        self._policy_fn = _policy_function(policy)
+        settings = _check_settings(metric, strength, every, ema, bounds, tree_every, trees)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            if inner is not None or inner_kwargs:
+                raise TypeError("inner and its keyword arguments are for the parameter form, "
+                                "TopoOptimizer(params, inner=..., lr=...); got an optimizer instance")
+            if model is None:
+                raise TypeError("TopoOptimizer(optimizer, model): the model whose layers to measure is missing")
+            base, chosen = optimizer, select_layers(model, layers)
+            _check_layers_are_optimized(chosen, base)
         else:
-            raise TypeError(f"policy must be a name or a callable, got {type(policy).__name__}")
-        strength = _check_number("strength", strength, 0.0, math.inf)
-        ema = _check_number("ema", ema, 0.0, 1.0)
-        if ema == 1.0:
-            raise ValueError(f"Invalid ema: {ema} (1 would never update the average)")
-        check_positive_int("every", every)
-        check_positive_int("tree_every", tree_every)
-        if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):
-            raise ValueError(f"Invalid bounds: {bounds!r}. Expected (low, high)")
-        low = _check_number("lower bound", bounds[0], 0.0, math.inf, low_open=True)
-        high = _check_number("upper bound", bounds[1], 0.0, math.inf, low_open=True)
-        if not low <= 1.0 <= high:
-            raise ValueError(f"Invalid bounds: {tuple(bounds)}. They must satisfy low ≤ 1 ≤ high")
-        if trees is not None and not isinstance(trees, TreeCache):
-            raise TypeError(f"trees must be a topoopt.TreeCache, got {type(trees).__name__}")
-        chosen = select_layers(model, layers)
-        managed = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for name, module in chosen.items():
-            if not any(id(p) in managed for p in layer_parameters(module)):
-                raise ValueError(f"Layer {name!r} has no parameter in the optimizer's param_groups")
+            if model is not None:
+                raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            base, chosen = _build_from_parameters(optimizer, inner, inner_kwargs, layers)
 
-        self._attached = False
-        # Optimizer.__init__ sets up hooks and step patching; its param_groups/state are dropped
-        # by the setters below, since the inner optimizer's are shared instead.
+        # Optimizer.__init__ sets up the hooks and patches `step` for them; its own groups and
+        # state are then replaced by the inner optimizer's *objects*, shared from here on.
         super().__init__([{"params": []}], {})
-        self.optimizer = optimizer
-        self.defaults = optimizer.defaults
-        self._attached = True
-
-        self.metric = metric
-        self.policy = policy
-        self._policy_fn = policy_fn
-        self.strength = strength
-        self.every = every
-        self.ema = ema
-        self.bounds = (low, high)
+        self.base_optimizer = base
+        self.param_groups = base.param_groups
+        self.state = base.state
+        self.defaults = base.defaults
+        self.metric, self.policy = settings["metric"], policy
+        self.strength, self.every, self.ema = settings["strength"], every, settings["ema"]
+        self.bounds, self.tree_every = settings["bounds"], tree_every
         self.include_bias = include_bias
-        self.tree_every = tree_every
         self.trees = trees if trees is not None else TreeCache()
         self.check_finite = bool(check_finite)
         self._layers = chosen
         self._metric_fn = get_metric(metric)
-        self.topo_step = 0
-        self.complexity: dict[str, float] = {}
-        self.smoothed: dict[str, float] = {}
-        self.change: dict[str, float] = {}
-        self.scales: dict[str, float] = {name: 1.0 for name in chosen}
-        self._scaled: tuple[list[torch.Tensor], list[float], list[str]] | None = None
+        self._topo = _WrapperState(scales={name: 1.0 for name in chosen})
 
-    # ---- sharing the inner optimizer's groups and state ----
+    # ---- read-only views of the wrapper's state (safe through a forwarding proxy) ----
     @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups if self.__dict__.get("_attached") else []
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        if self.__dict__.get("_attached"):
-            self.optimizer.param_groups = value
+    def topo_step(self) -> int:
+        return self._topo.topo_step
 
     @property
-    def state(self):
-        return self.optimizer.state if self.__dict__.get("_attached") else {}
+    def scales(self) -> dict[str, float]:
+        return self._topo.scales
 
-    @state.setter
-    def state(self, value) -> None:
-        if self.__dict__.get("_attached"):
-            self.optimizer.state = value
+    @property
+    def complexity(self) -> dict[str, float]:
+        return self._topo.complexity
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Optimizer's own __getstate__ keeps only defaults/state/param_groups; deepcopy and
-        # pickle need the inner optimizer, the layers and the moving averages too.
-        return dict(self.__dict__)
+    @property
+    def smoothed(self) -> dict[str, float]:
+        return self._topo.smoothed
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+    @property
+    def change(self) -> dict[str, float]:
+        return self._topo.change
 
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The inner optimizer (``base_optimizer``); a framework proxy may redefine this name."""
+        return self.base_optimizer
+
+    # ---- the optimizer contract ----
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if self.__dict__.get("_attached"):
-            self.optimizer.add_param_group(param_group)
+        base = self.__dict__.get("base_optimizer")
+        if base is None:  # Optimizer.__init__'s placeholder group
+            super().add_param_group(param_group)
+        else:
+            base.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Like Optimizer's, leave out hooks and a `step` patched onto the instance (an LR
+        # scheduler's counter): closures that do not pickle. Keep the inner optimizer, the
+        # layers and the moving averages, which a bare optimizer's three keys cannot hold.
+        state = {k: v for k, v in self.__dict__.items() if k not in _HOOK_KEYS and k != "step"}
+        state["_topo"] = copy.copy(self._topo)
+        state["_topo"].scaled = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # fills in empty hooks and re-patches `step`
 
     def __repr__(self) -> str:
         return (f"TopoOptimizer(metric={self.metric!r}, policy={self.policy!r}, strength={self.strength}, "
-                f"every={self.every}, bounds={self.bounds}, layers={list(self._layers)})\n  {self.optimizer!r}")
+                f"every={self.every}, bounds={self.bounds}, layers={list(self._layers)})\n  {self.base_optimizer!r}")
 
     # ---- measuring topology ----
-    def _measure(self, name: str, module: nn.Module) -> float | None:
-        cloud = layer_cloud(name, module, self.include_bias)
+    def _measure(self, name: str, layer: nn.Module | ParameterLayer) -> float | None:
+        cloud = layer_cloud(name, layer, self.include_bias)
         if cloud is None or cloud.shape[0] < 2:
             return None
         cloud = cloud.detach()
@@ -262,41 +295,42 @@ class TopoOptimizer(torch.optim.Optimizer):
     @torch.compiler.disable
     def update_scales(self) -> dict[str, float]:
         """Measure every wrapped layer now, update the moving averages and the scales."""
+        topo = self._topo
         measured = {}
-        for name, module in self._layers.items():
-            value = self._measure(name, module)
+        for name, layer in self._layers.items():
+            value = self._measure(name, layer)
             if value is None:
                 continue
-            self.complexity[name] = value
-            previous = self.smoothed.get(name)
+            topo.complexity[name] = value
+            previous = topo.smoothed.get(name)
             if previous is None:
-                self.smoothed[name] = value
-                self.change[name] = 0.0
+                topo.smoothed[name] = value
+                topo.change[name] = 0.0
             else:
-                self.smoothed[name] = self.ema * previous + (1 - self.ema) * value
-                jump = abs(self.smoothed[name] - previous)
-                self.change[name] = self.ema * self.change[name] + (1 - self.ema) * jump
-            measured[name] = self.smoothed[name]
-        scales = dict(self._policy_fn(measured, self.change, self.strength)) if measured else {}
+                topo.smoothed[name] = self.ema * previous + (1 - self.ema) * value
+                jump = abs(topo.smoothed[name] - previous)
+                topo.change[name] = self.ema * topo.change[name] + (1 - self.ema) * jump
+            measured[name] = topo.smoothed[name]
+        scales = dict(self._policy_fn(measured, topo.change, self.strength)) if measured else {}
         low, high = self.bounds
         for name in self._layers:
             raw = float(scales.get(name, 1.0))
             if not math.isfinite(raw):
                 raise ValueError(f"The policy gave layer {name!r} a non-finite scale: {raw}")
-            self.scales[name] = min(max(raw, low), high)
-        self._scaled = None
-        return dict(self.scales)
+            topo.scales[name] = min(max(raw, low), high)
+        topo.scaled = None
+        return dict(topo.scales)
 
     # ---- the step ----
     def _scaled_parameters(self) -> tuple[list[torch.Tensor], list[float], list[str]]:
         """Each parameter of a wrapped layer once, with its scale (a shared one: the mean)."""
         managed = {id(p) for group in self.param_groups for p in group["params"]}
         found: dict[int, tuple[torch.Tensor, list[float], list[str]]] = {}
-        for name, module in self._layers.items():
-            for param in layer_parameters(module):
+        for name, layer in self._layers.items():
+            for param in layer_parameters(layer):
                 if id(param) in managed:
                     entry = found.setdefault(id(param), (param, [], []))
-                    entry[1].append(self.scales[name])
+                    entry[1].append(self._topo.scales[name])
                     entry[2].append(name)
         params, factors, owners = [], [], []
         for param, scales, names in found.values():
@@ -307,95 +341,234 @@ class TopoOptimizer(torch.optim.Optimizer):
                 owners.append("/".join(dict.fromkeys(names)))
         return params, factors, owners
 
-    def _own_state(self) -> dict[str, Any]:
-        return {
-            "topo_step": self.topo_step,
-            "layers": list(self._layers),
-            "complexity": dict(self.complexity),
-            "smoothed": dict(self.smoothed),
-            "change": dict(self.change),
-            "scales": dict(self.scales),
-        }
-
-    def _restore_own_state(self, own: dict[str, Any]) -> None:
-        self.topo_step = int(own["topo_step"])
-        self.complexity = {k: float(v) for k, v in own["complexity"].items()}
-        self.smoothed = {k: float(v) for k, v in own["smoothed"].items()}
-        self.change = {k: float(v) for k, v in own["change"].items()}
-        self.scales = {k: float(v) for k, v in own["scales"].items()}
-        self._scaled = None
-
-    def _snapshot_for_closure(self) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
-        params = [p for group in self.param_groups for p in group["params"]]
-        with torch.no_grad():
-            values = [p.detach().clone() for p in params]
-        state = {param: copy.deepcopy(entry) for param, entry in self.optimizer.state.items()}
-        return params, values, state
-
-    def _restore_snapshot(self, snapshot) -> None:
-        params, values, state = snapshot
-        with torch.no_grad():
-            for param, value in zip(params, values):
-                param.copy_(value)
-        self.optimizer.state.clear()
-        self.optimizer.state.update(state)
-
-    def _non_finite_layers(self, params: list[torch.Tensor], owners: list[str]) -> list[str]:
-        largest = torch.stack(torch._foreach_norm(params, math.inf))  # NaN or Inf where any is
-        finite = torch.isfinite(largest)
-        if bool(finite.all()):
-            return []
-        return sorted({owners[i] for i in torch.nonzero(~finite).flatten().tolist()})
-
-    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
-        own_before = self._own_state()
-        if self.topo_step % self.every == 0:
+    @torch.no_grad()
+    @torch.compiler.disable
+    def _begin_step(self, closure: Callable[[], Any] | None) -> dict[str, Any]:
+        """Measure when due and copy what a failed step must restore; eager under torch.compile."""
+        topo = self._topo
+        plan: dict[str, Any] = {"own": topo.as_dict(list(self._layers))}
+        if topo.topo_step % self.every == 0:
             self.update_scales()
-        if self._scaled is None:
-            self._scaled = self._scaled_parameters()
-        params, factors, owners = self._scaled
-        snapshot = self._snapshot_for_closure() if closure is not None else None
-        if params:
+        if topo.scaled is None:
+            topo.scaled = self._scaled_parameters()
+        params = topo.scaled[0]
+        plan["before"] = torch._foreach_mul(params, 1.0) if params else []  # one batched copy
+        if closure is not None:
+            all_params = [p for group in self.param_groups for p in group["params"]]
+            plan["rollback"] = (all_params, [p.detach().clone() for p in all_params],
+                                {p: copy.deepcopy(s) for p, s in self.base_optimizer.state.items()})
+        return plan
+
+    @torch.compiler.disable
+    def _abort_step(self, plan: dict[str, Any]) -> None:
+        if "rollback" in plan:
+            params, values, state = plan["rollback"]
             with torch.no_grad():
-                before = torch._foreach_mul(params, 1.0)  # one batched copy
+                torch._foreach_copy_(params, values)
+            self.base_optimizer.state.clear()
+            self.base_optimizer.state.update(state)
+        self._topo.load(plan["own"])
+
+    @torch.no_grad()
+    @torch.compiler.disable
+    def _finish_step(self, plan: dict[str, Any]) -> None:
+        """Count the step, then scale it: p ← p_old + s·(p_new − p_old), batched."""
+        topo = self._topo
+        topo.topo_step += 1  # the inner step was taken
+        params, factors, owners = topo.scaled
+        if not params:
+            return
+        if self.check_finite:
+            largest = torch.stack(torch._foreach_norm(params, math.inf))  # NaN or Inf where any is
+            finite = torch.isfinite(largest)
+            if not bool(finite.all()):
+                bad = sorted({owners[i] for i in torch.nonzero(~finite).flatten().tolist()})
+                raise FloatingPointError(
+                    f"TopoOptimizer step {topo.topo_step - 1}: the inner optimizer's step made the "
+                    f"weights of layer(s) {bad} NaN or Inf (non-finite gradients?). They were left "
+                    f"as the inner optimizer left them, unscaled.")
+        before = plan["before"]
+        torch._foreach_sub_(params, before)
+        torch._foreach_mul_(params, factors)
+        torch._foreach_add_(params, before)
+
+    def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
+        plan = self._begin_step(closure)
         try:
-            loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            loss = _inner_step(self.base_optimizer, closure)
         except BaseException:
-            if snapshot is not None:
-                self._restore_snapshot(snapshot)
-            self._restore_own_state(own_before)
+            self._abort_step(plan)
             raise
-        self.topo_step += 1  # the inner step was taken
-        if params:
-            with torch.no_grad():
-                bad = self._non_finite_layers(params, owners) if self.check_finite else []
-                if bad:
-                    raise FloatingPointError(
-                        f"TopoOptimizer step {self.topo_step - 1}: the inner optimizer's step made the "
-                        f"weights of layer(s) {bad} NaN or Inf (non-finite gradients?). They were left "
-                        f"as the inner optimizer left them, unscaled.")
-                # p ← p_old + s·(p_new − p_old), batched over all scaled tensors.
-                torch._foreach_sub_(params, before)
-                torch._foreach_mul_(params, factors)
-                torch._foreach_add_(params, before)
+        self._finish_step(plan)
         return loss
 
     # ---- checkpointing ----
     def state_dict(self) -> dict[str, Any]:
-        state = self.optimizer.state_dict()
-        state["topoopt"] = self._own_state()
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state = self.base_optimizer.state_dict()
+        state["topoopt"] = self._topo.as_dict(list(self._layers))
         if self.tree_every > 1:  # approximate trees: the resumed run must reuse the same ones
             state["topoopt"]["trees"] = self.trees.state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state)
+            if result is not None:
+                state = result
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         own = state_dict.pop("topoopt", None)
         if own is None:
             raise KeyError("This state_dict has no 'topoopt' entry: it was not saved by a TopoOptimizer")
         if list(own["layers"]) != list(self._layers):
             raise ValueError(f"The saved layers {list(own['layers'])} differ from this wrapper's {list(self._layers)}")
-        self.optimizer.load_state_dict(state_dict)  # replaces the inner groups; shared via property
-        self._restore_own_state(own)
+        base = self.base_optimizer
+        groups, state = self.param_groups, self.state
+        base.load_state_dict(state_dict)
+        # The inner load re-binds its groups and state to new objects; put their contents into
+        # the shared ones instead, so that everything holding them (this wrapper, a proxy, a
+        # scheduler) stays linked.
+        groups[:] = base.param_groups
+        base.param_groups = groups
+        new_state = dict(base.state)
+        state.clear()
+        state.update(new_state)
+        base.state = state
+        self._topo.load(own)
         if "trees" in own:
             self.trees.load_state_dict(own["trees"])
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+
+def _inner_step(base: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> Any:
+    """The inner optimizer's step with its own hooks, but not the global ones.
+
+    torch.optim runs the global step hooks around every patched ``step``; the wrapper's own
+    step already ran them, so calling the inner's patched step would run them twice.
+    """
+    patched = type(base).step
+    raw = getattr(patched, "__wrapped__", None)
+    if raw is None or not getattr(patched, "hooked", False) or "step" in base.__dict__:
+        return base.step(closure) if closure is not None else base.step()
+    args: tuple = (base, closure) if closure is not None else (base,)
+    kwargs: dict[str, Any] = {}
+    for hook in base._optimizer_step_pre_hooks.values():
+        result = hook(base, args, kwargs)
+        if result is not None:
+            args, kwargs = result
+    loss = raw(*args, **kwargs)
+    base._optimizer_step_code()
+    for hook in base._optimizer_step_post_hooks.values():
+        hook(base, args, kwargs)
+    return loss
+
+
+def _policy_function(policy: str | Policy) -> Policy:
+    if isinstance(policy, str):
+        if policy not in POLICIES:
+            raise ValueError(f"Unknown policy {policy!r}. Valid policies are: {', '.join(POLICIES)}")
+        return POLICIES[policy]
+    if callable(policy):
+        return policy
+    raise TypeError(f"policy must be a name or a callable, got {type(policy).__name__}")
+
+
+def _check_settings(metric, strength, every, ema, bounds, tree_every, trees) -> dict[str, Any]:
+    if metric not in COMPLEXITY_METRICS:
+        raise ValueError(f"Unknown metric {metric!r}. Valid metrics are: {', '.join(COMPLEXITY_METRICS)}")
+    strength = _check_number("strength", strength, 0.0, math.inf)
+    ema = _check_number("ema", ema, 0.0, 1.0)
+    if ema == 1.0:
+        raise ValueError(f"Invalid ema: {ema} (1 would never update the average)")
+    check_positive_int("every", every)
+    check_positive_int("tree_every", tree_every)
+    if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):
+        raise ValueError(f"Invalid bounds: {bounds!r}. Expected (low, high)")
+    low = _check_number("lower bound", bounds[0], 0.0, math.inf, low_open=True)
+    high = _check_number("upper bound", bounds[1], 0.0, math.inf, low_open=True)
+    if not low <= 1.0 <= high:
+        raise ValueError(f"Invalid bounds: {tuple(bounds)}. They must satisfy low ≤ 1 ≤ high")
+    if trees is not None and not isinstance(trees, TreeCache):
+        raise TypeError(f"trees must be a topoopt.TreeCache, got {type(trees).__name__}")
+    return {"metric": metric, "strength": strength, "ema": ema, "bounds": (low, high)}
+
+
+def _check_layers_are_optimized(chosen: Mapping[str, nn.Module], base: torch.optim.Optimizer) -> None:
+    managed = {id(p) for group in base.param_groups for p in group["params"]}
+    for name, module in chosen.items():
+        if not any(id(p) in managed for p in layer_parameters(module)):
+            raise ValueError(f"Layer {name!r} has no parameter in the optimizer's param_groups")
+
+
+def _build_from_parameters(
+    params: Iterable[Any], inner: Callable[..., torch.optim.Optimizer] | None,
+    inner_kwargs: dict[str, Any], layers: Iterable[str] | None,
+) -> tuple[torch.optim.Optimizer, dict[str, ParameterLayer]]:
+    """The inner optimizer built from `params`, and a layer for each weight of 2+ dimensions."""
+    if inner is None:
+        raise TypeError("TopoOptimizer(params, inner=torch.optim.SGD, lr=...): inner, the optimizer "
+                        "class to build, is missing (or pass an optimizer instance and the model)")
+    if not callable(inner):
+        raise TypeError(f"inner must be an optimizer class or a callable returning one, got {type(inner).__name__}")
+    if isinstance(params, (torch.Tensor, str)) or not isinstance(params, Iterable):
+        raise TypeError(f"params must be an iterable of parameters, (name, parameter) pairs or param "
+                        f"groups, got {type(params).__name__}")
+    params = [dict(g) if isinstance(g, Mapping) else g for g in params]
+    base = inner(params, **inner_kwargs)
+    if not isinstance(base, torch.optim.Optimizer):
+        raise TypeError(f"inner must build a torch.optim.Optimizer, got {type(base).__name__}")
+    available = _parameter_layers(_named_tensors(params))
+    if layers is None:
+        chosen = available
+    else:
+        if isinstance(layers, str):
+            raise TypeError(f"layers must be a list of layer names, got the string {layers!r}")
+        unknown = [name for name in layers if name not in available]
+        if unknown:
+            raise KeyError(f"Unknown layer name(s) {unknown}. Layers with a neuron cloud: {list(available)}")
+        chosen = {name: available[name] for name in layers}
+    if not chosen:
+        raise ValueError("params hold no parameter of 2 or more dimensions, so no layer has a neuron cloud")
+    return base, chosen
+
+
+def _named_tensors(params: list[Any]) -> list[tuple[str | None, torch.Tensor]]:
+    found: list[tuple[str | None, torch.Tensor]] = []
+
+    def add(item: Any) -> None:
+        if isinstance(item, torch.Tensor):
+            found.append((None, item))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
+            found.append((str(item[0]), item[1]))
+        else:
+            raise TypeError(f"params must hold tensors or (name, tensor) pairs, got {type(item).__name__}")
+
+    for item in params:
+        if isinstance(item, dict):
+            group = item["params"]
+            for member in [group] if isinstance(group, torch.Tensor) else group:
+                add(member)
+        else:
+            add(item)
+    return found
+
+
+def _parameter_layers(named: list[tuple[str | None, torch.Tensor]]) -> dict[str, ParameterLayer]:
+    weights: dict[str, torch.Tensor] = {}
+    for index, (name, tensor) in enumerate(named):
+        if tensor.dim() >= 2:
+            layer = f"param{index}" if name is None else name.removesuffix(".weight")
+            weights[layer] = tensor
+    biases = {name.removesuffix(".bias"): tensor for name, tensor in named
+              if name is not None and name.endswith(".bias") and tensor.dim() == 1}
+    return {
+        layer: ParameterLayer(weight, biases.get(layer) if layer in biases and
+                              biases[layer].shape[0] == weight.shape[0] else None)
+        for layer, weight in weights.items()
+    }
