@@ -180,7 +180,8 @@ def _run_main_job(args: argparse.Namespace) -> int:
             key = f"{layer}/{metric}"
             rows.append([key, plain[key], topo[key]])
     print()
-    print(format_table([f"mnist5k, 784-100-100-10, SGD, {args.epochs} epochs", "plain", "TopoOptimizer + TopoPenalty"], rows))
+    epochs = f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}"
+    print(format_table([f"mnist5k, 784-100-100-10, SGD, {epochs}", "plain", "TopoOptimizer + TopoPenalty"], rows))
     if not args.skip_learning_graphs:
         from topoopt.studies import learning_graphs
 
@@ -229,6 +230,8 @@ STUDIES = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
+    if hasattr(sys.stdout, "reconfigure"):  # in a log file too, each line as soon as it is printed
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         if command in STUDIES:
             import importlib

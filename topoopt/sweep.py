@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from topoopt.progress import Heartbeat
+
 __all__ = ["load_results", "run_cells"]
 
 
@@ -69,6 +71,7 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
             if handle.read(1) != b"\n":
                 handle.write(b"\n")
     todo = [cell for cell in cells if cell["id"] not in done]
+    heartbeat = Heartbeat(enabled=progress)
     with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, disable=None if progress else True) as bar:  # None: off when not a terminal
         if jobs == 1:
             for cell in todo:
@@ -76,6 +79,7 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
                 _append(results_path, record)
                 done[cell["id"]] = record
                 bar.update()
+                heartbeat.beat(lambda: f"{desc}: {bar.n} of {len(cells)} cells done")
         else:
             with ProcessPoolExecutor(max_workers=jobs) as pool:
                 futures = {pool.submit(_single_threaded, fn, cell): cell for cell in todo}
@@ -85,4 +89,5 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
                     _append(results_path, record)
                     done[cell["id"]] = record
                     bar.update()
+                    heartbeat.beat(lambda: f"{desc}: {bar.n} of {len(cells)} cells done")
     return [done[i] for i in ids]

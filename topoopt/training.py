@@ -419,13 +419,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         return _finish(config, run_dir, rows, seconds_before)
 
     started = time.perf_counter()
+    trained = {"seconds": seconds_before}  # training time over all segments, as of the last checkpoint
 
     def checkpoint(epoch: int, in_progress: dict | None = None) -> None:
+        trained["seconds"] = seconds_before + time.perf_counter() - started
         _save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "penalty": penalty.state_dict() if penalty is not None else {},
                           "generator": generator.get_state(), "epoch": epoch, "global_step": global_step,
-                          "rows": rows, "partial": in_progress, "seconds": seconds_before + time.perf_counter() - started},
-                         run_dir)
+                          "rows": rows, "partial": in_progress, "seconds": trained["seconds"]}, run_dir)
 
     monitor = TopologyMonitor(model, log_dir=run_dir, every=config.monitor_every, diagrams_every=config.diagrams_every,
                               optimizer=optimizer if isinstance(optimizer, TopoOptimizer) else None)
@@ -485,7 +486,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                 if progress:
                     print(f"{config.name()} epoch {epoch + 1}: loss {row['loss']:.4f}, test accuracy {row['test_accuracy']:.3f}",
                           flush=True)
-            summary = _finish(config, run_dir, rows, seconds_before + time.perf_counter() - started)
+            summary = _finish(config, run_dir, rows, trained["seconds"])
         finally:
             final = {k: v for k, v in summary.items() if k in ("test_accuracy", "train_accuracy", "loss")}
             monitor.close(hparams={k: v for k, v in dataclasses.asdict(config).items() if k != "topo_bounds"}, final=final)
