@@ -167,3 +167,33 @@ def test_ignite_trainer_with_checkpoint(tmp_path):
     saved = torch.load(next(tmp_path.glob("*.pt")), weights_only=True)
     assert saved["optimizer"]["topoopt"]["topo_step"] == 8
     assert ignite.__version__
+
+
+def test_lightning_topology_callback_logs_into_the_trainers_tensorboard(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from topoopt import layer_topology
+    from topoopt.lightning import TopologyCallback
+
+    module = AutoModule()
+    callback = TopologyCallback(every=2, metrics="normalized_entropy")
+    logger = TensorBoardLogger(tmp_path, name="run")
+    run = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", max_epochs=2, logger=logger, callbacks=[callback],
+                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    run.fit(module, loader())
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    entropy = events.Scalars("topology/net/fc1/normalized_entropy")
+    assert [e.step for e in entropy] == [2, 4, 6, 8]
+    exact = layer_topology(module.net)["fc1"].normalized_entropy
+    assert entropy[-1].value == pytest.approx(exact, rel=1e-6)
+    # The optimizer names layers after the model it wraps (self.net): "fc1".
+    assert [e.step for e in events.Scalars("optim/fc1/lr_scale")] == [2, 4, 6, 8]
+
+
+def test_lightning_topology_callback_without_tensorboard_says_so(tmp_path):
+    from topoopt.lightning import TopologyCallback
+
+    with pytest.raises(ValueError, match="TopologyCallback logs to TensorBoard: give the Trainer a"):
+        trainer(tmp_path, max_epochs=1, callbacks=[TopologyCallback()]).fit(AutoModule(), loader())

@@ -1,0 +1,80 @@
+"""Lightning integration: per-layer topology in the trainer's own TensorBoard logger.
+
+An optional extra (``pip install topoopt[lightning]``); ``import topoopt`` does not import
+Lightning. The callback owns a `topoopt.TopologyMonitor` that writes through the trainer's
+`TensorBoardLogger` (its ``experiment`` writer), with the tag scheme of the monitor
+(``topology/<layer>/<metric>``, ``optim/<layer>/lr_scale`` when the optimizer is a
+`TopoOptimizer`), at the trainer's ``global_step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from topoopt._validation import check_positive_int
+from topoopt.monitor import TopologyMonitor
+from topoopt.optimizer import TopoOptimizer
+
+__all__ = ["TopologyCallback"]
+
+
+class TopologyCallback(pl.Callback):
+    """Logs each layer's H0 topology every ``every`` optimizer steps to the trainer's TensorBoard.
+
+    Parameters
+    ----------
+    every : int
+        Log after every ``every``-th optimizer step (the trainer's ``global_step``).
+    metrics : str or sequence of str
+        Metric names of `topoopt.METRICS`.
+    diagrams_every : int
+        Also log death histograms and diagram/barcode figures every this many steps (0: never).
+    layers : list of str, optional
+        Layer names as the LightningModule's ``named_modules`` gives them (``"net.fc1"``); all
+        Linear/Conv layers by default.
+
+    The trainer needs a `TensorBoardLogger` (Lightning's default when tensorboard is
+    installed); without one, ``fit`` stops at the start with a ``ValueError`` saying so.
+    ``monitor`` is the `TopologyMonitor` in use (``monitor.last`` holds the latest values).
+    """
+
+    def __init__(self, every: int = 50, metrics: str | Sequence[str] = ("normalized_entropy", "mean_lifetime"),
+                 diagrams_every: int = 0, layers: Iterable[str] | None = None) -> None:
+        super().__init__()
+        check_positive_int("every", every)
+        self.every = every
+        self.metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+        self.diagrams_every = diagrams_every
+        self.layers = None if layers is None else list(layers)
+        self.monitor: TopologyMonitor | None = None
+        self._last_step = -1
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        writer = _tensorboard_writer(trainer)
+        optimizer = next((o for o in trainer.optimizers if isinstance(o, TopoOptimizer)), None)
+        self.monitor = TopologyMonitor(pl_module, writer=writer, every=self.every, metrics=self.metrics,
+                                       diagrams_every=self.diagrams_every, optimizer=optimizer, layers=self.layers)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        # With gradient accumulation several batches share a global step: log each step once.
+        if self.monitor is not None and step != self._last_step:
+            self._last_step = step
+            self.monitor.step(step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None:
+            self.monitor.close()  # flushes; the writer stays open, the logger owns it
+            self.monitor = None
+
+
+def _tensorboard_writer(trainer: pl.Trainer):
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    raise ValueError("TopologyCallback logs to TensorBoard: give the Trainer a "
+                     "lightning.pytorch.loggers.TensorBoardLogger (found: "
+                     f"{[type(logger).__name__ for logger in trainer.loggers] or 'no logger'})")
