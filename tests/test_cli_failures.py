@@ -272,3 +272,15 @@ def test_heartbeat_prints_only_when_not_a_terminal():
     quiet = _Stream(False)
     Heartbeat(enabled=False, interval=0.0, stream=quiet).beat(lambda: "x")
     assert quiet.text == ""
+
+
+def test_ticker_prints_during_a_long_call_only_when_not_a_terminal():
+    import time
+
+    from topoopt.progress import Ticker
+
+    log, terminal = _Stream(False), _Stream(True)
+    for stream in (log, terminal):
+        with Ticker(lambda: "still working", interval=0.01, stream=stream):
+            time.sleep(0.1)
+    assert log.text.startswith("still working\n") and terminal.text == ""

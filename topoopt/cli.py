@@ -139,11 +139,15 @@ def _main_job(args: argparse.Namespace) -> int:
     """mnist5k twice: the plain optimizer, then TopoOptimizer + TopoPenalty; a side-by-side table;
     then the quick learning graphs. Every part resumes where an interrupted job stopped."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small networks: one thread is as fast, and unhurt when cores are shared
+    # Small networks and 784×784 PCAs: one thread (torch's, and BLAS's for numpy and
+    # scikit-learn) is about as fast, and it does not slow down severalfold when cores are shared.
+    torch.set_num_threads(1)
     try:
-        return _run_main_job(args)
+        with threadpool_limits(limits=1):
+            return _run_main_job(args)
     except KeyboardInterrupt:
         print("\nMain job interrupted: run it again (make run, or topoopt main with the same options) "
               "to continue where it stopped.")

@@ -41,6 +41,7 @@ from topoopt.learning_graphs import (
 )
 from topoopt.learning_graphs.mapper import pca_reduce
 from topoopt.models import build_mlp
+from topoopt.progress import Ticker
 
 RESULTS_DIR = Path("experiments") / "results" / "learning_graphs"
 TRAINING_CHECKPOINT = "training_checkpoint.pt"
@@ -223,6 +224,49 @@ def local_pca_dimension(points: np.ndarray, neighbours: int = 50, variance: floa
     return float(np.median(dims))
 
 
+def _analyse_layer(folder: Path, config: RunConfig, layer: str, role: str) -> dict:
+    """One layer's learning graph (PNG, JSON, HTML), its statistics, and its plots."""
+    trajectory = load_trajectory(folder / "trajectory", layer)
+    settings = PAPER_SETTINGS[role]
+    graph = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron, settings)
+    stats = graph_statistics(graph)
+    events = branching_events(graph.graph)
+    labels = {}
+    if role == "output":
+        for leaf in terminal_leaves(graph.graph):
+            neurons = graph.graph.nodes[leaf]["neurons"]
+            labels[leaf] = ",".join(str(n) for n in neurons)
+    stats["digit_leaves"] = sorted(labels.values())
+    stats["seconds"] = graph.seconds
+    stats["events"] = events[:50]
+    graph.save_png(folder / f"{layer}_graph.png", title=f"{config.name()} {layer} ({settings.lens})", labels=labels)
+    graph.save_json(folder / f"{layer}_graph.json")
+    graph.save_html(folder / f"{layer}_graph.html", title=f"{config.name()} {layer}")
+    if role == "first":  # the PCA-3 graph, in both settings, so cycle counts compare
+        surface = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron, PAPER_SETTINGS["surface"])
+        stats["pca3_graph"] = graph_statistics(surface)
+        surface.save_png(folder / f"{layer}_pca3_graph.png", title=f"{config.name()} {layer} (PCA-3 lens)")
+    if config.setting == "surface" and role == "first":
+        reduced = pca_reduce(trajectory.points, 20)
+        # The surface phase: the accuracy plateau, before test accuracy first exceeds 20%.
+        accuracy = np.nan_to_num(trajectory.accuracy, nan=0.0)
+        escape = int(np.argmax(accuracy > 0.2)) if (accuracy > 0.2).any() else trajectory.n_snapshots
+        phase = (trajectory.snapshot >= trajectory.n_snapshots // 20) & (trajectory.snapshot < escape)
+        stats["surface_phase_snapshots"] = [trajectory.n_snapshots // 20, escape]
+        if phase.sum() > 100:
+            from sklearn.decomposition import PCA
+
+            explained = PCA(n_components=5, random_state=0).fit(trajectory.points[phase]).explained_variance_ratio_
+            stats["pca_cumulative_variance_surface_phase"] = np.cumsum(explained).round(5).tolist()
+            stats["two_nn_dimension_surface_phase"] = two_nn_dimension(reduced[phase])
+            stats["local_pca_dimension_surface_phase"] = local_pca_dimension(reduced[phase])
+        stats["two_nn_dimension_all"] = two_nn_dimension(reduced)
+        stats["local_pca_dimension_all"] = local_pca_dimension(reduced)
+    _plot_pca(trajectory, folder / f"{layer}_pca.png", f"{layer}: PCA of the trajectory, coloured by step")
+    _plot_norms(trajectory, folder / f"{layer}_norms.png", layer)
+    return stats
+
+
 def analyse_run(folder: Path, config: RunConfig) -> dict:
     from topoopt.learning_graphs import recorded_layers
 
@@ -231,46 +275,11 @@ def analyse_run(folder: Path, config: RunConfig) -> dict:
     nines = json.loads((folder / "nines.json").read_text())
     report: dict = {"layers": {}}
     for layer in layers:
+        started = time.monotonic()
         print(f"{config.name()}: the learning graph of {layer}", flush=True)
-        trajectory = load_trajectory(folder / "trajectory", layer)
-        settings = PAPER_SETTINGS[roles[layer]]
-        graph = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron, settings)
-        stats = graph_statistics(graph)
-        events = branching_events(graph.graph)
-        labels = {}
-        if roles[layer] == "output":
-            for leaf in terminal_leaves(graph.graph):
-                neurons = graph.graph.nodes[leaf]["neurons"]
-                labels[leaf] = ",".join(str(n) for n in neurons)
-        stats["digit_leaves"] = sorted(labels.values())
-        stats["seconds"] = graph.seconds
-        stats["events"] = events[:50]
-        graph.save_png(folder / f"{layer}_graph.png", title=f"{config.name()} {layer} ({settings.lens})", labels=labels)
-        graph.save_json(folder / f"{layer}_graph.json")
-        graph.save_html(folder / f"{layer}_graph.html", title=f"{config.name()} {layer}")
-        if roles[layer] == "first":  # the PCA-3 graph, in both settings, so cycle counts compare
-            surface = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron, PAPER_SETTINGS["surface"])
-            stats["pca3_graph"] = graph_statistics(surface)
-            surface.save_png(folder / f"{layer}_pca3_graph.png", title=f"{config.name()} {layer} (PCA-3 lens)")
-        if config.setting == "surface" and roles[layer] == "first":
-            reduced = pca_reduce(trajectory.points, 20)
-            # The surface phase: the accuracy plateau, before test accuracy first exceeds 20%.
-            accuracy = np.nan_to_num(trajectory.accuracy, nan=0.0)
-            escape = int(np.argmax(accuracy > 0.2)) if (accuracy > 0.2).any() else trajectory.n_snapshots
-            phase = (trajectory.snapshot >= trajectory.n_snapshots // 20) & (trajectory.snapshot < escape)
-            stats["surface_phase_snapshots"] = [trajectory.n_snapshots // 20, escape]
-            if phase.sum() > 100:
-                from sklearn.decomposition import PCA
-
-                explained = PCA(n_components=5, random_state=0).fit(trajectory.points[phase]).explained_variance_ratio_
-                stats["pca_cumulative_variance_surface_phase"] = np.cumsum(explained).round(5).tolist()
-                stats["two_nn_dimension_surface_phase"] = two_nn_dimension(reduced[phase])
-                stats["local_pca_dimension_surface_phase"] = local_pca_dimension(reduced[phase])
-            stats["two_nn_dimension_all"] = two_nn_dimension(reduced)
-            stats["local_pca_dimension_all"] = local_pca_dimension(reduced)
-        report["layers"][layer] = stats
-        _plot_pca(trajectory, folder / f"{layer}_pca.png", f"{layer}: PCA of the trajectory, coloured by step")
-        _plot_norms(trajectory, folder / f"{layer}_norms.png", layer)
+        with Ticker(lambda: f"{config.name()}: still building the learning graph of {layer} "
+                            f"({time.monotonic() - started:.0f} s)"):
+            report["layers"][layer] = _analyse_layer(folder, config, layer, roles[layer])
     report["accuracy_curve"] = [(n["step"], n["accuracy"]) for n in nines]
     _log_tensorboard(folder, config, layers, nines)
     _plot_accuracy(nines, report, folder / "accuracy_and_branchings.png", layers[-1])
