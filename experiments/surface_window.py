@@ -1,0 +1,261 @@
+"""Issue #13, items 1–4: where the "surface" of Gabella et al. lives, and how robust its read-outs are.
+
+Re-analysis of the surface runs of `topoopt learning-graphs --setting surface` (784-100-100-10
+from N(0, 1e-6²), mnist5k, 60,000 steps) through topoopt's public API; it retrains the runs
+whose trajectories are not on disk (trajectories are git-ignored), with the study's own
+`train_and_record`, so the runs are the study's runs.
+
+- ``windows``: per seed, the first hidden layer's cloud in two windows defined from the data:
+  the plateau (snapshot n/20 up to test accuracy > 20%, the window used before) and the
+  branching window (from the output layer's first branching event up to test accuracy ≥ 50%,
+  and, as a variant, up to its last branching event). In each: neuron spread around the
+  snapshot's mean as a share of the window's variance, each neuron's RMS distance from the layer
+  mean, variance in 2 PCs of all points and of the mean path alone, and the local dimension
+  (50-neighbour local PCA, TwoNN).
+- ``pca3``: cycle counts of the first hidden layer's PCA-3 Mapper graph under the authors'
+  notebook defaults (15 cubes, overlap 0.5, DBSCAN eps 1) and one-at-a-time variations, for the
+  surface runs and perturbed tree runs (ε = 1e-6).
+- ``second``: the second hidden layer's branch count under variations of its Mapper settings.
+- ``imbalance``: steps until test accuracy first exceeds 20% when the training set has full
+  MNIST's class proportions (majority class "1") instead of mnist5k's balanced classes.
+
+    python experiments/surface_window.py windows pca3 second      # ~25 min with training
+    python experiments/surface_window.py imbalance
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from topoopt.learning_graphs import (
+    KMAPPER_OLD_OVERLAP_AS_GAIN,
+    PAPER_SETTINGS,
+    MapperSettings,
+    branching_events,
+    graph_statistics,
+    learning_graph,
+    load_trajectory,
+)
+from topoopt.studies import learning_graphs as study
+from topoopt.studies.learning_graphs import RunConfig, local_pca_dimension, train_and_record, two_nn_dimension
+
+OUT = Path("experiments") / "results" / "learning_graphs" / "surface_window"
+RUNS = OUT / "runs"  # trajectories are git-ignored (experiments/results/learning_graphs/**/trajectory/)
+
+# The authors' notebook defaults for the 3-PCA lens: 15 cubes, overlap 0.5, DBSCAN eps 1. Their
+# code used KeplerMapper < 1.2, where overlap p widens each cube to (1 + p)·w; gudhi's gain g gives
+# w / (1 − g), so p = 0.5 is g = 1/3 (as p = 0.99 is KMAPPER_OLD_OVERLAP_AS_GAIN). g = 0.5 is the
+# reading of KeplerMapper ≥ 1.2, one of the variations.
+NOTEBOOK_PCA3 = MapperSettings(lens="pca3", intervals=15, gain=0.5 / 1.5, eps=1.0)
+PCA3_VARIANTS = {
+    "notebook (15, overlap 0.5 old kmapper, eps 1)": NOTEBOOK_PCA3,
+    "overlap 0.5 as kmapper>=1.2 (gain 0.5)": replace(NOTEBOOK_PCA3, gain=0.5),
+    "10 cubes": replace(NOTEBOOK_PCA3, intervals=10),
+    "20 cubes": replace(NOTEBOOK_PCA3, intervals=20),
+    "eps 0.5": replace(NOTEBOOK_PCA3, eps=0.5),
+    "eps 2": replace(NOTEBOOK_PCA3, eps=2.0),
+    "previous topoopt (20, overlap 0.99 old kmapper, eps 0.1)": PAPER_SETTINGS["surface"],
+}
+# MNIST's training-set class counts (60,000 images): "1" is the majority class.
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def surface_config(seed: int) -> RunConfig:
+    return RunConfig(setting="surface", epsilon=1e-6, seed=seed, epochs=1500, snapshots=201)
+
+
+def tree_config(seed: int, epsilon: float = 1e-6) -> RunConfig:
+    return RunConfig(setting="tree", epsilon=epsilon, seed=seed, epochs=750, snapshots=201)
+
+
+def ensure_run(config: RunConfig) -> Path:
+    """The run's folder, training and recording it first if its trajectory is not on disk."""
+    folder = RUNS / config.name()
+    if not (folder / "trajectory" / "snapshots.jsonl").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        training = train_and_record(config, folder)
+        training["train_seconds"] = time.perf_counter() - started
+        (folder / "training.json").write_text(json.dumps(training))
+        print(f"trained {config.name()} in {training['train_seconds']:.0f} s: accuracy {training['final_accuracy']:.3f}", flush=True)
+    return folder
+
+
+def committed_summary(config: RunConfig) -> dict | None:
+    path = Path("experiments") / "results" / "learning_graphs" / "full" / config.name() / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def window_measures(clouds: np.ndarray, start: int, stop: int) -> dict:
+    """Measures of the cloud in snapshots [start, stop) (clouds: snapshots × neurons × d)."""
+    from sklearn.decomposition import PCA
+
+    window = clouds[start:stop].astype(np.float64)
+    means = window.mean(axis=1)
+    points = window.reshape(-1, window.shape[-1])
+    total = float(((points - points.mean(axis=0)) ** 2).sum(axis=1).mean())
+    spread = ((window - means[:, None, :]) ** 2).sum(axis=2).mean(axis=1)  # per snapshot
+    return {
+        "snapshots": [int(start), int(stop)],
+        "points": int(len(points)),
+        "spread_share_mean": float(spread.mean() / total),
+        "spread_share_first_last": [float(spread[0] / total), float(spread[-1] / total)],
+        "neuron_rms_from_layer_mean_median": float(np.median(np.sqrt(spread))),
+        "neuron_rms_from_layer_mean_first_last": [float(np.sqrt(spread[0])), float(np.sqrt(spread[-1]))],
+        "variance_in_2_pcs_all_points": float(np.cumsum(PCA(n_components=2, random_state=0).fit(points).explained_variance_ratio_)[1]),
+        "variance_in_2_pcs_mean_path": float(np.cumsum(PCA(n_components=2, random_state=0).fit(means).explained_variance_ratio_)[1]),
+        "local_pca_dimension_50": local_pca_dimension(points, neighbours=50),
+        "local_pca_dimension_200": local_pca_dimension(points, neighbours=200),
+        "two_nn_dimension": two_nn_dimension(points),
+    }
+
+
+def windows(seeds: list[int]) -> dict:
+    results = {}
+    for seed in seeds:
+        config = surface_config(seed)
+        folder = ensure_run(config)
+        output = load_trajectory(folder / "trajectory", "fc3")
+        first = load_trajectory(folder / "trajectory", "fc1")
+        events = sorted(e["step"] for e in branching_events(
+            learning_graph(output.points, output.point_steps(), output.neuron, PAPER_SETTINGS["output"]).graph))
+        accuracy = np.nan_to_num(first.accuracy, nan=0.0)
+        steps = first.steps
+        n = first.n_snapshots
+        escape = int(np.argmax(accuracy > 0.2))
+        half = int(np.argmax(accuracy >= 0.5))
+        branch_start = int(np.searchsorted(steps, events[0]))
+        last_event = int(np.searchsorted(steps, events[-1])) + 1
+        clouds = first.clouds()
+        committed = committed_summary(config)
+        results[str(seed)] = {
+            "final_accuracy": float(accuracy[-1]),
+            "committed_final_accuracy": committed["training"]["final_accuracy"] if committed else None,
+            "output_branching_event_steps": [round(e) for e in events],
+            "committed_output_event_steps": [round(e["step"]) for e in committed["events"]["fc3"]] if committed else None,
+            "step_accuracy_above_20pct": int(steps[escape]),
+            "step_accuracy_50pct": int(steps[half]),
+            "plateau": {"steps": [int(steps[n // 20]), int(steps[escape - 1])], **window_measures(clouds, n // 20, escape)},
+            "branching_to_50pct": {"steps": [int(steps[branch_start]), int(steps[half])],
+                                   **window_measures(clouds, branch_start, half + 1)},
+            "branching_to_last_event": {"steps": [int(steps[branch_start]), int(steps[last_event - 1])],
+                                        **window_measures(clouds, branch_start, last_event)},
+        }
+        print(json.dumps({seed: results[str(seed)]}, indent=1), flush=True)
+    return results
+
+
+def pca3(surface_seeds: list[int], tree_seeds: list[int]) -> dict:
+    runs = [surface_config(s) for s in surface_seeds] + [tree_config(s) for s in tree_seeds]
+    results = {"settings": {name: asdict(settings) for name, settings in PCA3_VARIANTS.items()}, "graphs": {}}
+    for config in runs:
+        folder = ensure_run(config)
+        first = load_trajectory(folder / "trajectory", "fc1")
+        row = {}
+        for name, settings in PCA3_VARIANTS.items():
+            graph = learning_graph(first.points, first.point_steps(), first.neuron, settings)
+            stats = graph_statistics(graph)
+            row[name] = {k: stats[k] for k in ("nodes", "edges", "components", "cycles")} | {
+                "cycles_per_node": stats["cycles"] / max(1, stats["nodes"]), "seconds": round(graph.seconds, 1)}
+        results["graphs"][config.name()] = row
+        print(config.name(), json.dumps({k: (v["nodes"], v["cycles"]) for k, v in row.items()}), flush=True)
+    return results
+
+
+def second(seeds: list[int]) -> dict:
+    base = PAPER_SETTINGS["second"]
+    variants = {"paper (25, eps 0.2)": base, "eps 0.1": replace(base, eps=0.1), "eps 0.3": replace(base, eps=0.3),
+                "eps 0.5": replace(base, eps=0.5), "15 intervals": replace(base, intervals=15),
+                "35 intervals": replace(base, intervals=35)}
+    results = {}
+    for seed in seeds:
+        folder = ensure_run(surface_config(seed))
+        layer = load_trajectory(folder / "trajectory", "fc2")
+        results[str(seed)] = {}
+        for name, settings in variants.items():
+            stats = graph_statistics(learning_graph(layer.points, layer.point_steps(), layer.neuron, settings))
+            results[str(seed)][name] = {k: stats[k] for k in ("nodes", "cycles", "branches", "branching_events")}
+        print(seed, json.dumps(results[str(seed)]), flush=True)
+    return results
+
+
+def imbalance(seeds: list[int], max_steps: int) -> dict:
+    """Plateau length with full MNIST's class proportions (a subset of mnist5k's training split)."""
+    from topoopt.data import Dataset, load_dataset
+
+    full = load_dataset("mnist5k")
+    y = full.y_train.numpy()
+    per_class = np.bincount(y, minlength=10)
+    keep_share = np.array(MNIST_TRAIN_COUNTS) / max(MNIST_TRAIN_COUNTS)
+    results = {"mnist5k_train_counts": per_class.tolist()}
+    original = study.load_dataset
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        keep = np.concatenate([rng.choice(np.flatnonzero(y == c), size=int(round(per_class[c] * keep_share[c])), replace=False)
+                               for c in range(10)])
+        keep.sort()
+        subset = Dataset("mnist5k-imbalanced", full.x_train[keep], full.y_train[keep], full.x_test, full.y_test)
+        counts = np.bincount(y[keep], minlength=10)
+        batches = int(np.ceil(len(keep) / 100))
+        config = replace(surface_config(seed), epochs=int(np.ceil(max_steps / batches)), snapshots=max_steps // 300 + 1)
+        folder = RUNS / f"imbalanced_{config.name()}"
+        study.load_dataset = lambda name, data_dir=None: subset  # the study's own training loop, on the subset
+        try:
+            if not (folder / "trajectory" / "snapshots.jsonl").exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                started = time.perf_counter()
+                training = train_and_record(config, folder)
+                training["train_seconds"] = time.perf_counter() - started
+                (folder / "training.json").write_text(json.dumps(training))
+        finally:
+            study.load_dataset = original
+        nines = json.loads((folder / "nines.json").read_text())
+        above = [n["step"] for n in nines if n["accuracy"] > 0.2]
+        plateau_classes = sorted({int(np.argmax(n["nines_as"])) for n in nines if 0 < n["step"] and n["accuracy"] <= 0.11})
+        balanced = json.loads((Path("experiments") / "results" / "learning_graphs" / "full" / surface_config(seed).name()
+                               / "nines.json").read_text()) if committed_summary(surface_config(seed)) else None
+        results[str(seed)] = {
+            "train_counts": counts.tolist(), "train_size": int(len(keep)),
+            "step_accuracy_above_20pct": above[0] if above else None,
+            "balanced_step_accuracy_above_20pct": next((n["step"] for n in balanced if n["accuracy"] > 0.2), None) if balanced else None,
+            "classes_predicted_for_test_nines_on_plateau": plateau_classes,
+            "balanced_classes_predicted_for_test_nines_on_plateau": sorted(
+                {int(np.argmax(n["nines_as"])) for n in balanced if 0 < n["step"] and n["accuracy"] <= 0.11}) if balanced else None,
+        }
+        print(seed, json.dumps(results[str(seed)]), flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="+", choices=["windows", "pca3", "second", "imbalance"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 0, 1], help="surface seeds")
+    parser.add_argument("--tree-seeds", type=int, nargs="+", default=[0, 1, 2], help="ε = 1e-6 tree seeds for pca3")
+    parser.add_argument("--imbalance-steps", type=int, default=45_000)
+    args = parser.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    for part in args.parts:
+        started = time.perf_counter()
+        if part == "windows":
+            summary["windows"] = windows(args.seeds)
+        elif part == "pca3":
+            summary["pca3"] = pca3(args.seeds, args.tree_seeds)
+        elif part == "second":
+            summary["second_hidden_layer"] = second(args.seeds)
+        else:
+            summary["imbalance"] = imbalance(args.seeds, args.imbalance_steps)
+        summary.setdefault("seconds", {})[part] = round(time.perf_counter() - started)
+        path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
