@@ -10,7 +10,7 @@ STAMP := $(VENV)/.topoopt-installed
 $(STAMP): pyproject.toml setup.py topoopt/_native/prim.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e '.[all,test,bench]'
 	touch $(STAMP)
 
 run: $(STAMP)

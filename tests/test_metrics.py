@@ -8,6 +8,8 @@ import torch
 
 from topoopt import (
     METRICS,
+    METRIC_SPECS,
+    dimensionless_complexity,
     get_metric,
     h0_deaths,
     max_lifetime,
@@ -99,7 +101,7 @@ def test_metric_gradients_match_finite_differences(name):
 
 
 def test_unknown_metric_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="Unknown metric 'entropie'. Valid metrics are: entropy, max_lifetime"):
+    with pytest.raises(ValueError, match="Unknown metric .entropie.. Valid metrics are: normalized_entropy, mean_lifetime, total_persistence, max_lifetime, entropy"):
         get_metric("entropie")
 
 
@@ -118,3 +120,19 @@ def test_invalid_exponent(p):
 def test_invalid_normalization():
     with pytest.raises(ValueError, match="Invalid normalization: 'log'"):
         normalized_persistent_entropy(torch.ones(3), normalization="log")
+
+
+@pytest.mark.parametrize("name", sorted(METRIC_SPECS))
+def test_the_registry_says_truly_which_metrics_are_scale_free(name):
+    """metric(c·W) = metric(W) for a scale-free metric, c·metric(W) for a length."""
+    spec = METRIC_SPECS[name]
+    weights = torch.randn(30, 7, dtype=torch.float64)
+    plain, scaled = spec.function(h0_deaths(weights)), spec.function(h0_deaths(3.0 * weights))
+    expected = plain if spec.scale_free else 3.0 * plain
+    torch.testing.assert_close(scaled, expected, rtol=1e-12, atol=0)
+    if spec.complexity is not None:  # the optimizer's complexity is dimensionless either way
+        def complexity(w):
+            return dimensionless_complexity(name, h0_deaths(w), float(w.norm()) / 30**0.5)
+
+        assert complexity(3.0 * weights) == pytest.approx(complexity(weights), rel=1e-12)
+        assert 0.0 <= complexity(weights) <= 10.0

@@ -1,29 +1,67 @@
-"""topoopt: topology of neural-network weights, measured and steered during training."""
+"""topoopt: topology of neural-network weights, measured and steered during training.
 
-from topoopt.cloud import neuron_cloud
+The core (clouds, persistence, metrics, penalty, optimizer wrapper, tree cache) needs only torch
+and numpy. The tools on it import their own dependencies when first used: the dataset loaders
+(`topoopt.data`: scikit-learn, mlxtend, torchvision), TensorBoard monitoring
+(`topoopt.monitor`: tensorboard, matplotlib), learning graphs (`topoopt.learning_graphs`: gudhi,
+scikit-learn), sparse layers (`topoopt.sparse`), Lightning (`topoopt.lightning`) and the studies
+(`topoopt.studies`). Their names below are resolved lazily, so ``import topoopt`` stays light.
+"""
+
+from importlib import import_module
+from typing import Any
+
+from topoopt.cloud import ParameterLayer, neuron_cloud
 from topoopt.layers import LayerTopology, layer_topology, select_layers, topological_layers
-from topoopt.data import DATASETS, DatasetUnavailable, load_dataset, stratified_subset
-from topoopt.monitor import TopologyMonitor
-from topoopt.optimizer import POLICIES, TopoOptimizer, awaken_policy, calm_policy, contrast_policy
-from topoopt.penalty import TopoPenalty
 from topoopt.metrics import (
+    COMPLEXITY_METRICS,
+    METRIC_SPECS,
     METRICS,
+    MetricSpec,
+    dimensionless_complexity,
     get_metric,
     max_lifetime,
     mean_lifetime,
+    metric_spec,
     normalized_persistent_entropy,
     persistent_entropy,
     total_persistence,
 )
+from topoopt.optimizer import TopoOptimizer
+from topoopt.penalty import TopoPenalty
 from topoopt.persistence import edge_lengths, h0_deaths, h0_edges, h1_diagram
+from topoopt.policies import POLICIES, awaken_policy, calm_policy, contrast_policy
 from topoopt.spanning_tree import MemoryBudgetError
 from topoopt.tree_cache import TreeCache
 
 __version__ = "0.1.0"
 
+# Public names of the tools, imported on first use (PEP 562).
+_LAZY = {
+    "TopologyMonitor": "topoopt.monitor",
+    "DATASETS": "topoopt.data",
+    "DatasetUnavailable": "topoopt.data",
+    "load_dataset": "topoopt.data",
+    "stratified_subset": "topoopt.data",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'topoopt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "__version__",
     "neuron_cloud",
+    "ParameterLayer",
     "h0_deaths",
     "h0_edges",
     "edge_lengths",
@@ -34,7 +72,12 @@ __all__ = [
     "total_persistence",
     "max_lifetime",
     "METRICS",
+    "METRIC_SPECS",
+    "COMPLEXITY_METRICS",
+    "MetricSpec",
+    "metric_spec",
     "get_metric",
+    "dimensionless_complexity",
     "topological_layers",
     "select_layers",
     "layer_topology",

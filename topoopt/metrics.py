@@ -6,13 +6,15 @@ the entropies (a bar of length 0 carries no probability mass) and counted in the
 (so the mean moves continuously as coinciding neurons separate). No metric returns NaN, and none
 has a NaN or infinite gradient, even for an all-zero layer.
 
-`METRICS` maps the names used across topoopt (penalties, the optimizer wrapper, the monitor) to
-these functions.
+`METRIC_SPECS` is the one registry of metric names used across topoopt (penalties, the optimizer
+wrapper, the monitor, the command line): each entry says whether the metric is scale free and
+how the optimizer makes it a dimensionless complexity. `METRICS` maps the names to the functions.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
@@ -24,7 +26,12 @@ __all__ = [
     "total_persistence",
     "max_lifetime",
     "METRICS",
+    "METRIC_SPECS",
+    "COMPLEXITY_METRICS",
+    "MetricSpec",
+    "metric_spec",
     "get_metric",
+    "dimensionless_complexity",
 ]
 
 
@@ -121,20 +128,67 @@ def max_lifetime(deaths: torch.Tensor) -> torch.Tensor:
     return deaths.max()
 
 
-METRICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "normalized_entropy": normalized_persistent_entropy,
-    "entropy": persistent_entropy,
-    "mean_lifetime": mean_lifetime,
-    "total_persistence": total_persistence,
-    "max_lifetime": max_lifetime,
+@dataclass(frozen=True)
+class MetricSpec:
+    """What topoopt knows about a metric, in one place for the penalty, optimizer and monitor.
+
+    ``scale_free``: unchanged when every weight is multiplied by c > 0 (else it scales by c).
+    ``complexity``: how `TopoOptimizer` makes it a dimensionless complexity: ``"as is"``
+    (already in [0, 1]), ``"per rms norm"`` (divided by the layer's RMS neuron norm),
+    ``"per bar and rms norm"`` (also by the number of bars), or None (not offered).
+    """
+
+    name: str
+    function: Callable[[torch.Tensor], torch.Tensor]
+    scale_free: bool
+    complexity: str | None
+
+
+METRIC_SPECS: dict[str, MetricSpec] = {
+    spec.name: spec
+    for spec in (
+        MetricSpec("normalized_entropy", normalized_persistent_entropy, True, "as is"),
+        MetricSpec("mean_lifetime", mean_lifetime, False, "per rms norm"),
+        MetricSpec("total_persistence", total_persistence, False, "per bar and rms norm"),
+        MetricSpec("max_lifetime", max_lifetime, False, "per rms norm"),
+        # Scale free, but grows with log(number of bars): not comparable across layers.
+        MetricSpec("entropy", persistent_entropy, True, None),
+    )
 }
+
+METRICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    name: spec.function for name, spec in METRIC_SPECS.items()
+}
+
+# The metrics TopoOptimizer can steer by (dimensionless complexities).
+COMPLEXITY_METRICS: tuple[str, ...] = tuple(n for n, spec in METRIC_SPECS.items() if spec.complexity)
+
+
+def metric_spec(name: str) -> MetricSpec:
+    """The `MetricSpec` called `name`; an unknown name is a `ValueError` listing the valid ones."""
+    try:
+        return METRIC_SPECS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown metric {name!r}. Valid metrics are: {', '.join(METRIC_SPECS)}"
+        ) from None
 
 
 def get_metric(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The metric function called `name`; an unknown name is a `ValueError` listing the valid ones."""
-    try:
-        return METRICS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"Unknown metric {name!r}. Valid metrics are: {', '.join(sorted(METRICS))}"
-        ) from None
+    return metric_spec(name).function
+
+
+def dimensionless_complexity(name: str, deaths: torch.Tensor, rms_norm: float) -> float:
+    """The metric as `TopoOptimizer` compares it across layers (see `MetricSpec.complexity`).
+
+    ``rms_norm`` is the layer's RMS neuron norm, ‖W‖_F / √N; an all-zero layer gives 0.
+    """
+    spec = metric_spec(name)
+    if spec.complexity is None:
+        raise ValueError(f"Metric {name!r} is not a complexity. Valid ones are: {', '.join(COMPLEXITY_METRICS)}")
+    value = float(spec.function(deaths))
+    if spec.complexity == "as is":
+        return value
+    divisor = rms_norm * (deaths.numel() if spec.complexity == "per bar and rms norm" else 1)
+    return value / divisor if divisor > 0 else 0.0

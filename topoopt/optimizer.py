@@ -28,7 +28,7 @@ from torch import nn
 from topoopt._validation import check_positive_int
 from topoopt.cloud import ParameterLayer, layer_cloud
 from topoopt.layers import layer_parameters, select_layers
-from topoopt.metrics import get_metric
+from topoopt.metrics import COMPLEXITY_METRICS, dimensionless_complexity
 from topoopt.policies import POLICIES, Policy, awaken_policy, calm_policy, contrast_policy
 from topoopt.tree_cache import TreeCache, cache_key
 
@@ -40,10 +40,6 @@ __all__ = [
     "awaken_policy",
     "contrast_policy",
 ]
-
-# Complexities are made dimensionless so that one policy works for every metric and layer size:
-# entropy is already in [0, 1]; lifetimes are divided by the layer's RMS neuron norm.
-COMPLEXITY_METRICS = ("normalized_entropy", "mean_lifetime", "total_persistence", "max_lifetime")
 
 # The keys torch.optim.Optimizer keeps per instance for hooks; none of them pickles reliably.
 _HOOK_KEYS = (
@@ -213,7 +209,6 @@ class TopoOptimizer(torch.optim.Optimizer):
         self.trees = trees if trees is not None else TreeCache()
         self.check_finite = bool(check_finite)
         self._layers = chosen
-        self._metric_fn = get_metric(metric)
         self._topo = _WrapperState(scales={name: 1.0 for name in chosen})
 
     # ---- read-only views of the wrapper's state (safe through a forwarding proxy) ----
@@ -280,12 +275,9 @@ class TopoOptimizer(torch.optim.Optimizer):
             return None
         cloud = cloud.detach()
         deaths = self.trees.deaths(cache_key(name, self.include_bias), cloud, self.tree_every)
-        value = float(self._metric_fn(deaths))
-        if self.metric != "normalized_entropy":
-            # In float64: the float32 norm of weights of about 1e19 overflows.
-            rms_norm = float(torch.linalg.vector_norm(cloud.double())) / math.sqrt(cloud.shape[0])
-            bars = deaths.numel() if self.metric == "total_persistence" else 1
-            value = value / (rms_norm * bars) if rms_norm > 0 else 0.0
+        # The norm in float64: the float32 norm of weights of about 1e19 overflows.
+        rms_norm = float(torch.linalg.vector_norm(cloud.double())) / math.sqrt(cloud.shape[0])
+        value = dimensionless_complexity(self.metric, deaths, rms_norm)
         if not math.isfinite(value):
             raise ValueError(f"Layer {name!r}: measuring its {self.metric} gave {value} "
                              f"(longest bar {float(deaths.max()):.3g}); the weights' scale is out of range")

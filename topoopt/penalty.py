@@ -11,12 +11,12 @@ from torch import nn
 
 from topoopt._validation import check_positive_int
 from topoopt.layers import select_layers
-from topoopt.metrics import get_metric
+from topoopt.metrics import METRIC_SPECS, get_metric
 from topoopt.tree_cache import TreeCache, measure_layer
 
 __all__ = ["TopoPenalty", "PENALTY_METRICS"]
 
-PENALTY_METRICS = ("normalized_entropy", "mean_lifetime", "total_persistence", "max_lifetime", "entropy")
+PENALTY_METRICS: tuple[str, ...] = tuple(METRIC_SPECS)
 
 
 class TopoPenalty(nn.Module):
