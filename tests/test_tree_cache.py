@@ -24,19 +24,19 @@ def moved(layer: nn.Linear, seed: int) -> None:
 def test_identical_weights_reuse_the_tree_and_moved_weights_search_again():
     cloud = torch.randn(30, 5, dtype=torch.float64)
     trees = TreeCache()
-    first = trees.deaths("fc", cloud)
-    assert torch.equal(trees.deaths("fc", cloud.clone()), first) and trees.searches == 1
+    first = trees.deaths_in_tree_order("fc", cloud)
+    assert torch.equal(trees.deaths_in_tree_order("fc", cloud.clone()), first) and trees.searches == 1
     moved_cloud = cloud + 0.5 * torch.randn_like(cloud)
-    assert torch.allclose(torch.sort(trees.deaths("fc", moved_cloud)).values, h0_deaths(moved_cloud))
+    assert torch.allclose(torch.sort(trees.deaths_in_tree_order("fc", moved_cloud)).values, h0_deaths(moved_cloud))
     assert trees.searches == 2
 
 
 def test_approximate_reuse_counts_lookups_of_moved_weights():
     cloud = torch.randn(30, 5, dtype=torch.float64)
     trees = TreeCache()
-    trees.deaths("fc", cloud, tree_every=3)
+    trees.deaths_in_tree_order("fc", cloud, tree_every=3)
     for k in range(1, 7):
-        trees.deaths("fc", cloud + 1e-3 * k, tree_every=3)
+        trees.deaths_in_tree_order("fc", cloud + 1e-3 * k, tree_every=3)
     # Searches at lookups 0, 3 and 6 (of moved weights each time).
     assert trees.searches == 3
 
@@ -87,16 +87,16 @@ def test_writes_through_data_are_seen_by_every_exact_owner():
 def test_state_dict_round_trip_keeps_trees_and_counts():
     cloud = torch.randn(20, 4, dtype=torch.float64)
     trees = TreeCache()
-    trees.deaths("fc", cloud, tree_every=5)
-    trees.deaths("fc", cloud + 0.1, tree_every=5)
+    trees.deaths_in_tree_order("fc", cloud, tree_every=5)
+    trees.deaths_in_tree_order("fc", cloud + 0.1, tree_every=5)
     buffer = io.BytesIO()
     torch.save(trees.state_dict(), buffer)
     buffer.seek(0)
     restored = TreeCache()
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     for k in range(2, 8):
-        a = trees.deaths("fc", cloud + 0.1 * k, tree_every=5)
-        b = restored.deaths("fc", cloud + 0.1 * k, tree_every=5)
+        a = trees.deaths_in_tree_order("fc", cloud + 0.1 * k, tree_every=5)
+        b = restored.deaths_in_tree_order("fc", cloud + 0.1 * k, tree_every=5)
         assert torch.equal(a, b)
     assert restored.searches == trees.searches
 

@@ -61,6 +61,17 @@ def persistent_entropy(deaths: torch.Tensor) -> torch.Tensor:
 
     Rucco et al. (2016) "Characterisation of the idiotypic immune network through persistent
     entropy". 0 for an empty diagram or one with a single positive bar.
+
+    Parameters
+    ----------
+    deaths : torch.Tensor
+        1-D tensor of H0 lifetimes (deaths; births are 0), e.g. from `topoopt.h0_deaths`;
+        zero lifetimes allowed, any order.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar, differentiable, finite; in [0, log n] for n positive bars. Scale free.
     """
     entropy, _ = _entropy_and_count(_check_deaths(deaths))
     return entropy
@@ -78,6 +89,19 @@ def normalized_persistent_entropy(
     `normalization="total"`: E / log Σl, as giotto-tda's `PersistenceEntropy(normalize=True)`.
     Not the default: it changes when the weights are rescaled, and it is negative or unbounded
     when Σl < 1 (log Σl ≤ 0), which is common for small weights. 0 where Σl = 1.
+
+    Parameters
+    ----------
+    deaths : torch.Tensor
+        1-D tensor of H0 lifetimes (deaths; births are 0), e.g. from `topoopt.h0_deaths`;
+        zero lifetimes allowed, any order.
+    normalization : {"count", "total"}
+        The denominator: log of the number of positive bars, or log of their total.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar, differentiable, with finite gradients even for an all-zero diagram.
     """
     deaths = _check_deaths(deaths)
     entropy, count = _entropy_and_count(deaths)
@@ -100,6 +124,17 @@ def mean_lifetime(deaths: torch.Tensor) -> torch.Tensor:
 
     Equals the total length of the minimum spanning tree over N−1: the typical gap between a
     neuron and its nearest group. It scales with the weights, so read it beside ‖W‖.
+
+    Parameters
+    ----------
+    deaths : torch.Tensor
+        1-D tensor of H0 lifetimes (deaths; births are 0), e.g. from `topoopt.h0_deaths`;
+        zero lifetimes allowed, any order.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar, differentiable (each bar's gradient is 1 / (N−1)).
     """
     deaths = _check_deaths(deaths)
     if deaths.numel() == 0:
@@ -108,7 +143,22 @@ def mean_lifetime(deaths: torch.Tensor) -> torch.Tensor:
 
 
 def total_persistence(deaths: torch.Tensor, p: float = 1.0) -> torch.Tensor:
-    """Σ lᵢᵖ over all bars (p > 0); for p = 1 the length of the minimum spanning tree."""
+    """Σ lᵢᵖ over all bars (p > 0); for p = 1 the length of the minimum spanning tree.
+
+    Parameters
+    ----------
+    deaths : torch.Tensor
+        1-D tensor of H0 lifetimes (deaths; births are 0), e.g. from `topoopt.h0_deaths`;
+        zero lifetimes allowed, any order.
+    p : float
+        The exponent, finite and > 0. For p < 1 zero bars are left out of the gradient (lᵖ has
+        an infinite slope at 0).
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar, differentiable.
+    """
     deaths = _check_deaths(deaths)
     if not (isinstance(p, (int, float)) and math.isfinite(p) and p > 0):
         raise ValueError(f"Invalid exponent p: {p!r}. It must be a finite number > 0")
@@ -121,7 +171,19 @@ def total_persistence(deaths: torch.Tensor, p: float = 1.0) -> torch.Tensor:
 
 
 def max_lifetime(deaths: torch.Tensor) -> torch.Tensor:
-    """Longest finite H0 bar: the largest gap separating two groups of neurons; 0 when empty."""
+    """Longest finite H0 bar: the largest gap separating two groups of neurons; 0 when empty.
+
+    Parameters
+    ----------
+    deaths : torch.Tensor
+        1-D tensor of H0 lifetimes (deaths; births are 0), e.g. from `topoopt.h0_deaths`;
+        zero lifetimes allowed, any order.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar; its gradient reaches the longest bar only.
+    """
     deaths = _check_deaths(deaths)
     if deaths.numel() == 0:
         return deaths.sum()

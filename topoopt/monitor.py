@@ -58,14 +58,36 @@ def _figures(name: str, deaths: torch.Tensor):
 class TopologyMonitor:
     """Logs each layer's topology to TensorBoard every ``every`` steps; never breaks training.
 
-    Pass ``log_dir`` (a `SummaryWriter` is created and owned) or ``writer`` (left open for its
-    owner). Call ``step(global_step)`` after each optimizer step, ``flush()`` each epoch, and
-    ``close(hparams, final)`` at the end; or use it as a context manager. Every
-    ``diagrams_every`` steps it also logs death histograms and persistence-diagram and barcode
-    figures. ``metrics`` is a metric name or a sequence of them. Measurements are exact (a
-    tree reused only for bit-identical weights, see `topoopt.TreeCache`; pass ``trees`` to share
-    a penalty's or an optimizer's). A layer whose topology cannot be computed is logged once as skipped, with the
-    reason. Under DDP only rank 0 writes.
+    Call ``step(global_step)`` after each optimizer step, ``flush()`` each epoch, and
+    ``close(hparams, final)`` at the end; or use it as a context manager.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model whose Linear/Conv/ConvTranspose layers are logged.
+    log_dir : str or Path, optional
+        Create and own a `SummaryWriter` there (exactly one of ``log_dir`` and ``writer``).
+    writer : SummaryWriter, optional
+        Write through this one and leave it open for its owner.
+    every : int
+        Log at the steps divisible by ``every``.
+    metrics : str or sequence of str
+        Metric names of `topoopt.METRIC_SPECS`.
+    diagrams_every : int
+        Also log death histograms and persistence-diagram and barcode figures at the steps
+        divisible by this (0: never).
+    optimizer : TopoOptimizer, optional
+        Also log its per-layer ``lr_scale`` and complexity.
+    layers : list of str, optional
+        Only these layers (all by default).
+    embeddings_at : iterable of int
+        Steps at which to log each layer's neuron cloud to the projector.
+    trees : TreeCache, optional
+        Where trees are kept (a new one by default). Measurements are exact whatever is shared:
+        a tree is reused only for bit-identical weights.
+
+    A layer whose topology cannot be computed is logged once as skipped, with the reason, and
+    training goes on. Under DDP only rank 0 writes. Tags: see `tag`.
     """
 
     def __init__(

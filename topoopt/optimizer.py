@@ -274,7 +274,7 @@ class TopoOptimizer(torch.optim.Optimizer):
         if cloud is None or cloud.shape[0] < 2:
             return None
         cloud = cloud.detach()
-        deaths = self.trees.deaths(cache_key(name, self.include_bias), cloud, self.tree_every)
+        deaths = self.trees.deaths_in_tree_order(cache_key(name, self.include_bias), cloud, self.tree_every)
         # The norm in float64: the float32 norm of weights of about 1e19 overflows.
         rms_norm = float(torch.linalg.vector_norm(cloud.double())) / math.sqrt(cloud.shape[0])
         value = dimensionless_complexity(self.metric, deaths, rms_norm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
@@ -23,6 +24,7 @@ class TopoPenalty(nn.Module):
     """Weighted sum over layers of an H0 metric of each layer's neuron cloud, to add to a loss.
 
     What each setting does to the weight cloud, through the gradient of the H0 deaths:
+
     - ``mean_lifetime`` / ``total_persistence``, ``direction="maximize"``: pushes neurons that are
       nearest neighbours in the spanning tree apart, spreading the cloud (against redundant,
       coinciding neurons). ``"minimize"`` pulls them together, merging neurons into groups
@@ -32,22 +34,41 @@ class TopoPenalty(nn.Module):
       Scale free: it does not shrink or grow the weights.
     - ``target=t``: the squared distance (metric − t)², holding the metric near t instead.
 
-    ``weight`` is one number or a dict from layer name to number (layers missing from the dict get
-    0). With ``every=k`` the term is computed on every k-th call (the 1st, k+1-th, ...) and is an
-    exact zero with no graph otherwise; pass ``weight`` ≈ k·λ to keep the same average pressure.
-    With ``tree_every=m`` a layer's spanning tree is searched at most every m-th time its weights
-    changed, and its edges re-measured in between: cheaper, exact only when m = 1 (see
-    `topoopt.tree_cache`). A tree found for the same weights is always reused. ``trees`` is the
-    `TreeCache` to keep trees in (a new one by default); pass the one a `TopoOptimizer` uses to
-    search once per step between them.
-
-    ``state_dict()`` carries the call counter (for ``every``) and, when ``tree_every > 1``, the
-    cached trees, so a resumed run computes exactly what the interrupted one would have.
+    Parameters
+    ----------
+    model : nn.Module
+        The model whose Linear/Conv/ConvTranspose layers are penalised.
+    metric : str
+        A name of `topoopt.METRIC_SPECS`.
+    weight : float or dict
+        The loss coefficient: one number for every layer, or a dict from layer name to number
+        (layers missing from the dict get 0). Kept per layer in ``coefficients``.
+    layers : list of str, optional
+        Only these layers (all by default).
+    direction : {"minimize", "maximize"}
+        The sign of the term.
+    target : float, optional
+        Penalise (metric − target)² instead (``direction`` must stay "minimize").
+    every : int
+        Compute the term on every k-th call (the 1st, k+1-th, ...); in between it is an exact
+        zero with no graph. Pass ``weight`` ≈ k·λ to keep the same average pressure.
+    tree_every : int
+        Search a layer's spanning tree at most every m-th time its weights changed and re-measure
+        its edges in between: cheaper, exact only when m = 1 (see `topoopt.TreeCache`). A tree
+        found for bit-identical weights is always reused.
+    include_bias : bool
+        Append each neuron's bias to its weight vector.
+    trees : TreeCache, optional
+        Where trees are kept (a new one by default); pass the one a `TopoOptimizer` uses to
+        search once per step between them.
 
     Calling it with no arguments returns a scalar tensor. A layer with NaN/Inf weights raises a
     ``ValueError`` naming it, and so does a metric that is not finite. A layer with no neurons
-    or no inputs contributes 0. A zero-initialised layer gives a finite value and zero gradient (a
-    penalty alone cannot break that symmetry).
+    or no inputs contributes 0. A zero-initialised layer gives a finite value and zero gradient
+    (a penalty alone cannot break that symmetry). ``last_values`` holds each layer's latest
+    metric. ``state_dict()`` carries the call counter (for ``every``) and, when
+    ``tree_every > 1``, the cached trees, so a resumed run computes exactly what the interrupted
+    one would have.
     """
 
     def __init__(
@@ -81,7 +102,7 @@ class TopoPenalty(nn.Module):
         if not chosen:
             raise ValueError("The model has no Linear/Conv layer to penalise")
         self._layers = chosen  # a plain dict: the model's parameters stay out of this module's
-        self.weights = self._layer_weights(weight, chosen)
+        self.coefficients = self._layer_coefficients(weight, chosen)
         self.metric = metric
         self.direction = direction
         self.target = target
@@ -94,7 +115,7 @@ class TopoPenalty(nn.Module):
         self.last_values: dict[str, float] = {}
 
     @staticmethod
-    def _layer_weights(weight, chosen: Mapping[str, nn.Module]) -> dict[str, float]:
+    def _layer_coefficients(weight, chosen: Mapping[str, nn.Module]) -> dict[str, float]:
         if isinstance(weight, Mapping):
             unknown = [name for name in weight if name not in chosen]
             if unknown:
@@ -106,6 +127,12 @@ class TopoPenalty(nn.Module):
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"Invalid weight for layer {name!r}: {value!r}")
         return {name: float(value) for name, value in values.items()}
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Deprecated name of ``coefficients`` (the loss coefficients, not network weights)."""
+        warnings.warn("TopoPenalty.weights is now TopoPenalty.coefficients", DeprecationWarning, stacklevel=2)
+        return self.coefficients
 
     @property
     def layer_names(self) -> list[str]:
@@ -124,7 +151,7 @@ class TopoPenalty(nn.Module):
         if (self._calls - 1) % self.every:
             return total
         for name, module in self._layers.items():
-            if self.weights[name] == 0.0:
+            if self.coefficients[name] == 0.0:
                 continue
             deaths = measure_layer(self.trees, name, module, self.include_bias, self.tree_every)
             if deaths is None:
@@ -134,7 +161,7 @@ class TopoPenalty(nn.Module):
             if not math.isfinite(self.last_values[name]):
                 raise ValueError(f"Layer {name!r}: its {self.metric} is {self.last_values[name]}, "
                                  f"not finite (longest bar {float(deaths.detach().max()):.3g})")
-            total = total + self.weights[name] * self._term(value)
+            total = total + self.coefficients[name] * self._term(value)
         return total
 
     def get_extra_state(self) -> dict:

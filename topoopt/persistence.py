@@ -75,11 +75,33 @@ def edge_lengths(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torc
 def h0_deaths(points: torch.Tensor) -> torch.Tensor:
     """Finite H0 death times of the Vietoris–Rips filtration of `points`, sorted ascending.
 
-    `points` is an N×d tensor (one row per neuron). Returns N−1 deaths, the Euclidean minimum
-    spanning tree's edge lengths, zero-length ones included; an empty tensor when N < 2.
-    Differentiable: the gradient flows through the N−1 tree edges only, and is 0 where points
-    coincide. float16/bfloat16 input is computed in float32; the result stays on the input's
-    device. NaN or Inf in `points` raises `ValueError`.
+    The deaths are the edge lengths of a Euclidean minimum spanning tree (the tree is chosen
+    without autograd, then its N−1 edges are re-measured with it), zero-length bars included.
+
+    Parameters
+    ----------
+    points : torch.Tensor
+        An N×d floating tensor, one row per point (per neuron). float16/bfloat16 are computed
+        in float32; any device.
+
+    Returns
+    -------
+    torch.Tensor
+        The N−1 deaths, sorted ascending, on the input's device; empty when N < 2.
+        Differentiable: the gradient flows through the N−1 tree edges only, and is 0 (never
+        NaN) where points coincide.
+
+    Raises
+    ------
+    ValueError
+        NaN or Inf in `points`, or a shape other than N×d.
+    MemoryBudgetError
+        The N×N float32 distance matrix of the distinct points would not fit in memory.
+
+    Examples
+    --------
+    >>> h0_deaths(torch.tensor([[0.0, 0.0], [3.0, 4.0], [3.0, 4.0]]))
+    tensor([0., 5.])
     """
     cloud = _as_cloud(points)
     if cloud.shape[0] < 2:

@@ -77,7 +77,7 @@ class TreeCache:
         self._entries[key] = _Entry(cloud.clone(), u, v)
         return u, v
 
-    def deaths(self, key: str, cloud: torch.Tensor, tree_every: int = 1) -> torch.Tensor:
+    def deaths_in_tree_order(self, key: str, cloud: torch.Tensor, tree_every: int = 1) -> torch.Tensor:
         """The H0 deaths of `cloud`, differentiable, in tree order (unsorted).
 
         Exact (equal to `topoopt.h0_deaths` up to order) when ``tree_every=1``. Metrics that do
@@ -118,7 +118,7 @@ def measure_layer(
     cloud = layer_cloud(name, module, include_bias)
     if cloud is None:
         return None
-    return trees.deaths(cache_key(name, include_bias), cloud, tree_every)
+    return trees.deaths_in_tree_order(cache_key(name, include_bias), cloud, tree_every)
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
