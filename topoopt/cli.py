@@ -166,6 +166,8 @@ def _run_main_job(args: argparse.Namespace) -> int:
     common = dict(dataset="mnist5k", model="mlp:784-100-100-10", optimizer="sgd", lr=0.1, momentum=0.9,
                   epochs=args.epochs, seed=args.seed, diagrams_every=100)
     tag = f"e{args.epochs}_s{args.seed}"  # runs of other lengths are other runs, never reported as these
+    print(f"Main job: mnist5k, 784-100-100-10, {args.epochs} epochs with SGD, plain and then with TopoOptimizer + "
+          f"TopoPenalty; then the quick learning graphs. Runs go to {args.log_root}/", flush=True)
     runs = {
         "plain": TrainConfig(**common, run_name=f"main_plain_{tag}"),
         "topo": TrainConfig(**common, topo_optimizer="calm", topo_strength=2.0, penalty="normalized_entropy",

@@ -1,5 +1,5 @@
 """Progress lines for logs: when output is not a terminal (no progress bar), a line at least
-every 30 s (one every 20 s, for margin), so that a long run never looks hung in a log file."""
+every 30 s (one every 15 s, for margin), so that a long run never looks hung in a log file."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class Heartbeat:
     """``beat(describe)`` prints ``describe()`` when `interval` seconds have passed since the last
     line; it does nothing on a terminal (the progress bar shows progress there) or when disabled."""
 
-    def __init__(self, enabled: bool = True, interval: float = 20.0, stream=None) -> None:
+    def __init__(self, enabled: bool = True, interval: float = 15.0, stream=None) -> None:
         self.stream = stream if stream is not None else sys.stdout
         is_terminal = getattr(self.stream, "isatty", lambda: False)()
         self.enabled = enabled and not is_terminal
@@ -36,7 +36,7 @@ class Ticker:
     seconds (from a background thread, so a long call that has no steps to beat on is covered);
     nothing on a terminal or when disabled."""
 
-    def __init__(self, describe: Callable[[], str], enabled: bool = True, interval: float = 20.0, stream=None) -> None:
+    def __init__(self, describe: Callable[[], str], enabled: bool = True, interval: float = 15.0, stream=None) -> None:
         self._heartbeat = Heartbeat(enabled=enabled, interval=interval, stream=stream)
         self._describe = describe
         self._done = threading.Event()

@@ -35,7 +35,7 @@ from topoopt.models import ACTIVATIONS, build_mlp, initialise, parse_model_spec
 from topoopt.monitor import TopologyMonitor
 from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES, TopoOptimizer
 from topoopt.penalty import PENALTY_METRICS, TopoPenalty
-from topoopt.progress import Heartbeat
+from topoopt.progress import Heartbeat, Ticker
 
 __all__ = ["CHANGEABLE_ON_RESUME", "TrainConfig", "saved_config", "train", "fit", "fit_steps"]
 
@@ -386,7 +386,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     # bad option, a missing dataset or a damaged checkpoint leaves nothing behind.
     config = config.resolved()
     device = _device(config.device)
-    data = _load_data(config)
+    with Ticker(lambda: f"{config.name()}: loading {config.dataset}", enabled=progress):
+        data = _load_data(config)
     run_dir = config.run_dir()
     _check_run_dir(run_dir, resume)
     saved = None
