@@ -28,6 +28,8 @@ import os
 import numpy as np
 import torch
 
+from topoopt._threads import caller_threads, engine_threads
+
 try:
     from topoopt._native._prim import prim as _native_prim
 except ImportError:  # built at install time when a C compiler is present (setup.py)
@@ -192,20 +194,31 @@ def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[
     factor = 2.0 ** -round(np.log2(scale)) if scale > 0 else 1.0
     x = (centred * factor).to(dtype)
     sq_norms = (x * x).sum(dim=1)
+    if n <= _BLOCK_ROWS:  # one block: the whole square at once, no mirroring
+        block = x @ x.T
+        near = _near_pairs_of_block(block, sq_norms[:, None], sq_norms[None, :], ratio)
+        return block.to(device="cpu", dtype=torch.float32), near, factor
     result = torch.empty((n, n), dtype=torch.float32)
     near_pairs: list[torch.Tensor] = []
     for start in range(0, n, _BLOCK_ROWS):
         stop = min(start + _BLOCK_ROWS, n)
-        row_norms, col_norms = sq_norms[start:stop, None], sq_norms[None, start:]
-        block = x[start:stop] @ x[start:].T
-        block.mul_(-2).add_(row_norms).add_(col_norms).clamp_(min=0)
-        threshold = torch.add(row_norms, col_norms).mul_(ratio)
-        near = torch.triu(block < threshold, diagonal=1)
-        near_pairs.append(torch.nonzero(near).to(device="cpu", dtype=torch.int32) + start)
+        with caller_threads(2.0 * (stop - start) * (n - start) * x.shape[1]):
+            block = x[start:stop] @ x[start:].T
+        near_pairs.append(_near_pairs_of_block(block, sq_norms[start:stop, None], sq_norms[None, start:], ratio) + start)
         block = block.to(device="cpu", dtype=torch.float32)
         result[start:stop, start:] = block
         result[start:, start:stop] = block.T
     return result, torch.cat(near_pairs), factor
+
+
+def _near_pairs_of_block(block: torch.Tensor, row_norms: torch.Tensor, col_norms: torch.Tensor,
+                         ratio: float) -> torch.Tensor:
+    """Turn a Gram block into squared distances, in place; its pairs (i < j) closer than
+    ``ratio·(|x|²+|y|²)``, as int32 (row, column) offsets into the block."""
+    block.mul_(-2).add_(row_norms).add_(col_norms).clamp_(min=0)
+    threshold = torch.add(row_norms, col_norms).mul_(ratio)
+    near = torch.triu(block < threshold, diagonal=1)
+    return torch.nonzero(near).to(device="cpu", dtype=torch.int32)
 
 
 def _components(n: int, pairs: np.ndarray) -> list[np.ndarray]:
@@ -294,19 +307,43 @@ def euclidean_mst_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     indices come back as int64 tensors on the points' device. Exact duplicates are joined by
     zero-length edges; ties between equal lengths are broken arbitrarily (every minimum spanning
     tree has the same sorted edge lengths, so the H0 deaths do not depend on the choice).
+    Runs single-threaded but for big matrix products (`topoopt._threads`).
     """
     n = points.shape[0]
     device = points.device
     if n < 2:
         empty = torch.empty(0, dtype=torch.int64, device=device)
         return empty, empty
-    unique_points, representative, zero_edges = _merge_duplicates(points.detach())
+    points = points.detach()
+    with engine_threads():
+        edges = _small_cloud_tree(points) if n <= _BLOCK_ROWS else None
+        if edges is None:
+            edges = _tree_of_distinct_points(points)
+    all_edges = torch.as_tensor(edges, device=device)
+    return all_edges[:, 0], all_edges[:, 1]
+
+
+def _small_cloud_tree(points: torch.Tensor) -> np.ndarray | None:
+    """The tree of a cloud of one Gram block, without the duplicate screen and memory check
+    (their fixed costs were most of a small layer's time); None when near pairs abound (copies
+    or clusters), which the general path handles. Duplicates found here are near pairs,
+    recomputed exactly as zero."""
+    n = points.shape[0]
+    result, pairs, factor = _gram_pass(points, torch.float32, NEAR_PAIR_RATIO)
+    if pairs.shape[0] > _EXACT_PAIRS_PER_POINT * n:
+        return None
+    _recompute_exactly(result, points, pairs, factor**2)
+    u, v = _prim(result.numpy())
+    return np.stack([u, v], axis=1)
+
+
+def _tree_of_distinct_points(points: torch.Tensor) -> np.ndarray:
+    unique_points, representative, zero_edges = _merge_duplicates(points)
     n_unique = unique_points.shape[0]
     edges = [zero_edges]
     if n_unique > 1:
-        _check_memory(n_unique, device)
+        _check_memory(n_unique, points.device)
         squared = _squared_distances(unique_points)
         u, v = _prim(squared)
         edges.append(np.stack([representative[u], representative[v]], axis=1))
-    all_edges = torch.as_tensor(np.concatenate(edges), device=device)
-    return all_edges[:, 0], all_edges[:, 1]
+    return np.concatenate(edges)

@@ -1,0 +1,61 @@
+"""The engine's thread policy: one thread for its many small operations, the caller's for big
+matrix products.
+
+Measured on this project's 2-core machine (benchmarks/RESULTS.md, "Under contention"): with one
+other busy process, torch's default 2 OpenMP threads made `h0_deaths` at N = 100 take 456 ms
+instead of 1.7 ms with 1 thread. Each parallel region ends at a barrier where a thread spins
+waiting for a sibling that the OS has descheduled; an engine of many small operations pays that
+wait many times. A big matrix product has few barriers, so it keeps the caller's threads (it is
+2× faster with 2 threads on a quiet machine and no slower under contention).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+__all__ = ["engine_threads", "caller_threads", "PARALLEL_MIN_FLOPS"]
+
+# A product smaller than this (about 1 ms on one core here) runs on the engine's single thread.
+PARALLEL_MIN_FLOPS = 1e8
+
+_state = threading.local()
+
+
+@contextmanager
+def engine_threads() -> Iterator[None]:
+    """Run the block with one intra-op thread, restoring the caller's count afterwards.
+
+    Nested use is free. torch's thread count is process wide: another Python thread running
+    torch ops during the block also runs single-threaded for that time.
+    """
+    if getattr(_state, "caller", None) is not None:
+        yield
+        return
+    caller = torch.get_num_threads()
+    _state.caller = caller
+    if caller > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if caller > 1:
+            torch.set_num_threads(caller)
+        _state.caller = None
+
+
+@contextmanager
+def caller_threads(flops: float) -> Iterator[None]:
+    """Inside `engine_threads`, give a product of `flops` back the caller's threads if it is big."""
+    caller = getattr(_state, "caller", None)
+    if caller is None or caller == 1 or flops < PARALLEL_MIN_FLOPS:
+        yield
+        return
+    torch.set_num_threads(caller)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
