@@ -6,6 +6,9 @@ topoopt and torch-topological are timed forward + backward; the others give no g
 
     python benchmarks/h0.py                 # N ∈ {100, 1000, 4096}
     python benchmarks/h0.py --large 20000   # one N = 20,000 layer, topoopt only
+    python benchmarks/h0.py --contended --sizes 100 1000
+        # with two busy processes on the cores (`python -c 'while True: pass'`), at the
+        # default thread count: topoopt and torch-topological in the same run
     python benchmarks/h0.py --clustered --sizes 1000 3000 --threads 1
         # clouds whose near pairs are most pairs (tiny neurons beside grown ones, nested
         # clusters, a dense sheet), against a Gaussian cloud and the Gram product of the same N
@@ -111,6 +114,28 @@ def clustered(sizes: list[int], d: int, repeats: int) -> None:
         print()
 
 
+def contended(sizes: list[int], dim: int, repeats: int) -> None:
+    """topoopt and torch-topological with two busy processes on the machine, same run."""
+    import subprocess
+    import sys
+
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(1.0)
+        generator = torch.Generator().manual_seed(0)
+        print(f"two busy processes running; {torch.get_num_threads()} threads; median of {repeats}")
+        for n in sizes:
+            x = torch.randn(n, dim, generator=generator) / dim**0.5
+            ours = _time(_topoopt(x), repeats)
+            theirs = _time(_torch_topological(x), repeats)
+            floor = _time(_gram(x), repeats)
+            print(f"N = {n:>5}: topoopt {ours * 1e3:8.1f} ms, torch-topological {theirs * 1e3:8.1f} ms "
+                  f"({theirs / ours:.1f}× faster), Gram {floor * 1e3:7.1f} ms")
+    finally:
+        for process in busy:
+            process.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 4096])
@@ -119,10 +144,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--large", type=int, default=0, help="also time one cloud of this many neurons")
     parser.add_argument("--clustered", action="store_true", help="time clustered clouds instead (see above)")
+    parser.add_argument("--contended", action="store_true", help="two busy processes run beside the timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.clustered:
         clustered(args.sizes, args.dim, args.repeats)
+        return
+    if args.contended:
+        contended(args.sizes, args.dim, args.repeats)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d = {args.dim}, "
           f"median of {args.repeats} (slow references: of 3)\n")

@@ -36,9 +36,11 @@ def _as_cloud(points: torch.Tensor, argument: str = "points") -> torch.Tensor:
         points = points.float()
     # One reduction first: a sum is finite unless some entry is NaN/Inf (or it overflows, which
     # the exact check below then clears).
-    if points.numel() and not bool(torch.isfinite(points.sum())) and not bool(torch.isfinite(points).all()):
-        bad = int((~torch.isfinite(points)).any(dim=1).sum())
-        raise ValueError(f"{argument} contains NaN or Inf values (in {bad} of {points.shape[0]} rows)")
+    with engine_threads():
+        finite = not points.numel() or bool(torch.isfinite(points.sum())) or bool(torch.isfinite(points).all())
+        if not finite:
+            bad = int((~torch.isfinite(points)).any(dim=1).sum())
+            raise ValueError(f"{argument} contains NaN or Inf values (in {bad} of {points.shape[0]} rows)")
     return points
 
 
