@@ -121,3 +121,12 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
         monitor.step(0)
         monitor.close(hparams={"a": 1})
     assert not (tmp_path / "rank1").exists()
+
+
+def test_figures_leave_the_users_matplotlib_backend_alone():
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); import torch; from topoopt.monitor import _figures; "
+            "_figures('fc1', torch.rand(5)); print(matplotlib.get_backend())")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "svg"

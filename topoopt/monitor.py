@@ -18,6 +18,7 @@ from topoopt._validation import check_positive_int
 from topoopt.layers import select_layers
 from topoopt.metrics import get_metric
 from topoopt.optimizer import TopoOptimizer
+from topoopt.plotting import new_figure
 from topoopt.cloud import neuron_cloud
 from topoopt.tree_cache import TreeCache, measure_layer
 
@@ -37,18 +38,15 @@ def _is_writer_rank() -> bool:
 
 
 def _figures(name: str, deaths: torch.Tensor):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     values = deaths.detach().cpu().double().numpy()
     top = float(values.max()) if values.size else 1.0
-    diagram, axes = plt.subplots(figsize=(4, 4))
+    diagram = new_figure(figsize=(4, 4))
+    axes = diagram.subplots()
     axes.scatter([0.0] * len(values), values, s=8)
     axes.plot([0, top * 1.05], [0, top * 1.05], color="grey", linewidth=0.8)
     axes.set(xlabel="birth", ylabel="death", title=f"H0 diagram: {name}")
-    barcode, axes = plt.subplots(figsize=(5, 3))
+    barcode = new_figure(figsize=(5, 3))
+    axes = barcode.subplots()
     ordered = sorted(values, reverse=True)
     axes.hlines(range(len(ordered)), 0, ordered, linewidth=1.0)
     axes.set(xlabel="filtration value", ylabel="bar", title=f"H0 barcode: {name}")

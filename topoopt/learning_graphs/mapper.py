@@ -23,6 +23,8 @@ import numpy as np
 from sklearn.cluster import DBSCAN
 from sklearn.decomposition import PCA
 
+from topoopt.plotting import new_figure
+
 __all__ = ["LENSES", "MapperSettings", "LearningGraph", "lens_values", "learning_graph", "pca_reduce", "PAPER_SETTINGS",
            "KMAPPER_OLD_OVERLAP_AS_GAIN"]
 
@@ -96,12 +98,8 @@ class LearningGraph:
 
     def save_png(self, path: str | Path, title: str = "", labels: dict[int, str] | None = None) -> None:
         """Nodes sized by cluster size, coloured by mean training step; optional node labels."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axes = plt.subplots(figsize=(8, 7))
+        figure = new_figure(figsize=(8, 7))
+        axes = figure.subplots()
         if self.graph.number_of_nodes():
             # Kamada–Kawai draws trees most legibly but costs O(n²) memory and time per iteration.
             positions = (nx.kamada_kawai_layout(self.graph) if self.graph.number_of_nodes() <= 300
@@ -118,7 +116,6 @@ class LearningGraph:
         axes.axis("off")
         figure.tight_layout()
         figure.savefig(path, dpi=110)
-        plt.close(figure)
 
     def save_html(self, path: str | Path, title: str = "learning graph") -> None:
         """A self-contained interactive view (drag, zoom, hover for node details); no network."""
