@@ -1,14 +1,15 @@
 """TensorBoard monitoring of per-layer topology during training.
 
-Tag scheme (one place, `tag`): ``topology/<layer>/<metric>`` for metrics, ``optim/<layer>/...``
-for a `TopoOptimizer`'s scales, ``deaths/<layer>`` for histograms, ``diagram/<layer>`` and
-``barcode/<layer>`` for figures. Dots in module names become ``/``.
+Tag scheme (one place, `tag`): ``topology/<layer>/<metric>`` for metrics (and ``groups``),
+``branching/<layer>`` for branching events, ``optim/<layer>/...`` for a `TopoOptimizer`'s
+scales, ``deaths/<layer>`` for histograms, ``diagram/<layer>`` and ``barcode/<layer>`` for
+figures. Dots in module names become ``/``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -19,8 +20,9 @@ from topoopt.layers import select_layers
 from topoopt.metrics import get_metric
 from topoopt.optimizer import TopoOptimizer
 from topoopt.plotting import new_figure
-from topoopt.cloud import neuron_cloud
-from topoopt.tree_cache import TreeCache, measure_layer
+from topoopt.cloud import layer_cloud, neuron_cloud
+from topoopt.groups import BranchingDetector, BranchingEvent, group_count, group_sizes, group_threshold
+from topoopt.tree_cache import TreeCache, cache_key, measure_layer
 
 __all__ = ["TopologyMonitor", "tag"]
 
@@ -83,6 +85,18 @@ class TopologyMonitor:
     trees : TreeCache, optional
         Where trees are kept (a new one by default). Measurements are exact whatever is shared:
         a tree is reused only for bit-identical weights.
+    groups_ratio : float or None
+        Log ``topology/<layer>/groups``, the number of groups of neurons: a gap in the spanning
+        tree separates groups when it is at least this many times the layer's median gap (see
+        `topoopt.groups`). None turns groups and branching events off.
+    branching_patience : int
+        A rise of the group count is a branching event once it has held for this many
+        consecutive logged measurements (hysteresis).
+    on_branching : callable, optional
+        Called as ``on_branching(layer, step, group_sizes)`` at each branching event.
+
+    Each branching event is also logged as a scalar ``branching/<layer>`` (the new count) and a
+    text entry naming the layer, the step and the sizes of the groups, and kept in ``events``.
 
     A layer whose topology cannot be computed is logged once as skipped, with the reason, and
     training goes on. Under DDP only rank 0 writes. Tags: see `tag`.
@@ -100,6 +114,9 @@ class TopologyMonitor:
         layers: Iterable[str] | None = None,
         embeddings_at: Iterable[int] = (),
         trees: TreeCache | None = None,
+        groups_ratio: float | None = 4.0,
+        branching_patience: int = 3,
+        on_branching: Callable[[str, int, list[int]], None] | None = None,
     ) -> None:
         if (log_dir is None) == (writer is None):
             raise ValueError("Pass exactly one of log_dir and writer")
@@ -115,6 +132,12 @@ class TopologyMonitor:
         self.optimizer = optimizer if isinstance(optimizer, TopoOptimizer) else None
         self.embeddings_at = set(embeddings_at)
         self.trees = trees if trees is not None else TreeCache()
+        if groups_ratio is not None:
+            group_threshold(torch.zeros(0), groups_ratio)  # validates the ratio
+        self.groups_ratio = groups_ratio
+        self.on_branching = on_branching
+        self.detectors = {name: BranchingDetector(branching_patience) for name in self.layers}
+        self.events: list[BranchingEvent] = []
         self.skipped: dict[str, str] = {}
         self.last: dict[str, dict[str, float]] = {}
         self._active = _is_writer_rank()
@@ -158,6 +181,8 @@ class TopologyMonitor:
             self.last[name] = values
             for metric, value in values.items():
                 self.writer.add_scalar(tag("topology", name, metric), value, global_step)
+            if self.groups_ratio is not None:
+                self._log_groups(name, module, deaths, global_step)
             if diagrams and deaths.numel():
                 self.writer.add_histogram(tag("deaths", name), deaths.float().cpu(), global_step)
                 diagram, barcode = _figures(name, deaths)
@@ -171,6 +196,26 @@ class TopologyMonitor:
                 self.writer.add_scalar(tag("optim", name, "lr_scale"), scale, global_step)
                 if name in self.optimizer.complexity:
                     self.writer.add_scalar(tag("optim", name, "complexity"), self.optimizer.complexity[name], global_step)
+
+    def _log_groups(self, name: str, module: nn.Module, deaths: torch.Tensor, step: int) -> None:
+        count = group_count(deaths, self.groups_ratio)
+        self.last[name]["groups"] = float(count)
+        self.writer.add_scalar(tag("topology", name, "groups"), count, step)
+        rise = self.detectors[name].update(count, step)
+        if rise is None:
+            return
+        first_seen, before, after = rise
+        cloud = layer_cloud(name, module)
+        u, v = self.trees.edges(cache_key(name, False), cloud)  # the tree just measured: no search
+        sizes = group_sizes(deaths, u, v, cloud.shape[0], self.groups_ratio)
+        event = BranchingEvent(name, step, first_seen, before, after, tuple(sizes))
+        self.events.append(event)
+        self.writer.add_scalar(tag("branching", name), after, step)
+        self.writer.add_text(tag("branching", name),
+                             f"step {step}: layer {name} branched from {before} to {after} groups "
+                             f"(first seen at step {first_seen}); group sizes {sizes}", step)
+        if self.on_branching is not None:
+            self.on_branching(name, step, sizes)
 
     def log_scalars(self, values: Mapping[str, float], global_step: int) -> None:
         """Log training scalars (loss, accuracy) beside the topology, under their own tags."""
