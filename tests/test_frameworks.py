@@ -197,3 +197,13 @@ def test_lightning_topology_callback_without_tensorboard_says_so(tmp_path):
 
     with pytest.raises(ValueError, match="TopologyCallback logs to TensorBoard: give the Trainer a"):
         trainer(tmp_path, max_epochs=1, callbacks=[TopologyCallback()]).fit(AutoModule(), loader())
+
+
+def test_lightning_topology_early_stopping_stops_once_the_topology_settles(tmp_path):
+    from topoopt.lightning import TopologyEarlyStoppingCallback
+
+    module = AutoModule()
+    callback = TopologyEarlyStoppingCallback(tolerance=0.5, patience=2)  # generous: settles at once
+    trainer(tmp_path, max_epochs=20, callbacks=[callback]).fit(module, loader())
+    assert callback.stopped_epoch == 2 and module.trainer.current_epoch == 3
+    assert len(callback.stopper.history) == 3

@@ -15,10 +15,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from topoopt._validation import check_positive_int
+from topoopt.early_stopping import TopologyEarlyStopping
 from topoopt.monitor import TopologyMonitor
 from topoopt.optimizer import TopoOptimizer
 
-__all__ = ["TopologyCallback"]
+__all__ = ["TopologyCallback", "TopologyEarlyStoppingCallback"]
 
 
 class TopologyCallback(pl.Callback):
@@ -69,6 +70,39 @@ class TopologyCallback(pl.Callback):
         if self.monitor is not None:
             self.monitor.close()  # flushes; the writer stays open, the logger owns it
             self.monitor = None
+
+
+class TopologyEarlyStoppingCallback(pl.Callback):
+    """Stops fitting when every layer's topology has settled (`topoopt.TopologyEarlyStopping`),
+    checked at the end of each training epoch; needs no validation split.
+
+    Keyword arguments go to `TopologyEarlyStopping` (``metrics``, ``tolerance``, ``patience``,
+    ``min_checks``, ``layers``). ``stopped_epoch`` is the epoch it stopped at (or None); its
+    state is saved in and restored from Lightning checkpoints.
+    """
+
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.options = options
+        self.stopper: TopologyEarlyStopping | None = None
+        self.stopped_epoch: int | None = None
+        self._restored: dict | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stopper = TopologyEarlyStopping(pl_module, **self.options)
+        if self._restored is not None:
+            self.stopper.load_state_dict(self._restored)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stopper is not None and self.stopper.update():
+            self.stopped_epoch = trainer.current_epoch
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        return self.stopper.state_dict() if self.stopper is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = dict(state_dict) or None
 
 
 def _tensorboard_writer(trainer: pl.Trainer):

@@ -1,0 +1,158 @@
+"""Early stopping without a validation split: stop when the layers' topology has settled.
+
+`TopologyEarlyStopping` watches each layer's H0 metrics (exact, `topoopt.TreeCache`) and stops
+when all of them have changed by less than a relative ``tolerance`` for ``patience``
+consecutive checks. `NeuralPersistenceStopping` is the criterion of Rieck et al., "Neural
+Persistence: A Complexity Measure for Deep Neural Networks Using Algebraic Topology" (ICLR 2019),
+reimplemented from the paper's definitions, for comparison: the mean normalised neural
+persistence of the layers, stopped when it has not risen by more than ``min_delta`` for
+``patience`` checks. Neither needs held-out data, so every example can be trained on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from topoopt._validation import check_positive_int
+from topoopt.layers import select_layers
+from topoopt.metrics import get_metric
+from topoopt.tree_cache import TreeCache, measure_layer
+
+__all__ = ["TopologyEarlyStopping", "NeuralPersistenceStopping", "neural_persistence"]
+
+
+class TopologyEarlyStopping:
+    """Stops when every layer's topology has stopped changing (call `update` after each epoch).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model whose Linear/Conv layers are watched.
+    metrics : str or sequence of str
+        Names of `topoopt.METRIC_SPECS`.
+    tolerance : float
+        A check is "settled" when every layer's every metric moved by less than this fraction of
+        its previous value (|m_t − m_{t−1}| ≤ tolerance · |m_{t−1}|; an exact 0 stays settled only
+        at 0).
+    patience : int
+        Stop after this many settled checks in a row.
+    min_checks : int
+        Never stop before this many checks (the first epochs, when a zero-initialised layer may
+        not have moved yet).
+    layers : list of str, optional
+        Only these layers.
+
+    ``update()`` returns ``should_stop``. ``history`` holds each check's values.
+    """
+
+    def __init__(self, model: nn.Module, metrics: str | Sequence[str] = ("normalized_entropy", "mean_lifetime"),
+                 tolerance: float = 0.01, patience: int = 3, min_checks: int = 1,
+                 layers: Iterable[str] | None = None) -> None:
+        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+            raise ValueError(f"Invalid tolerance: {tolerance!r}")
+        check_positive_int("patience", patience)
+        check_positive_int("min_checks", min_checks)
+        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+        self._metric_fns = {name: get_metric(name) for name in metrics}
+        self.layers = select_layers(model, layers)
+        self.tolerance, self.patience, self.min_checks = float(tolerance), patience, min_checks
+        self.trees = TreeCache()
+        self.history: list[dict[str, float]] = []
+        self.settled = 0
+        self.should_stop = False
+
+    @torch.no_grad()
+    def _values(self) -> dict[str, float]:
+        values = {}
+        for name, module in self.layers.items():
+            deaths = measure_layer(self.trees, name, module)
+            for metric, fn in self._metric_fns.items():
+                values[f"{name}/{metric}"] = 0.0 if deaths is None else float(fn(deaths))
+        return values
+
+    def update(self) -> bool:
+        values = self._values()
+        if self.history:
+            previous = self.history[-1]
+            moved = any(abs(values[k] - previous[k]) > self.tolerance * abs(previous[k]) for k in values)
+            self.settled = 0 if moved else self.settled + 1
+        self.history.append(values)
+        self.should_stop = len(self.history) >= self.min_checks and self.settled >= self.patience
+        return self.should_stop
+
+    def state_dict(self) -> dict:
+        return {"history": [dict(h) for h in self.history], "settled": self.settled}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [dict(h) for h in state["history"]]
+        self.settled = int(state["settled"])
+        self.should_stop = len(self.history) >= self.min_checks and self.settled >= self.patience
+
+
+def neural_persistence(weight: torch.Tensor, p: float = 2.0, normalize: bool = True) -> float:
+    """Neural persistence of one layer (Rieck et al. 2019, Definitions 2–3 and Theorem 2).
+
+    The layer is a complete bipartite graph, inputs to outputs, whose edge weights are
+    |w| / max|w| (so in [0, 1]). In the descending filtration every vertex is born at 1 and an
+    edge enters at its weight; the 0-dimensional pairs are the edges of a maximum spanning tree,
+    each with persistence 1 − w. Neural persistence is the p-norm of those persistences; the
+    normalised value divides it by its upper bound (n_in + n_out − 1)^(1/p), so it is in [0, 1].
+    A weight of 2 or more dimensions is read as (out, in, ...), flattened per output.
+    """
+    matrix = weight.detach().reshape(weight.shape[0], -1).abs().double().cpu().numpy()
+    n_out, n_in = matrix.shape
+    largest = matrix.max() if matrix.size else 0.0
+    if largest == 0 or n_out + n_in < 2:
+        return 0.0
+    normalised = (matrix / largest).ravel()
+    order = np.argsort(-normalised, kind="stable")
+    parent = np.arange(n_out + n_in)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    persistences = []
+    for edge in order:  # Kruskal on descending weights: a maximum spanning tree
+        a, b = root(int(edge // n_in)), root(n_out + int(edge % n_in))
+        if a != b:
+            parent[a] = b
+            persistences.append(1.0 - normalised[edge])
+            if len(persistences) == n_out + n_in - 1:
+                break
+    value = float(np.linalg.norm(np.asarray(persistences), ord=p))
+    return value / (n_out + n_in - 1) ** (1 / p) if normalize else value
+
+
+class NeuralPersistenceStopping:
+    """Rieck et al.'s criterion: stop when the mean normalised neural persistence of the layers
+    has not risen by more than ``min_delta`` for ``patience`` checks (call `update` per epoch)."""
+
+    def __init__(self, model: nn.Module, patience: int = 3, min_delta: float = 0.0,
+                 layers: Iterable[str] | None = None) -> None:
+        check_positive_int("patience", patience)
+        if not (isinstance(min_delta, (int, float)) and math.isfinite(min_delta) and min_delta >= 0):
+            raise ValueError(f"Invalid min_delta: {min_delta!r}")
+        self.layers = select_layers(model, layers)
+        self.patience, self.min_delta = patience, float(min_delta)
+        self.history: list[float] = []
+        self.best = -math.inf
+        self.waited = 0
+        self.should_stop = False
+
+    def update(self) -> bool:
+        value = sum(neural_persistence(module.weight) for module in self.layers.values()) / len(self.layers)
+        self.history.append(value)
+        if value > self.best + self.min_delta:
+            self.best, self.waited = value, 0
+        else:
+            self.waited += 1
+        self.should_stop = self.waited >= self.patience
+        return self.should_stop
