@@ -130,3 +130,16 @@ def test_figures_leave_the_users_matplotlib_backend_alone():
     code = ("import matplotlib; matplotlib.use('svg'); import torch; from topoopt.monitor import _figures; "
             "_figures('fc1', torch.rand(5)); print(matplotlib.get_backend())")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "svg"
+
+
+def test_overflowing_deaths_are_skipped_with_a_reason_not_raised(tmp_path):
+    from topoopt import TopologyMonitor
+    from topoopt.models import build_mlp
+
+    model = build_mlp("mlp:4-6-2")
+    with torch.no_grad():
+        model.fc1.weight.copy_(torch.randn(6, 4) * 3e38)  # deaths overflow float32 to inf
+    monitor = TopologyMonitor(model, log_dir=tmp_path, diagrams_every=1)
+    monitor.step(0)
+    monitor.close()
+    assert "fc1" in monitor.skipped and "fc2" in monitor.last

@@ -181,21 +181,27 @@ class TopologyMonitor:
             self.last[name] = values
             for metric, value in values.items():
                 self.writer.add_scalar(tag("topology", name, metric), value, global_step)
-            if self.groups_ratio is not None:
-                self._log_groups(name, module, deaths, global_step)
-            if diagrams and deaths.numel():
-                self.writer.add_histogram(tag("deaths", name), deaths.float().cpu(), global_step)
-                diagram, barcode = _figures(name, deaths)
-                self.writer.add_figure(tag("diagram", name), diagram, global_step)
-                self.writer.add_figure(tag("barcode", name), barcode, global_step)
-            if global_step in self.embeddings_at:
-                cloud = neuron_cloud(module).detach().float().cpu()
-                self.writer.add_embedding(cloud, tag=tag("cloud", name).replace("/", "_"), global_step=global_step)
+            try:
+                if self.groups_ratio is not None:
+                    self._log_groups(name, module, deaths, global_step)
+                if diagrams and deaths.numel():
+                    self._log_diagrams(name, deaths, global_step)
+                if global_step in self.embeddings_at:
+                    cloud = neuron_cloud(module).detach().float().cpu()
+                    self.writer.add_embedding(cloud, tag=tag("cloud", name).replace("/", "_"), global_step=global_step)
+            except Exception as error:  # a figure or histogram that cannot be made (overflowing deaths, say)
+                self._skip(name, f"{type(error).__name__}: {error}", global_step)
         if self.optimizer is not None:
             for name, scale in self.optimizer.scales.items():
                 self.writer.add_scalar(tag("optim", name, "lr_scale"), scale, global_step)
                 if name in self.optimizer.complexity:
                     self.writer.add_scalar(tag("optim", name, "complexity"), self.optimizer.complexity[name], global_step)
+
+    def _log_diagrams(self, name: str, deaths: torch.Tensor, step: int) -> None:
+        self.writer.add_histogram(tag("deaths", name), deaths.float().cpu(), step)
+        diagram, barcode = _figures(name, deaths)
+        self.writer.add_figure(tag("diagram", name), diagram, step)
+        self.writer.add_figure(tag("barcode", name), barcode, step)
 
     def _log_groups(self, name: str, module: nn.Module, deaths: torch.Tensor, step: int) -> None:
         count = group_count(deaths, self.groups_ratio)
