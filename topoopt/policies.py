@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
-__all__ = ["Policy", "POLICIES", "calm_policy", "awaken_policy", "contrast_policy"]
+__all__ = ["Policy", "POLICIES", "calm_policy", "awaken_policy", "contrast_policy", "collapse_policy",
+           "COLLAPSE_SPREAD"]
 
 Policy = Callable[[Mapping[str, float], Mapping[str, float], float], dict[str, float]]
 
@@ -58,4 +59,32 @@ def contrast_policy(complexity: Mapping[str, float], change: Mapping[str, float]
     return {name: math.exp(-strength * (c - mean) / spread) for name, c in complexity.items()}
 
 
-POLICIES: dict[str, Policy] = {"calm": calm_policy, "awaken": awaken_policy, "contrast": contrast_policy}
+COLLAPSE_SPREAD = 0.5
+"""`collapse_policy`'s threshold: a layer whose mean H0 lifetime is at least this fraction of
+its RMS neuron norm counts as spread (an isotropic random cloud of 100 neurons in 100 or 784
+dimensions sits near 1.3; a tiny cloud riding a common drift, as on the plateau after tiny
+initialisation, falls towards 0)."""
+
+
+def collapse_policy(complexity: Mapping[str, float], change: Mapping[str, float], strength: float,
+                    spread: float = COLLAPSE_SPREAD) -> dict[str, float]:
+    """A transient, scale-aware accelerator: s_l = 1 + strength · max(0, 1 − c_l / spread).
+
+    Meant for ``metric="mean_lifetime"``, where c_l is the layer's mean H0 lifetime (its
+    neurons' mean nearest-neighbour gap in the spanning tree) divided by its RMS neuron norm: how
+    far apart the neurons are *relative to their size*. Unlike `awaken` on that metric, which
+    already acts at c_l < 1 (so on every healthy layer too), this policy acts only on collapse:
+    a layer whose neurons nearly coincide relative to their norm (c_l → 0: the rigidly drifting
+    noise cloud of a tiny initialisation's plateau) takes up to 1 + strength times the inner
+    step, and the layer returns to s = 1 once it has spread (c_l ≥ ``spread``), so the boost is
+    transient where a larger learning rate is not. A cloud at its tiny initialisation, not yet
+    drifting, is already spread in this sense (c ≈ 1.3) and is left alone: the policy reads the
+    cloud's shape only, whatever the weights' scale.
+    """
+    if not spread > 0:
+        raise ValueError(f"Invalid spread: {spread}")
+    return {name: 1.0 + strength * max(0.0, 1.0 - c / spread) for name, c in complexity.items()}
+
+
+POLICIES: dict[str, Policy] = {"calm": calm_policy, "awaken": awaken_policy, "contrast": contrast_policy,
+                                 "collapse": collapse_policy}

@@ -1,0 +1,510 @@
+"""Study (issue #17): does topology-steered training beat matched controls where topology should
+matter, on the surface network of Gabella et al. (784-100-100-10, sigmoid, no bias, N(0, 1e-6²)
+initialisation, SGD, batch 100, mnist5k)?
+
+Every run of a seed shares the initialisation (where the init is the same) and the batch order,
+runs the same step budget and is evaluated on the test split every ``eval_every`` steps. A run
+that never reaches 80% test accuracy within the budget is censored (kept, never dropped); a run
+whose loss becomes NaN/Inf is diverged (stopped; it scores 0 at the budget).
+
+Configurations (`CONFIGS`):
+
+- controls: plain SGD at lr 0.05 × {1, 2, 4, 8, 16, 32, 64, 128}; σ = 1e-2 and PyTorch's default
+  initialisation at lr 0.05, and the default initialisation at the steered runs' base lr; LARS
+  (each layer's gradient rescaled to η‖w‖/‖g‖·g); and, for the TopoOptimizer configuration, a
+  constant per-layer lr equal to each layer's mean scale in the steered run of the same seed.
+- steered: `pen-spread`, TopoPenalty maximising mean H0 lifetime on every layer, switched off
+  layer by layer once its mean lifetime reaches ``penalty_target`` (a scale-independent push:
+  the gradient of a tree edge's length is a unit vector, so it separates neurons of any size);
+  `topo-collapse`, TopoOptimizer with the transient `collapse_policy` on mean lifetime / RMS
+  norm (boost a layer while its neurons nearly coincide relative to their norm).
+
+Primary measure: steps to 80% test accuracy; secondary: steps to 20%, accuracy at the budget,
+fraction diverged. Paired exact Wilcoxon tests of each steered configuration against the best
+control (the control with the fewest median steps to 80%), Holm over the steered configurations.
+The pre-registration is in experiments/RESULTS.md ("Steering against matched controls (#17)").
+
+    topoopt steer --quick        # a few minutes
+    topoopt steer                # the pre-registered study (resumable: re-run to continue)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from topoopt.data import load_dataset
+from topoopt.metrics import mean_lifetime
+from topoopt.models import build_mlp
+from topoopt.optimizer import TopoOptimizer
+from topoopt.penalty import TopoPenalty
+from topoopt.persistence import h0_deaths
+from topoopt.policies import collapse_policy
+from topoopt.studies.options import add_sweep_options, apply_overrides, positive_int
+from topoopt.studies.statistics import holm, paired_t_minimum_effect
+from topoopt.sweep import load_results, run_cells
+
+__all__ = ["CONFIGS", "SteerConfig", "make_cells", "run_cell", "summarise", "main", "first_step_at",
+           "censored_median"]
+
+RESULTS_DIR = Path("experiments") / "results" / "steer"
+BASE_LR = 0.05
+TINY_STD = 1e-6
+ESCAPE, TARGET = 0.2, 0.8  # "steps to 20%" is the first evaluation above 0.2, "to 80%" at or above 0.8
+
+# name → what differs from plain SGD at lr 0.05 from N(0, 1e-6²). "steered" settings come from
+# SteerConfig (chosen on pilot seeds), so that a pilot can vary them without new names.
+CONFIGS: dict[str, dict] = {
+    "sgd-x1": {"kind": "control", "lr_mult": 1},
+    "sgd-x2": {"kind": "control", "lr_mult": 2},
+    "sgd-x4": {"kind": "control", "lr_mult": 4},
+    "sgd-x8": {"kind": "control", "lr_mult": 8},
+    "sgd-x16": {"kind": "control", "lr_mult": 16},
+    "sgd-x32": {"kind": "control", "lr_mult": 32},
+    "sgd-x64": {"kind": "control", "lr_mult": 64},
+    "sgd-x128": {"kind": "control", "lr_mult": 128},
+    "init-1e-2": {"kind": "control", "init": 1e-2},
+    "init-default": {"kind": "control", "init": "default"},
+    "init-default-steered-lr": {"kind": "control", "init": "default", "lr_mult": "steered"},
+    "lars": {"kind": "control", "lars": True},
+    "pen-spread": {"kind": "steered", "lr_mult": "steered", "penalty": True},
+    "topo-collapse": {"kind": "steered", "lr_mult": "steered", "collapse": True},
+    "topo-collapse-matched": {"kind": "control", "lr_mult": "steered", "matched": "topo-collapse"},
+}
+
+
+@dataclass
+class SteerConfig:
+    configs: list[str] = field(default_factory=lambda: list(CONFIGS))
+    seeds: int = 10
+    first_seed: int = 0
+    dataset: str = "mnist5k"
+    hidden: list[int] = field(default_factory=lambda: [100, 100])
+    steps: int = 6_000
+    eval_every: int = 100
+    batch_size: int = 100
+    steered_lr_mult: float = 16.0     # the steered runs' base lr is 0.05 × this
+    penalty_weight: float = 1.0      # chosen on pilot seeds 100–101 (0.1: 700 steps to 80%; 1.0: 300–400)
+    penalty_target: float = 0.5       # mean H0 lifetime at which a layer's penalty switches off
+    collapse_strength: float = 7.0    # s ≤ 1 + strength; pilot seeds 100–101 (3: 2,100 steps to 80%; 7: 1,600)
+    collapse_spread: float = 0.5
+    topo_every: int = 10
+    lars_eta: float = 0.2
+    out: str = str(RESULTS_DIR)
+    tensorboard: str | None = None
+
+    @classmethod
+    def quick(cls) -> "SteerConfig":
+        return cls(configs=["sgd-x16", "init-default", "lars", "pen-spread", "topo-collapse", "topo-collapse-matched"],
+                   seeds=2, steps=3000, out=str(RESULTS_DIR / "quick"))
+
+
+def _lr(config: SteerConfig, spec: dict) -> float:
+    mult = spec.get("lr_mult", 1)
+    return BASE_LR * (config.steered_lr_mult if mult == "steered" else mult)
+
+
+def make_cells(config: SteerConfig) -> list[dict]:
+    unknown = [name for name in config.configs if name not in CONFIGS]
+    if unknown:
+        raise ValueError(f"Unknown configuration(s) {unknown}. Valid ones are: {', '.join(CONFIGS)}")
+    plain = asdict(config)
+    return [{"id": f"{name}/s{seed}", "name": name, "seed": seed, "config": plain}
+            for name in config.configs for seed in range(config.first_seed, config.first_seed + config.seeds)]
+
+
+_DATA: dict[str, object] = {}
+
+
+def _data(name: str):
+    if name not in _DATA:
+        _DATA[name] = load_dataset(name)
+    return _DATA[name]
+
+
+def _model(config: SteerConfig, init: float | str, seed: int, n_features: int, n_classes: int) -> torch.nn.Module:
+    """The network of `seed`: N(0, init²) drawn as `topoopt learning-graphs --setting surface` draws
+    it (so seed s here is that study's surface run of seed s), or PyTorch's default init."""
+    torch.manual_seed(seed)
+    model = build_mlp([n_features, *config.hidden, n_classes], activation="sigmoid", bias=False)
+    if init != "default":
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+                layer.weight.normal_(0.0, float(init), generator=generator)
+    return model
+
+
+def _linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@torch.no_grad()
+def _layer_shape(weight: torch.Tensor) -> tuple[float, float]:
+    """(mean H0 lifetime, RMS neuron norm) of a layer's neuron cloud, in float64."""
+    cloud = weight.detach().double()
+    rms = float(torch.linalg.vector_norm(cloud)) / math.sqrt(cloud.shape[0])
+    return float(mean_lifetime(h0_deaths(cloud))), rms
+
+
+def first_step_at(curve: list[dict], threshold: float, strict: bool = False) -> int | None:
+    """The first evaluated step whose accuracy is ≥ `threshold` (> with `strict`), or None."""
+    for row in curve:
+        if (row["accuracy"] > threshold) if strict else (row["accuracy"] >= threshold):
+            return int(row["step"])
+    return None
+
+
+def run_cell(cell: dict, matched_scales: dict[str, float] | None = None) -> dict:
+    """Train one configuration at one seed for the step budget; its record (see the module doc)."""
+    config = SteerConfig(**cell["config"])
+    spec, seed = CONFIGS[cell["name"]], cell["seed"]
+    data = _data(config.dataset)
+    model = _model(config, spec.get("init", TINY_STD), seed, data.n_features, data.n_classes)
+    layers = _linears(model)
+    lr = _lr(config, spec)
+    if spec.get("matched"):
+        if matched_scales is None:
+            raise ValueError(f"{cell['id']}: a matched control needs the steered run's mean scales")
+        groups = [{"params": [layers[name].weight], "lr": lr * matched_scales[name]} for name in layers]
+        optimizer = torch.optim.SGD(groups, lr=lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    topo = None
+    if spec.get("collapse"):
+        policy = partial(collapse_policy, spread=config.collapse_spread)
+        topo = TopoOptimizer(optimizer, model, metric="mean_lifetime", policy=policy, strength=config.collapse_strength,
+                             every=config.topo_every, bounds=(0.25, 1.0 + config.collapse_strength))
+    penalty = None
+    switched_off: dict[str, int] = {}
+    if spec.get("penalty"):
+        penalty = TopoPenalty(model, metric="mean_lifetime", direction="maximize", weight=config.penalty_weight)
+    scale_sums = dict.fromkeys(layers, 0.0)
+    shuffle = torch.Generator().manual_seed(seed)
+    curve: list[dict] = []
+    step, diverged, loss_sum, loss_count = 0, False, 0.0, 0
+    started = time.perf_counter()
+
+    def evaluate() -> None:
+        nonlocal loss_sum, loss_count
+        with torch.no_grad():
+            logits = model(data.x_test)
+        finite = bool(torch.isfinite(logits).all())
+        accuracy = float((logits.argmax(1) == data.y_test).float().mean()) if finite else 0.0
+        row = {"step": step, "accuracy": accuracy, "loss": loss_sum / loss_count if loss_count else None}
+        for name, layer in layers.items():
+            lifetime, rms = _layer_shape(layer.weight) if finite else (float("nan"), float("nan"))
+            row[name] = {"mean_lifetime": lifetime, "rms_norm": rms,
+                         "complexity": lifetime / rms if rms > 0 else 0.0}
+            if topo is not None:
+                row[name]["scale"] = topo.scales[name]
+        curve.append(row)
+        loss_sum, loss_count = 0.0, 0
+
+    evaluate()
+    while step < config.steps and not diverged:
+        for batch in torch.randperm(len(data.y_train), generator=shuffle).split(config.batch_size):
+            loss = F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                diverged = True
+                break
+            total = loss
+            if penalty is not None and any(penalty.coefficients.values()):
+                total = loss + penalty()
+            (topo or optimizer).zero_grad()
+            total.backward()
+            if spec.get("lars"):
+                _lars_rescale(layers, config.lars_eta, scale_sums)
+            (topo or optimizer).step()
+            step += 1
+            loss_sum, loss_count = loss_sum + value, loss_count + 1
+            if topo is not None:
+                for name in layers:
+                    scale_sums[name] += topo.scales[name]
+            if penalty is not None:
+                for name, value in penalty.last_values.items():
+                    if name not in switched_off and value >= config.penalty_target:
+                        penalty.coefficients[name] = 0.0
+                        switched_off[name] = step
+            if step % config.eval_every == 0:
+                evaluate()
+            if step >= config.steps:
+                break
+    if diverged:
+        curve.append({"step": step, "accuracy": 0.0, "loss": None, "diverged": True})
+    if topo is not None or spec.get("lars"):
+        mean_scales = {name: scale_sums[name] / max(1, step) for name in layers}
+    elif spec.get("matched"):
+        mean_scales = dict(matched_scales)
+    else:
+        mean_scales = dict.fromkeys(layers, 1.0)
+    settings = {"lr": lr, "init": spec.get("init", TINY_STD)}
+    if penalty is not None:
+        settings.update(penalty_weight=config.penalty_weight, penalty_target=config.penalty_target)
+    if topo is not None:
+        settings.update(policy="collapse", strength=config.collapse_strength, spread=config.collapse_spread,
+                        every=config.topo_every)
+    if spec.get("lars"):
+        settings.update(lars_eta=config.lars_eta)
+    return {"config": cell["name"], "kind": spec["kind"], "seed": seed, "settings": settings,
+            "budget": config.steps, "eval_every": config.eval_every, "steps_run": step, "diverged": diverged,
+            "steps_to_20": first_step_at(curve, ESCAPE, strict=True), "steps_to_80": first_step_at(curve, TARGET),
+            "final_accuracy": curve[-1]["accuracy"], "mean_scales": mean_scales,
+            "penalty_off_step": switched_off or None, "seconds": time.perf_counter() - started, "curve": curve}
+
+
+@torch.no_grad()
+def _lars_rescale(layers: dict[str, torch.nn.Linear], eta: float, sums: dict[str, float]) -> None:
+    """LARS (You et al. 2017, without momentum or weight decay): g ← η‖w‖/‖g‖ · g per layer, so each
+    step moves a layer by lr·η of its own norm. The multiplier's running sum goes into `sums`."""
+    for name, layer in layers.items():
+        grad = layer.weight.grad
+        weight_norm, grad_norm = float(layer.weight.norm()), float(grad.norm()) if grad is not None else 0.0
+        ratio = eta * weight_norm / grad_norm if weight_norm > 0 and grad_norm > 0 else 1.0
+        if grad is not None:
+            grad.mul_(ratio)
+        sums[name] += ratio
+
+
+# ---- analysis ----
+
+def censored_median(values: list[float | None]) -> float:
+    """Median where None (censored: beyond the budget) counts as +∞; ∞ when half or more are censored."""
+    array = np.array([math.inf if v is None else float(v) for v in values])
+    array.sort()
+    n = len(array)
+    if n == 0:
+        return math.nan
+    middle = array[(n - 1) // 2: n // 2 + 1]
+    return float(middle.mean()) if np.isfinite(middle).all() else math.inf
+
+
+def _steps_or_beyond(record: dict, key: str) -> float:
+    """Steps to the threshold; a censored run counts one evaluation past the budget (ranks right
+    for the signed-rank test: later than any run that got there)."""
+    value = record[key]
+    return float(value) if value is not None else float(record["budget"] + record["eval_every"])
+
+
+def _paired(steered: list[dict], control: list[dict]) -> dict:
+    from scipy import stats
+
+    by_seed = {r["seed"]: r for r in control}
+    pairs = [(r, by_seed[r["seed"]]) for r in steered if r["seed"] in by_seed]
+    d80 = np.array([_steps_or_beyond(a, "steps_to_80") - _steps_or_beyond(b, "steps_to_80") for a, b in pairs])
+    d20 = np.array([_steps_or_beyond(a, "steps_to_20") - _steps_or_beyond(b, "steps_to_20") for a, b in pairs])
+    dacc = np.array([a["final_accuracy"] - b["final_accuracy"] for a, b in pairs])
+    nonzero = d80[d80 != 0]
+    if len(nonzero) == 0:
+        p80 = 1.0
+    else:
+        exact = len(np.unique(np.abs(nonzero))) == len(nonzero)
+        p80 = float(stats.wilcoxon(nonzero, method="exact" if exact else "approx").pvalue)
+    p_acc = float(stats.ttest_rel([a["final_accuracy"] for a, _ in pairs],
+                                  [b["final_accuracy"] for _, b in pairs]).pvalue) if np.std(dacc) > 0 else (
+        1.0 if np.all(dacc == 0) else 0.0)
+    half = stats.t.ppf(0.975, len(dacc) - 1) * np.std(dacc, ddof=1) / math.sqrt(len(dacc)) if len(dacc) > 1 else math.nan
+    return {"n_pairs": len(pairs), "median_diff_steps_to_80": float(np.median(d80)),
+            "steered_faster_to_80": int((d80 < 0).sum()), "control_faster_to_80": int((d80 > 0).sum()),
+            "wilcoxon_p_steps_to_80": p80, "median_diff_steps_to_20": float(np.median(d20)),
+            "sd_diff_steps_to_80": float(np.std(d80, ddof=1)) if len(d80) > 1 else math.nan,
+            "mean_diff_final_accuracy": float(dacc.mean()), "ci95_diff_final_accuracy": [float(dacc.mean() - half),
+                                                                                        float(dacc.mean() + half)],
+            "paired_t_p_final_accuracy": p_acc}
+
+
+def summarise(records: list[dict]) -> dict:
+    """Per-configuration medians, the best control, paired tests (Holm) and the Pareto check."""
+    by_config: dict[str, list[dict]] = {}
+    for record in records:
+        by_config.setdefault(record["config"], []).append(record)
+    table = {}
+    for name, runs in by_config.items():
+        layers = list(runs[0]["mean_scales"])
+        table[name] = {
+            "kind": runs[0]["kind"], "settings": runs[0]["settings"], "n": len(runs),
+            "diverged": sum(r["diverged"] for r in runs), "censored_80": sum(r["steps_to_80"] is None for r in runs),
+            "median_steps_to_20": censored_median([r["steps_to_20"] for r in runs]),
+            "median_steps_to_80": censored_median([r["steps_to_80"] for r in runs]),
+            "median_final_accuracy": float(np.median([r["final_accuracy"] for r in runs])),
+            "mean_final_accuracy": float(np.mean([r["final_accuracy"] for r in runs])),
+            "mean_scales": {layer: float(np.mean([r["mean_scales"][layer] for r in runs])) for layer in layers},
+            "median_seconds": float(np.median([r["seconds"] for r in runs])),
+        }
+    controls = [n for n, row in table.items() if row["kind"] == "control"]
+    steered = [n for n, row in table.items() if row["kind"] == "steered"]
+    summary: dict = {"table": table, "best_control": None, "tests": {}, "pareto": {}}
+    if not controls:
+        return summary
+    best = min(controls, key=lambda n: (table[n]["median_steps_to_80"], -table[n]["median_final_accuracy"]))
+    summary["best_control"] = best
+    tests = {name: _paired(by_config[name], by_config[best]) for name in steered}
+    adjusted = holm([t["wilcoxon_p_steps_to_80"] for t in tests.values()]) if tests else []
+    for test, p in zip(tests.values(), adjusted):
+        test["holm_p_steps_to_80"] = p
+        sd = test["sd_diff_steps_to_80"]
+        test["mde_steps_80pct_power"] = (paired_t_minimum_effect(sd, test["n_pairs"], alpha=0.05 / len(tests))
+                                         if sd > 0 and test["n_pairs"] > 1 else None)
+    summary["tests"] = tests
+    if "topo-collapse" in by_config and "topo-collapse-matched" in by_config:
+        summary["collapse_vs_matched"] = _paired(by_config["topo-collapse"], by_config["topo-collapse-matched"])
+    for name in steered:
+        verdict = {}
+        for control in controls:
+            pair = _paired(by_config[name], by_config[control])
+            verdict[control] = {"fewer_median_steps_to_80": table[name]["median_steps_to_80"] < table[control]["median_steps_to_80"],
+                                "mean_diff_final_accuracy": pair["mean_diff_final_accuracy"],
+                                "at_least_as_accurate": pair["mean_diff_final_accuracy"] >= 0}
+        significant = tests[name]["holm_p_steps_to_80"] < 0.05 and tests[name]["median_diff_steps_to_80"] < 0
+        summary["pareto"][name] = {
+            "dominates_every_control": significant and all(v["fewer_median_steps_to_80"] and v["at_least_as_accurate"]
+                                                           for v in verdict.values()),
+            "faster_than_best_control_holm": significant, "per_control": verdict}
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The per-configuration table as Markdown."""
+    def steps(value: float, budget: str) -> str:
+        return f"> {budget}" if value == math.inf else f"{value:,.0f}"
+
+    lines = ["| configuration | kind | lr | median steps to 20% | median steps to 80% | censored (80%) | diverged "
+             "| median accuracy at budget | mean scales (fc1, fc2, fc3) |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, row in summary["table"].items():
+        scales = ", ".join(f"{v:.2f}" for v in row["mean_scales"].values())
+        lines.append(f"| {name} | {row['kind']} | {row['settings']['lr']:g} | {steps(row['median_steps_to_20'], 'budget')} "
+                     f"| {steps(row['median_steps_to_80'], 'budget')} | {row['censored_80']}/{row['n']} | "
+                     f"{row['diverged']}/{row['n']} | {row['median_final_accuracy']:.3f} | {scales} |")
+    return "\n".join(lines)
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """Median test accuracy by configuration, and what the collapse policy saw and did (fc1–fc3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_config: dict[str, list[dict]] = {}
+    for record in records:
+        by_config.setdefault(record["config"], []).append(record)
+    figure, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    for name, runs in by_config.items():
+        steps = [row["step"] for row in runs[0]["curve"] if "diverged" not in row]
+        matrix = np.array([[row["accuracy"] for row in r["curve"][:len(steps)]] for r in runs
+                           if len(r["curve"]) >= len(steps)])
+        if matrix.size:
+            style = "-" if runs[0]["kind"] == "steered" else "--"
+            axes[0].plot(steps, np.median(matrix, axis=0), style, label=name)
+    axes[0].axhline(TARGET, color="grey", lw=0.5)
+    axes[0].set(xlabel="step", ylabel="median test accuracy", title="accuracy (solid: steered)")
+    axes[0].legend(fontsize=7)
+    for name, axis, key in (("topo-collapse", axes[1], "complexity"), ("topo-collapse", axes[2], "scale")):
+        for run in by_config.get(name, [])[:1]:
+            rows = [row for row in run["curve"] if "fc1" in row]
+            for layer in ("fc1", "fc2", "fc3"):
+                axis.plot([row["step"] for row in rows], [row[layer].get(key, np.nan) for row in rows], label=layer)
+            axis.set(xlabel="step", title=f"{name}, seed {run['seed']}: "
+                     + ("mean lifetime / RMS norm" if key == "complexity" else "step scale s_l"))
+            axis.legend(fontsize=7)
+    if "sgd-x16" in by_config and by_config.get("topo-collapse"):
+        seed = by_config["topo-collapse"][0]["seed"]
+        for run in by_config["sgd-x16"]:
+            if run["seed"] == seed:
+                rows = [row for row in run["curve"] if "fc1" in row]
+                axes[1].plot([row["step"] for row in rows], [row["fc1"]["complexity"] for row in rows], ":", color="k",
+                             label="fc1, sgd-x16")
+                axes[1].legend(fontsize=7)
+    axes[1].set_yscale("log")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def log_tensorboard(records: list[dict], folder: Path) -> None:
+    """Each run's accuracy, layer complexities and scales under <folder>/<config>/s<seed>."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for record in records:
+        writer = SummaryWriter(str(folder / record["config"] / f"s{record['seed']}"))
+        try:
+            for row in record["curve"]:
+                writer.add_scalar("test/accuracy", row["accuracy"], row["step"])
+                for layer in ("fc1", "fc2", "fc3"):
+                    for key, value in row.get(layer, {}).items():
+                        if value is not None and math.isfinite(value):
+                            writer.add_scalar(f"topology/{layer}/{key}", value, row["step"])
+            writer.add_hparams({"config": record["config"], "seed": record["seed"], "lr": record["settings"]["lr"]},
+                               {"hparam/final_accuracy": record["final_accuracy"],
+                                "hparam/steps_to_80": float(record["steps_to_80"] or math.nan)}, run_name=".")
+        finally:
+            writer.close()
+
+
+def run_study(config: SteerConfig, progress: bool = True) -> tuple[list[dict], dict]:
+    """Run every cell not yet in <out>/runs.jsonl (matched controls after their steered runs),
+    then summarise all of them."""
+    out = Path(config.out)
+    path = out / "runs.jsonl"
+    cells = make_cells(config)
+    first = [c for c in cells if not CONFIGS[c["name"]].get("matched")]
+    run_cells(first, run_cell, path, progress=progress, desc="steer")
+    done = load_results(path)
+    second = []
+    for cell in cells:
+        source = CONFIGS[cell["name"]].get("matched")
+        if source:
+            steered = done.get(f"{source}/s{cell['seed']}")
+            if steered is None:
+                raise ValueError(f"{cell['id']} needs {source} at seed {cell['seed']} in the same run")
+            second.append({**cell, "scales": steered["mean_scales"]})
+    run_cells(second, lambda cell: run_cell(cell, cell["scales"]), path, progress=progress, desc="steer (matched)")
+    done = load_results(path)
+    records = [done[c["id"]] for c in cells]
+    summary = summarise(records)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "table.md").write_text(format_table(summary) + "\n")
+    plot_curves(records, out / "curves.png")
+    if config.tensorboard:
+        log_tensorboard(records, Path(config.tensorboard))
+    return records, summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="topoopt steer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sweep_options(parser, out_help=f"results folder (default {RESULTS_DIR})",
+                      tensorboard_help="folder for TensorBoard runs (default: none)")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
+    parser.add_argument("--first-seed", type=int, default=None, help="seeds first_seed … first_seed+seeds−1")
+    parser.add_argument("--steps", type=positive_int, default=None, help="step budget of every run")
+    parser.add_argument("--eval-every", type=positive_int, default=None)
+    parser.add_argument("--penalty-weight", type=float, default=None)
+    parser.add_argument("--collapse-strength", type=float, default=None)
+    parser.add_argument("--steered-lr-mult", type=float, default=None)
+    parser.add_argument("--lars-eta", type=float, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # many small products: one thread is faster on a busy machine
+    config = SteerConfig.quick() if args.quick else SteerConfig()
+    apply_overrides(config, args, ("configs", "first_seed", "steps", "eval_every", "penalty_weight", "collapse_strength",
+                                   "steered_lr_mult", "lars_eta", "seeds", "out", "tensorboard"))
+    if args.jobs != 1:
+        print("topoopt steer runs one cell at a time (matched controls need their steered runs); --jobs ignored")
+    _, summary = run_study(config, progress=not args.no_progress)
+    print(format_table(summary))
+    print(f"best control: {summary['best_control']}")
+    for name, test in summary["tests"].items():
+        print(f"{name} vs {summary['best_control']}: median Δ steps to 80% {test['median_diff_steps_to_80']:+,.0f}, "
+              f"Wilcoxon p {test['wilcoxon_p_steps_to_80']:.3g} (Holm {test['holm_p_steps_to_80']:.3g}); "
+              f"Δ accuracy {test['mean_diff_final_accuracy']:+.4f}")
+    print(f"results in {config.out}")
