@@ -231,6 +231,7 @@ STUDIES = {
     "small-data": "topoopt.studies.small_data",
     "ablate": "topoopt.studies.ablate",
     "learning-graphs": "topoopt.studies.learning_graphs",
+    "steer": "topoopt.studies.steer",
 }
 
 

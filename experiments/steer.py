@@ -1,0 +1,8 @@
+"""See topoopt.studies.steer (also: topoopt steer --help)."""
+
+import sys
+
+from topoopt.studies.steer import main
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
