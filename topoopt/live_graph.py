@@ -149,8 +149,10 @@ class LiveLearningGraph:
 
 
 def _one_thread() -> None:
+    """The worker: one thread, and a lower priority than training, which it must not slow."""
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    os.nice(10)
 
 
 def _build(points, point_steps, point_neurons, settings, stem: str, title: str) -> tuple[int, str]:
