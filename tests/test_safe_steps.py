@@ -253,3 +253,22 @@ def test_penalty_every_and_approximate_trees_resume_bit_identically():
         resumed = run(17, interrupt_at)
         for a, b in zip(straight.parameters(), resumed.parameters()):
             assert torch.equal(a, b)
+
+
+def test_a_closure_failing_under_sgd_leaves_everything_as_before_without_a_copy():
+    net = build_mlp("mlp:6-8-3").double()
+    x, y = batch()
+    wrapped = TopoOptimizer(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), net,
+                            policy=fixed_scales({"fc1": 0.5}), every=1)
+
+    def closure():
+        wrapped.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    wrapped.step(closure)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(RuntimeError, match="bad batch"):
+        wrapped.step(lambda: (_ for _ in ()).throw(RuntimeError("bad batch")))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters())) and wrapped.topo_step == 1

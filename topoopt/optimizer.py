@@ -147,10 +147,12 @@ class TopoOptimizer(torch.optim.Optimizer):
     ``check_finite=False`` to skip that check (it costs one host sync per step on a GPU). Layers
     at s = 1 are not touched on any step; their non-finite weights are reported at the next
     measurement (``ValueError`` naming the layer and what was measured). If the inner step
-    raises (a failing closure, say), the step did not happen: with a closure the parameters and
-    the inner optimizer's state are restored (they are copied before such a step), without one
-    the parameters are as the inner optimizer left them; either way ``topo_step`` and the
-    moving averages are unchanged.
+    raises (a failing closure, say), the step did not happen: ``topo_step`` and the moving
+    averages are unchanged. With a closure and an inner optimizer that may evaluate it again
+    after moving the parameters (LBFGS, or any optimizer outside torch.optim's own), the
+    parameters and the inner state are copied before the step and restored; torch.optim's other
+    optimizers evaluate the closure first, before changing anything, so they need no copy.
+    Without a closure, the parameters are as the inner optimizer left them.
 
     ``scales`` (layer → s_l) and ``complexity`` (layer → last measured value) are readable for
     monitoring. ``state_dict()`` holds the inner optimizer's state and the wrapper's own, as
@@ -345,7 +347,7 @@ class TopoOptimizer(torch.optim.Optimizer):
             topo.scaled = self._scaled_parameters()
         params = topo.scaled[0]
         plan["before"] = torch._foreach_mul(params, 1.0) if params else []  # one batched copy
-        if closure is not None:
+        if closure is not None and _may_evaluate_closure_again(self.base_optimizer):
             all_params = [p for group in self.param_groups for p in group["params"]]
             plan["rollback"] = (all_params, [p.detach().clone() for p in all_params],
                                 {p: copy.deepcopy(s) for p, s in self.base_optimizer.state.items()})
@@ -436,6 +438,21 @@ class TopoOptimizer(torch.optim.Optimizer):
             self.trees.load_state_dict(own["trees"])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+# torch.optim's optimizers that call the closure once, first, before changing anything: if it
+# raises, nothing has moved, so their closure steps need no copy (Lightning passes a closure on
+# every step). LBFGS, and any optimizer not listed, may call it again after moving parameters.
+_CLOSURE_FIRST = tuple(
+    getattr(torch.optim, name) for name in ("SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "ASGD",
+                                            "NAdam", "RAdam", "RMSprop", "Rprop", "SparseAdam", "Adafactor", "Muon")
+    if hasattr(torch.optim, name)
+)
+
+
+def _may_evaluate_closure_again(base: torch.optim.Optimizer) -> bool:
+    step = getattr(type(base).step, "__wrapped__", type(base).step)
+    return not any(isinstance(base, cls) and step is getattr(cls.step, "__wrapped__", cls.step) for cls in _CLOSURE_FIRST)
 
 
 def _inner_step(base: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> Any:
