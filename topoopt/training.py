@@ -35,6 +35,7 @@ from topoopt.models import ACTIVATIONS, build_mlp, initialise, parse_model_spec
 from topoopt.monitor import TopologyMonitor
 from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES, TopoOptimizer
 from topoopt.penalty import PENALTY_METRICS, TopoPenalty
+from topoopt.tree_cache import TreeCache
 from topoopt.progress import Heartbeat, Ticker
 
 __all__ = ["CHANGEABLE_ON_RESUME", "TrainConfig", "saved_config", "train", "fit", "fit_steps"]
@@ -178,7 +179,7 @@ def _device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def _make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def _make_optimizer(config: TrainConfig, model: torch.nn.Module, trees: TreeCache | None = None) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         inner = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     elif config.optimizer == "adam":
@@ -191,7 +192,7 @@ def _make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.
         return inner
     return TopoOptimizer(inner, model, metric=config.topo_metric, policy=config.topo_optimizer,
                          strength=config.topo_strength, every=config.topo_every,
-                         bounds=tuple(config.topo_bounds), tree_every=config.tree_every)
+                         bounds=tuple(config.topo_bounds), tree_every=config.tree_every, trees=trees)
 
 
 def _load_data(config: TrainConfig):
@@ -402,9 +403,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     model = build_mlp(config.model, activation=config.activation, bias=config.bias)
     initialise(model, config.init, std=config.init_std)
     model.to(device)
-    optimizer = _make_optimizer(config, model)
+    trees = TreeCache()  # one per run: the penalty, the optimizer and the monitor search once per step between them
+    optimizer = _make_optimizer(config, model, trees)
     penalty = (TopoPenalty(model, metric=config.penalty, weight=config.penalty_weight, direction=config.penalty_direction,
-                           every=config.penalty_every, tree_every=config.tree_every) if config.penalty else None)
+                           every=config.penalty_every, tree_every=config.tree_every, trees=trees)
+               if config.penalty else None)
     generator = torch.Generator().manual_seed(config.seed)
     start_epoch, global_step, rows, partial, seconds_before = 0, 0, [], None, 0.0
     if saved is not None:
@@ -430,7 +433,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                           "rows": rows, "partial": in_progress, "seconds": trained["seconds"]}, run_dir)
 
     monitor = TopologyMonitor(model, log_dir=run_dir, every=config.monitor_every, diagrams_every=config.diagrams_every,
-                              optimizer=optimizer if isinstance(optimizer, TopoOptimizer) else None)
+                              optimizer=optimizer if isinstance(optimizer, TopoOptimizer) else None, trees=trees)
     heartbeat = Heartbeat(enabled=progress)
     summary: dict = {}
     with _StopOnInterrupt() as stop:
