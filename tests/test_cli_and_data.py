@@ -42,8 +42,8 @@ def test_existing_run_folder_needs_resume(tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option,value", [("--epochs", "0"), ("--lr", "-1"), ("--dataset", "cifar"), ("--topo-optimizer", "fast"),
-                                          ("--model", "mlp:64-x-10")])
+@pytest.mark.parametrize("option,value", [("--epochs", "0"), ("--lr", "-1"), ("--dataset", "cifar"),
+                                          ("--topo-optimizer", "fast"), ("--model", "mlp:64-x-10")])
 def test_invalid_options_name_the_option(option, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", option, value])
@@ -53,7 +53,8 @@ def test_invalid_options_name_the_option(option, value, capsys):
 
 def test_unavailable_dataset_is_one_clear_line(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(TINY[:1] + ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--log-dir", str(run), "--quiet"]) == 2
+    assert main(TINY[:1] + ["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--log-dir", str(run),
+                            "--quiet"]) == 2
     assert not run.exists()
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "dataset-fashion-mnist" in err and "Traceback" not in err
@@ -110,6 +111,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, monkeypatc
 
 
 def test_model_that_does_not_fit_the_data_is_one_line(tmp_path, capsys):
-    assert main(TINY[:1] + ["--dataset", "digits", "--model", "mlp:784-10-10", "--log-dir", str(tmp_path / "r"), "--quiet"]) == 2
+    assert main(TINY[:1] + ["--dataset", "digits", "--model", "mlp:784-10-10", "--log-dir", str(tmp_path / "r"),
+                            "--quiet"]) == 2
     assert "maps 784 inputs to 10 classes, but digits has 64 features" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

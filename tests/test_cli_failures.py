@@ -36,7 +36,8 @@ def one_line(err: str) -> str:
 
 def test_each_dataset_default_model_fits(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "digits", "--epochs", "1", "--batch-size", "256", "--quiet", "--log-dir", str(run)]) == 0
+    assert main(["train", "--dataset", "digits", "--epochs", "1", "--batch-size", "256", "--quiet",
+                 "--log-dir", str(run)]) == 0
     assert json.loads((run / "config.json").read_text())["model"] == "mlp:64-100-100-10"
 
 
@@ -78,7 +79,8 @@ def test_subset_range_in_the_message_is_true():
 
 
 @pytest.mark.parametrize("argv,option", [(["sparse", "--jobs", "0"], "--jobs"), (["sparse", "--seeds", "0"], "--seeds"),
-                                         (["ablate", "--jobs", "-1"], "--jobs"), (["small-data", "--seeds", "0"], "--seeds"),
+                                         (["ablate", "--jobs", "-1"], "--jobs"),
+                                         (["small-data", "--seeds", "0"], "--seeds"),
                                          (["learning-graphs", "--epochs", "0"], "--epochs"),
                                          (["learning-graphs", "--lr", "nan"], "--lr")])
 def test_study_options_are_checked(argv, option, capsys):

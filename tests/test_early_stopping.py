@@ -51,7 +51,8 @@ def test_neural_persistence_stopping_stops_when_it_stops_rising():
     assert stopper.update() and stopper.waited == 2
 
 
-@pytest.mark.parametrize("kwargs,message", [({"tolerance": -1}, "Invalid tolerance"), ({"patience": 0}, "Invalid patience")])
+@pytest.mark.parametrize("kwargs,message", [({"tolerance": -1}, "Invalid tolerance"),
+                                            ({"patience": 0}, "Invalid patience")])
 def test_invalid_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TopologyEarlyStopping(build_mlp("mlp:6-3"), **kwargs)

@@ -37,7 +37,8 @@ def test_recorder_writes_chunks_and_the_loader_flattens_them(tmp_path):
     trajectory = load_trajectory(tmp_path, "fc1")
     assert trajectory.steps.tolist() == list(range(2, 21, 2))
     assert trajectory.points.shape == (10 * 5, 6)
-    assert trajectory.snapshot.tolist()[:6] == [0, 0, 0, 0, 0, 1] and trajectory.neuron.tolist()[:6] == [0, 1, 2, 3, 4, 0]
+    assert (trajectory.snapshot.tolist()[:6] == [0, 0, 0, 0, 0, 1]
+            and trajectory.neuron.tolist()[:6] == [0, 1, 2, 3, 4, 0])
     np.testing.assert_array_equal(trajectory.clouds()[-1], model.fc1.weight.detach().numpy())
     assert len(list((tmp_path / "fc1").glob("chunk_*.npy"))) == 4  # chunks of 3, 3, 3, 1
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from topoopt import (
-    METRICS,
     METRIC_SPECS,
+    METRICS,
     dimensionless_complexity,
     get_metric,
     h0_deaths,
@@ -101,7 +101,8 @@ def test_metric_gradients_match_finite_differences(name):
 
 
 def test_unknown_metric_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="Unknown metric .entropie.. Valid metrics are: normalized_entropy, mean_lifetime, total_persistence, max_lifetime, entropy"):
+    with pytest.raises(ValueError, match=("Unknown metric .entropie.. Valid metrics are: normalized_entropy, "
+                                          "mean_lifetime, total_persistence, max_lifetime, entropy")):
         get_metric("entropie")
 
 

@@ -17,7 +17,8 @@ from topoopt.monitor import TopologyMonitor, tag
 
 
 def events(log_dir):
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    accumulator = EventAccumulator(str(log_dir),
+                                   size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
     accumulator.Reload()
     return accumulator
 
@@ -41,7 +42,8 @@ def test_scalars_follow_the_tag_scheme_and_match_the_monitor(tmp_path):
     acc = events(tmp_path)
     scalar_tags = set(acc.Tags()["scalars"])
     for layer in ("fc1", "fc2", "fc3"):
-        assert {f"topology/{layer}/normalized_entropy", f"topology/{layer}/mean_lifetime", f"optim/{layer}/lr_scale"} <= scalar_tags
+        assert {f"topology/{layer}/normalized_entropy", f"topology/{layer}/mean_lifetime",
+                f"optim/{layer}/lr_scale"} <= scalar_tags
     series = acc.Scalars("topology/fc2/mean_lifetime")
     assert [e.step for e in series] == [0, 1, 2, 3]
     assert series[-1].value == pytest.approx(monitor.last["fc2"]["mean_lifetime"], rel=1e-6)
@@ -86,7 +88,8 @@ def test_tensorboard_serves_the_scalars_and_layout(tmp_path):
     run_monitor(tmp_path / "run")
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1",
+         "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -129,7 +132,8 @@ def test_figures_leave_the_users_matplotlib_backend_alone():
 
     code = ("import matplotlib; matplotlib.use('svg'); import torch; from topoopt.monitor import _figures; "
             "_figures('fc1', torch.rand(5)); print(matplotlib.get_backend())")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "svg"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "svg"
 
 
 def test_overflowing_deaths_are_skipped_with_a_reason_not_raised(tmp_path):

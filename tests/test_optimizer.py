@@ -56,7 +56,9 @@ def train(optimizer, net, x, y, steps, scheduler=None):
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [
-        ({"metric": "entropie"}, ValueError, "Unknown metric 'entropie'. Valid metrics are: normalized_entropy, mean_lifetime, total_persistence, max_lifetime"),
+        ({"metric": "entropie"}, ValueError,
+         "Unknown metric 'entropie'. Valid metrics are: normalized_entropy, mean_lifetime, total_persistence, "
+         "max_lifetime"),
         ({"policy": "fast"}, ValueError, "Unknown policy 'fast'. Valid policies are: calm, awaken, contrast"),
         ({"policy": 3}, TypeError, "policy must be a name or a callable, got int"),
         ({"strength": -1.0}, ValueError, "Invalid strength: -1.0"),
@@ -219,7 +221,8 @@ def test_schedulers_see_the_same_lr_sequence(make_scheduler):
     net_a, x, y = problem()
     net_b = copy.deepcopy(net_a)
     bare = torch.optim.SGD(net_a.parameters(), lr=0.1)
-    wrapped = TopoOptimizer(torch.optim.SGD(net_b.parameters(), lr=0.1), net_b, policy=fixed_scales({"fc1": 2.0}), every=1)
+    wrapped = TopoOptimizer(torch.optim.SGD(net_b.parameters(), lr=0.1), net_b, policy=fixed_scales({"fc1": 2.0}),
+                            every=1)
     sched_a, sched_b = make_scheduler(bare), make_scheduler(wrapped)
     lrs_a, lrs_b = [], []
     for _ in range(12):
@@ -275,12 +278,14 @@ def test_state_dict_round_trip_resumes_bit_identically():
         for step in range(steps):
             if step == checkpoint_at:
                 buffer = io.BytesIO()
-                torch.save({"model": net.state_dict(), "optim": wrapped.state_dict(), "sched": scheduler.state_dict()}, buffer)
+                torch.save({"model": net.state_dict(), "optim": wrapped.state_dict(), "sched": scheduler.state_dict()},
+                           buffer)
                 buffer.seek(0)
                 saved = torch.load(buffer, weights_only=True)
                 net, x, y = problem(seed=0)
                 net.load_state_dict(saved["model"])
-                wrapped = TopoOptimizer(torch.optim.Adam(net.parameters(), lr=0.01), net, policy="calm", strength=3.0, every=2)
+                wrapped = TopoOptimizer(torch.optim.Adam(net.parameters(), lr=0.01), net, policy="calm", strength=3.0,
+                                        every=2)
                 scheduler = torch.optim.lr_scheduler.ExponentialLR(wrapped, gamma=0.95)
                 wrapped.load_state_dict(saved["optim"])
                 scheduler.load_state_dict(saved["sched"])
@@ -349,7 +354,8 @@ def _ddp_worker(rank, world_size, port, results):
         torch.manual_seed(0)
         net = build_mlp("mlp:10-8-6-3")
         model = DistributedDataParallel(net)
-        wrapped = TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, policy="calm", strength=5.0, every=2)
+        wrapped = TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, policy="calm", strength=5.0,
+                                every=2)
         g = torch.Generator().manual_seed(100 + rank)  # different data per rank
         for _ in range(6):
             x, y = torch.randn(16, 10, generator=g), torch.randint(0, 3, (16,), generator=g)

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from topoopt import TopoOptimizer
@@ -143,7 +142,8 @@ def test_hooks_fire_exactly_as_on_a_bare_optimizer():
         return events
 
     bare = record(lambda net: torch.optim.SGD(net.parameters(), lr=0.1))
-    wrapped = record(lambda net: TopoOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net, policy="contrast", every=1))
+    wrapped = record(lambda net: TopoOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net, policy="contrast",
+                                               every=1))
     assert wrapped == bare
     assert bare.count("global pre") == 2 and bare.count("state_dict post") == 1
 
@@ -224,8 +224,10 @@ def test_named_parameters_form_matches_the_module_form_bit_for_bit():
         return net, optimizer
 
     options = dict(metric="mean_lifetime", policy="contrast", every=2)
-    module_net, module_form = run(lambda net: TopoOptimizer(torch.optim.AdamW(net.parameters(), lr=0.01), net, **options))
-    named_net, named_form = run(lambda net: TopoOptimizer(net.named_parameters(), inner=torch.optim.AdamW, lr=0.01, **options))
+    module_net, module_form = run(lambda net: TopoOptimizer(torch.optim.AdamW(net.parameters(), lr=0.01), net,
+                                                            **options))
+    named_net, named_form = run(lambda net: TopoOptimizer(net.named_parameters(), inner=torch.optim.AdamW, lr=0.01,
+                                                          **options))
     assert named_form.layer_names == ["fc1", "fc2", "fc3"]
     assert named_form.scales == module_form.scales and named_form.complexity == module_form.complexity
     for a, b in zip(module_net.parameters(), named_net.parameters()):

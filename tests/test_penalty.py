@@ -74,7 +74,8 @@ def test_nan_weights_name_the_layer():
 
 
 def test_unknown_metric_and_layer_names_list_the_valid_ones():
-    with pytest.raises(ValueError, match="Unknown metric 'lifetime'. Valid metrics are: normalized_entropy, mean_lifetime"):
+    with pytest.raises(ValueError, match=("Unknown metric 'lifetime'. Valid metrics are: "
+                                          "normalized_entropy, mean_lifetime")):
         TopoPenalty(model(), metric="lifetime")
     with pytest.raises(KeyError, match=r"\['fc1', 'fc2', 'fc3'\]"):
         TopoPenalty(model(), layers=["fc4"])

@@ -3,15 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from conftest import gudhi_h0_deaths
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import minimum_spanning_tree
 from scipy.spatial.distance import cdist
 
-from conftest import gudhi_h0_deaths
-from topoopt import MemoryBudgetError, h0_deaths, h0_edges
-from topoopt import spanning_tree
+from topoopt import MemoryBudgetError, h0_deaths, h0_edges, spanning_tree
 
 
 def positive(deaths: torch.Tensor) -> np.ndarray:
@@ -140,7 +139,8 @@ def test_non_finite_points_are_rejected(bad):
         h0_deaths(x)
 
 
-@pytest.mark.parametrize("bad,error", [(torch.randn(5), ValueError), (torch.ones(3, 2, dtype=torch.int64), TypeError), (np.ones((3, 2)), TypeError)])
+@pytest.mark.parametrize("bad,error", [(torch.randn(5), ValueError), (torch.ones(3, 2, dtype=torch.int64), TypeError),
+                                       (np.ones((3, 2)), TypeError)])
 def test_malformed_input_is_rejected(bad, error):
     with pytest.raises(error, match="points"):
         h0_deaths(bad)
@@ -270,7 +270,8 @@ def test_clustered_clouds_recompute_few_pairs_exactly(kind, monkeypatch):
     recomputed = []
     original = spanning_tree._recompute_exactly
     monkeypatch.setattr(spanning_tree, "_recompute_exactly",
-                        lambda result, points, pairs, f: (recomputed.append(len(pairs)), original(result, points, pairs, f)))
+                        lambda result, points, pairs, f: (recomputed.append(len(pairs)),
+                                                          original(result, points, pairs, f)))
     n = 1200
     x = make_cloud(kind, n, 64, 1.0, np.random.default_rng(0)).astype(np.float32)
     deaths = h0_deaths(torch.tensor(x))

@@ -102,7 +102,8 @@ def test_a_nan_gradient_on_a_non_measuring_step_is_reported_and_never_scaled():
 def test_an_inf_update_stays_inf_never_nan():
     net = build_mlp("mlp:6-8-3").double()
     x, y = batch()
-    wrapped = TopoOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net, policy=fixed_scales({"fc1": 0.5}), every=100)
+    wrapped = TopoOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net, policy=fixed_scales({"fc1": 0.5}),
+                            every=100)
     wrapped.zero_grad()
     F.cross_entropy(net(x), y).backward()
     net.fc1.weight.grad[1, 2] = float("-inf")

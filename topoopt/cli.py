@@ -60,27 +60,35 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults) -> None:
     the parsed namespace (how a resumed run tells the options given from the defaults)."""
     default = (lambda name: getattr(defaults, name)) if defaults is not None else (lambda name: argparse.SUPPRESS)
     parser.add_argument("--dataset", choices=DATASETS, default=default("dataset"))
-    parser.add_argument("--data-dir", default=default("data_dir"), help="folder with the dataset's files (mnist, fashion-mnist)")
-    parser.add_argument("--subset", type=positive_int, default=default("subset"), help="stratified training subset size")
+    parser.add_argument("--data-dir", default=default("data_dir"),
+                        help="folder with the dataset's files (mnist, fashion-mnist)")
+    parser.add_argument("--subset", type=positive_int, default=default("subset"),
+                        help="stratified training subset size")
     parser.add_argument("--model", type=_model_spec, default=default("model"),
-                        help="mlp:IN-H1-...-OUT (default: mlp:IN-100-100-10, IN the dataset's features: 64 for digits, 784 else)")
+                        help="mlp:IN-H1-...-OUT (default: mlp:IN-100-100-10, IN the dataset's features: "
+                             "64 for digits, 784 else)")
     parser.add_argument("--activation", choices=["relu", "sigmoid", "tanh", "gelu"], default=default("activation"))
-    parser.add_argument("--no-bias", dest="bias", action="store_false", default=default("bias"), help="Linear layers without bias")
+    parser.add_argument("--no-bias", dest="bias", action="store_false", default=default("bias"),
+                        help="Linear layers without bias")
     parser.add_argument("--init", choices=["default", "zero", "normal"], default=default("init"))
-    parser.add_argument("--init-std", type=_non_negative_float, default=default("init_std"), help="std of --init normal")
+    parser.add_argument("--init-std", type=_non_negative_float, default=default("init_std"),
+                        help="std of --init normal")
     parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=default("optimizer"))
     parser.add_argument("--lr", type=_positive_float, default=default("lr"))
-    parser.add_argument("--momentum", type=_non_negative_float, default=default("momentum"), help="SGD momentum, in [0, 1)")
+    parser.add_argument("--momentum", type=_non_negative_float, default=default("momentum"),
+                        help="SGD momentum, in [0, 1)")
     parser.add_argument("--weight-decay", type=_non_negative_float, default=default("weight_decay"))
     parser.add_argument("--epochs", type=positive_int, default=default("epochs"),
                         help="total epochs; may be raised on --resume to extend a run")
     parser.add_argument("--batch-size", type=positive_int, default=default("batch_size"))
-    parser.add_argument("--topo-optimizer", choices=sorted(POLICIES), default=default("topo_optimizer"), metavar="POLICY",
+    parser.add_argument("--topo-optimizer", choices=sorted(POLICIES), default=default("topo_optimizer"),
+                        metavar="POLICY",
                         help=f"wrap the optimizer in TopoOptimizer with this policy ({', '.join(POLICIES)})")
     parser.add_argument("--topo-metric", choices=COMPLEXITY_METRICS, default=default("topo_metric"))
     parser.add_argument("--topo-strength", type=_non_negative_float, default=default("topo_strength"))
     parser.add_argument("--topo-every", type=positive_int, default=default("topo_every"))
-    parser.add_argument("--topo-bounds", type=_positive_float, nargs=2, default=default("topo_bounds"), metavar=("LOW", "HIGH"),
+    parser.add_argument("--topo-bounds", type=_positive_float, nargs=2, default=default("topo_bounds"),
+                        metavar=("LOW", "HIGH"),
                         help="range of each layer's step scale, LOW ≤ 1 ≤ HIGH")
     parser.add_argument("--penalty", choices=PENALTY_METRICS, default=default("penalty"), metavar="METRIC",
                         help=f"add TopoPenalty on this metric ({', '.join(PENALTY_METRICS)})")
@@ -92,7 +100,8 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults) -> None:
     parser.add_argument("--diagrams-every", type=positive_int, default=default("diagrams_every"))
     parser.add_argument("--seed", type=int, default=default("seed"))
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default("device"))
-    parser.add_argument("--log-dir", default=default("log_dir"), help="run folder (default tensorboard_logs/<run-name>)")
+    parser.add_argument("--log-dir", default=default("log_dir"),
+                        help="run folder (default tensorboard_logs/<run-name>)")
     parser.add_argument("--run-name", default=default("run_name"))
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --log-dir from its last checkpoint, with its saved options "
@@ -194,7 +203,8 @@ def _run_main_job(args: argparse.Namespace) -> int:
 
         print("\nLearning graphs (Gabella et al. 2019), quick runs on mnist5k: the tree (784-100-10) for "
               f"4,000 steps; the surface (784-100-100-10) at lr {learning_graphs.QUICK_SURFACE_LR} instead of the "
-              f"paper's {learning_graphs.PAPER_LR}, 12,000 steps (its plateau is 1/lr long), to reach the branching phase:",
+              f"paper's {learning_graphs.PAPER_LR}, 12,000 steps (its plateau is 1/lr long), "
+              "to reach the branching phase:",
               flush=True)
         for setting in ("tree", "surface"):
             learning_graphs.main(["--setting", setting, "--quick"])

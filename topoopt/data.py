@@ -73,7 +73,8 @@ def _read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as handle:
             data = handle.read()
     except (EOFError, OSError, zlib.error) as error:  # truncated or not gzip at all
-        raise DatasetUnavailable(f"{path}: cannot be read ({type(error).__name__}: {error}); the file is damaged") from None
+        raise DatasetUnavailable(
+            f"{path}: cannot be read ({type(error).__name__}: {error}); the file is damaged") from None
     if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 4:
         raise DatasetUnavailable(f"{path}: not an IDX file of bytes (header {data[:4].hex() or 'empty'})")
     dims = data[3]
@@ -116,9 +117,13 @@ def _fashion_mnist(data_dir: Path | None) -> Dataset:
     x_train, y_train, x_test, y_test = (_read_idx(path) for path in paths)
     _check_pair(x_train, y_train, paths[0], paths[1])
     _check_pair(x_test, y_test, paths[2], paths[3])
-    as_float = lambda images: torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
-    return Dataset("fashion-mnist", as_float(x_train), torch.from_numpy(y_train.astype(np.int64)),
-                   as_float(x_test), torch.from_numpy(y_test.astype(np.int64)))
+    return Dataset("fashion-mnist", _pixels(x_train), torch.from_numpy(y_train.astype(np.int64)),
+                   _pixels(x_test), torch.from_numpy(y_test.astype(np.int64)))
+
+
+def _pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 images as float32 rows in [0, 1]."""
+    return torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
 
 
 def _mnist(data_dir: Path | None) -> Dataset:
@@ -132,8 +137,8 @@ def _mnist(data_dir: Path | None) -> Dataset:
             f"mnist: not in {root} and could not be downloaded ({type(error).__name__}); "
             f"pass --data-dir with MNIST's files, or use --dataset mnist5k offline"
         ) from None
-    as_float = lambda d: d.data.reshape(len(d.data), -1).float() / 255.0
-    return Dataset("mnist", as_float(train), train.targets.long(), as_float(test), test.targets.long())
+    return Dataset("mnist", _pixels(train.data.numpy()), train.targets.long(),
+                   _pixels(test.data.numpy()), test.targets.long())
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:

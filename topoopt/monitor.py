@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from topoopt._validation import check_positive_int
+from topoopt.cloud import layer_cloud, neuron_cloud
+from topoopt.groups import BranchingDetector, BranchingEvent, group_count, group_sizes, group_threshold
 from topoopt.layers import select_layers
 from topoopt.metrics import get_metric
 from topoopt.optimizer import TopoOptimizer
 from topoopt.plotting import new_figure
-from topoopt.cloud import layer_cloud, neuron_cloud
-from topoopt.groups import BranchingDetector, BranchingEvent, group_count, group_sizes, group_threshold
 from topoopt.tree_cache import TreeCache, cache_key, measure_layer
 
 __all__ = ["TopologyMonitor", "tag"]
@@ -195,7 +195,8 @@ class TopologyMonitor:
             for name, scale in self.optimizer.scales.items():
                 self.writer.add_scalar(tag("optim", name, "lr_scale"), scale, global_step)
                 if name in self.optimizer.complexity:
-                    self.writer.add_scalar(tag("optim", name, "complexity"), self.optimizer.complexity[name], global_step)
+                    self.writer.add_scalar(tag("optim", name, "complexity"), self.optimizer.complexity[name],
+                                           global_step)
 
     def _log_diagrams(self, name: str, deaths: torch.Tensor, step: int) -> None:
         self.writer.add_histogram(tag("deaths", name), deaths.float().cpu(), step)

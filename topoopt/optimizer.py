@@ -452,7 +452,8 @@ _CLOSURE_FIRST = tuple(
 
 def _may_evaluate_closure_again(base: torch.optim.Optimizer) -> bool:
     step = getattr(type(base).step, "__wrapped__", type(base).step)
-    return not any(isinstance(base, cls) and step is getattr(cls.step, "__wrapped__", cls.step) for cls in _CLOSURE_FIRST)
+    return not any(isinstance(base, cls) and step is getattr(cls.step, "__wrapped__", cls.step)
+                   for cls in _CLOSURE_FIRST)
 
 
 def _inner_step(base: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> Any:

@@ -93,7 +93,8 @@ class TopoPenalty(nn.Module):
             if not (isinstance(target, (int, float)) and math.isfinite(target)):
                 raise ValueError(f"Invalid target: {target!r}")
             if direction == "maximize":
-                raise ValueError("target and direction='maximize' exclude each other: a target is approached from both sides")
+                raise ValueError("target and direction='maximize' exclude each other: "
+                                 "a target is approached from both sides")
         check_positive_int("every", every)
         check_positive_int("tree_every", tree_every)
         if trees is not None and not isinstance(trees, TreeCache):

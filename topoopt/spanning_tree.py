@@ -204,7 +204,8 @@ def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[
         stop = min(start + _BLOCK_ROWS, n)
         with caller_threads(2.0 * (stop - start) * (n - start) * x.shape[1]):
             block = x[start:stop] @ x[start:].T
-        near_pairs.append(_near_pairs_of_block(block, sq_norms[start:stop, None], sq_norms[None, start:], ratio) + start)
+        near_pairs.append(
+            _near_pairs_of_block(block, sq_norms[start:stop, None], sq_norms[None, start:], ratio) + start)
         block = block.to(device="cpu", dtype=torch.float32)
         result[start:stop, start:] = block
         result[start:, start:stop] = block.T

@@ -72,7 +72,8 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
                 handle.write(b"\n")
     todo = [cell for cell in cells if cell["id"] not in done]
     heartbeat = Heartbeat(enabled=progress)
-    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, disable=None if progress else True) as bar:  # None: off when not a terminal
+    # disable=None: off when not a terminal
+    with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, disable=None if progress else True) as bar:
         if jobs == 1:
             for cell in todo:
                 record = {**fn(cell), "id": cell["id"]}

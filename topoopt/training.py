@@ -35,8 +35,8 @@ from topoopt.models import ACTIVATIONS, build_mlp, initialise, parse_model_spec
 from topoopt.monitor import TopologyMonitor
 from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES, TopoOptimizer
 from topoopt.penalty import PENALTY_METRICS, TopoPenalty
-from topoopt.tree_cache import TreeCache
 from topoopt.progress import Heartbeat, Ticker
+from topoopt.tree_cache import TreeCache
 
 __all__ = ["CHANGEABLE_ON_RESUME", "TrainConfig", "saved_config", "train", "fit", "fit_steps"]
 
@@ -151,7 +151,8 @@ def _check_config(config: TrainConfig) -> None:
              "0 with --optimizer adam/adamw (momentum is an SGD option)")
     _require("weight_decay", config.weight_decay, _is_number(config.weight_decay) and config.weight_decay >= 0,
              "a finite number ≥ 0")
-    for field in ("epochs", "batch_size", "topo_every", "penalty_every", "tree_every", "monitor_every", "diagrams_every"):
+    for field in ("epochs", "batch_size", "topo_every", "penalty_every", "tree_every", "monitor_every",
+                  "diagrams_every"):
         _require(field, getattr(config, field), _is_count(getattr(config, field)), "an integer ≥ 1")
     if config.topo_optimizer is not None:
         _check_choice("topo_optimizer", config.topo_optimizer, sorted(POLICIES))
@@ -179,9 +180,11 @@ def _device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def _make_optimizer(config: TrainConfig, model: torch.nn.Module, trees: TreeCache | None = None) -> torch.optim.Optimizer:
+def _make_optimizer(config: TrainConfig, model: torch.nn.Module,
+                    trees: TreeCache | None = None) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        inner = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        inner = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
     elif config.optimizer == "adam":
         inner = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     elif config.optimizer == "adamw":
@@ -405,8 +408,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     model.to(device)
     trees = TreeCache()  # one per run: the penalty, the optimizer and the monitor search once per step between them
     optimizer = _make_optimizer(config, model, trees)
-    penalty = (TopoPenalty(model, metric=config.penalty, weight=config.penalty_weight, direction=config.penalty_direction,
-                           every=config.penalty_every, tree_every=config.tree_every, trees=trees)
+    penalty = (TopoPenalty(model, metric=config.penalty, weight=config.penalty_weight,
+                           direction=config.penalty_direction, every=config.penalty_every,
+                           tree_every=config.tree_every, trees=trees)
                if config.penalty else None)
     generator = torch.Generator().manual_seed(config.seed)
     start_epoch, global_step, rows, partial, seconds_before = 0, 0, [], None, 0.0
@@ -416,7 +420,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         partial, seconds_before = saved.get("partial"), float(saved.get("seconds", 0.0))
         if len(rows) > config.epochs or (partial is not None and start_epoch >= config.epochs):
             raise ValueError(f"--epochs {config.epochs}: the run in {run_dir} has already trained "
-                             f"{len(rows) + (partial is not None)} epochs; pass --epochs {max(len(rows), start_epoch + 1)} "
+                             f"{len(rows) + (partial is not None)} epochs; "
+                             f"pass --epochs {max(len(rows), start_epoch + 1)} "
                              f"or more, or another --log-dir")
     _open_run_dir(run_dir, config)
     if start_epoch >= config.epochs and partial is None and rows:
@@ -472,7 +477,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                     if stop.requested:  # Ctrl-C: finish the step, save, stop
                         checkpoint(epoch, {"order": order.cpu(), "next_batch": index + 1, "total": total,
                                            "correct": correct, "seen": seen})
-                        print(f"\nInterrupted at step {global_step}: saved {run_dir / CHECKPOINT}; continue with --resume")
+                        print(f"\nInterrupted at step {global_step}: saved {run_dir / CHECKPOINT}; "
+                              "continue with --resume")
                         raise KeyboardInterrupt
                 model.eval()
                 row = {"epoch": epoch + 1, "step": global_step, "loss": total / seen, "train_accuracy": correct / seen,
@@ -488,12 +494,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                 checkpoint(epoch + 1)
                 _write_metrics(rows, run_dir)
                 if progress:
-                    print(f"{config.name()} epoch {epoch + 1}: loss {row['loss']:.4f}, test accuracy {row['test_accuracy']:.3f}",
-                          flush=True)
+                    print(f"{config.name()} epoch {epoch + 1}: loss {row['loss']:.4f}, "
+                          f"test accuracy {row['test_accuracy']:.3f}", flush=True)
             summary = _finish(config, run_dir, rows, trained["seconds"])
         finally:
             final = {k: v for k, v in summary.items() if k in ("test_accuracy", "train_accuracy", "loss")}
-            monitor.close(hparams={k: v for k, v in dataclasses.asdict(config).items() if k != "topo_bounds"}, final=final)
+            monitor.close(hparams={k: v for k, v in dataclasses.asdict(config).items() if k != "topo_bounds"},
+                          final=final)
     return summary
 
 
@@ -507,7 +514,8 @@ def _restore(saved: dict, model, optimizer, penalty, generator, run_dir: Path) -
         generator.set_state(saved["generator"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         raise ValueError(f"{run_dir / CHECKPOINT} does not fit this run's model or optimizer "
-                         f"({type(error).__name__}); was config.json edited? Start again in another --log-dir") from None
+                         f"({type(error).__name__}); was config.json edited? "
+                         "Start again in another --log-dir") from None
 
 
 def _finish(config: TrainConfig, run_dir: Path, rows: list[dict], seconds: float) -> dict:

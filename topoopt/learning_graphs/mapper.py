@@ -164,14 +164,19 @@ _HTML = """<!doctype html><html><head><meta charset="utf-8"><title>__TITLE__</ti
 </head><body><div id="info">__TITLE__ — drag to pan, wheel to zoom, hover a node</div><canvas id="c"></canvas><script>
 const data=__DATA__;const c=document.getElementById('c'),g=c.getContext('2d');c.width=innerWidth;c.height=innerHeight;
 let s=Math.min(c.width,c.height)*0.42,ox=c.width/2,oy=c.height/2,drag=null;const steps=data.nodes.map(n=>n.step);
-const lo=Math.min(...steps),hi=Math.max(...steps),mx=Math.max(...data.nodes.map(n=>n.size));const by={};data.nodes.forEach(n=>by[n.id]=n);
+const lo=Math.min(...steps),hi=Math.max(...steps),mx=Math.max(...data.nodes.map(n=>n.size));\
+const by={};data.nodes.forEach(n=>by[n.id]=n);
 function col(t){const u=(t-lo)/((hi-lo)||1);return `hsl(${260-220*u},70%,45%)`}
 function P(n){return [ox+n.x*s,oy+n.y*s]}
-function draw(){g.clearRect(0,0,c.width,c.height);g.strokeStyle='#999';data.edges.forEach(([a,b])=>{const p=P(by[a]),q=P(by[b]);g.beginPath();g.moveTo(...p);g.lineTo(...q);g.stroke()});
-data.nodes.forEach(n=>{const p=P(n);g.fillStyle=col(n.step);g.beginPath();g.arc(p[0],p[1],2+8*Math.sqrt(n.size/mx),0,7);g.fill()})}
+function draw(){g.clearRect(0,0,c.width,c.height);g.strokeStyle='#999';\
+data.edges.forEach(([a,b])=>{const p=P(by[a]),q=P(by[b]);g.beginPath();g.moveTo(...p);g.lineTo(...q);g.stroke()});
+data.nodes.forEach(n=>{const p=P(n);g.fillStyle=col(n.step);g.beginPath();\
+g.arc(p[0],p[1],2+8*Math.sqrt(n.size/mx),0,7);g.fill()})}
 c.onmousedown=e=>drag=[e.clientX,e.clientY];onmouseup=()=>drag=null;
 c.onmousemove=e=>{if(drag){ox+=e.clientX-drag[0];oy+=e.clientY-drag[1];drag=[e.clientX,e.clientY];draw();return}
 let best=null,d=1e9;data.nodes.forEach(n=>{const p=P(n),q=(p[0]-e.clientX)**2+(p[1]-e.clientY)**2;if(q<d){d=q;best=n}});
-if(best&&d<200)document.getElementById('info').textContent=`node ${best.id}: ${best.size} points, mean step ${best.step.toFixed(0)}, neurons ${best.neurons.join(',')}`};
-c.onwheel=e=>{e.preventDefault();const f=e.deltaY<0?1.1:1/1.1;ox=e.clientX-(e.clientX-ox)*f;oy=e.clientY-(e.clientY-oy)*f;s*=f;draw()};draw();
+if(best&&d<200)document.getElementById('info').textContent=\
+`node ${best.id}: ${best.size} points, mean step ${best.step.toFixed(0)}, neurons ${best.neurons.join(',')}`};
+c.onwheel=e=>{e.preventDefault();const f=e.deltaY<0?1.1:1/1.1;\
+ox=e.clientX-(e.clientX-ox)*f;oy=e.clientY-(e.clientY-oy)*f;s*=f;draw()};draw();
 </script></body></html>"""

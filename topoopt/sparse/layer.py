@@ -22,7 +22,8 @@ class SparseLinear(nn.Linear):
                  generator: torch.Generator | None = None) -> None:
         mask = torch.as_tensor(mask)
         if mask.shape != (out_features, in_features):
-            raise ValueError(f"mask must have shape (out_features, in_features) = {(out_features, in_features)}, got {tuple(mask.shape)}")
+            raise ValueError(f"mask must have shape (out_features, in_features) = {(out_features, in_features)}, "
+                             f"got {tuple(mask.shape)}")
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("mask must hold only 0 and 1")
         self._generator = generator

@@ -177,7 +177,8 @@ def train_and_record(config: RunConfig, folder: Path, progress: bool = True) -> 
                 checkpoint(epoch)
                 saved_at = time.monotonic()
             if stop.requested:
-                print(f"\nInterrupted at step {step:,}: saved {checkpoint_path}; run the same command again to continue")
+                print(f"\nInterrupted at step {step:,}: saved {checkpoint_path}; "
+                      "run the same command again to continue")
                 raise KeyboardInterrupt
     recorder.close()
     nine_predictions = [{"step": s["step"], "accuracy": s["accuracy"], "nines_as": s["nines_as"]}
@@ -243,7 +244,8 @@ def _analyse_layer(folder: Path, config: RunConfig, layer: str, role: str) -> di
     graph.save_json(folder / f"{layer}_graph.json")
     graph.save_html(folder / f"{layer}_graph.html", title=f"{config.name()} {layer}")
     if role == "first":  # the PCA-3 graph, in both settings, so cycle counts compare
-        surface = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron, PAPER_SETTINGS["surface"])
+        surface = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron,
+                                 PAPER_SETTINGS["surface"])
         stats["pca3_graph"] = graph_statistics(surface)
         surface.save_png(folder / f"{layer}_pca3_graph.png", title=f"{config.name()} {layer} (PCA-3 lens)")
     if config.setting == "surface" and role == "first":
@@ -396,7 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=["tree", "surface"], default="tree")
     parser.add_argument("--quick", action="store_true",
-                        help=f"4,000 steps (tree) or 12,000 steps at lr {QUICK_SURFACE_LR} (surface), 101 snapshots, one seed")
+                        help=f"4,000 steps (tree) or 12,000 steps at lr {QUICK_SURFACE_LR} (surface), "
+                             "101 snapshots, one seed")
     parser.add_argument("--dataset", choices=["mnist5k", "mnist", "digits"], default="mnist5k")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--epsilons", type=float, nargs="+", default=None,
@@ -404,7 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument("--lr", type=float, default=None,
-                        help=f"SGD learning rate (default {PAPER_LR}, the paper's; {QUICK_SURFACE_LR} for --quick --setting surface)")
+                        help=f"SGD learning rate (default {PAPER_LR}, the paper's; "
+                             f"{QUICK_SURFACE_LR} for --quick --setting surface)")
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--reanalyse", action="store_true", help="rebuild the graphs from the recorded trajectories")
     parser.add_argument("--tensorboard", default="tensorboard_logs/learning_graphs")
