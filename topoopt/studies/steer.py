@@ -54,7 +54,7 @@ from topoopt.studies.statistics import holm, paired_t_minimum_effect
 from topoopt.sweep import load_results, run_cells
 
 __all__ = ["CONFIGS", "SteerConfig", "make_cells", "run_cell", "summarise", "main", "first_step_at",
-           "censored_median", "signed_rank_p"]
+           "censored_median", "signed_rank_p", "write_compact", "read_compact"]
 
 RESULTS_DIR = Path("experiments") / "results" / "steer"
 BASE_LR = 0.05
@@ -468,6 +468,35 @@ def log_tensorboard(records: list[dict], folder: Path) -> None:
             writer.close()
 
 
+def _rounded(value, digits: int = 4):
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
+def write_compact(records: list[dict], path: Path) -> None:
+    """Every record with its floats to 4 significant digits, gzipped (the committed copy of
+    runs.jsonl; accuracies are multiples of 1/1000 and steps are integers, so every measure of
+    the analysis is unchanged). Read it back with `read_compact`."""
+    import gzip
+
+    with gzip.open(path, "wt") as handle:
+        for record in records:
+            handle.write(json.dumps(_rounded(record), separators=(",", ":")) + "\n")
+
+
+def read_compact(path: Path) -> list[dict]:
+    """The records `write_compact` wrote (then ``summarise(read_compact(path))``)."""
+    import gzip
+
+    with gzip.open(path, "rt") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def run_study(config: SteerConfig, progress: bool = True) -> tuple[list[dict], dict]:
     """Run every cell not yet in <out>/runs.jsonl (matched controls after their steered runs),
     then summarise all of them."""
@@ -491,6 +520,7 @@ def run_study(config: SteerConfig, progress: bool = True) -> tuple[list[dict], d
     summary = summarise(records)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "table.md").write_text(format_table(summary) + "\n")
+    write_compact(records, out / "runs_compact.jsonl.gz")
     plot_curves(records, out / "curves.png")
     if config.tensorboard:
         log_tensorboard(records, Path(config.tensorboard))
