@@ -11,8 +11,15 @@ import torch.nn.functional as F
 
 from topoopt.data import load_dataset
 from topoopt.studies import steer
-from topoopt.studies.steer import (SteerConfig, censored_median, first_step_at, make_cells, run_cell, signed_rank_p,
-                                   summarise)
+from topoopt.studies.steer import (
+    SteerConfig,
+    censored_median,
+    first_step_at,
+    make_cells,
+    run_cell,
+    signed_rank_p,
+    summarise,
+)
 
 
 def _tiny(tmp_path, configs, **changes) -> SteerConfig:
@@ -39,8 +46,9 @@ def test_plain_cell_is_plain_sgd_with_the_surface_initialisation(tmp_path):
     record = run_cell({"id": "sgd-x1/s3", "name": "sgd-x1", "seed": 3, "config": config.__dict__})
     data = load_dataset("digits")
     torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False), torch.nn.Sigmoid(), torch.nn.Linear(8, 8, bias=False),
-                                torch.nn.Sigmoid(), torch.nn.Linear(8, 10, bias=False))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False), torch.nn.Sigmoid(),
+                                torch.nn.Linear(8, 8, bias=False), torch.nn.Sigmoid(),
+                                torch.nn.Linear(8, 10, bias=False))
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for layer in (model[0], model[2], model[4]):

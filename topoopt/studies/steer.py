@@ -20,8 +20,9 @@ Configurations (`CONFIGS`):
   norm (boost a layer while its neurons nearly coincide relative to their norm).
 
 Primary measure: steps to 80% test accuracy; secondary: steps to 20%, accuracy at the budget,
-fraction diverged. Paired exact Wilcoxon signed-rank tests (exact with ties) of each steered configuration against the best
-control (the control with the fewest median steps to 80%), Holm over the steered configurations.
+fraction diverged. Paired Wilcoxon signed-rank tests (exact, ties included) of each steered
+configuration against the best control (the control with the fewest median steps to 80%), Holm
+over the steered configurations.
 The pre-registration is in experiments/RESULTS.md ("Steering against matched controls (#17)").
 
     topoopt steer --quick        # a few minutes
@@ -330,7 +331,8 @@ def _paired(steered: list[dict], control: list[dict]) -> dict:
     p_acc = float(stats.ttest_rel([a["final_accuracy"] for a, _ in pairs],
                                   [b["final_accuracy"] for _, b in pairs]).pvalue) if np.std(dacc) > 0 else (
         1.0 if np.all(dacc == 0) else 0.0)
-    half = stats.t.ppf(0.975, len(dacc) - 1) * np.std(dacc, ddof=1) / math.sqrt(len(dacc)) if len(dacc) > 1 else math.nan
+    half = (stats.t.ppf(0.975, len(dacc) - 1) * np.std(dacc, ddof=1) / math.sqrt(len(dacc))
+            if len(dacc) > 1 else math.nan)
     return {"n_pairs": len(pairs), "median_diff_steps_to_80": float(np.median(d80)),
             "steered_faster_to_80": int((d80 < 0).sum()), "control_faster_to_80": int((d80 > 0).sum()),
             "wilcoxon_p_steps_to_80": p80, "median_diff_steps_to_20": float(np.median(d20)),
@@ -379,7 +381,8 @@ def summarise(records: list[dict]) -> dict:
         verdict = {}
         for control in controls:
             pair = _paired(by_config[name], by_config[control])
-            verdict[control] = {"fewer_median_steps_to_80": table[name]["median_steps_to_80"] < table[control]["median_steps_to_80"],
+            faster = table[name]["median_steps_to_80"] < table[control]["median_steps_to_80"]
+            verdict[control] = {"fewer_median_steps_to_80": faster,
                                 "mean_diff_final_accuracy": pair["mean_diff_final_accuracy"],
                                 "at_least_as_accurate": pair["mean_diff_final_accuracy"] >= 0}
         significant = tests[name]["holm_p_steps_to_80"] < 0.05 and tests[name]["median_diff_steps_to_80"] < 0
@@ -396,10 +399,12 @@ def format_table(summary: dict) -> str:
         return f"> {budget}" if value == math.inf else f"{value:,.0f}"
 
     lines = ["| configuration | kind | lr | median steps to 20% | median steps to 80% | censored (80%) | diverged "
-             "| median accuracy at budget | mean scales (fc1, fc2, fc3) |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| median accuracy at budget | mean scales (fc1, fc2, fc3) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, row in summary["table"].items():
         scales = ", ".join(f"{v:.2f}" for v in row["mean_scales"].values())
-        lines.append(f"| {name} | {row['kind']} | {row['settings']['lr']:g} | {steps(row['median_steps_to_20'], 'budget')} "
+        lines.append(f"| {name} | {row['kind']} | {row['settings']['lr']:g} "
+                     f"| {steps(row['median_steps_to_20'], 'budget')} "
                      f"| {steps(row['median_steps_to_80'], 'budget')} | {row['censored_80']}/{row['n']} | "
                      f"{row['diverged']}/{row['n']} | {row['median_final_accuracy']:.3f} | {scales} |")
     return "\n".join(lines)
@@ -543,8 +548,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # many small products: one thread is faster on a busy machine
     config = SteerConfig.quick() if args.quick else SteerConfig()
-    apply_overrides(config, args, ("configs", "first_seed", "steps", "eval_every", "penalty_weight", "collapse_strength",
-                                   "steered_lr_mult", "lars_eta", "seeds", "out", "tensorboard"))
+    apply_overrides(config, args, ("configs", "first_seed", "steps", "eval_every", "penalty_weight",
+                                   "collapse_strength", "steered_lr_mult", "lars_eta", "seeds", "out", "tensorboard"))
     if args.jobs != 1:
         print("topoopt steer runs one cell at a time (matched controls need their steered runs); --jobs ignored")
     _, summary = run_study(config, progress=not args.no_progress)
