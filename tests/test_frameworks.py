@@ -1,7 +1,6 @@
 """TopoOptimizer inside the frameworks people train with: Lightning (automatic and manual
 optimization), accelerate, skorch (with sklearn's clone) and pytorch-ignite."""
 
-import copy
 import warnings
 
 import pytest

@@ -11,8 +11,8 @@ pytest.importorskip("gudhi")
 
 
 def test_graphs_are_built_off_thread_logged_and_the_trajectory_stays_bounded(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
 
     torch.manual_seed(0)
     model = build_mlp("mlp:8-12-3")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from topoopt import TopoOptimizer, TopoPenalty, TopologyMonitor, TreeCache, h0_deaths, mean_lifetime
+from topoopt import TopologyMonitor, TopoOptimizer, TopoPenalty, TreeCache, h0_deaths, mean_lifetime
 from topoopt.models import build_mlp
 
 
