@@ -105,7 +105,9 @@ class SteerConfig:
 
     @classmethod
     def quick(cls) -> "SteerConfig":
-        return cls(configs=["sgd-x16", "init-default", "lars", "pen-spread", "topo-collapse", "topo-collapse-matched"],
+        # The best control of the main run (default init at the steered lr) and the best plain lr.
+        return cls(configs=["sgd-x64", "init-default-steered-lr", "lars", "pen-spread", "topo-collapse",
+                            "topo-collapse-matched"],
                    seeds=2, steps=3000, out=str(RESULTS_DIR / "quick"))
 
 
