@@ -318,6 +318,14 @@ def imbalance(seeds: list[int], max_steps: int, validate: bool) -> dict:
                                                                          if c["accuracy"] <= 0.11])),
                              "seconds": round(time.perf_counter() - started)}
         print(seed, "imbalanced", json.dumps(row["imbalanced"]), flush=True)
+        # Control for the smaller training set: balanced, same size as the imbalanced subset.
+        per = len(keep) // 10
+        same_size = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), size=per, replace=False) for c in range(10)]))
+        control = Dataset("mnist5k-balanced-small", full.x_train[same_size], full.y_train[same_size], full.x_test, full.y_test)
+        curve = plateau_escape(control, seed, max_steps)
+        row["balanced_same_size"] = {"train_size": int(len(same_size)),
+                                     "step_accuracy_above_20pct": curve[-1]["step"] if curve[-1]["accuracy"] > 0.2 else None}
+        print(seed, "balanced, same size", json.dumps(row["balanced_same_size"]), flush=True)
         results[str(seed)] = row
     return results
 
