@@ -89,19 +89,10 @@ def record_run(config: RunConfig, folder: Path) -> dict:
 
     from topoopt.data import load_dataset
     from topoopt.learning_graphs import TrajectoryRecorder
-    from topoopt.models import build_mlp
+    from topoopt.studies.learning_graphs import _initialised_model
 
     data = load_dataset(config.dataset, config.data_dir)
-    model = build_mlp([data.n_features, *config.widths[1:]], activation="sigmoid", bias=False)
-    generator = torch.Generator().manual_seed(config.seed)
-    with torch.no_grad():
-        for layer in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
-            if config.setting == "tree":
-                layer.weight.zero_()
-                if config.epsilon > 0:
-                    layer.weight.add_(torch.randn(layer.weight.shape, generator=generator) * config.epsilon)
-            else:
-                layer.weight.normal_(0.0, config.epsilon, generator=generator)
+    model = _initialised_model(config, data.n_features)  # the study's own initialisation
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     total_steps = math.ceil(len(data.y_train) / config.batch_size) * config.epochs
     every = max(1, total_steps // (config.snapshots - 1))
@@ -255,14 +246,10 @@ def plateau_escape(data, seed: int, max_steps: int, every: int = 300) -> list[di
     import torch
     import torch.nn.functional as F
 
-    from topoopt.models import build_mlp
+    from topoopt.studies.learning_graphs import _initialised_model
 
     config = surface_config(seed)
-    model = build_mlp([data.n_features, *config.widths[1:]], activation="sigmoid", bias=False)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
-            layer.weight.normal_(0.0, config.epsilon, generator=generator)
+    model = _initialised_model(config, data.n_features)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     shuffle = torch.Generator().manual_seed(seed)
     curve, step = [], 0
