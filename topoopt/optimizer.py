@@ -340,8 +340,9 @@ class TopoOptimizer(torch.optim.Optimizer):
     def _begin_step(self, closure: Callable[[], Any] | None) -> dict[str, Any]:
         """Measure when due and copy what a failed step must restore; eager under torch.compile."""
         topo = self._topo
-        plan: dict[str, Any] = {"own": topo.as_dict(list(self._layers))}
-        if topo.topo_step % self.every == 0:
+        plan: dict[str, Any] = {"own": None}
+        if topo.topo_step % self.every == 0:  # only a measuring step changes the averages before it succeeds
+            plan["own"] = topo.as_dict(list(self._layers))
             self.update_scales()
         if topo.scaled is None:
             topo.scaled = self._scaled_parameters()
@@ -361,7 +362,8 @@ class TopoOptimizer(torch.optim.Optimizer):
                 torch._foreach_copy_(params, values)
             self.base_optimizer.state.clear()
             self.base_optimizer.state.update(state)
-        self._topo.load(plan["own"])
+        if plan["own"] is not None:
+            self._topo.load(plan["own"])
 
     @torch.no_grad()
     @torch.compiler.disable
