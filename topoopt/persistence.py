@@ -14,7 +14,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from topoopt._threads import engine_threads
+from topoopt._threads import caller_threads, engine_threads
 from topoopt.spanning_tree import euclidean_mst_edges
 
 __all__ = ["h0_deaths", "h0_edges", "edge_lengths", "h1_diagram"]
@@ -75,7 +75,7 @@ class _EdgeLengths(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, points: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sort: bool) -> torch.Tensor:
-        with engine_threads():
+        with engine_threads(), caller_threads(elements=points.numel()):
             difference, lengths = _measure_edges(points.detach(), u, v)
             if sort:
                 order = torch.argsort(lengths, stable=True)
@@ -88,7 +88,7 @@ class _EdgeLengths(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         u, v, difference, lengths = ctx.saved_tensors
-        with engine_threads():
+        with engine_threads(), caller_threads(elements=difference.numel()):
             safe = torch.where(lengths > 0, lengths, torch.ones_like(lengths))
             coefficient = torch.where(lengths > 0, grad.to(lengths.dtype) / safe, torch.zeros_like(lengths))
             step = (difference * coefficient.unsqueeze(1)).to(ctx.points_dtype)

@@ -202,13 +202,14 @@ def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[
     near_pairs: list[torch.Tensor] = []
     for start in range(0, n, _BLOCK_ROWS):
         stop = min(start + _BLOCK_ROWS, n)
-        with caller_threads(2.0 * (stop - start) * (n - start) * x.shape[1]):
+        with caller_threads(flops=2.0 * (stop - start) * (n - start) * x.shape[1],
+                            elements=(stop - start) * (n - start)):
             block = x[start:stop] @ x[start:].T
-        near_pairs.append(
-            _near_pairs_of_block(block, sq_norms[start:stop, None], sq_norms[None, start:], ratio) + start)
-        block = block.to(device="cpu", dtype=torch.float32)
-        result[start:stop, start:] = block
-        result[start:, start:stop] = block.T
+            near_pairs.append(
+                _near_pairs_of_block(block, sq_norms[start:stop, None], sq_norms[None, start:], ratio) + start)
+            block = block.to(device="cpu", dtype=torch.float32)
+            result[start:stop, start:] = block
+            result[start:, start:stop] = block.T
     return result, torch.cat(near_pairs), factor
 
 
