@@ -24,6 +24,10 @@ accuracy at all 201 snapshots.
 
     python experiments/surface_window.py windows pca3 second      # ~25 min with training
     python experiments/surface_window.py imbalance
+
+``--out`` (default experiments/results/learning_graphs/surface_window) receives summary.json and
+the retrained runs; ``--committed`` (default experiments/results/learning_graphs/full) is where
+the learning-graph study's committed runs are read, to check the retrained ones against.
 """
 
 from __future__ import annotations
@@ -31,13 +35,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from topoopt.learning_graphs import (
-    KMAPPER_OLD_OVERLAP_AS_GAIN,
     PAPER_SETTINGS,
     MapperSettings,
     branching_events,
@@ -47,8 +50,23 @@ from topoopt.learning_graphs import (
 )
 from topoopt.studies.learning_graphs import RunConfig, local_pca_dimension, two_nn_dimension
 
-OUT = Path("experiments") / "results" / "learning_graphs" / "surface_window"
-RUNS = OUT / "runs"  # trajectories are git-ignored (experiments/results/learning_graphs/**/trajectory/)
+DEFAULT_OUT = Path("experiments") / "results" / "learning_graphs" / "surface_window"
+DEFAULT_COMMITTED = Path("experiments") / "results" / "learning_graphs" / "full"
+
+
+@dataclass(frozen=True)
+class Folders:
+    """Where this analysis writes (`out`: summary.json, and the retrained runs under ``runs/``,
+    whose trajectories git ignores) and where the study's committed runs are read (`committed`)."""
+
+    out: Path
+    committed: Path
+
+    def run(self, config: RunConfig) -> Path:
+        return self.out / "runs" / config.name()
+
+    def committed_file(self, config: RunConfig, name: str) -> Path:
+        return self.committed / config.name() / name
 
 # The authors' notebook defaults for the 3-PCA lens: 15 cubes, overlap 0.5, DBSCAN eps 1. Their
 # code used KeplerMapper < 1.2, where overlap p widens each cube to (1 + p)·w; gudhi's gain g gives
@@ -120,9 +138,20 @@ def record_run(config: RunConfig, folder: Path) -> dict:
     return {"steps": step, "final_accuracy": curve[-1][1], "accuracy_curve": curve}
 
 
-def ensure_run(config: RunConfig) -> Path:
+def committed_accuracy(folders: Folders, config: RunConfig) -> dict[int, float]:
+    """Test accuracy by step at the committed run's snapshots (empty when it is not on disk)."""
+    path = folders.committed_file(config, "nines.json")
+    return {n["step"]: n["accuracy"] for n in json.loads(path.read_text())} if path.exists() else {}
+
+
+def matches(recorded: dict[int, float], curve) -> bool | None:
+    """Whether (step, accuracy) pairs agree with `recorded` at the steps both have (None: nothing recorded)."""
+    return all(abs(recorded[s] - a) < 1e-6 for s, a in curve if s in recorded) if recorded else None
+
+
+def ensure_run(config: RunConfig, folders: Folders) -> Path:
     """The run's folder, training and recording it first if its trajectory is not on disk."""
-    folder = RUNS / config.name()
+    folder = folders.run(config)
     if not (folder / "training.json").exists():
         import shutil
 
@@ -131,25 +160,29 @@ def ensure_run(config: RunConfig) -> Path:
         started = time.perf_counter()
         training = record_run(config, folder)
         training["train_seconds"] = time.perf_counter() - started
-        committed = Path("experiments") / "results" / "learning_graphs" / "full" / config.name() / "nines.json"
-        if committed.exists():
-            recorded = {n["step"]: n["accuracy"] for n in json.loads(committed.read_text())}
-            training["matches_committed_accuracy"] = all(abs(recorded[s] - a) < 1e-6 for s, a in training["accuracy_curve"] if s in recorded)
+        recorded = committed_accuracy(folders, config)
+        if recorded:
+            training["matches_committed_accuracy"] = matches(recorded, training["accuracy_curve"])
         (folder / "training.json").write_text(json.dumps(training))
-        print(f"trained {config.name()} in {training['train_seconds']:.0f} s: accuracy {training['final_accuracy']:.3f}, "
+        print(f"trained {config.name()} in {training['train_seconds']:.0f} s: "
+              f"accuracy {training['final_accuracy']:.3f}, "
               f"same as committed run: {training.get('matches_committed_accuracy')}", flush=True)
     return folder
 
 
-def committed_summary(config: RunConfig) -> dict | None:
-    path = Path("experiments") / "results" / "learning_graphs" / "full" / config.name() / "summary.json"
+def committed_summary(config: RunConfig, folders: Folders) -> dict | None:
+    path = folders.committed_file(config, "summary.json")
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _variance_in_2_pcs(points: np.ndarray) -> float:
+    from sklearn.decomposition import PCA
+
+    return float(np.cumsum(PCA(n_components=2, random_state=0).fit(points).explained_variance_ratio_)[1])
 
 
 def window_measures(clouds: np.ndarray, start: int, stop: int) -> dict:
     """Measures of the cloud in snapshots [start, stop) (clouds: snapshots × neurons × d)."""
-    from sklearn.decomposition import PCA
-
     window = clouds[start:stop].astype(np.float64)
     means = window.mean(axis=1)
     points = window.reshape(-1, window.shape[-1])
@@ -162,19 +195,19 @@ def window_measures(clouds: np.ndarray, start: int, stop: int) -> dict:
         "spread_share_first_last": [float(spread[0] / total), float(spread[-1] / total)],
         "neuron_rms_from_layer_mean_median": float(np.median(np.sqrt(spread))),
         "neuron_rms_from_layer_mean_first_last": [float(np.sqrt(spread[0])), float(np.sqrt(spread[-1]))],
-        "variance_in_2_pcs_all_points": float(np.cumsum(PCA(n_components=2, random_state=0).fit(points).explained_variance_ratio_)[1]),
-        "variance_in_2_pcs_mean_path": float(np.cumsum(PCA(n_components=2, random_state=0).fit(means).explained_variance_ratio_)[1]),
+        "variance_in_2_pcs_all_points": _variance_in_2_pcs(points),
+        "variance_in_2_pcs_mean_path": _variance_in_2_pcs(means),
         "local_pca_dimension_50": local_pca_dimension(points, neighbours=50),
         "local_pca_dimension_200": local_pca_dimension(points, neighbours=200),
         "two_nn_dimension": two_nn_dimension(points),
     }
 
 
-def windows(seeds: list[int]) -> dict:
+def windows(seeds: list[int], folders: Folders) -> dict:
     results = {}
     for seed in seeds:
         config = surface_config(seed)
-        folder = ensure_run(config)
+        folder = ensure_run(config, folders)
         output = load_trajectory(folder / "trajectory", "fc3")
         first = load_trajectory(folder / "trajectory", "fc1")
         events = sorted(e["step"] for e in branching_events(
@@ -187,15 +220,17 @@ def windows(seeds: list[int]) -> dict:
         branch_start = int(np.searchsorted(steps, events[0]))
         last_event = int(np.searchsorted(steps, events[-1])) + 1
         clouds = first.clouds()
-        committed = committed_summary(config)
+        committed = committed_summary(config, folders)
         results[str(seed)] = {
             "final_accuracy": float(accuracy[-1]),
             "committed_final_accuracy": committed["training"]["final_accuracy"] if committed else None,
             "output_branching_event_steps": [round(e) for e in events],
-            "committed_output_event_steps": [round(e["step"]) for e in committed["events"]["fc3"]] if committed else None,
+            "committed_output_event_steps": ([round(e["step"]) for e in committed["events"]["fc3"]]
+                                             if committed else None),
             "step_accuracy_above_20pct": int(steps[escape]),
             "step_accuracy_50pct": int(steps[half]),
-            "plateau": {"steps": [int(steps[n // 20]), int(steps[escape - 1])], **window_measures(clouds, n // 20, escape)},
+            "plateau": {"steps": [int(steps[n // 20]), int(steps[escape - 1])],
+                        **window_measures(clouds, n // 20, escape)},
             "branching_to_50pct": {"steps": [int(steps[branch_start]), int(steps[half])],
                                    **window_measures(clouds, branch_start, half + 1)},
             "branching_to_last_event": {"steps": [int(steps[branch_start]), int(steps[last_event - 1])],
@@ -205,11 +240,11 @@ def windows(seeds: list[int]) -> dict:
     return results
 
 
-def pca3(surface_seeds: list[int], tree_seeds: list[int]) -> dict:
+def pca3(surface_seeds: list[int], tree_seeds: list[int], folders: Folders) -> dict:
     runs = [surface_config(s) for s in surface_seeds] + [tree_config(s) for s in tree_seeds]
     results = {"settings": {name: asdict(settings) for name, settings in PCA3_VARIANTS.items()}, "graphs": {}}
     for config in runs:
-        folder = ensure_run(config)
+        folder = ensure_run(config, folders)
         first = load_trajectory(folder / "trajectory", "fc1")
         row = {}
         for name, settings in PCA3_VARIANTS.items():
@@ -222,14 +257,14 @@ def pca3(surface_seeds: list[int], tree_seeds: list[int]) -> dict:
     return results
 
 
-def second(seeds: list[int]) -> dict:
+def second(seeds: list[int], folders: Folders) -> dict:
     base = PAPER_SETTINGS["second"]
     variants = {"paper (25, eps 0.2)": base, "eps 0.1": replace(base, eps=0.1), "eps 0.3": replace(base, eps=0.3),
                 "eps 0.5": replace(base, eps=0.5), "15 intervals": replace(base, intervals=15),
                 "35 intervals": replace(base, intervals=35)}
     results = {}
     for seed in seeds:
-        folder = ensure_run(surface_config(seed))
+        folder = ensure_run(surface_config(seed), folders)
         layer = load_trajectory(folder / "trajectory", "fc2")
         results[str(seed)] = {}
         for name, settings in variants.items():
@@ -269,7 +304,23 @@ def plateau_escape(data, seed: int, max_steps: int, every: int = 300) -> list[di
     return curve
 
 
-def imbalance(seeds: list[int], max_steps: int, validate: bool) -> dict:
+def _escape_step(curve: list[dict]) -> int | None:
+    """The step at which test accuracy first exceeded 20% (None: not within the curve)."""
+    return curve[-1]["step"] if curve[-1]["accuracy"] > 0.2 else None
+
+
+def _plateau_classes(curve: list[dict]) -> list[int]:
+    """The classes predicted most often while accuracy is at chance level (≤ 11%)."""
+    return sorted({int(np.argmax(c["predicted"])) for c in curve if c["accuracy"] <= 0.11})
+
+
+def _balanced_sample(y: np.ndarray, per_class, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of `per_class[c]` examples of each class c, drawn without replacement."""
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), size=int(per_class[c]), replace=False)
+                                   for c in range(10)]))
+
+
+def imbalance(seeds: list[int], max_steps: int, validate: bool, folders: Folders) -> dict:
     """Plateau length with full MNIST's class proportions (a subset of mnist5k's training split:
     each class keeps its share of MNIST's counts relative to "1", which keeps all 400)."""
     from topoopt.data import Dataset, load_dataset
@@ -281,37 +332,35 @@ def imbalance(seeds: list[int], max_steps: int, validate: bool) -> dict:
     results = {"mnist5k_train_counts": per_class.tolist()}
     for seed in seeds:
         row: dict = {}
-        committed = Path("experiments") / "results" / "learning_graphs" / "full" / surface_config(seed).name() / "nines.json"
         if validate:  # the fast loop on the balanced data must retrace the committed run
             started = time.perf_counter()
             curve = plateau_escape(full, seed, max_steps)
-            recorded = {n["step"]: n["accuracy"] for n in json.loads(committed.read_text())} if committed.exists() else {}
-            row["balanced"] = {"step_accuracy_above_20pct": curve[-1]["step"] if curve[-1]["accuracy"] > 0.2 else None,
-                               "matches_committed_run": all(abs(recorded[c["step"]] - c["accuracy"]) < 1e-6
-                                                            for c in curve if c["step"] in recorded) if recorded else None,
-                               "plateau_predicted_classes": sorted({int(np.argmax(c["predicted"])) for c in curve if c["accuracy"] <= 0.11}),
+            recorded = committed_accuracy(folders, surface_config(seed))
+            row["balanced"] = {"step_accuracy_above_20pct": _escape_step(curve),
+                               "matches_committed_run": matches(recorded, ((c["step"], c["accuracy"]) for c in curve)),
+                               "plateau_predicted_classes": _plateau_classes(curve),
                                "seconds": round(time.perf_counter() - started)}
             print(seed, "balanced", json.dumps(row["balanced"]), flush=True)
         rng = np.random.default_rng(seed)
-        keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), size=int(round(per_class[c] * keep_share[c])), replace=False)
-                                       for c in range(10)]))
+        keep = _balanced_sample(y, [round(per_class[c] * keep_share[c]) for c in range(10)], rng)
         subset = Dataset("mnist5k-imbalanced", full.x_train[keep], full.y_train[keep], full.x_test, full.y_test)
         started = time.perf_counter()
         curve = plateau_escape(subset, seed, max_steps)
+        plateau = [c for c in curve if c["accuracy"] <= 0.11]
         row["imbalanced"] = {"train_counts": np.bincount(y[keep], minlength=10).tolist(), "train_size": int(len(keep)),
-                             "step_accuracy_above_20pct": curve[-1]["step"] if curve[-1]["accuracy"] > 0.2 else None,
-                             "plateau_predicted_classes": sorted({int(np.argmax(c["predicted"])) for c in curve if c["accuracy"] <= 0.11}),
-                             "plateau_share_predicted_1": float(np.mean([c["predicted"][1] / sum(c["predicted"]) for c in curve
-                                                                         if c["accuracy"] <= 0.11])),
+                             "step_accuracy_above_20pct": _escape_step(curve),
+                             "plateau_predicted_classes": _plateau_classes(curve),
+                             "plateau_share_predicted_1": float(np.mean([c["predicted"][1] / sum(c["predicted"])
+                                                                         for c in plateau])),
                              "seconds": round(time.perf_counter() - started)}
         print(seed, "imbalanced", json.dumps(row["imbalanced"]), flush=True)
         # Control for the smaller training set: balanced, same size as the imbalanced subset.
-        per = len(keep) // 10
-        same_size = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), size=per, replace=False) for c in range(10)]))
-        control = Dataset("mnist5k-balanced-small", full.x_train[same_size], full.y_train[same_size], full.x_test, full.y_test)
+        same_size = _balanced_sample(y, [len(keep) // 10] * 10, rng)
+        control = Dataset("mnist5k-balanced-small", full.x_train[same_size], full.y_train[same_size], full.x_test,
+                          full.y_test)
         curve = plateau_escape(control, seed, max_steps)
         row["balanced_same_size"] = {"train_size": int(len(same_size)),
-                                     "step_accuracy_above_20pct": curve[-1]["step"] if curve[-1]["accuracy"] > 0.2 else None}
+                                     "step_accuracy_above_20pct": _escape_step(curve)}
         print(seed, "balanced, same size", json.dumps(row["balanced_same_size"]), flush=True)
         results[str(seed)] = row
     return results
@@ -324,20 +373,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tree-seeds", type=int, nargs="+", default=[0, 1, 2], help="ε = 1e-6 tree seeds for pca3")
     parser.add_argument("--imbalance-steps", type=int, default=45_000)
     parser.add_argument("--validate", action="store_true", help="imbalance: also retrace the balanced run")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    parser.add_argument("--committed", type=Path, default=DEFAULT_COMMITTED,
+                        help=f"the learning-graph study's committed runs (default {DEFAULT_COMMITTED})")
     args = parser.parse_args(argv)
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "summary.json"
+    folders = Folders(out=args.out, committed=args.committed)
+    folders.out.mkdir(parents=True, exist_ok=True)
+    path = folders.out / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     for part in args.parts:
         started = time.perf_counter()
         if part == "windows":
-            summary["windows"] = windows(args.seeds)
+            summary["windows"] = windows(args.seeds, folders)
         elif part == "pca3":
-            summary["pca3"] = pca3(args.seeds, args.tree_seeds)
+            summary["pca3"] = pca3(args.seeds, args.tree_seeds, folders)
         elif part == "second":
-            summary["second_hidden_layer"] = second(args.seeds)
+            summary["second_hidden_layer"] = second(args.seeds, folders)
         else:
-            summary["imbalance"] = imbalance(args.seeds, args.imbalance_steps, args.validate)
+            summary["imbalance"] = imbalance(args.seeds, args.imbalance_steps, args.validate, folders)
         summary.setdefault("seconds", {})[part] = round(time.perf_counter() - started)
         path.write_text(json.dumps(summary, indent=2))
     return summary

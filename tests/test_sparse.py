@@ -62,7 +62,8 @@ def test_measures_match_networkx_and_numpy(family):
         laplacian = nx.laplacian_matrix(graph).toarray().astype(float)
         assert measures.algebraic_connectivity == pytest.approx(np.sort(np.linalg.eigvalsh(laplacian))[1], rel=1e-6)
     adjacency_eigs = np.sort(np.linalg.eigvalsh(nx.to_numpy_array(graph)))[::-1]
-    assert measures.sigma1 == pytest.approx(adjacency_eigs[0]) and measures.sigma2 == pytest.approx(adjacency_eigs[1], abs=1e-9)
+    assert measures.sigma1 == pytest.approx(adjacency_eigs[0])
+    assert measures.sigma2 == pytest.approx(adjacency_eigs[1], abs=1e-9)
     assert measures.density == pytest.approx(graph.number_of_edges() / (24 * 24))
 
 
@@ -175,14 +176,15 @@ def test_study_drops_duplicate_networks_and_refuses_to_analyse_them():
     spec = {"family": "biregular", "degree": 4, "mask_seed": 0, "p": 0.0}
     kept, duplicates = unique_specs([spec, dict(spec, family="rewired", p=0.3), dict(spec)], 64, 64, 3)
     assert [s["family"] for s in kept] == ["biregular", "rewired"]
-    assert duplicates == [{"mask_id": "biregular-d4-m0-p0.0", "same_as": "biregular-d4-m0-p0.0", "mask_hash": kept[0]["mask_hash"]}]
+    assert duplicates == [{"mask_id": "biregular-d4-m0-p0.0", "same_as": "biregular-d4-m0-p0.0",
+                           "mask_hash": kept[0]["mask_hash"]}]
     cells, duplicates = make_cells(StudyConfig.quick(), 64)
     assert duplicates == []
     hashes = {c["mask_id"]: c["mask_hash"] for c in cells}
     assert len(set(hashes.values())) == len(hashes)
     record = {"family": "biregular", "degree": 4, "density": 0.06, "min_spectral_gap": 1.0, "min_normalized_gap": 0.1,
-              "min_algebraic_connectivity": 0.5, "min_ramanujan_margin": 0.1, "all_connected": True, "isolated_units": 0,
-              "unused_inputs": 0, "mask_hash": "same", "test_accuracy": 0.9, "epochs_to_90": 1}
+              "min_algebraic_connectivity": 0.5, "min_ramanujan_margin": 0.1, "all_connected": True,
+              "isolated_units": 0, "unused_inputs": 0, "mask_hash": "same", "test_accuracy": 0.9, "epochs_to_90": 1}
     with pytest.raises(ValueError, match="deduplicate"):
         analyse([dict(record, mask_id="a"), dict(record, mask_id="b")], StudyConfig())
 

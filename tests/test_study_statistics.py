@@ -84,5 +84,6 @@ def test_committed_small_data_analysis_matches_its_holm_families():
     assert [r["p_holm"] for r in rows] == pytest.approx(holm([r["p"] for r in rows]))
     partial = [r for r in rows if "partial_p_given_log_size_holm" in r]
     assert analysis["holm_family_size"]["partial_given_log_size"] == len(partial) == 36
-    survivors = {(r["dataset"], r["budget"], r["layer"], r["metric"]) for r in partial if r["partial_p_given_log_size_holm"] < 0.05}
+    survivors = {(r["dataset"], r["budget"], r["layer"], r["metric"])
+                 for r in partial if r["partial_p_given_log_size_holm"] < 0.05}
     assert survivors == {("digits", "epochs", "fc1", "mean_lifetime")}

@@ -9,22 +9,23 @@ from topoopt.layers import LayerTopology
 __all__ = ["format_table", "topology_table"]
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Left-aligned first column, right-aligned others; floats with 4 significant digits."""
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], *, left_columns: int = 1) -> str:
+    """A plain-text table: the first `left_columns` columns left-aligned (labels), the others
+    right-aligned (numbers); floats with 4 significant digits, other values (pre-formatted
+    strings included) as ``str`` gives them."""
     cells = [[_cell(value) for value in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
-    lines = ["  ".join(_align(str(h), w, i) for i, (h, w) in enumerate(zip(header, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(_align(c, w, i) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    return "\n".join(lines)
+
+    def line(texts) -> str:
+        return "  ".join(t.ljust(w) if i < left_columns else t.rjust(w)
+                         for i, (t, w) in enumerate(zip(texts, widths)))
+
+    lines = [line(map(str, header)), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + [line(row) for row in cells])
 
 
 def _cell(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _align(text: str, width: int, column: int) -> str:
-    return text.ljust(width) if column == 0 else text.rjust(width)
 
 
 def topology_table(report: Mapping[str, LayerTopology]) -> str:

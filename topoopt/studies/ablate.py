@@ -28,6 +28,7 @@ from topoopt.data import load_dataset, stratified_subset
 from topoopt.models import build_mlp
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
+from topoopt.report import format_table
 from topoopt.studies.options import add_sweep_options, apply_overrides
 from topoopt.studies.statistics import holm, paired_t_minimum_effect, wilcoxon_minimum_p
 from topoopt.sweep import run_cells
@@ -80,9 +81,10 @@ class AblationConfig:
 
     @classmethod
     def quick(cls) -> "AblationConfig":
-        return cls(datasets=["digits", "mnist5k-500"], variants=["plain", "pen-entropy-max-0.1", "pen-lifetime-max-0.01",
-                                                                  "opt-calm-4", "opt-awaken-4", "both-calm-1+entropy-0.01"],
-                   seeds=3, steps=500, evaluations=10, out=str(RESULTS_DIR / "quick"), tensorboard="tensorboard_logs/ablate_quick")
+        variants = ["plain", "pen-entropy-max-0.1", "pen-lifetime-max-0.01", "opt-calm-4", "opt-awaken-4",
+                    "both-calm-1+entropy-0.01"]
+        return cls(datasets=["digits", "mnist5k-500"], variants=variants, seeds=3, steps=500, evaluations=10,
+                   out=str(RESULTS_DIR / "quick"), tensorboard="tensorboard_logs/ablate_quick")
 
 
 LR = {"sgd": 0.05, "adam": 1e-3}
@@ -91,7 +93,8 @@ LR = {"sgd": 0.05, "adam": 1e-3}
 def make_cells(config: AblationConfig) -> list[dict]:
     unknown = [v for v in config.variants if v not in VARIANTS] + [d for d in config.datasets if d not in DATASETS]
     if unknown:
-        raise ValueError(f"Unknown variant/dataset names {unknown}. Variants: {list(VARIANTS)}; datasets: {list(DATASETS)}")
+        raise ValueError(f"Unknown variant/dataset names {unknown}. Variants: {list(VARIANTS)}; "
+                         f"datasets: {list(DATASETS)}")
     plain = asdict(config)
     return [{"id": f"{d}/{o}/{v}/s{s}", "dataset": d, "optimizer": o, "variant": v, "seed": s, "config": plain}
             for d in config.datasets for o in config.optimizers for v in config.variants for s in range(config.seeds)]
@@ -154,10 +157,11 @@ def analyse(records: list[dict]) -> list[dict]:
         for s in seeds:
             hits = [step for step, acc in runs[s]["curve"] if acc >= target]
             reach.append(hits[0] if hits else None)
+        reached = [x for x in reach if x is not None]
         row = {"dataset": dataset, "optimizer": optimizer, "variant": variant, "n": len(seeds),
                "accuracy_mean": mean, "accuracy_ci95": half, "delta_vs_plain": float(mean - target),
-               "steps_to_plain_final": float(np.median([x for x in reach if x is not None])) if any(x is not None for x in reach) else None,
-               "reached_plain_final": sum(x is not None for x in reach),
+               "steps_to_plain_final": float(np.median(reached)) if reached else None,
+               "reached_plain_final": len(reached),
                "time_ratio": float(np.median([runs[s]["seconds"] / baseline[s]["seconds"] for s in seeds]))}
         if variant != "plain" and len(seeds) > 1:
             differences = accuracy - base
@@ -198,7 +202,8 @@ def summarise(table: list[dict], alpha: float = 0.05, power: float = 0.8) -> dic
         "seeds": n,
         "better_uncorrected": count("paired_t_p", +1), "worse_uncorrected": count("paired_t_p", -1),
         "better_holm": count("paired_t_p_holm", +1), "worse_holm": count("paired_t_p_holm", -1),
-        "significant_holm": [{k: row[k] for k in ("dataset", "optimizer", "variant", "delta_vs_plain", "paired_t_p", "paired_t_p_holm")}
+        "significant_holm": [{k: row[k] for k in ("dataset", "optimizer", "variant", "delta_vs_plain", "paired_t_p",
+                                                  "paired_t_p_holm")}
                              for row in tested if row["paired_t_p_holm"] < alpha],
         "wilcoxon_min_p": wilcoxon_minimum_p(n),
         "wilcoxon_can_reach_alpha": wilcoxon_minimum_p(n) < alpha,
@@ -218,11 +223,11 @@ def best_per_dataset(table: list[dict]) -> dict[str, dict]:
         if key not in best or row["accuracy_mean"] > best[key]["accuracy_mean"]:
             best[key] = row
     for key, row in best.items():
-        significant = row["variant"] != "plain" and row.get("paired_t_p_holm", 1.0) < 0.05 and row["delta_vs_plain"] > 0
-        row = dict(row)
-        best[key] = {"variant": row["variant"], "accuracy_mean": row["accuracy_mean"], "delta_vs_plain": row["delta_vs_plain"],
-                     "paired_t_p": row.get("paired_t_p"), "paired_t_p_holm": row.get("paired_t_p_holm"),
-                     "beats_plain_significantly": significant}
+        significant = (row["variant"] != "plain" and row.get("paired_t_p_holm", 1.0) < 0.05
+                       and row["delta_vs_plain"] > 0)
+        best[key] = {"variant": row["variant"], "accuracy_mean": row["accuracy_mean"],
+                     "delta_vs_plain": row["delta_vs_plain"], "paired_t_p": row.get("paired_t_p"),
+                     "paired_t_p_holm": row.get("paired_t_p_holm"), "beats_plain_significantly": significant}
     return best
 
 
@@ -232,21 +237,22 @@ def write_tensorboard(records: list[dict], log_dir: str) -> None:
     with SummaryWriter(log_dir) as writer:
         for r in records:
             hparams = {k: r[k] for k in ("dataset", "optimizer", "variant", "seed")}
-            writer.add_hparams(hparams, {"hparam/test_accuracy": r["test_accuracy"], "hparam/seconds": r["seconds"]},
-                               run_name=f"{r['dataset']}_{r['optimizer']}_{r['variant']}_s{r['seed']}")
+            metrics = {"hparam/test_accuracy": r["test_accuracy"], "hparam/seconds": r["seconds"]}
+            name = f"{r['dataset']}_{r['optimizer']}_{r['variant']}_s{r['seed']}"
+            writer.add_hparams(hparams, metrics, run_name=name)
 
 
-def format_table(table: list[dict]) -> str:
-    lines = [f"{'dataset':<13} {'opt':<4} {'variant':<26} {'acc':>6} {'±95%':>6} {'Δ plain':>8} {'p(t)':>6} {'Holm':>6} {'steps→plain':>11} {'time×':>6}"]
+def ablation_table(table: list[dict]) -> str:
+    """The `analyse` table as text, one line per cell (dataset × optimizer × variant)."""
+    header = ["dataset", "opt", "variant", "acc", "±95%", "Δ plain", "p(t)", "Holm", "steps→plain", "time×"]
+    rows = []
     for r in table:
-        p = r.get("paired_t_p")
-        p_text = "" if p is None else f"{p:.3f}"
-        holm_text = "" if p is None else f"{r['paired_t_p_holm']:.2f}"
-        steps = r["steps_to_plain_final"]
-        lines.append(f"{r['dataset']:<13} {r['optimizer']:<4} {r['variant']:<26} {r['accuracy_mean']:>6.4f} {r['accuracy_ci95']:>6.4f} "
-                     f"{r['delta_vs_plain']:>+8.4f} {p_text:>6} {holm_text:>6} "
-                     f"{'never' if steps is None else f'{steps:.0f}':>11} {r['time_ratio']:>6.2f}")
-    return "\n".join(lines)
+        p, steps = r.get("paired_t_p"), r["steps_to_plain_final"]
+        rows.append([r["dataset"], r["optimizer"], r["variant"], f"{r['accuracy_mean']:.4f}",
+                     f"{r['accuracy_ci95']:.4f}", f"{r['delta_vs_plain']:+.4f}",
+                     "" if p is None else f"{p:.3f}", "" if p is None else f"{r['paired_t_p_holm']:.2f}",
+                     "never" if steps is None else f"{steps:.0f}", f"{r['time_ratio']:.2f}"])
+    return format_table(header, rows, left_columns=3)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -271,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarise(table)
     (out / "table.json").write_text(json.dumps({"table": table, "best": best, "summary": summary}, indent=2))
     write_tensorboard(records, config.tensorboard)
-    print(format_table(table))
+    print(ablation_table(table))
     print(json.dumps(best, indent=2))
     print(json.dumps(summary, indent=2))
     return {"table": table, "best": best, "summary": summary}

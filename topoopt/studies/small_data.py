@@ -105,11 +105,15 @@ def run_cell(cell: dict) -> dict:
                             seed=cell["seed"], on_eval=on_eval)
     finally:
         writer.close()
-    return {k: cell[k] for k in ("dataset", "budget", "size", "seed")} | {"steps": steps, "history": history,
-                                                                        "final": history[-1]}
+    return {k: cell[k] for k in ("dataset", "budget", "size", "seed")} | {
+        "steps": steps, "history": history, "final": history[-1]}
 
 
 # ---- statistics ----
+
+def _relative_change(first: float, last: float) -> float:
+    return abs(last - first) / max(1e-12, abs(first))
+
 
 def analyse(records: list[dict]) -> dict:
     from scipy import stats
@@ -129,30 +133,33 @@ def analyse(records: list[dict]) -> dict:
                 values = np.array([r["final"][f"{layer}/{metric}"] for r in runs])
                 for target, against in (("accuracy", accuracy), ("size", log_size)):
                     rho, p = stats.spearmanr(values, against)
-                    row = {"dataset": dataset, "budget": budget, "layer": layer, "metric": metric, "target": target,
-                           "rho": float(rho), "p": float(p)}
+                    row = {"dataset": dataset, "budget": budget, "layer": layer, "metric": metric,
+                           "target": target, "rho": float(rho), "p": float(p)}
                     if metric != "weight_norm":
-                        row["partial_rho_given_norm"], row["partial_p_given_norm"] = partial_spearman(values, against, norm)
+                        rho_norm, p_norm = partial_spearman(values, against, norm)
+                        row["partial_rho_given_norm"], row["partial_p_given_norm"] = rho_norm, p_norm
                     if target == "accuracy":
-                        row["partial_rho_given_log_size"], row["partial_p_given_log_size"] = partial_spearman(values, against, log_size)
+                        rho_size, p_size = partial_spearman(values, against, log_size)
+                        row["partial_rho_given_log_size"], row["partial_p_given_log_size"] = rho_size, p_size
                     rows.append(row)
                     tests.append(float(p) if np.isfinite(p) else 1.0)
         # Layers changing at different rates: relative change of normalized entropy from the first
         # evaluation (10% into the run, not initialisation) to the last, per run (blocks) and
         # layer (treatments). Layers differ in fan-in and neuron count (fc3 has 9 bars), so a
         # significant result shows uneven change, not that the unevenness reflects learning.
-        changes = [[abs(r["history"][-1][f"{layer}/normalized_entropy"] - r["history"][0][f"{layer}/normalized_entropy"])
-                    / max(1e-12, abs(r["history"][0][f"{layer}/normalized_entropy"])) for r in runs] for layer in layers]
+        changes = [[_relative_change(r["history"][0][f"{layer}/normalized_entropy"],
+                                     r["history"][-1][f"{layer}/normalized_entropy"]) for r in runs]
+                   for layer in layers]
         statistic, p = stats.friedmanchisquare(*changes)
-        friedman[f"{dataset}/{budget}"] = {"chi2": float(statistic), "p": float(p),
-                                           "from_step": sorted({r["history"][0]["step"] for r in runs}),
-                                           "median_relative_change": {l: float(np.median(c)) for l, c in zip(layers, changes)}}
+        friedman[f"{dataset}/{budget}"] = {
+            "chi2": float(statistic), "p": float(p), "from_step": sorted({r["history"][0]["step"] for r in runs}),
+            "median_relative_change": {layer: float(np.median(c)) for layer, c in zip(layers, changes)}}
     for row, adjusted in zip(rows, holm(tests)):
         row["p_holm"] = adjusted
     # Partial correlations with accuracy given log size: their own Holm family (the topology
     # metrics only; the weight norm is the control, not a hypothesis).
     partial = [row for row in rows if row["target"] == "accuracy" and row["metric"] != "weight_norm"]
-    partial_p = [row["partial_p_given_log_size"] if np.isfinite(row["partial_p_given_log_size"]) else 1.0 for row in partial]
+    partial_p = [p if np.isfinite(p := row["partial_p_given_log_size"]) else 1.0 for row in partial]
     for row, adjusted in zip(partial, holm(partial_p)):
         row["partial_p_given_log_size_holm"] = adjusted
     return {"correlations": rows, "friedman": friedman,
@@ -222,10 +229,11 @@ def format_summary(analysis: dict) -> str:
         if row["metric"] == "weight_norm":
             continue
         partial = row.get("partial_rho_given_norm", float("nan"))
-        lines.append(f"{row['dataset'] + '/' + row['budget']:<15} {row['layer']:<6} {row['metric']:<19} {row['target']:<8} "
-                     f"{row['rho']:+.3f}  {row['p_holm']:.2g}  {partial:+.3f}")
+        lines.append(f"{row['dataset'] + '/' + row['budget']:<15} {row['layer']:<6} {row['metric']:<19} "
+                     f"{row['target']:<8} {row['rho']:+.3f}  {row['p_holm']:.2g}  {partial:+.3f}")
     for key, value in analysis["friedman"].items():
-        lines.append(f"Friedman {key}: chi2 {value['chi2']:.2f}, p {value['p']:.2g}, median relative change {value['median_relative_change']}")
+        lines.append(f"Friedman {key}: chi2 {value['chi2']:.2f}, p {value['p']:.2g}, "
+                     f"median relative change {value['median_relative_change']}")
     return "\n".join(lines)
 
 

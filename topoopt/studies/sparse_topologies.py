@@ -6,9 +6,10 @@ graphs match dense ones, with accuracy following the graphs' spectral gap and al
 connectivity rather than their density?
 
 Model: `depth` SparseLinear layers of equal width (the first one reading the pixels, each layer
-its own mask of the same family and degree), then a dense output layer. Data: `digits` with a fixed random pixel permutation (banded masks get no
-locality advantage), or `mnist5k`. Every cell (mask family × degree × mask seed × training seed)
-is one run; finished cells are skipped on re-run.
+its own mask of the same family and degree), then a dense output layer. Data: `digits` with a
+fixed random pixel permutation (banded masks get no locality advantage), or `mnist5k`. Every
+cell (mask family × degree × mask seed × training seed) is one run; finished cells are skipped
+on re-run.
 
 Each mask family draws from its own seed stream (`family_seed`), and a network whose masks are
 identical to an earlier one's (same fingerprint) is dropped before training and listed in the
@@ -71,7 +72,8 @@ def mask_specs(config: StudyConfig) -> list[dict]:
         for s in range(max(1, config.masks_per_family // 3)):
             specs.append({"family": "rewired", "degree": config.degree, "mask_seed": s, "p": p})
     for family in ("biregular", "erdos_renyi", "xnet", "expander"):
-        specs += [{"family": family, "degree": config.degree, "mask_seed": s, "p": 0.0} for s in range(config.masks_per_family)]
+        specs += [{"family": family, "degree": config.degree, "mask_seed": s, "p": 0.0}
+                  for s in range(config.masks_per_family)]
     specs += [{"family": "block_diagonal", "degree": config.degree, "mask_seed": b, "p": 0.0} for b in (2, 4)]
     for degree in config.other_degrees:
         specs.append({"family": "banded", "degree": degree, "mask_seed": 0, "p": 0.0})
@@ -171,8 +173,8 @@ def make_cells(config: StudyConfig, n_features: int) -> tuple[list[dict], list[d
     for spec in kept:
         name = mask_id(spec)
         for seed in range(config.seeds):
-            cells.append({**spec, "seed": seed, "mask_id": name, "id": f"{config.dataset}/{name}/{spec['mask_hash']}/s{seed}",
-                          "config": plain})
+            cells.append({**spec, "seed": seed, "mask_id": name,
+                          "id": f"{config.dataset}/{name}/{spec['mask_hash']}/s{seed}", "config": plain})
     return cells, duplicates
 
 
@@ -199,7 +201,8 @@ def analyse(records: list[dict], config: StudyConfig) -> dict:
     sparse = [m for m in masks if m["family"] != "dense"]
     fixed = [m for m in sparse if m["degree"] == config.degree]
     acc = np.array([m["accuracy"] for m in fixed])
-    summary: dict = {"n_runs": len(records), "n_masks_fixed_density": len(fixed), "fixed_density": fixed[0]["density"] if fixed else None}
+    summary: dict = {"n_runs": len(records), "n_masks_fixed_density": len(fixed),
+                     "fixed_density": fixed[0]["density"] if fixed else None}
     for measure in ("min_spectral_gap", "min_algebraic_connectivity"):
         values = np.array([m[measure] for m in fixed])
         rho, p = stats.spearmanr(values, acc)
@@ -226,11 +229,13 @@ def analyse(records: list[dict], config: StudyConfig) -> dict:
     log_density = np.log(np.array([m["density"] for m in sparse]))
     gaps = np.array([m["min_spectral_gap"] for m in sparse])
     alg = np.array([m["min_algebraic_connectivity"] for m in sparse])
-    summary["partial_spearman_gap_given_density"] = dict(zip(("rho", "p"), partial_spearman(gaps, all_acc, log_density)))
-    summary["partial_spearman_algebraic_given_density"] = dict(zip(("rho", "p"), partial_spearman(alg, all_acc, log_density)))
+    for name, values in (("gap", gaps), ("algebraic", alg)):
+        rho, p = partial_spearman(values, all_acc, log_density)
+        summary[f"partial_spearman_{name}_given_density"] = {"rho": rho, "p": p}
     summary["n_masks_all_densities"] = len(sparse)
     biregular = [m for m in sparse if m["family"] == "biregular"]
-    summary["biregular_meeting_ramanujan_bound"] = {"n": sum(m["min_ramanujan_margin"] >= 0 for m in biregular), "of": len(biregular)}
+    summary["biregular_meeting_ramanujan_bound"] = {"n": sum(m["min_ramanujan_margin"] >= 0 for m in biregular),
+                                                    "of": len(biregular)}
     design = np.column_stack([np.ones(len(sparse)), gaps, log_density])
     coef, *_ = np.linalg.lstsq(design, all_acc, rcond=None)
     fitted = design @ coef
@@ -262,13 +267,15 @@ def plot(masks: list[dict], out: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for i, family in enumerate(families):
         rows = [m for m in masks if m["family"] == family]
-        left.scatter([m["min_spectral_gap"] for m in rows], [m["accuracy"] for m in rows], label=family, color=colours(i), s=18)
-        right.scatter([m["density"] for m in rows], [m["accuracy"] for m in rows], label=family, color=colours(i), s=18)
+        accuracy = [m["accuracy"] for m in rows]
+        left.scatter([m["min_spectral_gap"] for m in rows], accuracy, label=family, color=colours(i), s=18)
+        right.scatter([m["density"] for m in rows], accuracy, label=family, color=colours(i), s=18)
     for m in masks:
         if m["family"] == "dense":
             for axes in (left, right):
                 axes.axhline(m["accuracy"], color="black", linestyle="--", linewidth=0.8, label="dense")
-    left.set(xlabel="smallest per-layer spectral gap σ₁ − σ₂", ylabel="test accuracy (mean over seeds)", title="accuracy against expansion")
+    left.set(xlabel="smallest per-layer spectral gap σ₁ − σ₂", ylabel="test accuracy (mean over seeds)",
+             title="accuracy against expansion")
     right.set(xlabel="density", xscale="log", ylabel="test accuracy", title="accuracy against density")
     left.legend(fontsize=7)
     figure.tight_layout()
@@ -282,7 +289,8 @@ def write_tensorboard(records: list[dict], log_dir: str) -> None:
     with SummaryWriter(log_dir) as writer:
         for record in records:
             hparams = {k: record[k] for k in ("family", "degree", "mask_seed", "p", "seed")}
-            metrics = {f"hparam/{k}": float(record[k]) for k in ("test_accuracy", "min_spectral_gap", "min_algebraic_connectivity", "density")}
+            metrics = {f"hparam/{k}": float(record[k])
+                       for k in ("test_accuracy", "min_spectral_gap", "min_algebraic_connectivity", "density")}
             writer.add_hparams(hparams, metrics, run_name=record["id"].replace("/", "_"))
 
 
