@@ -107,11 +107,12 @@ def record_run(config: RunConfig, folder: Path) -> dict:
 
     from topoopt.data import load_dataset
     from topoopt.learning_graphs import TrajectoryRecorder
+    from topoopt.loop import make_optimizer
     from topoopt.studies.learning_graphs import _initialised_model
 
     data = load_dataset(config.dataset, config.data_dir)
     model = _initialised_model(config, data.n_features)  # the study's own initialisation
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, "sgd", lr=config.lr)
     total_steps = math.ceil(len(data.y_train) / config.batch_size) * config.epochs
     every = max(1, total_steps // (config.snapshots - 1))
     recorder = TrajectoryRecorder(model, folder / "trajectory", every=every, chunk_size=64)
@@ -281,11 +282,12 @@ def plateau_escape(data, seed: int, max_steps: int, every: int = 300) -> list[di
     import torch
     import torch.nn.functional as F
 
+    from topoopt.loop import make_optimizer
     from topoopt.studies.learning_graphs import _initialised_model
 
     config = surface_config(seed)
     model = _initialised_model(config, data.n_features)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, "sgd", lr=config.lr)
     shuffle = torch.Generator().manual_seed(seed)
     curve, step = [], 0
     while step < max_steps:

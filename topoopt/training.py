@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from topoopt.data import DATASETS, default_model, load_dataset, stratified_subset
 from topoopt.layers import layer_topology
+from topoopt.loop import OPTIMIZERS, make_optimizer
 from topoopt.models import ACTIVATIONS, build_mlp, initialise, parse_model_spec
 from topoopt.monitor import TopologyMonitor
 from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES, TopoOptimizer
@@ -143,7 +144,7 @@ def _check_config(config: TrainConfig) -> None:
     _check_choice("activation", config.activation, sorted(ACTIVATIONS))
     _check_choice("init", config.init, ("default", "zero", "normal"))
     _require("init_std", config.init_std, _is_number(config.init_std) and config.init_std >= 0, "a finite number ≥ 0")
-    _check_choice("optimizer", config.optimizer, ("sgd", "adam", "adamw"))
+    _check_choice("optimizer", config.optimizer, OPTIMIZERS)
     _require("lr", config.lr, _is_number(config.lr) and config.lr > 0, "a finite number > 0")
     _require("momentum", config.momentum, _is_number(config.momentum) and 0 <= config.momentum < 1,
              "a finite number in [0, 1)")
@@ -182,20 +183,12 @@ def _device(choice: str) -> torch.device:
 
 def _make_optimizer(config: TrainConfig, model: torch.nn.Module,
                     trees: TreeCache | None = None) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        inner = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    elif config.optimizer == "adam":
-        inner = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    elif config.optimizer == "adamw":
-        inner = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        raise ValueError(f"Invalid optimizer {config.optimizer!r}. Valid values are: sgd, adam, adamw")
-    if config.topo_optimizer is None:
-        return inner
-    return TopoOptimizer(inner, model, metric=config.topo_metric, policy=config.topo_optimizer,
-                         strength=config.topo_strength, every=config.topo_every,
-                         bounds=tuple(config.topo_bounds), tree_every=config.tree_every, trees=trees)
+    topo = None
+    if config.topo_optimizer is not None:
+        topo = {"metric": config.topo_metric, "policy": config.topo_optimizer, "strength": config.topo_strength,
+                "every": config.topo_every, "bounds": tuple(config.topo_bounds), "tree_every": config.tree_every}
+    return make_optimizer(model, config.optimizer, lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay, topo=topo, trees=trees)
 
 
 def _load_data(config: TrainConfig):

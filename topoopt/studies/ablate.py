@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from topoopt.data import load_dataset, stratified_subset
+from topoopt.loop import make_optimizer
 from topoopt.models import build_mlp
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
@@ -88,6 +89,7 @@ class AblationConfig:
 
 
 LR = {"sgd": 0.05, "adam": 1e-3}
+MOMENTUM = {"sgd": 0.9, "adam": 0.0}
 
 
 def make_cells(config: AblationConfig) -> list[dict]:
@@ -106,14 +108,14 @@ def run_cell(cell: dict) -> dict:
     data = stratified_subset(load_dataset(name), size, seed=cell["seed"])
     torch.manual_seed(cell["seed"])
     model = build_mlp([data.n_features, *config.hidden, data.n_classes])
-    inner = (torch.optim.SGD(model.parameters(), lr=LR["sgd"], momentum=0.9) if cell["optimizer"] == "sgd"
-             else torch.optim.Adam(model.parameters(), lr=LR["adam"]))
     settings = VARIANTS[cell["variant"]]
-    optimizer = inner
+    topo = None
     if "optimizer" in settings:
         policy, strength, *metric = settings["optimizer"]
-        optimizer = TopoOptimizer(inner, model, policy=policy, strength=strength, every=config.topo_every,
-                                  tree_every=config.tree_every, metric=metric[0] if metric else "normalized_entropy")
+        topo = {"policy": policy, "strength": strength, "every": config.topo_every, "tree_every": config.tree_every,
+                "metric": metric[0] if metric else "normalized_entropy"}
+    optimizer = make_optimizer(model, cell["optimizer"], lr=LR[cell["optimizer"]], momentum=MOMENTUM[cell["optimizer"]],
+                               topo=topo)
     penalty = None
     if "penalty" in settings:
         metric, direction, weight = settings["penalty"]

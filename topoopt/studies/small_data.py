@@ -33,6 +33,7 @@ import torch
 
 from topoopt.data import load_dataset, stratified_subset
 from topoopt.layers import layer_topology
+from topoopt.loop import make_optimizer
 from topoopt.models import build_mlp
 from topoopt.studies.options import add_sweep_options, apply_overrides
 from topoopt.studies.statistics import holm, partial_spearman
@@ -89,7 +90,7 @@ def run_cell(cell: dict) -> dict:
     data = stratified_subset(full, cell["size"] if cell["size"] < len(full.y_train) else None, seed=cell["seed"])
     torch.manual_seed(cell["seed"])
     model = build_mlp([data.n_features, *config.hidden, data.n_classes])
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, "adam", lr=config.lr)
     steps = config.steps if cell["budget"] == "steps" else config.epochs * math.ceil(cell["size"] / config.batch_size)
     writer = SummaryWriter(f"{config.tensorboard}/{cell['id'].replace('/', '_')}")
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from topoopt.data import load_dataset
+from topoopt.loop import make_optimizer
 from topoopt.sparse import SparseLinear, block_diagonal, family_seed, graph_measures, make_mask, mask_fingerprint
 from topoopt.studies.options import add_sweep_options, apply_overrides
 from topoopt.studies.statistics import partial_spearman
@@ -141,7 +142,7 @@ def run_cell(cell: dict) -> dict:
     if mask_fingerprint(masks) != cell["mask_hash"]:
         raise RuntimeError(f"{cell['id']}: masks differ from those the cell was planned with")
     model = build_model(data.n_features, data.n_classes, config.width, masks, cell["seed"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, "adam", lr=config.lr)
     history = fit(model, data, config.epochs, config.batch_size, optimizer, seed=cell["seed"])
     reached = [row["epoch"] for row in history if row["train_accuracy"] >= 0.9]
     return {
