@@ -17,6 +17,7 @@ per-layer settings (`topoopt.learning_graphs.PAPER_SETTINGS`).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from topoopt.data import load_dataset
+from topoopt.groups import BranchingDetector, BranchingEvent, group_count
 from topoopt.learning_graphs import (
     PAPER_SETTINGS,
     TrajectoryRecorder,
@@ -42,9 +44,13 @@ from topoopt.learning_graphs import (
 from topoopt.learning_graphs.mapper import pca_reduce
 from topoopt.models import build_mlp
 from topoopt.progress import Ticker
+from topoopt.studies.graph_steering import STEERINGS
 
 RESULTS_DIR = Path("experiments") / "results" / "learning_graphs"
 TRAINING_CHECKPOINT = "training_checkpoint.pt"
+ONLINE_EVENTS = "online_events.json"
+# Gap ratios of the live group count (`topoopt.groups`); the last is the monitor's default.
+LIVE_RATIOS = (1.5, 2.0, 3.0, 4.0)
 PAPER_LR = 0.05
 # The quick surface run: the plateau before the branching phase lasts ~36,000 steps at the
 # paper's lr, and its length scales as 1/lr (~9,500 steps at lr 0.2, ~5,000 at 0.5; seed 42).
@@ -65,6 +71,8 @@ class RunConfig:
     lr: float = PAPER_LR
     batch_size: int = 100
     tensorboard: str = "tensorboard_logs/learning_graphs"
+    steer: str = "none"            # a `topoopt.studies.graph_steering.STEERINGS` name
+    groups_every: int = 30         # the live TopologyMonitor's cadence (groups, branching events)
 
     @property
     def widths(self) -> list[int]:
@@ -72,7 +80,12 @@ class RunConfig:
 
     def name(self) -> str:
         rate = "" if self.lr == PAPER_LR else f"_lr{self.lr:g}"
-        return f"{self.setting}_{self.dataset}_eps{self.epsilon:g}_s{self.seed}_e{self.epochs}{rate}"
+        steer = "" if self.steer == "none" else f"_{self.steer}"
+        return f"{self.setting}_{self.dataset}_eps{self.epsilon:g}_s{self.seed}_e{self.epochs}{rate}{steer}"
+
+    def baseline(self) -> "RunConfig":
+        """The same run without steering."""
+        return RunConfig(**{**asdict(self), "steer": "none"})
 
 
 def _layer_roles(names: list[str]) -> dict[str, str]:
@@ -121,12 +134,44 @@ def train_and_record(config: RunConfig, folder: Path, progress: bool = True) -> 
     every 30 s at an epoch's end and on Ctrl-C, and a rerun continues from there.
     """
     from topoopt.learning_graphs.trajectory import load_snapshots
+    from topoopt.monitor import TopologyMonitor
     from topoopt.progress import Heartbeat
+    from topoopt.studies.graph_steering import SCALES_FILE, build_steering, mean_scales
     from topoopt.training import _StopOnInterrupt
+    from topoopt.tree_cache import measure_layer
 
     data = load_dataset(config.dataset, config.data_dir)
     model = _initialised_model(config, data.n_features)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    matched = RunConfig(**{**asdict(config), "steer": "topo-collapse"})
+    steering = build_steering(config.steer, model, config.lr,
+                              matched_scales=lambda: mean_scales(folder.parent / matched.name()))
+    optimizer = steering.optimizer
+    # Live topology (#14): the groups of neurons and the online branching events that a user would
+    # see in TensorBoard, logged beside the recorded trajectory so that they can be checked
+    # against the offline learning graph's events.
+    monitor = TopologyMonitor(model, log_dir=Path(config.tensorboard) / config.name(), every=config.groups_every,
+                              metrics=("mean_lifetime",), groups_ratio=LIVE_RATIOS[-1])
+    # The same online detector at the smaller ratios, on the same (cached) deaths: the validation
+    # compares every ratio with the offline events.
+    other_ratios = {r: {n: BranchingDetector(monitor.detectors[n].patience) for n in monitor.layers}
+                    for r in LIVE_RATIOS[:-1]}
+    other_events: list[dict] = []
+
+    @torch.no_grad()
+    def live_groups(step: int) -> None:
+        if step % config.groups_every:
+            return
+        for name, module in monitor.layers.items():
+            deaths = measure_layer(monitor.trees, name, module)
+            if deaths is None:
+                continue
+            for ratio, detectors in other_ratios.items():
+                count = group_count(deaths, ratio)
+                monitor.writer.add_scalar(f"topology/{name}/groups_ratio{ratio:g}", count, step)
+                rise = detectors[name].update(count, step)
+                if rise is not None:
+                    other_events.append({"layer": name, "step": step, "first_seen": rise[0],
+                                         "groups_before": rise[1], "groups": rise[2], "ratio": ratio})
     batches = math.ceil(len(data.y_train) / config.batch_size)
     total_steps = batches * config.epochs
     every = max(1, total_steps // (config.snapshots - 1))
@@ -141,7 +186,14 @@ def train_and_record(config: RunConfig, folder: Path, progress: bool = True) -> 
     recorder = TrajectoryRecorder(model, folder / "trajectory", every=every, chunk_size=64)
     if saved is not None:
         model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        steering.load_state_dict(saved["steering"])
+        for name, state in saved["detectors"].items():
+            monitor.detectors[name].load_state_dict(state)
+        for ratio, states in saved["other_detectors"].items():
+            for name, state in states.items():
+                other_ratios[float(ratio)][name].load_state_dict(state)
+        other_events.extend(saved["other_events"])
+        monitor.events = [BranchingEvent(**{**e, "sizes": tuple(e["sizes"])}) for e in saved["events"]]
         shuffle.set_state(saved["shuffle"])
         step, first_epoch = saved["step"], saved["epoch"] + 1
         print(f"{config.name()}: resuming at step {step:,} of {total_steps:,}", flush=True)
@@ -153,24 +205,37 @@ def train_and_record(config: RunConfig, folder: Path, progress: bool = True) -> 
             predictions = model(data.x_test).argmax(1)
         accuracy = float((predictions == data.y_test).float().mean())
         counts = torch.bincount(predictions[nines], minlength=10).tolist()
-        recorder.record(step, epoch, accuracy, force=(step == 0), extra={"nines_as": counts})
+        groups = {name: int(values["groups"]) for name, values in monitor.last.items() if "groups" in values}
+        recorder.record(step, epoch, accuracy, force=(step == 0),
+                        extra={"nines_as": counts, "groups": groups, **steering.snapshot()})
 
     def checkpoint(epoch: int) -> None:
         recorder.flush()  # every snapshot up to the checkpoint is on record before it is saved
-        _save_training_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "shuffle": shuffle.get_state(), "step": step, "epoch": epoch}, checkpoint_path)
+        _save_training_checkpoint({"model": model.state_dict(), "steering": steering.state_dict(),
+                                   "shuffle": shuffle.get_state(), "step": step, "epoch": epoch,
+                                   "detectors": {n: d.state_dict() for n, d in monitor.detectors.items()},
+                                   "events": [asdict(e) for e in monitor.events],
+                                   "other_detectors": {str(r): {n: d.state_dict() for n, d in ds.items()}
+                                                       for r, ds in other_ratios.items()},
+                                   "other_events": other_events}, checkpoint_path)
+        monitor.flush()
 
     heartbeat = Heartbeat(enabled=progress)
     saved_at = time.monotonic()
     if step == 0:
+        monitor.step(0)
+        live_groups(0)
         snapshot(0, 0)
     with _StopOnInterrupt() as stop:
         for epoch in range(first_epoch, config.epochs + 1):
             for batch in torch.randperm(len(data.y_train), generator=shuffle).split(config.batch_size):
                 optimizer.zero_grad()
-                F.cross_entropy(model(data.x_train[batch]), data.y_train[batch]).backward()
+                steering.loss(F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])).backward()
                 optimizer.step()
                 step += 1
+                steering.after_step(step)
+                monitor.step(step)
+                live_groups(step)
                 snapshot(step, epoch)
             heartbeat.beat(lambda: f"{config.name()}: step {step:,} of {total_steps:,}")
             if stop.requested or time.monotonic() - saved_at >= 30:
@@ -181,12 +246,17 @@ def train_and_record(config: RunConfig, folder: Path, progress: bool = True) -> 
                       "run the same command again to continue")
                 raise KeyboardInterrupt
     recorder.close()
+    monitor.close()
+    online = [{**asdict(e), "ratio": monitor.groups_ratio} for e in monitor.events] + other_events
+    (folder / ONLINE_EVENTS).write_text(json.dumps(online, indent=1))
+    if steering.topo is not None:
+        (folder / SCALES_FILE).write_text(json.dumps(steering.summary()))
     nine_predictions = [{"step": s["step"], "accuracy": s["accuracy"], "nines_as": s["nines_as"]}
                         for s in load_snapshots(folder / "trajectory")]
     (folder / "nines.json").write_text(json.dumps(nine_predictions))
     hidden = model.fc1.weight.detach()
     return {"steps": step, "snapshot_every": every, "final_accuracy": nine_predictions[-1]["accuracy"],
-            "hidden_groups_at_end": exact_zero_groups(hidden)}
+            "hidden_groups_at_end": exact_zero_groups(hidden), **steering.summary()}
 
 
 def exact_zero_groups(weight: torch.Tensor) -> list[list[int]]:
@@ -387,9 +457,15 @@ def run(config: RunConfig, out: Path, reanalyse: bool = False) -> dict:
     summary = {"config": asdict(config), "training": training,
                "layers": {k: {kk: vv for kk, vv in v.items() if kk != "events"} for k, v in report["layers"].items()},
                "events": {k: v["events"] for k, v in report["layers"].items()},
+               "online_events": _online_events(folder),
                "nines": report["nines_stop_being_sevens"]}
     summary_path.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _online_events(folder: Path) -> list[dict] | None:
+    path = folder / ONLINE_EVENTS
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -412,6 +488,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--reanalyse", action="store_true", help="rebuild the graphs from the recorded trajectories")
     parser.add_argument("--tensorboard", default="tensorboard_logs/learning_graphs")
+    parser.add_argument("--steer", nargs="+", default=["none"], choices=list(STEERINGS), metavar="STEERING",
+                        help="train each run with these steerings too (see topoopt.studies.graph_steering): "
+                             + "; ".join(f"{k}: {v}" for k, v in STEERINGS.items()))
+    parser.add_argument("--compare", action="store_true",
+                        help="after the runs, draw each steered run's learning graphs beside its baseline's "
+                             "(one PNG per setting, also logged to TensorBoard) and tabulate them")
     args = parser.parse_args(argv)
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"argument --lr: must be a finite number > 0, got {args.lr}")
@@ -436,29 +518,41 @@ def main(argv: list[str] | None = None) -> dict:
         epsilons = [0.0, 1e-3]
     out = Path(args.out) / ("quick" if args.quick else "full")
     results = []
-    for epsilon in epsilons:
-        for seed in seeds:
-            config = RunConfig(setting=args.setting, dataset=args.dataset, data_dir=args.data_dir, epsilon=epsilon,
-                               seed=seed, epochs=epochs, lr=lr, snapshots=101 if args.quick else 201,
-                               tensorboard=args.tensorboard)
-            summary = run(config, out, reanalyse=args.reanalyse)
-            results.append(summary)
-            hidden = summary["layers"]["fc1"]
-            output = summary["layers"][sorted(summary["layers"])[-1]]
-            line = (f"{config.name()}: accuracy {summary['training']['final_accuracy']:.3f}; hidden graph "
-                    f"{hidden['nodes']} nodes, {hidden['branches']} branches, {hidden['cycles']} cycles; output graph "
-                    f"{output['branches']} branches ({', '.join(output['digit_leaves'])}); "
-                    f"identical hidden groups at end: {len(summary['training']['hidden_groups_at_end'])}")
-            if "pca3_graph" in hidden:
-                line += f"; hidden PCA-3 graph cycles {hidden['pca3_graph']['cycles']}"
-            if "local_pca_dimension_surface_phase" in hidden:
-                variance = hidden["pca_cumulative_variance_surface_phase"]
-                line += (f"; surface phase: 2 PCs explain {variance[1]:.4f} of the variance; local dimension "
-                         f"(50 neighbours) {hidden['local_pca_dimension_surface_phase']:.0f}, "
-                         f"TwoNN {hidden['two_nn_dimension_surface_phase']:.1f}")
-            print(line)
-    (out / f"{args.setting}_summary.json").write_text(json.dumps(results, indent=2))
+    # the baseline first, and a matched control after the run it is matched to
+    steerings = sorted(set(args.steer) | {"none"}, key=lambda name: (name != "none", name == "collapse-matched", name))
+    for epsilon, seed, steer in itertools.product(epsilons, seeds, steerings):
+        config = RunConfig(setting=args.setting, dataset=args.dataset, data_dir=args.data_dir, epsilon=epsilon,
+                           seed=seed, epochs=epochs, lr=lr, snapshots=101 if args.quick else 201,
+                           tensorboard=args.tensorboard, steer=steer)
+        summary = run(config, out, reanalyse=args.reanalyse)
+        results.append(summary)
+        hidden = summary["layers"]["fc1"]
+        output = summary["layers"][sorted(summary["layers"])[-1]]
+        line = (f"{config.name()}: accuracy {summary['training']['final_accuracy']:.3f}; hidden graph "
+                f"{hidden['nodes']} nodes, {hidden['branches']} branches, {hidden['cycles']} cycles; output graph "
+                f"{output['branches']} branches ({', '.join(output['digit_leaves'])}); "
+                f"identical hidden groups at end: {len(summary['training']['hidden_groups_at_end'])}")
+        if "pca3_graph" in hidden:
+            line += f"; hidden PCA-3 graph cycles {hidden['pca3_graph']['cycles']}"
+        if "local_pca_dimension_surface_phase" in hidden:
+            variance = hidden["pca_cumulative_variance_surface_phase"]
+            line += (f"; surface phase: 2 PCs explain {variance[1]:.4f} of the variance; local dimension "
+                     f"(50 neighbours) {hidden['local_pca_dimension_surface_phase']:.0f}, "
+                     f"TwoNN {hidden['two_nn_dimension_surface_phase']:.1f}")
+        print(line)
+    _merge_summaries(out / f"{args.setting}_summary.json", results)
+    if args.compare:
+        from topoopt.studies.graph_comparison import compare
+
+        compare(out, args.setting, epsilons, seeds, [s for s in steerings if s != "none"], args.tensorboard)
     return {"runs": results}
+
+
+def _merge_summaries(path: Path, results: list[dict]) -> None:
+    """Write the runs' summaries into `path`, replacing earlier summaries of the same runs."""
+    merged = {RunConfig(**r["config"]).name(): r for r in (json.loads(path.read_text()) if path.exists() else [])}
+    merged.update({RunConfig(**r["config"]).name(): r for r in results})
+    path.write_text(json.dumps(list(merged.values()), indent=2))
 
 
 if __name__ == "__main__":
