@@ -242,6 +242,7 @@ STUDIES = {
     "ablate": "topoopt.studies.ablate",
     "learning-graphs": "topoopt.studies.learning_graphs",
     "steer": "topoopt.studies.steer",
+    "stopping": "topoopt.studies.stopping",
 }
 
 

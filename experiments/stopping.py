@@ -1,0 +1,8 @@
+"""See topoopt.studies.stopping (also: topoopt stopping --help)."""
+
+import sys
+
+from topoopt.studies.stopping import main
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
