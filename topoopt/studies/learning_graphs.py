@@ -310,6 +310,7 @@ def _analyse_layer(folder: Path, config: RunConfig, layer: str, role: str) -> di
     stats["digit_leaves"] = sorted(labels.values())
     stats["seconds"] = graph.seconds
     stats["events"] = events[:50]
+    stats["event_steps"] = [round(e["step"], 1) for e in events]  # all of them (events: the first 50, whole)
     graph.save_png(folder / f"{layer}_graph.png", title=f"{config.name()} {layer} ({settings.lens})", labels=labels)
     graph.save_json(folder / f"{layer}_graph.json")
     graph.save_html(folder / f"{layer}_graph.html", title=f"{config.name()} {layer}")

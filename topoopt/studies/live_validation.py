@@ -1,0 +1,134 @@
+"""Validation of live topology (issue #14): do the branching events that `TopologyMonitor` detects
+while training runs agree with the learning graph's events found after training, and do they
+come before or after the jumps in test accuracy?
+
+It reads the tree runs of `topoopt learning-graphs` (each run folder's ``summary.json``: the
+offline Mapper events, and the online events that the live monitor logged every
+``groups_every`` steps at each gap ratio of `learning_graphs.LIVE_RATIOS`; ``nines.json``: test
+accuracy at every snapshot).
+
+Matching. Per run, layer and ratio, online events (at the step they were confirmed, which is
+when a user sees them) and offline events (the mean step of the node that splits) are paired
+one to one, closest pairs first, when they lie within ``window`` steps: matched pairs; offline
+events left over are *missed*, online events left over are *false*.
+
+Accuracy jumps are rises of more than ``jump`` in test accuracy between consecutive snapshots;
+for each, the lag of the nearest online event of any layer (event step − jump step: negative
+means the event came first).
+
+    python -m topoopt.studies.live_validation experiments/results/learning_graphs/full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["match_events", "accuracy_jumps", "validate"]
+
+
+def match_events(online: list[float], offline: list[float], window: float) -> tuple[int, int, int]:
+    """(matched, missed, false): closest pairs first, one to one, within ±`window` steps."""
+    pairs = sorted((abs(a - b), i, j) for i, a in enumerate(online) for j, b in enumerate(offline)
+                   if abs(a - b) <= window)
+    used_online, used_offline = set(), set()
+    for _, i, j in pairs:
+        if i not in used_online and j not in used_offline:
+            used_online.add(i)
+            used_offline.add(j)
+    matched = len(used_online)
+    return matched, len(offline) - matched, len(online) - matched
+
+
+def accuracy_jumps(curve: list[tuple[int, float]], jump: float) -> list[int]:
+    """Steps at which test accuracy rose by more than `jump` since the previous evaluation."""
+    return [int(b[0]) for a, b in zip(curve, curve[1:]) if b[1] - a[1] > jump]
+
+
+def validate(folder: Path, window: float = 300, jump: float = 0.05) -> dict:
+    """Per ratio: matched/missed/false per layer and ε, and the event–jump lags (module docstring)."""
+    runs = []
+    for summary_path in sorted(folder.glob("tree_*/summary.json")):
+        summary = json.loads(summary_path.read_text())
+        if summary["config"].get("steer", "none") != "none" or summary.get("online_events") is None:
+            continue
+        if summary["config"]["epsilon"] == 0:
+            continue
+        curve = [(n["step"], n["accuracy"]) for n in json.loads((summary_path.parent / "nines.json").read_text())]
+        runs.append((summary, curve))
+    ratios = sorted({e["ratio"] for summary, _ in runs for e in summary["online_events"]} | {4.0})
+    report: dict = {"window": window, "jump": jump, "runs": [s["config"] for s, _ in runs], "ratios": {}}
+    for ratio in ratios:
+        rows, lags, jumps_seen = [], [], 0
+        for summary, curve in runs:
+            online_all = [e for e in summary["online_events"] if e.get("ratio", 4.0) == ratio]
+            for layer, offline_events in summary["events"].items():
+                online = [e["step"] for e in online_all if e["layer"] == layer]
+                offline = summary["layers"][layer].get("event_steps") or [e["step"] for e in offline_events]
+                matched, missed, false = match_events(online, offline, window)
+                rows.append({"epsilon": summary["config"]["epsilon"], "seed": summary["config"]["seed"],
+                             "layer": layer, "online": len(online), "offline": len(offline),
+                             "matched": matched, "missed": missed, "false": false})
+            steps = np.array([e["step"] for e in online_all], dtype=float)
+            for jump_step in accuracy_jumps(curve, jump):
+                jumps_seen += 1
+                if steps.size:
+                    lags.append(float(steps[np.argmin(np.abs(steps - jump_step))] - jump_step))
+        lags_array = np.array(lags)
+        report["ratios"][str(ratio)] = {
+            "rows": rows,
+            "by_layer": _totals(rows, "layer"),
+            "by_epsilon": _totals(rows, "epsilon"),
+            "jumps": jumps_seen,
+            "jumps_with_event_within_window": int((np.abs(lags_array) <= window).sum()) if lags else 0,
+            "median_lag": float(np.median(lags_array)) if lags else None,
+            "events_before_jump": int((lags_array < 0).sum()) if lags else 0,
+            "events_after_jump": int((lags_array > 0).sum()) if lags else 0,
+        }
+    return report
+
+
+def _totals(rows: list[dict], key: str) -> dict:
+    out: dict = {}
+    for row in rows:
+        total = out.setdefault(str(row[key]), {"online": 0, "offline": 0, "matched": 0, "missed": 0, "false": 0})
+        for field in total:
+            total[field] += row[field]
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Matching window ±{report['window']:g} steps; accuracy jump: a rise of more than "
+             f"{100 * report['jump']:g} points between evaluations; {len(report['runs'])} runs.", "",
+             "| gap ratio | layer | offline events | online events | matched | missed | false | "
+             "jumps with an online event within the window | median lag (event − jump) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for ratio, block in report["ratios"].items():
+        for layer, t in block["by_layer"].items():
+            lag = "–" if block["median_lag"] is None else f"{block['median_lag']:+.0f}"
+            lines.append(f"| {ratio} | {layer} | {t['offline']} | {t['online']} | {t['matched']} | {t['missed']} | "
+                         f"{t['false']} | {block['jumps_with_event_within_window']}/{block['jumps']} | {lag} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", help="a learning-graphs output folder (e.g. experiments/results/learning_graphs/full)")
+    parser.add_argument("--window", type=float, default=300)
+    parser.add_argument("--jump", type=float, default=0.05)
+    parser.add_argument("--out", default=None, help="where to write live_validation.json/.md (default: the folder)")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    report = validate(folder, args.window, args.jump)
+    out = Path(args.out) if args.out else folder
+    (out / "live_validation.json").write_text(json.dumps(report, indent=1))
+    (out / "live_validation.md").write_text(markdown(report))
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
