@@ -116,7 +116,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="a learning-graphs output folder (e.g. experiments/results/learning_graphs/full)")
+    parser.add_argument("folder", help="a learning-graphs output folder, e.g. experiments/results/learning_graphs/full")
     parser.add_argument("--window", type=float, default=300)
     parser.add_argument("--jump", type=float, default=0.05)
     parser.add_argument("--out", default=None, help="where to write live_validation.json/.md (default: the folder)")
