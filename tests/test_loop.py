@@ -41,3 +41,142 @@ def test_make_optimizer_rejects_unknown_names_and_momentum_outside_sgd():
         make_optimizer(model, "rmsprop", lr=0.1)
     with pytest.raises(ValueError, match="momentum is an SGD option"):
         make_optimizer(model, "adam", lr=0.1, momentum=0.9)
+
+
+# ---- the loop ----
+def _data(n_train=50, n_test=20, seed=0):
+    from topoopt.data import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, 6, generator=generator)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # three classes
+    return Dataset("toy", x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return build_mlp("mlp:6-5-3")
+
+
+def _reference_training(model, data, batch_size, seed, steps):
+    """The loop written out by hand: shuffled minibatches, cross-entropy, one SGD step each."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    losses, taken = [], 0
+    while taken < steps:
+        for batch in torch.randperm(len(data.x_train), generator=generator).split(batch_size):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+            loss.backward()
+            optimizer.step()
+            losses.append((loss.item(), len(batch)))
+            taken += 1
+            if taken == steps:
+                break
+    return losses
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_fit_matches_a_hand_written_loop_and_reports_each_epoch():
+    from topoopt.loop import accuracy, fit
+
+    data, model, reference = _data(), _model(), _model()
+    history = fit(model, data, epochs=2, batch_size=16, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), seed=4)
+    losses = _reference_training(reference, data, batch_size=16, seed=4, steps=8)  # 4 batches an epoch
+    assert _same_weights(model, reference)
+    assert [row["epoch"] for row in history] == [1, 2] and [row["step"] for row in history] == [4, 8]
+    second_epoch = losses[4:]
+    assert history[1]["loss"] == pytest.approx(sum(v * n for v, n in second_epoch) / 50, rel=1e-12)
+    assert history[1]["test_accuracy"] == accuracy(reference, data.x_test, data.y_test)
+
+
+def test_fit_steps_evaluates_at_evenly_spaced_steps_with_the_mean_loss_since_the_last():
+    from topoopt.loop import fit_steps
+
+    data, model, reference = _data(), _model(), _model()
+    seen = []
+    history = fit_steps(model, data, steps=10, batch_size=16, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        evaluations=4, seed=2, on_eval=lambda row, net: seen.append(row["step"]))
+    losses = _reference_training(reference, data, batch_size=16, seed=2, steps=10)
+    assert _same_weights(model, reference)
+    assert [row["step"] for row in history] == seen == [2, 5, 8, 10]  # round(10 · k / 4)
+    assert [row["epoch"] for row in history] == [0.5, 1.25, 2.0, 2.5]  # 4 batches an epoch
+    assert history[1]["train_loss"] == pytest.approx(sum(v for v, _ in losses[2:5]) / 3, rel=1e-12)
+    with pytest.raises(ValueError, match="Invalid steps/evaluations: 0/1"):
+        fit_steps(model, data, steps=0, batch_size=16, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                  evaluations=1)
+
+
+def test_a_stopped_loop_resumes_bit_identically_from_its_checkpointed_state():
+    """Stop inside the second epoch, save the state as a checkpoint would (plain data), rebuild
+    everything and continue: the weights equal those of a run that never stopped."""
+    from topoopt.loop import Callback, LoopState, run_loop
+
+    data = _data()
+
+    class StopAt(Callback):
+        def after_step(self, state):
+            state.stop = state.step == 6
+
+    def build():
+        model = _model()
+        return model, make_optimizer(model, "sgd", lr=0.1, momentum=0.9), torch.Generator().manual_seed(1)
+
+    model, optimizer, generator = build()
+    run_loop(model, optimizer, data.x_train, data.y_train, batch_size=16, generator=generator, epochs=3)
+
+    first, first_optimizer, first_generator = build()
+    stopped = run_loop(first, first_optimizer, data.x_train, data.y_train, batch_size=16,
+                       generator=first_generator, epochs=3, callbacks=[StopAt()])
+    assert stopped.stop and (stopped.epoch, stopped.step, stopped.next_batch) == (1, 6, 2)
+    saved = {"model": first.state_dict(), "optimizer": first_optimizer.state_dict(),
+             "generator": first_generator.get_state(), "epoch": stopped.epoch, "step": stopped.step,
+             "partial": stopped.partial_epoch()}
+
+    resumed, resumed_optimizer, resumed_generator = build()
+    resumed.load_state_dict(saved["model"])
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+    resumed_generator.set_state(saved["generator"])
+    state = LoopState(resumed, resumed_optimizer).resume(saved["epoch"], saved["step"], saved["partial"])
+    final = run_loop(resumed, resumed_optimizer, data.x_train, data.y_train, batch_size=16,
+                     generator=resumed_generator, epochs=3, state=state)
+    assert not final.stop and (final.epoch, final.step) == (3, 12)
+    assert _same_weights(model, resumed)
+
+
+def test_callbacks_are_called_in_the_documented_order():
+    from topoopt.loop import Callback, run_loop
+
+    calls = []
+
+    class Record(Callback):
+        def on_train_begin(self, state):
+            calls.append("begin")
+
+        def on_epoch_begin(self, state):
+            calls.append(f"epoch {state.epoch}")
+
+        def before_step(self, state):
+            assert all(p.grad is not None for p in state.model.parameters())
+            calls.append(f"before {state.step}")
+
+        def after_step(self, state):
+            calls.append(f"after {state.step}")
+
+        def on_epoch_end(self, state):
+            calls.append(f"end {state.epoch}")
+
+        def on_train_end(self, state):
+            calls.append("done")
+
+    data, model = _data(n_train=20), _model()
+    run_loop(model, torch.optim.SGD(model.parameters(), lr=0.1), data.x_train, data.y_train, batch_size=16,
+             generator=torch.Generator().manual_seed(0), epochs=2, steps=3, callbacks=[Record()])
+    assert calls == ["begin", "epoch 0", "before 1", "after 1", "before 2", "after 2", "end 0",
+                     "epoch 1", "before 3", "after 3", "done"]  # the step budget ends epoch 1 inside it
+    with pytest.raises(ValueError, match="budget"):
+        run_loop(model, torch.optim.SGD(model.parameters(), lr=0.1), data.x_train, data.y_train, batch_size=16,
+                 generator=torch.Generator().manual_seed(0))

@@ -9,6 +9,9 @@ resume their zip checksums are verified, and a damaged latest checkpoint falls b
 before it. Ctrl-C finishes the step in progress, saves a checkpoint (mid-epoch, with the epoch's
 batch order) and stops; ``resume=True`` continues bit-identically, with the saved configuration:
 only the options in `CHANGEABLE_ON_RESUME` may differ.
+
+The epochs run on `topoopt.loop.run_loop`; what a run adds to it (the divergence check, the
+monitor, progress, the epoch's metrics row and checkpoint, Ctrl-C) is a list of its callbacks.
 """
 
 from __future__ import annotations
@@ -18,25 +21,33 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from topoopt.data import DATASETS, default_model, load_dataset, stratified_subset
+from topoopt.data import DATASETS, Dataset, default_model, load_dataset, stratified_subset
 from topoopt.layers import layer_topology
-from topoopt.loop import OPTIMIZERS, make_optimizer
+from topoopt.loop import (
+    OPTIMIZERS,
+    Callback,
+    LoopState,
+    Progress,
+    StopOnInterrupt,
+    accuracy,
+    fit,  # re-exported: the studies' loops, formerly here
+    fit_steps,
+    make_optimizer,
+    run_loop,
+)
 from topoopt.models import ACTIVATIONS, build_mlp, initialise, parse_model_spec
 from topoopt.monitor import TopologyMonitor
 from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES, TopoOptimizer
 from topoopt.penalty import PENALTY_METRICS, TopoPenalty
-from topoopt.progress import Heartbeat, Ticker
+from topoopt.progress import Ticker
 from topoopt.tree_cache import TreeCache
 
 __all__ = ["CHANGEABLE_ON_RESUME", "TrainConfig", "saved_config", "train", "fit", "fit_steps"]
@@ -346,41 +357,56 @@ def _write_metrics(rows: list[dict], run_dir: Path) -> None:
     os.replace(temporary, run_dir / "metrics.csv")
 
 
-@torch.no_grad()
-def _accuracy(model, x, y, batch: int = 2048) -> float:
-    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
-    return correct / len(x)
-
-
 class TrainingDiverged(ValueError):
     """The loss or the weights became NaN or infinite; the message names the step."""
 
 
-def _guarded(action, model: torch.nn.Module, step: int, run_dir: Path):
-    """``action()``; an error it raises because the weights diverged (not finite, or so large that
-    their squares, and so the distances between neurons, overflow in float32) becomes a
-    `TrainingDiverged` that says so: measuring such weights fails in several ways."""
-    try:
-        return action()
-    except (ValueError, FloatingPointError) as error:
-        if all(bool(torch.isfinite(p.detach().float().square().sum())) for p in model.parameters()):
-            raise
-        raise TrainingDiverged(f"training diverged at step {step}: the weights overflow "
-                               f"({type(error).__name__}); try a smaller --lr. The last good checkpoint "
-                               f"is in {run_dir}") from None
+def _diverged(error: Exception, model: torch.nn.Module, step: int, run_dir: Path) -> TrainingDiverged | None:
+    """A `TrainingDiverged` that says so when `error` was raised because the weights diverged (not
+    finite, or so large that their squares, and so the distances between neurons, overflow in
+    float32): measuring such weights fails in several ways. None when the weights are sound."""
+    if all(bool(torch.isfinite(p.detach().float().square().sum())) for p in model.parameters()):
+        return None
+    return TrainingDiverged(f"training diverged at step {step}: the weights overflow "
+                            f"({type(error).__name__}); try a smaller --lr. The last good checkpoint "
+                            f"is in {run_dir}")
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train one run and return its summary (also written to ``summary.json``).
+@dataclass
+class _Run:
+    """One run, checked, loaded and built (and restored from its checkpoint when resumed)."""
 
-    With `resume`, a run folder that holds a run continues it from its last intact checkpoint,
-    with its saved configuration (see `CHANGEABLE_ON_RESUME`); an empty or missing folder starts
-    a new run. ``summary["seconds"]`` is the training time summed over all resumed segments.
-    """
-    from tqdm import tqdm
+    config: TrainConfig
+    run_dir: Path
+    data: Dataset            # on the run's device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    penalty: TopoPenalty | None
+    trees: TreeCache
+    generator: torch.Generator
+    state: LoopState
+    rows: list[dict]         # metrics.csv: one row per finished epoch
+    seconds_before: float    # training time of the segments before this one
+    seconds: float = 0.0     # training time over all segments, as of the last checkpoint
 
-    # Everything is checked, loaded and built before the run folder is created or written, so a
-    # bad option, a missing dataset or a damaged checkpoint leaves nothing behind.
+    def finished(self) -> bool:
+        return self.state.epoch >= self.config.epochs and self.state.order is None and bool(self.rows)
+
+    def checkpoint(self, seconds: float, at_epoch_end: bool = False) -> None:
+        """Save the whole run: states, the loop's position (inside an epoch, or at the end of the
+        epoch in progress) and the rows."""
+        epoch, partial = (self.state.epoch + 1, None) if at_epoch_end else (self.state.epoch,
+                                                                             self.state.partial_epoch())
+        self.seconds = seconds
+        _save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                          "penalty": self.penalty.state_dict() if self.penalty is not None else {},
+                          "generator": self.generator.get_state(), "epoch": epoch, "global_step": self.state.step,
+                          "rows": self.rows, "partial": partial, "seconds": seconds}, self.run_dir)
+
+
+def _prepare(config: TrainConfig, resume: bool, progress: bool) -> _Run:
+    """Everything is checked, loaded and built before the run folder is created or written, so a
+    bad option, a missing dataset or a damaged checkpoint leaves nothing behind."""
     config = config.resolved()
     device = _device(config.device)
     with Ticker(lambda: f"{config.name()}: loading {config.dataset}", enabled=progress):
@@ -394,8 +420,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
             _refuse_changes(previous.resolved(), config, run_dir)
         saved = _load_checkpoint(run_dir) if run_dir.is_dir() else None
     torch.manual_seed(config.seed)
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    data = Dataset(data.name, data.x_train.to(device), data.y_train.to(device), data.x_test.to(device),
+                   data.y_test.to(device))
     model = build_mlp(config.model, activation=config.activation, bias=config.bias)
     initialise(model, config.init, std=config.init_std)
     model.to(device)
@@ -405,110 +431,136 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                            direction=config.penalty_direction, every=config.penalty_every,
                            tree_every=config.tree_every, trees=trees)
                if config.penalty else None)
-    generator = torch.Generator().manual_seed(config.seed)
-    start_epoch, global_step, rows, partial, seconds_before = 0, 0, [], None, 0.0
+    run = _Run(config, run_dir, data, model, optimizer, penalty, trees, torch.Generator().manual_seed(config.seed),
+               LoopState(model, optimizer), rows=[], seconds_before=0.0)
     if saved is not None:
-        _restore(saved, model, optimizer, penalty, generator, run_dir)
-        start_epoch, global_step, rows = saved["epoch"], saved["global_step"], saved["rows"]
-        partial, seconds_before = saved.get("partial"), float(saved.get("seconds", 0.0))
-        if len(rows) > config.epochs or (partial is not None and start_epoch >= config.epochs):
-            raise ValueError(f"--epochs {config.epochs}: the run in {run_dir} has already trained "
-                             f"{len(rows) + (partial is not None)} epochs; "
-                             f"pass --epochs {max(len(rows), start_epoch + 1)} "
-                             f"or more, or another --log-dir")
-    _open_run_dir(run_dir, config)
-    if start_epoch >= config.epochs and partial is None and rows:
-        return _finish(config, run_dir, rows, seconds_before)
-
-    started = time.perf_counter()
-    trained = {"seconds": seconds_before}  # training time over all segments, as of the last checkpoint
-
-    def checkpoint(epoch: int, in_progress: dict | None = None) -> None:
-        trained["seconds"] = seconds_before + time.perf_counter() - started
-        _save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "penalty": penalty.state_dict() if penalty is not None else {},
-                          "generator": generator.get_state(), "epoch": epoch, "global_step": global_step,
-                          "rows": rows, "partial": in_progress, "seconds": trained["seconds"]}, run_dir)
-
-    monitor = TopologyMonitor(model, log_dir=run_dir, every=config.monitor_every, diagrams_every=config.diagrams_every,
-                              optimizer=optimizer if isinstance(optimizer, TopoOptimizer) else None, trees=trees)
-    heartbeat = Heartbeat(enabled=progress)
-    summary: dict = {}
-    with _StopOnInterrupt() as stop:
-        try:
-            for epoch in range(start_epoch, config.epochs):
-                model.train()
-                if partial is not None:  # resuming inside an epoch: same batches, same order
-                    order, first = partial["order"].to(device), partial["next_batch"]
-                    total, correct, seen = partial["total"], partial["correct"], partial["seen"]
-                    partial = None
-                else:
-                    order, first = torch.randperm(len(x_train), generator=generator).to(device), 0
-                    total, correct, seen = 0.0, 0, 0
-                batches = order.split(config.batch_size)
-                bar = tqdm(batches[first:], desc=f"{config.name()} epoch {epoch + 1}/{config.epochs}",
-                           disable=None if progress else True, leave=False)  # None: off when not a terminal
-                for index, batch in enumerate(bar, start=first):
-                    optimizer.zero_grad()
-                    logits = model(x_train[batch])
-                    loss = F.cross_entropy(logits, y_train[batch])
-                    objective = loss + penalty() if penalty is not None else loss
-                    objective.backward()
-                    _guarded(optimizer.step, model, global_step + 1, run_dir)
-                    loss_value = loss.item()
-                    if not math.isfinite(loss_value):
-                        raise TrainingDiverged(f"training diverged at step {global_step + 1} (loss {loss_value}); "
-                                               f"try a smaller --lr. The last good checkpoint is in {run_dir}")
-                    _guarded(lambda: monitor.step(global_step), model, global_step + 1, run_dir)
-                    global_step += 1
-                    total += loss_value * len(batch)
-                    correct += int((logits.argmax(1) == y_train[batch]).sum())
-                    seen += len(batch)
-                    bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.3f}")
-                    heartbeat.beat(lambda: f"{config.name()} epoch {epoch + 1}/{config.epochs}: batch {index + 1}/"
-                                           f"{len(batches)}, loss {total / seen:.4f}")
-                    if stop.requested:  # Ctrl-C: finish the step, save, stop
-                        checkpoint(epoch, {"order": order.cpu(), "next_batch": index + 1, "total": total,
-                                           "correct": correct, "seen": seen})
-                        print(f"\nInterrupted at step {global_step}: saved {run_dir / CHECKPOINT}; "
-                              "continue with --resume")
-                        raise KeyboardInterrupt
-                model.eval()
-                row = {"epoch": epoch + 1, "step": global_step, "loss": total / seen, "train_accuracy": correct / seen,
-                       "test_accuracy": _accuracy(model, x_test, y_test)}
-                for name, topo in _guarded(lambda: layer_topology(model), model, global_step, run_dir).items():
-                    row[f"{name}/normalized_entropy"] = topo.normalized_entropy
-                    row[f"{name}/mean_lifetime"] = topo.mean_lifetime
-                    row[f"{name}/weight_norm"] = topo.weight_norm
-                rows.append(row)
-                monitor.log_scalars({"train/loss": row["loss"], "train/accuracy": row["train_accuracy"],
-                                     "test/accuracy": row["test_accuracy"]}, global_step)
-                monitor.flush()
-                checkpoint(epoch + 1)
-                _write_metrics(rows, run_dir)
-                if progress:
-                    print(f"{config.name()} epoch {epoch + 1}: loss {row['loss']:.4f}, "
-                          f"test accuracy {row['test_accuracy']:.3f}", flush=True)
-            summary = _finish(config, run_dir, rows, trained["seconds"])
-        finally:
-            final = {k: v for k, v in summary.items() if k in ("test_accuracy", "train_accuracy", "loss")}
-            monitor.close(hparams={k: v for k, v in dataclasses.asdict(config).items() if k != "topo_bounds"},
-                          final=final)
-    return summary
+        _restore(saved, run)
+    return run
 
 
-def _restore(saved: dict, model, optimizer, penalty, generator, run_dir: Path) -> None:
-    """Load a checkpoint's states; one that does not fit this run is a one-line `ValueError`."""
+def _restore(saved: dict, run: _Run) -> None:
+    """Load a checkpoint into `run`; one that does not fit this run is a one-line `ValueError`,
+    and so is one that has already trained more epochs than asked for."""
     try:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if penalty is not None and saved.get("penalty"):  # absent in checkpoints of older versions
-            penalty.load_state_dict(saved["penalty"])
-        generator.set_state(saved["generator"])
+        run.model.load_state_dict(saved["model"])
+        run.optimizer.load_state_dict(saved["optimizer"])
+        if run.penalty is not None and saved.get("penalty"):  # absent in checkpoints of older versions
+            run.penalty.load_state_dict(saved["penalty"])
+        run.generator.set_state(saved["generator"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
-        raise ValueError(f"{run_dir / CHECKPOINT} does not fit this run's model or optimizer "
+        raise ValueError(f"{run.run_dir / CHECKPOINT} does not fit this run's model or optimizer "
                          f"({type(error).__name__}); was config.json edited? "
                          "Start again in another --log-dir") from None
+    epoch, rows, partial = saved["epoch"], saved["rows"], saved.get("partial")
+    if len(rows) > run.config.epochs or (partial is not None and epoch >= run.config.epochs):
+        raise ValueError(f"--epochs {run.config.epochs}: the run in {run.run_dir} has already trained "
+                         f"{len(rows) + (partial is not None)} epochs; "
+                         f"pass --epochs {max(len(rows), epoch + 1)} "
+                         f"or more, or another --log-dir")
+    run.state.resume(epoch, saved["global_step"], partial)
+    run.rows = rows
+    run.seconds_before = run.seconds = float(saved.get("seconds", 0.0))
+
+
+class _FiniteLoss(Callback):
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def after_step(self, state: LoopState) -> None:
+        if not math.isfinite(state.loss):
+            raise TrainingDiverged(f"training diverged at step {state.step} (loss {state.loss}); "
+                                   f"try a smaller --lr. The last good checkpoint is in {self.run_dir}")
+
+
+class _MonitorSteps(Callback):
+    def __init__(self, monitor: TopologyMonitor) -> None:
+        self.monitor = monitor
+
+    def after_step(self, state: LoopState) -> None:
+        self.monitor.step(state.step - 1)  # the monitor counts steps from 0
+
+
+class _EpochRecord(Callback):
+    """At each epoch's end: the metrics row (test accuracy, each layer's topology), TensorBoard
+    scalars, a checkpoint, metrics.csv and a line on the terminal."""
+
+    def __init__(self, run: _Run, monitor: TopologyMonitor, elapsed, progress: bool) -> None:
+        self.run, self.monitor, self.elapsed, self.progress = run, monitor, elapsed, progress
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        run, model = self.run, state.model
+        model.eval()
+        row = {"epoch": state.epoch + 1, "step": state.step, "loss": state.loss_sum / state.seen,
+               "train_accuracy": state.correct / state.seen,
+               "test_accuracy": accuracy(model, run.data.x_test, run.data.y_test)}
+        for name, topo in layer_topology(model).items():
+            row[f"{name}/normalized_entropy"] = topo.normalized_entropy
+            row[f"{name}/mean_lifetime"] = topo.mean_lifetime
+            row[f"{name}/weight_norm"] = topo.weight_norm
+        run.rows.append(row)
+        self.monitor.log_scalars({"train/loss": row["loss"], "train/accuracy": row["train_accuracy"],
+                                  "test/accuracy": row["test_accuracy"]}, state.step)
+        self.monitor.flush()
+        run.checkpoint(self.elapsed(), at_epoch_end=True)
+        _write_metrics(run.rows, run.run_dir)
+        if self.progress:
+            print(f"{run.config.name()} epoch {state.epoch + 1}: loss {row['loss']:.4f}, "
+                  f"test accuracy {row['test_accuracy']:.3f}", flush=True)
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train one run and return its summary (also written to ``summary.json``).
+
+    With `resume`, a run folder that holds a run continues it from its last intact checkpoint,
+    with its saved configuration (see `CHANGEABLE_ON_RESUME`); an empty or missing folder starts
+    a new run. ``summary["seconds"]`` is the training time summed over all resumed segments.
+    """
+    run = _prepare(config, resume, progress)
+    _open_run_dir(run.run_dir, run.config)
+    if run.finished():
+        return _finish(run.config, run.run_dir, run.rows, run.seconds_before)
+    return _train_epochs(run, progress)
+
+
+def _train_epochs(run: _Run, progress: bool) -> dict:
+    """The run's remaining epochs on `run_loop`; Ctrl-C finishes the step in progress, saves a
+    checkpoint (mid-epoch, with the epoch's batch order) and stops."""
+    config, state = run.config, run.state
+    started = time.perf_counter()
+
+    def elapsed() -> float:  # training time over all segments
+        return run.seconds_before + time.perf_counter() - started
+
+    monitor = TopologyMonitor(run.model, log_dir=run.run_dir, every=config.monitor_every,
+                              diagrams_every=config.diagrams_every, trees=run.trees,
+                              optimizer=run.optimizer if isinstance(run.optimizer, TopoOptimizer) else None)
+    summary: dict = {}
+    try:
+        with StopOnInterrupt() as stop:
+            callbacks = [_FiniteLoss(run.run_dir), _MonitorSteps(monitor),
+                         Progress(lambda s: f"{config.name()} epoch {s.epoch + 1}/{config.epochs}", enabled=progress),
+                         _EpochRecord(run, monitor, elapsed, progress), stop]
+            try:
+                run_loop(run.model, run.optimizer, run.data.x_train, run.data.y_train, batch_size=config.batch_size,
+                         generator=run.generator, epochs=config.epochs, callbacks=callbacks, state=state,
+                         objective=None if run.penalty is None else (lambda loss: loss + run.penalty()))
+            except TrainingDiverged:
+                raise
+            except (ValueError, FloatingPointError) as error:
+                diverged = _diverged(error, run.model, state.step, run.run_dir)
+                if diverged is None:
+                    raise
+                raise diverged from None
+        if state.stop:  # Ctrl-C: the step is finished; save and stop
+            run.checkpoint(elapsed())
+            print(f"\nInterrupted at step {state.step}: saved {run.run_dir / CHECKPOINT}; continue with --resume")
+            raise KeyboardInterrupt
+        summary = _finish(config, run.run_dir, run.rows, run.seconds)
+    finally:
+        final = {k: v for k, v in summary.items() if k in ("test_accuracy", "train_accuracy", "loss")}
+        monitor.close(hparams={k: v for k, v in dataclasses.asdict(config).items() if k != "topo_bounds"},
+                      final=final)
+    return summary
 
 
 def _finish(config: TrainConfig, run_dir: Path, rows: list[dict], seconds: float) -> dict:
@@ -519,96 +571,4 @@ def _finish(config: TrainConfig, run_dir: Path, rows: list[dict], seconds: float
     return summary
 
 
-class _StopOnInterrupt:
-    """Turns the first Ctrl-C into a request the training loop honours after a whole step (so no
-    half-applied update is saved); a second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> "_StopOnInterrupt":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def fit(model: torch.nn.Module, data, epochs: int, batch_size: int, optimizer: torch.optim.Optimizer,
-        seed: int = 0, penalty: TopoPenalty | None = None, on_epoch=None) -> list[dict]:
-    """Minibatch training of a classifier on in-memory tensors; one history row per epoch.
-
-    Each row holds epoch, step, loss, train_accuracy (on the epoch's batches) and test_accuracy.
-    ``on_epoch(row, model)`` may add entries to the row (e.g. topology metrics).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    history, step = [], 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        order = torch.randperm(len(data.x_train), generator=generator)
-        total, correct = 0.0, 0
-        for batch in order.split(batch_size):
-            optimizer.zero_grad()
-            logits = model(data.x_train[batch])
-            loss = F.cross_entropy(logits, data.y_train[batch])
-            (loss + penalty() if penalty is not None else loss).backward()
-            optimizer.step()
-            step += 1
-            total += loss.item() * len(batch)
-            correct += int((logits.argmax(1) == data.y_train[batch]).sum())
-        model.eval()
-        row = {"epoch": epoch, "step": step, "loss": total / len(order), "train_accuracy": correct / len(order),
-               "test_accuracy": _accuracy(model, data.x_test, data.y_test)}
-        if on_epoch is not None:
-            on_epoch(row, model)
-        history.append(row)
-    return history
-
-
-def fit_steps(model: torch.nn.Module, data, steps: int, batch_size: int, optimizer: torch.optim.Optimizer,
-              evaluations: int = 10, seed: int = 0, penalty: TopoPenalty | None = None, on_eval=None) -> list[dict]:
-    """Train for exactly `steps` minibatches (reshuffling each epoch); evaluate `evaluations` times.
-
-    A fixed step budget removes the confound between training-set size and training time that a
-    fixed epoch count has. Each history row: step, epoch (fractional), train_loss (mean since the
-    last evaluation), test_accuracy, seconds (training time so far); ``on_eval(row, model)`` may
-    add entries.
-    """
-    if steps < 1 or evaluations < 1:
-        raise ValueError(f"Invalid steps/evaluations: {steps}/{evaluations}")
-    checkpoints = sorted({max(1, round(steps * (i + 1) / evaluations)) for i in range(evaluations)})
-    generator = torch.Generator().manual_seed(seed)
-    history, step, running, count, seconds = [], 0, 0.0, 0, 0.0
-    batches_per_epoch = max(1, math.ceil(len(data.x_train) / batch_size))
-    while step < steps:
-        order = torch.randperm(len(data.x_train), generator=generator)
-        for batch in order.split(batch_size):
-            started = time.perf_counter()
-            model.train()
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
-            (loss + penalty() if penalty is not None else loss).backward()
-            optimizer.step()
-            seconds += time.perf_counter() - started
-            step += 1
-            running += loss.item()
-            count += 1
-            if step == checkpoints[len(history)]:
-                model.eval()
-                row = {"step": step, "epoch": step / batches_per_epoch, "train_loss": running / count,
-                       "test_accuracy": _accuracy(model, data.x_test, data.y_test), "seconds": seconds}
-                running, count = 0.0, 0
-                if on_eval is not None:
-                    on_eval(row, model)
-                history.append(row)
-            if step == steps:
-                break
-    return history
+_StopOnInterrupt = StopOnInterrupt  # the name the learning-graph study imports

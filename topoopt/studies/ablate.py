@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from topoopt.data import load_dataset, stratified_subset
-from topoopt.loop import make_optimizer
+from topoopt.loop import fit_steps, make_optimizer
 from topoopt.models import build_mlp
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
@@ -33,7 +33,6 @@ from topoopt.report import format_table
 from topoopt.studies.options import add_sweep_options, apply_overrides
 from topoopt.studies.statistics import holm, paired_t_minimum_effect, wilcoxon_minimum_p
 from topoopt.sweep import run_cells
-from topoopt.training import fit_steps
 
 RESULTS_DIR = Path("experiments") / "results" / "ablate"
 

@@ -33,12 +33,11 @@ import torch
 
 from topoopt.data import load_dataset, stratified_subset
 from topoopt.layers import layer_topology
-from topoopt.loop import make_optimizer
+from topoopt.loop import fit_steps, make_optimizer
 from topoopt.models import build_mlp
 from topoopt.studies.options import add_sweep_options, apply_overrides
 from topoopt.studies.statistics import holm, partial_spearman
 from topoopt.sweep import run_cells
-from topoopt.training import fit_steps
 
 RESULTS_DIR = Path("experiments") / "results" / "small_data"
 METRICS = ("normalized_entropy", "mean_lifetime", "weight_norm")

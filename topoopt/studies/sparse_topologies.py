@@ -33,12 +33,11 @@ import torch
 from torch import nn
 
 from topoopt.data import load_dataset
-from topoopt.loop import make_optimizer
+from topoopt.loop import fit, make_optimizer
 from topoopt.sparse import SparseLinear, block_diagonal, family_seed, graph_measures, make_mask, mask_fingerprint
 from topoopt.studies.options import add_sweep_options, apply_overrides
 from topoopt.studies.statistics import partial_spearman
 from topoopt.sweep import run_cells
-from topoopt.training import fit
 
 RESULTS_DIR = Path("experiments") / "results" / "sparse_topologies"
 
