@@ -53,6 +53,8 @@ def test_initialise_zero_normal_and_default():
 def test_format_table_aligns_and_rounds():
     table = format_table(["name", "value"], [["a", 1.234567], ["long name", 12]])
     assert table.splitlines() == ["name       value", "---------  -----", "a          1.235", "long name     12"]
+    labelled = format_table(["a", "b", "n"], [["x", "long", 1.0], ["yy", "z", "pre"]], left_columns=2)
+    assert labelled.splitlines() == ["a   b       n", "--  ----  ---", "x   long    1", "yy  z     pre"]
 
 
 def test_topology_table_has_one_row_per_layer_with_the_report_values():

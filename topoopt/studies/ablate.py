@@ -36,22 +36,50 @@ from topoopt.sweep import run_cells
 
 RESULTS_DIR = Path("experiments") / "results" / "ablate"
 
-# name → settings; "plain" must come first (the baseline of every comparison).
-VARIANTS: dict[str, dict] = {
-    "plain": {},
-    "pen-entropy-max-0.01": {"penalty": ("normalized_entropy", "maximize", 0.01)},
-    "pen-entropy-max-0.1": {"penalty": ("normalized_entropy", "maximize", 0.1)},
-    "pen-lifetime-max-0.001": {"penalty": ("mean_lifetime", "maximize", 0.001)},
-    "pen-lifetime-max-0.01": {"penalty": ("mean_lifetime", "maximize", 0.01)},
-    "opt-calm-1": {"optimizer": ("calm", 1.0)},
-    "opt-calm-4": {"optimizer": ("calm", 4.0)},
-    "opt-awaken-1": {"optimizer": ("awaken", 1.0)},
-    "opt-awaken-4": {"optimizer": ("awaken", 4.0)},
-    "both-calm-1+entropy-0.01": {"optimizer": ("calm", 1.0), "penalty": ("normalized_entropy", "maximize", 0.01)},
+@dataclass(frozen=True)
+class PenaltySetting:
+    """A `TopoPenalty` added to the loss."""
+
+    metric: str
+    direction: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class TopoSetting:
+    """A `TopoOptimizer` around the inner optimizer."""
+
+    policy: str
+    strength: float
+    metric: str = "normalized_entropy"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a cell adds to plain training: a penalty, a TopoOptimizer, both or neither."""
+
+    penalty: PenaltySetting | None = None
+    optimizer: TopoSetting | None = None
+
+
+_ENTROPY_MAX_001 = PenaltySetting("normalized_entropy", "maximize", 0.01)
+
+# name → variant; "plain" must come first (the baseline of every comparison).
+VARIANTS: dict[str, Variant] = {
+    "plain": Variant(),
+    "pen-entropy-max-0.01": Variant(penalty=_ENTROPY_MAX_001),
+    "pen-entropy-max-0.1": Variant(penalty=PenaltySetting("normalized_entropy", "maximize", 0.1)),
+    "pen-lifetime-max-0.001": Variant(penalty=PenaltySetting("mean_lifetime", "maximize", 0.001)),
+    "pen-lifetime-max-0.01": Variant(penalty=PenaltySetting("mean_lifetime", "maximize", 0.01)),
+    "opt-calm-1": Variant(optimizer=TopoSetting("calm", 1.0)),
+    "opt-calm-4": Variant(optimizer=TopoSetting("calm", 4.0)),
+    "opt-awaken-1": Variant(optimizer=TopoSetting("awaken", 1.0)),
+    "opt-awaken-4": Variant(optimizer=TopoSetting("awaken", 4.0)),
+    "both-calm-1+entropy-0.01": Variant(penalty=_ENTROPY_MAX_001, optimizer=TopoSetting("calm", 1.0)),
     # Follow-up (after the first grid): calm/awaken scales stayed within ~2% of 1 because
     # normalized entropy is 0.98–1.0 in every layer; contrast standardises across layers.
-    "opt-contrast-0.5": {"optimizer": ("contrast", 0.5)},
-    "opt-contrast-lifetime-0.5": {"optimizer": ("contrast", 0.5, "mean_lifetime")},
+    "opt-contrast-0.5": Variant(optimizer=TopoSetting("contrast", 0.5)),
+    "opt-contrast-lifetime-0.5": Variant(optimizer=TopoSetting("contrast", 0.5, "mean_lifetime")),
 }
 
 # (dataset, training-set size or None for the whole training split)
@@ -107,18 +135,17 @@ def run_cell(cell: dict) -> dict:
     data = stratified_subset(load_dataset(name), size, seed=cell["seed"])
     torch.manual_seed(cell["seed"])
     model = build_mlp([data.n_features, *config.hidden, data.n_classes])
-    settings = VARIANTS[cell["variant"]]
+    variant = VARIANTS[cell["variant"]]
     topo = None
-    if "optimizer" in settings:
-        policy, strength, *metric = settings["optimizer"]
-        topo = {"policy": policy, "strength": strength, "every": config.topo_every, "tree_every": config.tree_every,
-                "metric": metric[0] if metric else "normalized_entropy"}
+    if variant.optimizer is not None:
+        topo = {"policy": variant.optimizer.policy, "strength": variant.optimizer.strength,
+                "every": config.topo_every, "tree_every": config.tree_every, "metric": variant.optimizer.metric}
     optimizer = make_optimizer(model, cell["optimizer"], lr=LR[cell["optimizer"]], momentum=MOMENTUM[cell["optimizer"]],
                                topo=topo)
     penalty = None
-    if "penalty" in settings:
-        metric, direction, weight = settings["penalty"]
-        penalty = TopoPenalty(model, metric=metric, direction=direction, weight=weight, tree_every=config.tree_every)
+    if variant.penalty is not None:
+        penalty = TopoPenalty(model, metric=variant.penalty.metric, direction=variant.penalty.direction,
+                              weight=variant.penalty.weight, tree_every=config.tree_every)
 
     def on_eval(row, net):
         if isinstance(optimizer, TopoOptimizer):

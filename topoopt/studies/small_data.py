@@ -35,6 +35,7 @@ from topoopt.data import load_dataset, stratified_subset
 from topoopt.layers import layer_topology
 from topoopt.loop import fit_steps, make_optimizer
 from topoopt.models import build_mlp
+from topoopt.plotting import new_figure
 from topoopt.studies.options import add_sweep_options, apply_overrides
 from topoopt.studies.statistics import holm, partial_spearman
 from topoopt.sweep import run_cells
@@ -167,15 +168,11 @@ def analyse(records: list[dict]) -> dict:
 
 
 def plot(records: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     for dataset in sorted({r["dataset"] for r in records}):
         runs = [r for r in records if r["dataset"] == dataset and r["budget"] == "steps"]
         layers = sorted({key.split("/")[0] for key in runs[0]["final"] if "/" in key})
-        figure, axes = plt.subplots(2, len(METRICS), figsize=(4 * len(METRICS), 7))
+        figure = new_figure(figsize=(4 * len(METRICS), 7))
+        axes = figure.subplots(2, len(METRICS))
         sizes = sorted({r["size"] for r in runs})
         for j, metric in enumerate(METRICS):
             for layer in layers:
@@ -191,7 +188,6 @@ def plot(records: list[dict], out: Path) -> None:
         figure.suptitle(f"{dataset}: per-layer topology, same step budget for every size")
         figure.tight_layout()
         figure.savefig(out / f"{dataset}_topology.png", dpi=110)
-        plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -34,6 +34,7 @@ from torch import nn
 
 from topoopt.data import load_dataset
 from topoopt.loop import fit, make_optimizer
+from topoopt.plotting import new_figure
 from topoopt.sparse import SparseLinear, block_diagonal, family_seed, graph_measures, make_mask, mask_fingerprint
 from topoopt.studies.options import add_sweep_options, apply_overrides
 from topoopt.studies.statistics import partial_spearman
@@ -257,14 +258,12 @@ def analyse(records: list[dict], config: StudyConfig) -> dict:
 
 
 def plot(masks: list[dict], out: Path) -> None:
-    import matplotlib
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = plt.get_cmap("tab10")
+    colours = colormaps["tab10"]
     families = sorted({m["family"] for m in masks if m["family"] != "dense"})
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    figure = new_figure(figsize=(11, 4.5))
+    left, right = figure.subplots(1, 2)
     for i, family in enumerate(families):
         rows = [m for m in masks if m["family"] == family]
         accuracy = [m["accuracy"] for m in rows]
@@ -280,7 +279,6 @@ def plot(masks: list[dict], out: Path) -> None:
     left.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / "accuracy_vs_gap_and_density.png", dpi=120)
-    plt.close(figure)
 
 
 def write_tensorboard(records: list[dict], log_dir: str) -> None:
