@@ -51,6 +51,7 @@ TRAINING_CHECKPOINT = "training_checkpoint.pt"
 ONLINE_EVENTS = "online_events.json"
 # Gap ratios of the live group count (`topoopt.groups`); the last is the monitor's default.
 LIVE_RATIOS = (1.5, 2.0, 3.0, 4.0)
+MAPPER_EPS = 0.0  # stands for "at the Mapper clustering's absolute scale" among the ratios
 PAPER_LR = 0.05
 # The quick surface run: the plateau before the branching phase lasts ~36,000 steps at the
 # paper's lr, and its length scales as 1/lr (~9,500 steps at lr 0.2, ~5,000 at 0.5; seed 42).
@@ -151,10 +152,12 @@ def train_and_record(config: RunConfig, folder: Path, progress: bool = True) -> 
     # against the offline learning graph's events.
     monitor = TopologyMonitor(model, log_dir=Path(config.tensorboard) / config.name(), every=config.groups_every,
                               metrics=("mean_lifetime",), groups_ratio=LIVE_RATIOS[-1])
-    # The same online detector at the smaller ratios, on the same (cached) deaths: the validation
-    # compares every ratio with the offline events.
+    # The same online detector at the smaller ratios, on the same (cached) deaths, and at the
+    # absolute scale of the layer's Mapper clustering (DBSCAN's eps in the paper's settings): the
+    # validation compares each with the offline events.
+    mapper_eps = {name: PAPER_SETTINGS[role].eps for name, role in _layer_roles(list(monitor.layers)).items()}
     other_ratios = {r: {n: BranchingDetector(monitor.detectors[n].patience) for n in monitor.layers}
-                    for r in LIVE_RATIOS[:-1]}
+                    for r in [*LIVE_RATIOS[:-1], MAPPER_EPS]}
     other_events: list[dict] = []
 
     @torch.no_grad()
@@ -166,8 +169,12 @@ def train_and_record(config: RunConfig, folder: Path, progress: bool = True) -> 
             if deaths is None:
                 continue
             for ratio, detectors in other_ratios.items():
-                count = group_count(deaths, ratio)
-                monitor.writer.add_scalar(f"topology/{name}/groups_ratio{ratio:g}", count, step)
+                if ratio == MAPPER_EPS:
+                    count = 1 + int((deaths > mapper_eps[name]).sum())
+                else:
+                    count = group_count(deaths, ratio)
+                label = "mapper_eps" if ratio == MAPPER_EPS else f"ratio{ratio:g}"
+                monitor.writer.add_scalar(f"topology/{name}/groups_{label}", count, step)
                 rise = detectors[name].update(count, step)
                 if rise is not None:
                     other_events.append({"layer": name, "step": step, "first_seen": rise[0],

@@ -4,7 +4,8 @@ come before or after the jumps in test accuracy?
 
 It reads the tree runs of `topoopt learning-graphs` (each run folder's ``summary.json``: the
 offline Mapper events, and the online events that the live monitor logged every
-``groups_every`` steps at each gap ratio of `learning_graphs.LIVE_RATIOS`; ``nines.json``: test
+``groups_every`` steps at each gap ratio of `learning_graphs.LIVE_RATIOS`, and at the absolute
+scale of the layer's Mapper clustering, marked as ratio 0; ``nines.json``: test
 accuracy at every snapshot).
 
 Matching. Per run, layer and ratio, online events (at the step they were confirmed, which is
@@ -107,6 +108,7 @@ def markdown(report: dict) -> str:
              "jumps with an online event within the window | median lag (event − jump) |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for ratio, block in report["ratios"].items():
+        ratio = "Mapper's eps (absolute)" if float(ratio) == 0 else ratio
         for layer, t in block["by_layer"].items():
             lag = "–" if block["median_lag"] is None else f"{block['median_lag']:+.0f}"
             lines.append(f"| {ratio} | {layer} | {t['offline']} | {t['online']} | {t['matched']} | {t['missed']} | "
