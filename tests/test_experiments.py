@@ -92,3 +92,15 @@ def test_ablate_tiny_grid_through_the_cli(tmp_path, capsys):
     assert variants == {"plain", "opt-calm-4", "pen-entropy-max-0.1"}
     assert "digits/adam" in table["best"]
     assert "steps→plain" in capsys.readouterr().out
+
+
+def test_study_folders_are_the_options_or_the_defaults_kept_apart_for_quick_grids():
+    from argparse import Namespace
+
+    from topoopt.studies.options import output_folders
+
+    defaults = (Path("results") / "study", Path("logs") / "study")
+    assert output_folders(Namespace(quick=False, out=None, tensorboard=None), *defaults) == defaults
+    assert output_folders(Namespace(quick=True, out=None, tensorboard=None), *defaults) == (
+        Path("results") / "study" / "quick", Path("logs") / "study_quick")
+    assert output_folders(Namespace(quick=True, out="o", tensorboard="t"), *defaults) == (Path("o"), Path("t"))

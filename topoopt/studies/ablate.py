@@ -10,6 +10,9 @@ only effects of about 1.7 seed-to-seed SDs uncorrected; `summarise` reports both
 
     topoopt ablate --quick --jobs 2     # (or python experiments/ablate.py --quick)
     topoopt ablate --jobs 2             # the full grid
+
+Results go to ``--out`` (default experiments/results/ablate, or its quick/ folder with --quick),
+TensorBoard hparams to ``--tensorboard`` (default tensorboard_logs/ablate[_quick]).
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from topoopt.models import build_mlp
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
 from topoopt.report import format_table
-from topoopt.studies.options import add_sweep_options, apply_overrides
+from topoopt.studies.options import add_sweep_options, apply_overrides, output_folders
 from topoopt.studies.statistics import holm, paired_t_minimum_effect, wilcoxon_minimum_p
 from topoopt.sweep import run_cells
 
-RESULTS_DIR = Path("experiments") / "results" / "ablate"
+# The command line's defaults (relative to the current folder); `run_study` takes its folders.
+DEFAULT_OUT = Path("experiments") / "results" / "ablate"
+DEFAULT_TENSORBOARD = Path("tensorboard_logs") / "ablate"
 
 @dataclass(frozen=True)
 class PenaltySetting:
@@ -104,15 +109,12 @@ class AblationConfig:
     hidden: list[int] = field(default_factory=lambda: [100, 100])
     topo_every: int = 10
     tree_every: int = 1
-    out: str = str(RESULTS_DIR)
-    tensorboard: str = "tensorboard_logs/ablate"
 
     @classmethod
     def quick(cls) -> "AblationConfig":
         variants = ["plain", "pen-entropy-max-0.1", "pen-lifetime-max-0.01", "opt-calm-4", "opt-awaken-4",
                     "both-calm-1+entropy-0.01"]
-        return cls(datasets=["digits", "mnist5k-500"], variants=variants, seeds=3, steps=500, evaluations=10,
-                   out=str(RESULTS_DIR / "quick"), tensorboard="tensorboard_logs/ablate_quick")
+        return cls(datasets=["digits", "mnist5k-500"], variants=variants, seeds=3, steps=500, evaluations=10)
 
 
 LR = {"sgd": 0.05, "adam": 1e-3}
@@ -259,7 +261,7 @@ def best_per_dataset(table: list[dict]) -> dict[str, dict]:
     return best
 
 
-def write_tensorboard(records: list[dict], log_dir: str) -> None:
+def write_tensorboard(records: list[dict], log_dir: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(log_dir) as writer:
@@ -283,32 +285,42 @@ def ablation_table(table: list[dict]) -> str:
     return format_table(header, rows, left_columns=3)
 
 
+def run_study(config: AblationConfig, out: Path, tensorboard: Path | None = None, jobs: int = 1,
+              progress: bool = True) -> dict:
+    """Run the grid's unfinished cells (results in ``out/runs.jsonl``), analyse every cell and
+    write ``out/config.json`` and ``out/table.json``; TensorBoard hparams go to `tensorboard`
+    (None: none). Returns the table, the best variant per dataset and the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    records = run_cells(make_cells(config), run_cell, out / "runs.jsonl", jobs=jobs, progress=progress,
+                        desc="ablate")
+    table = analyse(records)
+    result = {"table": table, "best": best_per_dataset(table), "summary": summarise(table)}
+    (out / "table.json").write_text(json.dumps(result, indent=2))
+    if tensorboard is not None:
+        write_tensorboard(records, tensorboard)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sweep_options(parser)
+    add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT})",
+                      tensorboard_help=f"TensorBoard folder (default {DEFAULT_TENSORBOARD})")
     parser.add_argument("--datasets", nargs="+", default=None, help=f"from {list(DATASETS)}")
     parser.add_argument("--variants", nargs="+", default=None, help=f"from {list(VARIANTS)}")
     parser.add_argument("--optimizers", nargs="+", choices=["sgd", "adam"], default=None)
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(argv)
     config = AblationConfig.quick() if args.quick else AblationConfig()
-    apply_overrides(config, args, ("datasets", "variants", "optimizers", "seeds", "steps", "out", "tensorboard"))
+    apply_overrides(config, args, ("datasets", "variants", "optimizers", "seeds", "steps"))
     if "plain" not in config.variants:
         config.variants = ["plain", *config.variants]
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    records = run_cells(make_cells(config), run_cell, out / "runs.jsonl", jobs=args.jobs,
-                        progress=not args.no_progress, desc="ablate")
-    table = analyse(records)
-    best = best_per_dataset(table)
-    summary = summarise(table)
-    (out / "table.json").write_text(json.dumps({"table": table, "best": best, "summary": summary}, indent=2))
-    write_tensorboard(records, config.tensorboard)
-    print(ablation_table(table))
-    print(json.dumps(best, indent=2))
-    print(json.dumps(summary, indent=2))
-    return {"table": table, "best": best, "summary": summary}
+    out, tensorboard = output_folders(args, DEFAULT_OUT, DEFAULT_TENSORBOARD)
+    result = run_study(config, out, tensorboard, jobs=args.jobs, progress=not args.no_progress)
+    print(ablation_table(result["table"]))
+    print(json.dumps(result["best"], indent=2))
+    print(json.dumps(result["summary"], indent=2))
+    return result
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-__all__ = ["add_sweep_options", "apply_overrides", "positive_int"]
+__all__ = ["add_sweep_options", "apply_overrides", "output_folders", "positive_int"]
 
 
 def positive_int(text: str) -> int:
@@ -34,3 +35,13 @@ def apply_overrides(config, args: argparse.Namespace, names: tuple[str, ...]) ->
     for name in names:
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
+
+
+def output_folders(args: argparse.Namespace, out: Path, tensorboard: Path) -> tuple[Path, Path]:
+    """The results and TensorBoard folders: ``--out`` and ``--tensorboard`` when given, else the
+    study's defaults (with --quick: ``out/quick`` and ``tensorboard_quick``, so a quick grid never
+    mixes with the full one)."""
+    if args.quick:
+        out, tensorboard = out / "quick", tensorboard.with_name(tensorboard.name + "_quick")
+    return (Path(args.out) if args.out is not None else out,
+            Path(args.tensorboard) if args.tensorboard is not None else tensorboard)

@@ -17,6 +17,10 @@ Design (each choice removes a known confound):
 
     topoopt small-data --quick       # (or python experiments/small_data.py --quick)
     topoopt small-data               # the full study
+
+Results go to ``--out`` (default experiments/results/small_data, or its quick/ folder with
+--quick), each run's TensorBoard scalars under ``--tensorboard`` (default
+tensorboard_logs/small_data[_quick]).
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from topoopt.layers import layer_topology
 from topoopt.loop import fit_steps, make_optimizer
 from topoopt.models import build_mlp
 from topoopt.plotting import new_figure
-from topoopt.studies.options import add_sweep_options, apply_overrides
+from topoopt.studies.options import add_sweep_options, apply_overrides, output_folders
 from topoopt.studies.statistics import holm, partial_spearman
 from topoopt.sweep import run_cells
 
-RESULTS_DIR = Path("experiments") / "results" / "small_data"
+# The command line's defaults (relative to the current folder); `run_study` takes its folders.
+DEFAULT_OUT = Path("experiments") / "results" / "small_data"
+DEFAULT_TENSORBOARD = Path("tensorboard_logs") / "small_data"
 METRICS = ("normalized_entropy", "mean_lifetime", "weight_norm")
 
 
@@ -60,17 +66,16 @@ class SmallDataConfig:
     batch_size: int = 64
     lr: float = 1e-3
     evaluations: int = 10
-    out: str = str(RESULTS_DIR)
-    tensorboard: str = "tensorboard_logs/small_data"
 
     @classmethod
     def quick(cls) -> "SmallDataConfig":
         return cls(datasets=["digits", "mnist5k"], sizes={"digits": [250, 500, 1347], "mnist5k": [250, 1000, 4000]},
-                   seeds=5, steps=400, epochs=8, evaluations=4, out=str(RESULTS_DIR / "quick"),
-                   tensorboard="tensorboard_logs/small_data_quick")
+                   seeds=5, steps=400, epochs=8, evaluations=4)
 
 
-def make_cells(config: SmallDataConfig) -> list[dict]:
+def make_cells(config: SmallDataConfig, tensorboard: Path | None = None) -> list[dict]:
+    """One cell per dataset × budget × size × seed; each run logs to a folder under `tensorboard`
+    (None: no logs)."""
     cells = []
     plain = asdict(config)
     for dataset in config.datasets:
@@ -78,13 +83,21 @@ def make_cells(config: SmallDataConfig) -> list[dict]:
             for size in config.sizes[dataset]:
                 for seed in range(config.seeds):
                     cells.append({"id": f"{dataset}/{budget}/n{size}/s{seed}", "dataset": dataset, "budget": budget,
-                                  "size": size, "seed": seed, "config": plain})
+                                  "size": size, "seed": seed, "config": plain,
+                                  "tensorboard": None if tensorboard is None else str(tensorboard)})
     return cells
 
 
-def run_cell(cell: dict) -> dict:
+def _writer(cell: dict):
+    """The cell's TensorBoard writer (None when the cell has no TensorBoard folder)."""
+    if cell.get("tensorboard") is None:
+        return None
     from torch.utils.tensorboard import SummaryWriter
 
+    return SummaryWriter(Path(cell["tensorboard"]) / cell["id"].replace("/", "_"))
+
+
+def run_cell(cell: dict) -> dict:
     config = SmallDataConfig(**cell["config"])
     full = load_dataset(cell["dataset"])
     data = stratified_subset(full, cell["size"] if cell["size"] < len(full.y_train) else None, seed=cell["seed"])
@@ -92,20 +105,24 @@ def run_cell(cell: dict) -> dict:
     model = build_mlp([data.n_features, *config.hidden, data.n_classes])
     optimizer = make_optimizer(model, "adam", lr=config.lr)
     steps = config.steps if cell["budget"] == "steps" else config.epochs * math.ceil(cell["size"] / config.batch_size)
-    writer = SummaryWriter(f"{config.tensorboard}/{cell['id'].replace('/', '_')}")
+    writer = _writer(cell)
 
     def on_eval(row, net):
         for name, topo in layer_topology(net).items():
             for metric in METRICS:
                 row[f"{name}/{metric}"] = getattr(topo, metric)
-                writer.add_scalar(f"topology/{name}/{metric}", getattr(topo, metric), row["step"])
-        writer.add_scalar("test/accuracy", row["test_accuracy"], row["step"])
+        if writer is not None:
+            for key, value in row.items():
+                if "/" in key:
+                    writer.add_scalar(f"topology/{key}", value, row["step"])
+            writer.add_scalar("test/accuracy", row["test_accuracy"], row["step"])
 
     try:
         history = fit_steps(model, data, steps, config.batch_size, optimizer, evaluations=config.evaluations,
                             seed=cell["seed"], on_eval=on_eval)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     return {k: cell[k] for k in ("dataset", "budget", "size", "seed")} | {
         "steps": steps, "history": history, "final": history[-1]}
 
@@ -190,31 +207,54 @@ def plot(records: list[dict], out: Path) -> None:
         figure.savefig(out / f"{dataset}_topology.png", dpi=110)
 
 
+def write_correlations(analysis: dict, path: Path) -> None:
+    """The correlation rows as CSV: the leading columns, then the others alphabetically."""
+    leading = ["dataset", "budget", "layer", "metric", "target", "rho", "p", "p_holm"]
+    columns = leading + sorted({k for row in analysis["correlations"] for k in row} - set(leading))
+    with open(path, "w") as handle:
+        handle.write(",".join(columns) + "\n")
+        for row in analysis["correlations"]:
+            handle.write(",".join(str(row.get(c, "")) for c in columns) + "\n")
+
+
+def _check_datasets(config: SmallDataConfig) -> None:
+    unknown = [d for d in config.datasets if d not in config.sizes]
+    if unknown:
+        raise ValueError(f"no subset sizes for {unknown}; known: {list(config.sizes)}")
+
+
+def run_study(config: SmallDataConfig, out: Path, tensorboard: Path | None = None, jobs: int = 1,
+              progress: bool = True) -> dict:
+    """Run the study's unfinished cells (results in ``out/runs.jsonl``), analyse them and write
+    ``config.json``, ``analysis.json``, ``correlations.csv`` and one figure per dataset into
+    `out`; each run's scalars go under `tensorboard` (None: none). Returns the analysis."""
+    _check_datasets(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    records = run_cells(make_cells(config, tensorboard), run_cell, out / "runs.jsonl", jobs=jobs, progress=progress,
+                        desc="small-data")
+    analysis = analyse(records)
+    (out / "analysis.json").write_text(json.dumps(analysis, indent=2))
+    write_correlations(analysis, out / "correlations.csv")
+    plot(records, out)
+    return analysis
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sweep_options(parser)
+    add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT})",
+                      tensorboard_help=f"TensorBoard folder (default {DEFAULT_TENSORBOARD})")
     parser.add_argument("--datasets", nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(argv)
     config = SmallDataConfig.quick() if args.quick else SmallDataConfig()
-    apply_overrides(config, args, ("datasets", "seeds", "steps", "out", "tensorboard"))
-    unknown = [d for d in config.datasets if d not in config.sizes]
-    if unknown:
-        raise SystemExit(f"topoopt small-data: no subset sizes for {unknown}; known: {list(config.sizes)}")
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    records = run_cells(make_cells(config), run_cell, out / "runs.jsonl", jobs=args.jobs,
-                        progress=not args.no_progress, desc="small-data")
-    analysis = analyse(records)
-    (out / "analysis.json").write_text(json.dumps(analysis, indent=2))
-    with open(out / "correlations.csv", "w") as handle:
-        leading = ["dataset", "budget", "layer", "metric", "target", "rho", "p", "p_holm"]
-        columns = leading + sorted({k for row in analysis["correlations"] for k in row} - set(leading))
-        handle.write(",".join(columns) + "\n")
-        for row in analysis["correlations"]:
-            handle.write(",".join(str(row.get(c, "")) for c in columns) + "\n")
-    plot(records, out)
+    apply_overrides(config, args, ("datasets", "seeds", "steps"))
+    out, tensorboard = output_folders(args, DEFAULT_OUT, DEFAULT_TENSORBOARD)
+    try:
+        _check_datasets(config)
+    except ValueError as error:
+        raise SystemExit(f"topoopt small-data: {error}") from None
+    analysis = run_study(config, out, tensorboard, jobs=args.jobs, progress=not args.no_progress)
     print(format_summary(analysis))
     return analysis
 

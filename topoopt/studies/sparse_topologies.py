@@ -18,6 +18,10 @@ another wiring is never mistaken for this one.
 
     topoopt sparse --quick      # (or python experiments/sparse_topologies.py --quick): minutes
     topoopt sparse              # the full grid
+
+Results go to ``--out``/DATASET (default experiments/results/sparse_topologies, or its quick/
+folder with --quick), TensorBoard hparams to ``--tensorboard``/DATASET (default
+tensorboard_logs/sparse_topologies[_quick]).
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from topoopt.data import load_dataset
 from topoopt.loop import fit, make_optimizer
 from topoopt.plotting import new_figure
 from topoopt.sparse import SparseLinear, block_diagonal, family_seed, graph_measures, make_mask, mask_fingerprint
-from topoopt.studies.options import add_sweep_options, apply_overrides
+from topoopt.studies.options import add_sweep_options, apply_overrides, output_folders
 from topoopt.studies.statistics import partial_spearman
 from topoopt.sweep import run_cells
 
-RESULTS_DIR = Path("experiments") / "results" / "sparse_topologies"
+# The command line's defaults (relative to the current folder); `run_study` takes its folders.
+DEFAULT_OUT = Path("experiments") / "results" / "sparse_topologies"
+DEFAULT_TENSORBOARD = Path("tensorboard_logs") / "sparse_topologies"
 
 
 @dataclass
@@ -56,14 +62,10 @@ class StudyConfig:
     epochs: int = 40
     batch_size: int = 64
     lr: float = 3e-3
-    jobs: int = 1
-    out: str = str(RESULTS_DIR)
-    tensorboard: str = "tensorboard_logs/sparse_topologies"
 
     @classmethod
     def quick(cls) -> "StudyConfig":
-        return cls(other_degrees=[8], rewire_p=[0.05, 0.3, 1.0], masks_per_family=2, seeds=2, epochs=25,
-                   out=str(RESULTS_DIR / "quick"), tensorboard="tensorboard_logs/sparse_topologies_quick")
+        return cls(other_degrees=[8], rewire_p=[0.05, 0.3, 1.0], masks_per_family=2, seeds=2, epochs=25)
 
 
 def mask_specs(config: StudyConfig) -> list[dict]:
@@ -281,7 +283,7 @@ def plot(masks: list[dict], out: Path) -> None:
     figure.savefig(out / "accuracy_vs_gap_and_density.png", dpi=120)
 
 
-def write_tensorboard(records: list[dict], log_dir: str) -> None:
+def write_tensorboard(records: list[dict], log_dir: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(log_dir) as writer:
@@ -292,33 +294,48 @@ def write_tensorboard(records: list[dict], log_dir: str) -> None:
             writer.add_hparams(hparams, metrics, run_name=record["id"].replace("/", "_"))
 
 
+def write_masks(masks: list[dict], path: Path) -> None:
+    """One CSV row per mask (its measures and mean accuracy; not the per-seed epochs to 90%)."""
+    columns = [k for k in masks[0] if k != "epochs_to_90"]
+    with open(path, "w") as handle:
+        handle.write(",".join(columns) + "\n")
+        for m in masks:
+            handle.write(",".join(str(m[c]) for c in columns) + "\n")
+
+
+def run_study(config: StudyConfig, out: Path, tensorboard: Path | None = None, jobs: int = 1,
+              progress: bool = True) -> dict:
+    """Run the grid's unfinished cells for ``config.dataset`` (results in ``out/runs.jsonl``),
+    analyse them and write ``config.json``, ``summary.json``, ``masks.csv`` and the figure into
+    `out`; TensorBoard hparams go to `tensorboard` (None: none). Returns the analysis."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    cells, duplicates = make_cells(config, load_permuted(config.dataset).n_features)
+    records = run_cells(cells, run_cell, out / "runs.jsonl", jobs=jobs, progress=progress,
+                        desc=f"sparse {config.dataset}")
+    analysis = analyse(records, config)
+    analysis["summary"]["duplicate_masks_dropped"] = duplicates
+    (out / "summary.json").write_text(json.dumps(analysis["summary"], indent=2))
+    write_masks(analysis["masks"], out / "masks.csv")
+    plot(analysis["masks"], out)
+    if tensorboard is not None:
+        write_tensorboard(records, tensorboard)
+    return analysis
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sweep_options(parser, out_help=f"results folder (default {RESULTS_DIR})",
-                      tensorboard_help="TensorBoard folder (default tensorboard_logs/sparse_topologies)")
+    add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT}); the dataset's folder is made in it",
+                      tensorboard_help=f"TensorBoard folder (default {DEFAULT_TENSORBOARD}); likewise")
     parser.add_argument("--dataset", choices=["digits", "mnist5k"], default="digits")
     parser.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args(argv)
     config = StudyConfig.quick() if args.quick else StudyConfig()
     config.dataset = args.dataset
-    config.jobs = args.jobs
-    apply_overrides(config, args, ("seeds", "epochs", "out", "tensorboard"))
-    out = Path(config.out) / config.dataset
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    cells, duplicates = make_cells(config, load_permuted(config.dataset).n_features)
-    records = run_cells(cells, run_cell, out / "runs.jsonl", jobs=config.jobs,
-                        progress=not args.no_progress, desc=f"sparse {config.dataset}")
-    analysis = analyse(records, config)
-    analysis["summary"]["duplicate_masks_dropped"] = duplicates
-    (out / "summary.json").write_text(json.dumps(analysis["summary"], indent=2))
-    with open(out / "masks.csv", "w") as handle:
-        columns = [k for k in analysis["masks"][0] if k != "epochs_to_90"]
-        handle.write(",".join(columns) + "\n")
-        for m in analysis["masks"]:
-            handle.write(",".join(str(m[c]) for c in columns) + "\n")
-    plot(analysis["masks"], out)
-    write_tensorboard(records, f"{config.tensorboard}/{config.dataset}")
+    apply_overrides(config, args, ("seeds", "epochs"))
+    out, tensorboard = output_folders(args, DEFAULT_OUT, DEFAULT_TENSORBOARD)
+    analysis = run_study(config, out / config.dataset, tensorboard / config.dataset, jobs=args.jobs,
+                         progress=not args.no_progress)
     print(json.dumps(analysis["summary"], indent=2))
     return analysis
 
