@@ -75,12 +75,16 @@ def test_offline_datasets_and_stratified_subsets():
         load_dataset("fashion-mnist", data_dir="/nonexistent")
 
 
-def test_main_job_prints_the_side_by_side_table(tmp_path, capsys):
-    assert main(["main", "--epochs", "1", "--skip-learning-graphs", "--quiet", "--log-root", str(tmp_path)]) == 0
+def test_main_job_prints_the_steering_table_against_matched_controls(tmp_path, capsys):
+    argv = ["main", "--steps", "100", "--seeds", "1", "--skip-learning-graphs", "--quiet",
+            "--log-root", str(tmp_path / "tb"), "--results", str(tmp_path / "results")]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "TopoOptimizer + TopoPenalty" in out and "fc2/normalized_entropy" in out
-    assert f"tensorboard --logdir {tmp_path}" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["main_plain_e1_s0", "main_topo_e1_s0"]
+    summary = json.loads((tmp_path / "results" / "steer" / "quick" / "summary.json").read_text())
+    assert f"best control: {summary['best_control']}" in out
+    for name in ("sgd-x64", "init-default-steered-lr", "lars", "pen-spread", "topo-collapse", "topo-collapse-matched"):
+        assert name in out
+    assert f"tensorboard --logdir {tmp_path / 'tb'}" in out
 
 
 def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, monkeypatch, capsys):

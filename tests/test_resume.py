@@ -99,24 +99,36 @@ def test_resume_may_extend_a_run_but_not_shorten_it(tmp_path, capsys):
 
 
 def test_main_job_resumes_and_reports_honestly(tmp_path, monkeypatch, capsys):
-    argv = ["main", "--epochs", "1", "--skip-learning-graphs", "--quiet", "--log-root", str(tmp_path)]
+    from topoopt.studies import steer
+
+    argv = ["main", "--steps", "100", "--seeds", "1", "--skip-learning-graphs", "--quiet",
+            "--log-root", str(tmp_path / "tb"), "--results", str(tmp_path / "results")]
+    runs = tmp_path / "results" / "steer" / "quick" / "runs.jsonl"
+    original, calls = steer.run_cell, []
+
+    def interrupting_cell(cell, *args, **kwargs):
+        calls.append(cell["id"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(cell, *args, **kwargs)
+
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, 30)  # in the plain run's only epoch
+        patch.setattr(steer, "run_cell", interrupting_cell)
         assert run_cli(argv) == 130
     assert "run it again" in capsys.readouterr().out
-    partial = torch.load(tmp_path / "main_plain_e1_s0" / "checkpoint.pt", weights_only=True)["seconds"]
+    first = runs.read_text().splitlines()
+    assert len(first) == 2  # the two finished runs are on record
     assert run_cli(argv + ["--resume"]) == 0
-    seconds = json.loads((tmp_path / "main_plain_e1_s0" / "summary.json").read_text())["seconds"]
-    assert seconds > partial > 0  # both segments counted
-    assert run_cli(argv) == 0  # finished: reported again, with the same training time
-    assert json.loads((tmp_path / "main_plain_e1_s0" / "summary.json").read_text())["seconds"] == seconds
+    lines = runs.read_text().splitlines()
+    assert lines[:2] == first and len(lines) == 6  # read back, not rerun; the other four run once
 
 
 def test_learning_graph_training_resumes_where_it_stopped(tmp_path, monkeypatch):
     from topoopt.learning_graphs import load_trajectory
     from topoopt.studies import learning_graphs
 
-    config = learning_graphs.RunConfig(setting="tree", dataset="digits", epsilon=1e-3, epochs=6, snapshots=21)
+    config = learning_graphs.RunConfig(setting="tree", dataset="digits", epsilon=1e-3, epochs=6, snapshots=21,
+                                       tensorboard=str(tmp_path / "tb"))
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir(), split.mkdir()
     expected = learning_graphs.train_and_record(config, straight, progress=False)
@@ -137,6 +149,8 @@ def test_learning_graph_training_resumes_where_it_stopped(tmp_path, monkeypatch)
     (split / "trajectory" / "snapshots.jsonl").open("a").write('{"index": 99, "st')  # a torn line, as a kill leaves
     assert learning_graphs.train_and_record(config, split, progress=False) == expected
     assert (split / "nines.json").read_text() == (straight / "nines.json").read_text()
+    online = (straight / learning_graphs.ONLINE_EVENTS).read_text()  # the live detectors resume too
+    assert (split / learning_graphs.ONLINE_EVENTS).read_text() == online
     for layer in ("fc1", "fc2"):
         a, b = load_trajectory(straight / "trajectory", layer), load_trajectory(split / "trajectory", layer)
         assert a.steps.tolist() == b.steps.tolist() and (a.points == b.points).all()

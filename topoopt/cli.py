@@ -7,6 +7,7 @@ import dataclasses
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from topoopt.data import DATASETS, DatasetUnavailable
 from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES
@@ -145,8 +146,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _main_job(args: argparse.Namespace) -> int:
-    """mnist5k twice: the plain optimizer, then TopoOptimizer + TopoPenalty; a side-by-side table;
-    then the quick learning graphs. Every part resumes where an interrupted job stopped."""
+    """The quick steering study and the quick steered learning graphs (see `_run_main_job`), on one
+    thread. Every part resumes where an interrupted job stopped."""
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -167,50 +168,42 @@ def _main_job(args: argparse.Namespace) -> int:
 
 
 def _run_main_job(args: argparse.Namespace) -> int:
+    """Issue #17's answer, small enough to run here: the quick steering study against matched
+    controls (its table), then quick learning graphs of steered runs beside the baselines."""
     import time
 
-    from topoopt.report import format_table
-    from topoopt.training import TrainConfig, train
+    from topoopt.studies import learning_graphs, steer
 
     started = time.perf_counter()
-    common = dict(dataset="mnist5k", model="mlp:784-100-100-10", optimizer="sgd", lr=0.1, momentum=0.9,
-                  epochs=args.epochs, seed=args.seed, diagrams_every=100)
-    tag = f"e{args.epochs}_s{args.seed}"  # runs of other lengths are other runs, never reported as these
-    print(f"Main job: mnist5k, 784-100-100-10, {args.epochs} epochs with SGD, plain and then with TopoOptimizer + "
-          f"TopoPenalty; then the quick learning graphs. Runs go to {args.log_root}/", flush=True)
-    runs = {
-        "plain": TrainConfig(**common, run_name=f"main_plain_{tag}"),
-        "topo": TrainConfig(**common, topo_optimizer="calm", topo_strength=2.0, penalty="normalized_entropy",
-                            penalty_direction="maximize", penalty_weight=0.01, run_name=f"main_topo_{tag}"),
-    }
-    summaries = {}
-    for label, config in runs.items():
-        config.log_dir = f"{args.log_root}/{config.run_name}"
-        summaries[label] = train(config, resume=True, progress=not args.quiet)
-    plain, topo = summaries["plain"], summaries["topo"]
-    rows = [["test accuracy", plain["test_accuracy"], topo["test_accuracy"]],
-            ["train accuracy", plain["train_accuracy"], topo["train_accuracy"]],
-            ["training seconds", plain["seconds"], topo["seconds"]]]
-    for layer in ("fc1", "fc2", "fc3"):
-        for metric in ("normalized_entropy", "mean_lifetime"):
-            key = f"{layer}/{metric}"
-            rows.append([key, plain[key], topo[key]])
-    print()
-    epochs = f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}"
-    print(format_table([f"mnist5k, 784-100-100-10, SGD, {epochs}", "plain", "TopoOptimizer + TopoPenalty"], rows))
+    results, logs = Path(args.results), Path(args.log_root)
+    print("Main job: does steering by topology do something a learning rate cannot? (mnist5k, offline)\n"
+          f"1. The surface network (784-100-100-10, N(0, 1e-6²) init): steered runs against matched controls, "
+          f"{args.seeds} seed(s) × {args.steps:,} steps (the full study, 10 seeds, is `topoopt steer`).", flush=True)
+    steer_argv = ["--quick", "--steps", str(args.steps), "--seeds", str(args.seeds),
+                  "--out", str(results / "steer" / "quick"), "--tensorboard", str(logs / "steer_quick")]
+    if args.quiet:
+        steer_argv.append("--no-progress")
+    steer.main(steer_argv)
     if not args.skip_learning_graphs:
-        from topoopt.studies import learning_graphs
-
-        print("\nLearning graphs (Gabella et al. 2019), quick runs on mnist5k: the tree (784-100-10) for "
-              f"4,000 steps; the surface (784-100-100-10) at lr {learning_graphs.QUICK_SURFACE_LR} instead of the "
-              f"paper's {learning_graphs.PAPER_LR}, 12,000 steps (its plateau is 1/lr long), "
-              "to reach the branching phase:",
+        print("\n2. Learning graphs (Gabella et al. 2019) of steered runs beside the plain baseline, quick runs: "
+              "the tree (784-100-10, zero + N(0, 1e-6²)) for 4,000 steps at the paper's lr 0.05, plain, pen-spread, "
+              "topo-collapse and its matched per-layer lr; the surface (784-100-100-10, N(0, 1e-6²)) at lr "
+              f"{learning_graphs.QUICK_SURFACE_LR} for 12,000 steps (its plateau lasts 1/lr), plain and pen-spread.",
               flush=True)
-        for setting in ("tree", "surface"):
-            learning_graphs.main(["--setting", setting, "--quick"])
-        print(f"Graphs (PNG, JSON, HTML): {learning_graphs.RESULTS_DIR / 'quick'}")
-    print(f"\nMain job finished in {time.perf_counter() - started:.0f} s (this invocation; training seconds "
-          f"above are summed over resumed segments).")
+        graphs = results / "learning_graphs"
+        common = ["--quick", "--epsilons", "1e-6", "--compare", "--out", str(graphs),
+                  "--tensorboard", str(logs / "learning_graphs")]
+        learning_graphs.main(["--setting", "tree", *common, "--steer", "pen-spread", "topo-collapse",
+                              "collapse-matched"])
+        learning_graphs.main(["--setting", "surface", *common, "--steer", "pen-spread"])
+        comparison = graphs / "quick" / "comparison"
+        for table in sorted(comparison.glob("*_comparison.md")):
+            print(f"\n{table.stem}:\n{table.read_text()}")
+        print(f"Side-by-side learning graphs: {comparison}/*_graphs.png; the full-length ones and the 10-seed "
+              "tests are in experiments/RESULTS.md (\"Steering against matched controls\", \"Learning graphs of "
+              "steered training\").")
+    print(f"\nMain job finished in {time.perf_counter() - started:.0f} s (this invocation; finished parts of an "
+          "interrupted job are read back, not rerun).")
     print(f"Look at the runs: tensorboard --logdir {args.log_root}")
     return 0
 
@@ -222,13 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(train, _defaults())
     train.set_defaults(handler=_train)
     main_job = commands.add_parser("main", help="the main job behind `make run` (offline, mnist5k)")
-    main_job.add_argument("--epochs", type=positive_int, default=10)
-    main_job.add_argument("--seed", type=int, default=0)
+    main_job.add_argument("--steps", type=positive_int, default=3000,
+                          help="step budget of each run of the quick steering study (default 3000)")
+    main_job.add_argument("--seeds", type=positive_int, default=2, help="seeds of the quick steering study")
+    main_job.add_argument("--results", default="experiments/results",
+                          help="folder for the studies' results (default experiments/results)")
     main_job.add_argument("--log-root", default="tensorboard_logs")
     main_job.add_argument("--quiet", action="store_true")
     main_job.add_argument("--resume", action="store_true",
                           help="continue an interrupted main job (it always does: the flag is accepted for symmetry)")
-    main_job.add_argument("--skip-learning-graphs", action="store_true", help="only the plain/topology comparison")
+    main_job.add_argument("--skip-learning-graphs", action="store_true", help="only the steering table")
     main_job.set_defaults(handler=_main_job)
     for name, module in STUDIES.items():
         commands.add_parser(name, help=f"run a study ({module}); see `topoopt {name} --help`", add_help=False)
