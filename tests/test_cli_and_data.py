@@ -8,6 +8,7 @@ import torch
 
 from topoopt import DatasetUnavailable, load_dataset, stratified_subset
 from topoopt.cli import main
+from topoopt.models import build_mlp
 
 TINY = ["train", "--dataset", "digits", "--model", "mlp:64-16-10", "--epochs", "2", "--batch-size", "128",
         "--quiet", "--monitor-every", "2", "--diagrams-every", "5"]
@@ -21,7 +22,12 @@ def test_train_writes_the_run_folder(tmp_path, capsys):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"] and "fc1/normalized_entropy" in rows[0]
     summary = json.loads((run / "summary.json").read_text())
-    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    model = build_mlp("mlp:64-16-10")  # the saved weights, evaluated again on the test split
+    model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True)["model"])
+    digits = load_dataset("digits")
+    with torch.no_grad():
+        correct = int((model(digits.x_test).argmax(1) == digits.y_test).sum())
+    assert summary["test_accuracy"] == correct / len(digits.y_test) == float(rows[-1]["test_accuracy"])
     assert list(run.glob("events.out.tfevents.*"))
     assert "test accuracy" in capsys.readouterr().out
 

@@ -1,5 +1,6 @@
 """neuron_cloud, layer selection and layer_topology."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -63,7 +64,8 @@ def test_layer_topology_reports_each_layer():
     assert (fc1.n_neurons, fc1.dim) == (6, 8)
     deaths = h0_deaths(model.fc1.weight.detach())
     assert fc1.mean_lifetime == pytest.approx(deaths.mean().item())
-    assert 0 < fc1.normalized_entropy <= 1
+    shares = deaths / deaths.sum()  # E / log n over the 5 bars of 6 neurons
+    assert fc1.normalized_entropy == pytest.approx(float(-(shares * shares.log()).sum() / np.log(5)), rel=1e-6)
     assert list(layer_topology(model, layers=["fc2"])) == ["fc2"]
 
 
