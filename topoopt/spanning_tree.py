@@ -53,6 +53,11 @@ _SMALL_COMPONENT = 8
 # exactly: float32's exponent range allows only a few dozen such levels anyway.
 _MAX_DEPTH = 16
 
+# Clouds on these devices search their tree where they are (`topoopt.device_tree`, Borůvka):
+# copying a GPU's N×N matrix to the host for Prim costs more than the search. Tests add "cpu"
+# to run that code without a GPU.
+DEVICE_SEARCH_TYPES = frozenset({"cuda"})
+
 # Rows per Gram block: 256 rows × N columns keeps the float32 block at 20 MiB for N = 20,000.
 _BLOCK_ROWS = 256
 # Float64 pair differences are recomputed this many elements (pairs × d) at a time (64 MiB).
@@ -309,7 +314,8 @@ def euclidean_mst_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     indices come back as int64 tensors on the points' device. Exact duplicates are joined by
     zero-length edges; ties between equal lengths are broken arbitrarily (every minimum spanning
     tree has the same sorted edge lengths, so the H0 deaths do not depend on the choice).
-    Runs single-threaded but for big matrix products (`topoopt._threads`).
+    Runs single-threaded but for big matrix products (`topoopt._threads`). A CUDA cloud's tree
+    is searched on its device (`topoopt.device_tree`), with ties broken by index.
     """
     n = points.shape[0]
     device = points.device
@@ -318,6 +324,10 @@ def euclidean_mst_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         return empty, empty
     points = points.detach()
     with engine_threads():
+        if device.type in DEVICE_SEARCH_TYPES:
+            from topoopt.device_tree import device_tree  # imports this module
+
+            return device_tree(points)
         edges = _small_cloud_tree(points) if n <= _BLOCK_ROWS else None
         if edges is None:
             edges = _tree_of_distinct_points(points)

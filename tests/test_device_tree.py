@@ -1,0 +1,129 @@
+"""The device-resident tree search (Borůvka, `topoopt.device_tree`), run on CPU tensors through
+the same code a CUDA cloud takes: against gudhi and scipy, with exact ties, and its gradients."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import gudhi_h0_deaths
+from test_persistence import CASES, make_cloud, positive, scipy_h0_deaths
+
+from topoopt import h0_deaths, spanning_tree
+from topoopt.device_tree import device_tree
+
+
+@pytest.fixture
+def device_search_on_cpu(monkeypatch):
+    """Send CPU clouds through the device search, as CUDA clouds are."""
+    monkeypatch.setattr(spanning_tree, "DEVICE_SEARCH_TYPES", frozenset({"cpu", "cuda"}))
+
+
+def kruskal(squared: np.ndarray) -> set[tuple[int, int]]:
+    """Kruskal's tree under the order (value, lower index, higher index): the reference tree."""
+    n = squared.shape[0]
+    parent = list(range(n))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    tree = set()
+    for _length, a, b in sorted((squared[a, b], a, b) for a, b in itertools.combinations(range(n), 2)):
+        if find(a) != find(b):
+            parent[find(a)] = find(b)
+            tree.add((a, b))
+    return tree
+
+
+@pytest.mark.parametrize("kind,n,d,scale", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_gudhi_and_scipy(kind, n, d, scale, dtype, device_search_on_cpu):
+    rng = np.random.default_rng(n * 7 + d)
+    x = make_cloud(kind, n, d, scale, rng).astype(np.float32 if dtype == torch.float32 else np.float64)
+    deaths = h0_deaths(torch.tensor(x, dtype=dtype))
+    assert deaths.shape == (n - 1,)
+    reference = x.astype(np.float64)
+    np.testing.assert_allclose(positive(deaths), gudhi_h0_deaths(reference), rtol=1e-5, atol=0)
+    np.testing.assert_allclose(deaths.double().numpy(), scipy_h0_deaths(reference), rtol=1e-5, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ties_are_broken_by_index_exactly(seed):
+    """On integer points (whose squared distances are exact), the tree is Kruskal's under
+    (length, lower index, higher index): equal lengths everywhere, yet one determined tree."""
+    rng = np.random.default_rng(seed)
+    half = rng.integers(-2, 3, size=(20, 3)).astype(np.float64)
+    x = np.concatenate([half, -half])  # the mean is exactly 0, so centring changes nothing
+    u, v = device_tree(torch.tensor(x))
+    squared = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    assert set(zip(u.tolist(), v.tolist())) == kruskal(squared)
+
+
+@pytest.mark.parametrize("n", [2, 3, 100])
+def test_all_zero_and_all_equal_clouds(n):
+    for x in (torch.zeros(n, 30), torch.ones(n, 30).mul_(0.37)):
+        u, v = device_tree(x)
+        assert u.shape == (n - 1,)
+        assert sorted(zip(u.tolist(), v.tolist())) == [(0, j) for j in range(1, n)]
+
+
+def test_tree_is_spanning(device_search_on_cpu):
+    x = torch.tensor(make_cloud("duplicates", 200, 5, 1.0, np.random.default_rng(1)))
+    u, v = spanning_tree.euclidean_mst_edges(x)
+    parent = list(range(200))
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for a, b in zip(u.tolist(), v.tolist()):
+        assert find(a) != find(b), "tree edges form a cycle"
+        parent[find(a)] = find(b)
+
+
+def test_fewer_than_two_points():
+    for n in (0, 1):
+        u, v = device_tree(torch.randn(n, 4))
+        assert u.shape == v.shape == (0,)
+
+
+def test_gradcheck_through_the_device_search(device_search_on_cpu):
+    x = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p: h0_deaths(p), (x,))
+
+
+def test_duplicates_have_finite_zero_gradients(device_search_on_cpu):
+    x = torch.zeros(50, 8, requires_grad=True)
+    h0_deaths(x).sum().backward()
+    assert torch.all(x.grad == 0)
+
+
+def test_small_blocks_give_the_same_tree(monkeypatch):
+    """Rows are processed in blocks on big clouds; the tree does not depend on the block size."""
+    x = torch.tensor(make_cloud("small_clusters", 300, 16, 1.0, np.random.default_rng(2)), dtype=torch.float32)
+    whole = device_tree(x)
+    from topoopt import device_tree as module
+
+    monkeypatch.setattr(module, "_BLOCK_ELEMENTS", 7 * 300)
+    blocked = device_tree(x)
+    assert torch.equal(whole[0], blocked[0]) and torch.equal(whole[1], blocked[1])
+
+
+def test_cpu_clouds_keep_the_compiled_prim(monkeypatch):
+    from topoopt import device_tree as module
+
+    monkeypatch.setattr(module, "device_tree", lambda points: pytest.fail("CPU cloud sent to the device search"))
+    h0_deaths(torch.randn(30, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_clouds_search_on_the_device(monkeypatch):
+    monkeypatch.setattr(spanning_tree, "_prim", lambda squared: pytest.fail("CUDA cloud searched on the host"))
+    x = torch.randn(700, 64)
+    deaths = h0_deaths(x.cuda().requires_grad_(True))
+    deaths.sum().backward()
+    np.testing.assert_allclose(positive(deaths), gudhi_h0_deaths(x.double().numpy()), rtol=1e-5)

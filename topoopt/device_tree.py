@@ -1,0 +1,242 @@
+"""Minimum spanning tree of a cloud on the cloud's own device: Borůvka in batched tensor ops.
+
+`topoopt.spanning_tree` sends a CUDA cloud here, so that no N×N matrix is copied to the host; a
+CPU cloud stays with its compiled Prim loop. The same code runs on CPU tensors, which is how the
+tests check it without a GPU.
+
+Why Borůvka and not Prim on the device: Prim adds one vertex per step, N − 1 dependent steps of a
+few kernel launches each (several µs apiece: tens of ms at N = 4096, more than the Gram product).
+Borůvka adds every component's cheapest outgoing edge at once, so the number of components at
+least halves each round: ⌈log₂ N⌉ rounds (12 at N = 4096), each a few streaming passes over the
+N×N matrix. On a CPU the opposite holds: the compiled Prim loop reads the matrix once, Borůvka
+about log₂ N times.
+
+Exactness, as in `topoopt.spanning_tree`:
+- squared distances come from one float32 Gram product of the centred cloud, kept on the device;
+  its near pairs, whose Gram value lost its digits, are recomputed exactly: a few in float64,
+  clusters of many about their own centre (recursively), a dense sheet by a float64 Gram product;
+- ties are broken by the strict order (length, lower index, higher index), so Borůvka's chosen
+  edges never close a cycle, whatever the ties (duplicates, an all-zero layer);
+- a user's TF32 matmul setting (10-bit mantissa) would pick wrong trees, so the Gram product is
+  then taken in float64 instead.
+Host traffic: a few scalars per round (how many components are left) and O(N) index vectors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from topoopt.spanning_tree import (
+    _EXACT_PAIRS_PER_POINT,
+    _MAX_DEPTH,
+    _PAIR_CHUNK_ELEMENTS,
+    _SMALL_COMPONENT,
+    NEAR_PAIR_RATIO,
+    NEAR_PAIR_RATIO_FLOAT64,
+    MemoryBudgetError,
+    _available_bytes,
+    _far_from_centre,
+)
+
+__all__ = ["device_tree", "device_tree_bytes"]
+
+# Temporaries (masked rows, comparisons) are built this many matrix entries at a time: 64 MiB of
+# float32, one block for N ≤ 4096.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def device_tree_bytes(n_points: int) -> int:
+    """Peak device bytes of the search: the N×N float32 matrix, its near-pair mask and its
+    symmetrised copy (9 bytes an entry), plus one block of temporaries."""
+    return 9 * n_points * n_points + 9 * _BLOCK_ELEMENTS
+
+
+@torch.no_grad()
+def device_tree(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Endpoints (u, v), int64 on the points' device, of the N−1 edges of a Euclidean minimum
+    spanning tree of the finite N×d cloud `points`; the tree is the unique minimum under the
+    order (squared length, lower index, higher index), computed on the points' device."""
+    n = points.shape[0]
+    if n < 2:
+        empty = torch.empty(0, dtype=torch.int64, device=points.device)
+        return empty, empty
+    _check_memory(n, points.device)
+    squared, _ = _squared_distances(points.detach(), depth=0)
+    return _boruvka(squared)
+
+
+def _check_memory(n_points: int, device: torch.device) -> None:
+    needed = device_tree_bytes(n_points)
+    available = _available_bytes(device)
+    if needed > 0.8 * available:
+        raise MemoryBudgetError(
+            f"A cloud of {n_points} points needs a {n_points}×{n_points} float32 distance matrix "
+            f"and its masks ({needed / 2**30:.1f} GiB) on {device}, but only "
+            f"{available / 2**30:.1f} GiB is free. Compute H0 on a subset of the neurons, or on a "
+            f"larger device."
+        )
+
+
+def _row_blocks(n: int) -> Iterator[slice]:
+    rows = max(1, _BLOCK_ELEMENTS // n)
+    for start in range(0, n, rows):
+        yield slice(start, min(start + rows, n))
+
+
+def _boruvka(squared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The minimum spanning tree of a symmetric N×N matrix under (value, lower, higher)."""
+    n = squared.shape[0]
+    device = squared.device
+    index = torch.arange(n, device=device)
+    labels = index.clone()  # each point's component, named by one of its points
+    no_edge = n * n  # above every edge key lower·N + higher
+    found_u: list[torch.Tensor] = []
+    found_v: list[torch.Tensor] = []
+    components = n
+    while components > 1:
+        # Each point's cheapest edge to another component; argmin takes the lowest index among
+        # equal values, which is the (lower, higher) order for edges sharing this point.
+        nearest = torch.empty(n, dtype=torch.int64, device=device)
+        for rows in _row_blocks(n):
+            block = squared[rows].masked_fill(labels[rows, None] == labels[None, :], math.inf)
+            nearest[rows] = block.argmin(dim=1)
+        length = squared[index, nearest]
+        # Each component's cheapest edge: least length, then least (lower, higher) key.
+        least = torch.full((n,), math.inf, dtype=squared.dtype, device=device)
+        least.scatter_reduce_(0, labels, length, "amin")
+        key = torch.minimum(index, nearest) * n + torch.maximum(index, nearest)
+        key = torch.where(length == least[labels], key, no_edge)
+        chosen = torch.full((n,), no_edge, dtype=torch.int64, device=device)
+        chosen.scatter_reduce_(0, labels, key, "amin")
+        active = chosen < no_edge  # the components' names
+        chosen = torch.where(active, chosen, 0)
+        lower, higher = chosen // n, chosen % n
+        across = torch.where(labels[lower] == index, labels[higher], labels[lower])
+        parent = torch.where(active, across, index)
+        # Two components that chose each other chose the same edge (the order is strict): the
+        # lower name becomes the root and the higher one adds the edge.
+        mutual = (parent[parent] == index) & (index < parent)
+        parent = torch.where(mutual, index, parent)
+        adds = active & (parent != index)
+        found_u.append(lower[adds])
+        found_v.append(higher[adds])
+        components -= found_u[-1].shape[0]
+        for _ in range(max(1, math.ceil(math.log2(n)))):  # every chain of hooks is shorter than n
+            parent = parent[parent]
+        labels = parent[labels]
+    return torch.cat(found_u), torch.cat(found_v)
+
+
+def _squared_distances(points: torch.Tensor, depth: int) -> tuple[torch.Tensor, float]:
+    """N×N float32 squared distances times factor² (a power of two), every entry accurate to a
+    relative 4e-6, on the points' device; (matrix, factor). The recursion of
+    `topoopt.spanning_tree._accurate_squared_distances`, in device tensor ops."""
+    n = points.shape[0]
+    squared, near, factor = _gram_pass(points, torch.float32, NEAR_PAIR_RATIO)
+    if int(near.sum()) <= _EXACT_PAIRS_PER_POINT * n or depth >= _MAX_DEPTH:
+        _recompute_exactly(squared, points, near, factor**2)
+        return squared, factor
+    labels = _component_labels(near)
+    sizes = torch.bincount(labels, minlength=n)
+    member_size = sizes[labels]
+    in_small = (member_size > 1) & (member_size <= _SMALL_COMPONENT)
+    small_pairs = torch.zeros_like(near)
+    for rows in _row_blocks(n):
+        small_pairs[rows] = (labels[rows, None] == labels[None, :]) & in_small[rows, None]
+    small_pairs.triu_(diagonal=1)
+    for root in torch.nonzero(sizes > _SMALL_COMPONENT).flatten().tolist():
+        group = torch.nonzero(labels == root).flatten()
+        members = points[group]
+        if group.shape[0] < n and _far_from_centre(members, points):
+            inner, inner_factor = _squared_distances(members, depth + 1)
+        else:  # centring again would not help: a float64 Gram product of the group instead
+            inner, inner_near, inner_factor = _gram_pass(members, torch.float64, NEAR_PAIR_RATIO_FLOAT64)
+            _recompute_exactly(inner, members, inner_near, inner_factor**2)
+        # Both factors are powers of two, so moving to this level's scale is exact.
+        squared[group[:, None], group[None, :]] = inner.mul_((factor / inner_factor) ** 2)
+    _recompute_exactly(squared, points, small_pairs, factor**2)
+    return squared, factor
+
+
+def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Symmetric float32 squared distances from a Gram product in `dtype`, the mask (strict
+    upper triangle) of pairs closer than ``ratio·(|x|²+|y|²)``, and the power-of-two factor."""
+    n = points.shape[0]
+    if dtype == torch.float32 and points.device.type == "cuda" and _tf32_matmul():
+        dtype, ratio = torch.float64, NEAR_PAIR_RATIO_FLOAT64
+    # Centre in the input's own precision: the difference of close floats is exact (Sterbenz).
+    centred = points - points.mean(dim=0)
+    scale = float(centred.abs().max())
+    factor = 2.0 ** -round(math.log2(scale)) if scale > 0 else 1.0
+    x = (centred * factor).to(dtype)
+    sq_norms = (x * x).sum(dim=1)
+    squared = torch.empty((n, n), dtype=torch.float32, device=points.device)
+    for rows in _row_blocks(n):
+        block = x[rows] @ x.T
+        squared[rows] = block.mul_(-2).add_(sq_norms[rows, None]).add_(sq_norms[None, :]).clamp_(min=0)
+    # A product's (i, j) and (j, i) entries may differ in their last bits; Borůvka needs one
+    # length per edge.
+    squared = torch.minimum(squared, squared.T)
+    near = torch.empty((n, n), dtype=torch.bool, device=points.device)
+    threshold_norms = sq_norms.float() * ratio
+    for rows in _row_blocks(n):
+        near[rows] = squared[rows] < threshold_norms[rows, None] + threshold_norms[None, :]
+    return squared, near.triu_(diagonal=1), factor
+
+
+def _tf32_matmul() -> bool:
+    """Whether CUDA float32 matrix products may run in TF32 (read only: setting it here would
+    mix torch's old and new precision APIs, which torch then refuses to read)."""
+    matmul = torch.backends.cuda.matmul
+    own = getattr(matmul, "fp32_precision", None)
+    if own is None:  # older torch: only the legacy flag
+        return bool(matmul.allow_tf32)
+    if own == "none":  # follows the global setting
+        return getattr(torch.backends, "fp32_precision", "none") == "tf32"
+    return own == "tf32"
+
+
+def _recompute_exactly(squared: torch.Tensor, points: torch.Tensor, mask: torch.Tensor, factor: float) -> None:
+    """Overwrite `squared` at the pairs of `mask` (and their mirror) with float64 squared
+    differences times `factor`."""
+    pairs = torch.nonzero(mask)
+    if pairs.shape[0] == 0:
+        return
+    wide = points.double()
+    pairs_per_chunk = max(1, _PAIR_CHUNK_ELEMENTS // max(1, points.shape[1]))
+    for start in range(0, pairs.shape[0], pairs_per_chunk):
+        rows, cols = pairs[start : start + pairs_per_chunk].T
+        difference = wide.index_select(0, rows) - wide.index_select(0, cols)
+        exact = (torch.linalg.vector_norm(difference, dim=1).square_() * factor).float()
+        squared[rows, cols] = exact
+        squared[cols, rows] = exact
+
+
+def _component_labels(upper: torch.Tensor) -> torch.Tensor:
+    """Connected components of the graph whose edges are the True entries of `upper` (strict
+    upper triangle): each point's label is the lowest index of its component.
+
+    Each round hooks every component onto the lowest label among its neighbours, then follows
+    the hooks to their ends; a component with a neighbour merges every round, so O(log N) rounds.
+    """
+    n = upper.shape[0]
+    index = torch.arange(n, device=upper.device)
+    labels = index.clone()
+    while True:
+        lowest = torch.empty_like(labels)
+        for rows in _row_blocks(n):
+            adjacent = upper[rows] | upper[:, rows].T
+            lowest[rows] = torch.where(adjacent, labels[None, :], n).amin(dim=1)
+        hooked = labels.clone().scatter_reduce_(0, labels, lowest, "amin")
+        while True:
+            jumped = hooked[hooked]
+            if torch.equal(jumped, hooked):
+                break
+            hooked = jumped
+        hooked = hooked[labels]
+        if torch.equal(hooked, labels):
+            return labels
+        labels = hooked
