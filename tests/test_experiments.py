@@ -111,3 +111,20 @@ def test_study_folders_are_the_options_or_the_defaults_kept_apart_for_quick_grid
     assert output_folders(Namespace(quick=True, out=None, tensorboard=None), *defaults) == (
         Path("results") / "study" / "quick", Path("logs") / "study_quick")
     assert output_folders(Namespace(quick=True, out="o", tensorboard="t"), *defaults) == (Path("o"), Path("t"))
+
+
+def test_compact_results_round_trip_and_restore_a_missing_resume_file(tmp_path):
+    from topoopt.sweep import load_compact, restore_from_compact, save_compact
+
+    records = [{"id": "a", "x": 0.1 + 0.2, "curve": [[1, 1 / 3]], "nan": float("nan")}, {"id": "b", "x": 1e-300}]
+    save_compact(records, tmp_path / "c.gz")
+    first = (tmp_path / "c.gz").read_bytes()
+    save_compact(records, tmp_path / "c.gz")
+    assert (tmp_path / "c.gz").read_bytes() == first  # no time stamp: no change in git
+    loaded = load_compact(tmp_path / "c.gz")
+    assert loaded[0]["x"] == 0.1 + 0.2 and loaded[0]["curve"] == [[1, 1 / 3]] and loaded[1] == records[1]
+    restore_from_compact(tmp_path / "runs.jsonl", tmp_path / "c.gz")
+    calls = []
+    results = run_cells([{"id": "a"}, {"id": "b"}, {"id": "c", "x": 2}], lambda c: calls.append(c["id"]) or {"x": 4},
+                        tmp_path / "runs.jsonl", progress=False)
+    assert calls == ["c"] and [r["x"] for r in results] == [0.1 + 0.2, 1e-300, 4]

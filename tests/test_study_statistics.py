@@ -87,3 +87,22 @@ def test_committed_small_data_analysis_matches_its_holm_families():
     survivors = {(r["dataset"], r["budget"], r["layer"], r["metric"])
                  for r in partial if r["partial_p_given_log_size_holm"] < 0.05}
     assert survivors == {("digits", "epochs", "fc1", "mean_lifetime")}
+
+
+def test_committed_compact_runs_reproduce_the_committed_tables():
+    """The gzipped copies of runs.jsonl are lossless: analysing them gives the committed tables
+    (to the last bits of a least-squares fit, which depend on the BLAS)."""
+    from topoopt.studies import ablate, small_data
+    from topoopt.sweep import COMPACT_RESULTS, load_compact
+
+    table = ablate.analyse(load_compact(RESULTS / "ablate" / COMPACT_RESULTS))
+    assert {"table": table, "best": ablate.best_per_dataset(table), "summary": ablate.summarise(table)} == \
+        json.loads((RESULTS / "ablate" / "table.json").read_text())
+    analysis = small_data.analyse(load_compact(RESULTS / "small_data" / COMPACT_RESULTS))
+    committed = json.loads((RESULTS / "small_data" / "analysis.json").read_text())
+    assert analysis["holm_family_size"] == committed["holm_family_size"]
+    assert analysis["friedman"] == committed["friedman"]
+    for row, saved in zip(analysis["correlations"], committed["correlations"], strict=True):
+        assert row.keys() == saved.keys()
+        assert {k: v for k, v in row.items() if isinstance(v, float)} == pytest.approx(
+            {k: v for k, v in saved.items() if isinstance(v, float)}, rel=1e-9, nan_ok=True)

@@ -15,7 +15,10 @@ from pathlib import Path
 
 from topoopt.progress import Heartbeat
 
-__all__ = ["load_results", "run_cells"]
+# A study's committed copy of its runs.jsonl (see `save_compact`), in the same folder.
+COMPACT_RESULTS = "runs_compact.jsonl.gz"
+
+__all__ = ["COMPACT_RESULTS", "load_compact", "load_results", "restore_from_compact", "run_cells", "save_compact"]
 
 
 def load_results(path: Path) -> dict[str, dict]:
@@ -92,3 +95,35 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
                     bar.update()
                     heartbeat.beat(lambda: f"{desc}: {bar.n} of {len(cells)} cells done")
     return [done[i] for i in ids]
+
+
+def save_compact(records: Sequence[dict], path: Path) -> None:
+    """`records` as gzipped JSON lines without spaces: a lossless copy of a results file small
+    enough to commit (every number is kept exactly, so an analysis of `load_compact`'s records
+    equals that of the originals). The bytes depend only on the records (no time stamp)."""
+    import gzip
+
+    text = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records)
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as handle:
+        handle.write(text.encode("utf-8"))
+
+
+def load_compact(path: Path) -> list[dict]:
+    """The records `save_compact` wrote, in their order."""
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def restore_from_compact(results_path: Path, compact_path: Path) -> None:
+    """When `results_path` (a sweep's resume file, not committed) is missing and its compact copy
+    exists, write the copy's records back to it, so that `run_cells` skips those cells: a fresh
+    clone re-tabulates a committed study without training it again."""
+    results_path, compact_path = Path(results_path), Path(compact_path)
+    if results_path.exists() or not compact_path.exists():
+        return
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(results_path, "w") as handle:
+        for record in load_compact(compact_path):
+            handle.write(json.dumps(record) + "\n")

@@ -35,7 +35,7 @@ from topoopt.penalty import TopoPenalty
 from topoopt.report import format_table
 from topoopt.studies.options import add_sweep_options, apply_overrides, output_folders
 from topoopt.studies.statistics import holm, paired_t_minimum_effect, wilcoxon_minimum_p
-from topoopt.sweep import run_cells
+from topoopt.sweep import COMPACT_RESULTS, restore_from_compact, run_cells, save_compact
 
 # The command line's defaults (relative to the current folder); `run_study` takes its folders.
 DEFAULT_OUT = Path("experiments") / "results" / "ablate"
@@ -292,8 +292,10 @@ def run_study(config: AblationConfig, out: Path, tensorboard: Path | None = None
     (None: none). Returns the table, the best variant per dataset and the summary."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    restore_from_compact(out / "runs.jsonl", out / COMPACT_RESULTS)
     records = run_cells(make_cells(config), run_cell, out / "runs.jsonl", jobs=jobs, progress=progress,
                         desc="ablate")
+    save_compact(records, out / COMPACT_RESULTS)
     table = analyse(records)
     result = {"table": table, "best": best_per_dataset(table), "summary": summarise(table)}
     (out / "table.json").write_text(json.dumps(result, indent=2))

@@ -39,10 +39,10 @@ from topoopt.data import load_dataset, stratified_subset
 from topoopt.layers import layer_topology
 from topoopt.loop import fit_steps, make_optimizer
 from topoopt.models import build_mlp
-from topoopt.plotting import new_figure
+from topoopt.plotting import new_figure, save_png
 from topoopt.studies.options import add_sweep_options, apply_overrides, output_folders
 from topoopt.studies.statistics import holm, partial_spearman
-from topoopt.sweep import run_cells
+from topoopt.sweep import COMPACT_RESULTS, restore_from_compact, run_cells, save_compact
 
 # The command line's defaults (relative to the current folder); `run_study` takes its folders.
 DEFAULT_OUT = Path("experiments") / "results" / "small_data"
@@ -204,7 +204,7 @@ def plot(records: list[dict], out: Path) -> None:
             axes[0, j].legend(fontsize=7)
         figure.suptitle(f"{dataset}: per-layer topology, same step budget for every size")
         figure.tight_layout()
-        figure.savefig(out / f"{dataset}_topology.png", dpi=110)
+        save_png(figure, out / f"{dataset}_topology.png", dpi=110)
 
 
 def write_correlations(analysis: dict, path: Path) -> None:
@@ -231,8 +231,10 @@ def run_study(config: SmallDataConfig, out: Path, tensorboard: Path | None = Non
     _check_datasets(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    restore_from_compact(out / "runs.jsonl", out / COMPACT_RESULTS)
     records = run_cells(make_cells(config, tensorboard), run_cell, out / "runs.jsonl", jobs=jobs, progress=progress,
                         desc="small-data")
+    save_compact(records, out / COMPACT_RESULTS)
     analysis = analyse(records)
     (out / "analysis.json").write_text(json.dumps(analysis, indent=2))
     write_correlations(analysis, out / "correlations.csv")

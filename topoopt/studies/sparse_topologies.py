@@ -38,11 +38,11 @@ from torch import nn
 
 from topoopt.data import load_dataset
 from topoopt.loop import fit, make_optimizer
-from topoopt.plotting import new_figure
+from topoopt.plotting import new_figure, save_png
 from topoopt.sparse import SparseLinear, block_diagonal, family_seed, graph_measures, make_mask, mask_fingerprint
 from topoopt.studies.options import add_sweep_options, apply_overrides, output_folders
 from topoopt.studies.statistics import partial_spearman
-from topoopt.sweep import run_cells
+from topoopt.sweep import COMPACT_RESULTS, restore_from_compact, run_cells, save_compact
 
 # The command line's defaults (relative to the current folder); `run_study` takes its folders.
 DEFAULT_OUT = Path("experiments") / "results" / "sparse_topologies"
@@ -280,7 +280,7 @@ def plot(masks: list[dict], out: Path) -> None:
     right.set(xlabel="density", xscale="log", ylabel="test accuracy", title="accuracy against density")
     left.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out / "accuracy_vs_gap_and_density.png", dpi=120)
+    save_png(figure, out / "accuracy_vs_gap_and_density.png", dpi=120)
 
 
 def write_tensorboard(records: list[dict], log_dir: Path) -> None:
@@ -311,8 +311,10 @@ def run_study(config: StudyConfig, out: Path, tensorboard: Path | None = None, j
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     cells, duplicates = make_cells(config, load_permuted(config.dataset).n_features)
+    restore_from_compact(out / "runs.jsonl", out / COMPACT_RESULTS)
     records = run_cells(cells, run_cell, out / "runs.jsonl", jobs=jobs, progress=progress,
                         desc=f"sparse {config.dataset}")
+    save_compact(records, out / COMPACT_RESULTS)
     analysis = analyse(records, config)
     analysis["summary"]["duplicate_masks_dropped"] = duplicates
     (out / "summary.json").write_text(json.dumps(analysis["summary"], indent=2))
