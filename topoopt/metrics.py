@@ -194,10 +194,18 @@ def max_lifetime(deaths: torch.Tensor) -> torch.Tensor:
 class MetricSpec:
     """What topoopt knows about a metric, in one place for the penalty, optimizer and monitor.
 
-    ``scale_free``: unchanged when every weight is multiplied by c > 0 (else it scales by c).
-    ``complexity``: how `TopoOptimizer` makes it a dimensionless complexity: ``"as is"``
-    (already in [0, 1]), ``"per rms norm"`` (divided by the layer's RMS neuron norm),
-    ``"per bar and rms norm"`` (also by the number of bars), or None (not offered).
+    Attributes
+    ----------
+    name : str
+        The name used by `TopoPenalty`, `TopoOptimizer` and the command line.
+    function : callable
+        ``function(deaths) -> Tensor``: the metric of a 1-D tensor of H0 deaths.
+    scale_free : bool
+        Unchanged when every weight is multiplied by c > 0 (else it scales by c).
+    complexity : str or None
+        How `TopoOptimizer` makes it a dimensionless complexity: ``"as is"`` (already in
+        [0, 1]), ``"per rms norm"`` (divided by the layer's RMS neuron norm), ``"per bar and rms
+        norm"`` (also by the number of bars), or None (not offered).
     """
 
     name: str
@@ -227,7 +235,22 @@ COMPLEXITY_METRICS: tuple[str, ...] = tuple(n for n, spec in METRIC_SPECS.items(
 
 
 def metric_spec(name: str) -> MetricSpec:
-    """The `MetricSpec` called `name`; an unknown name is a `ValueError` listing the valid ones."""
+    """The `MetricSpec` called `name`.
+
+    Parameters
+    ----------
+    name : str
+        A key of `METRIC_SPECS`.
+
+    Returns
+    -------
+    MetricSpec
+
+    Raises
+    ------
+    ValueError
+        For an unknown name; the message lists the valid ones.
+    """
     try:
         return METRIC_SPECS[name]
     except (KeyError, TypeError):
@@ -237,14 +260,37 @@ def metric_spec(name: str) -> MetricSpec:
 
 
 def get_metric(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The metric function called `name`; an unknown name is a `ValueError` listing the valid ones."""
+    """The metric function called `name` (``metric_spec(name).function``).
+
+    Parameters
+    ----------
+    name : str
+        A key of `METRIC_SPECS`; an unknown name is a `ValueError` listing the valid ones.
+
+    Returns
+    -------
+    callable
+        ``function(deaths) -> Tensor``, differentiable.
+    """
     return metric_spec(name).function
 
 
 def dimensionless_complexity(name: str, deaths: torch.Tensor, rms_norm: float) -> float:
     """The metric as `TopoOptimizer` compares it across layers (see `MetricSpec.complexity`).
 
-    ``rms_norm`` is the layer's RMS neuron norm, ‖W‖_F / √N; an all-zero layer gives 0.
+    Parameters
+    ----------
+    name : str
+        A metric whose `MetricSpec.complexity` is not None (one of `COMPLEXITY_METRICS`).
+    deaths : torch.Tensor
+        The layer's H0 deaths (e.g. from `topoopt.h0_deaths`).
+    rms_norm : float
+        The layer's RMS neuron norm, ‖W‖_F / √N.
+
+    Returns
+    -------
+    float
+        Dimensionless: invariant to the scale of the weights; 0 for an all-zero layer.
     """
     spec = metric_spec(name)
     if spec.complexity is None:

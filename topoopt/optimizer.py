@@ -288,7 +288,15 @@ class TopoOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     @torch.compiler.disable
     def update_scales(self) -> dict[str, float]:
-        """Measure every wrapped layer now, update the moving averages and the scales."""
+        """Measure every wrapped layer now, update the moving averages and the scales.
+
+        `step` calls it on its measuring steps; call it directly to refresh the scales between them.
+
+        Returns
+        -------
+        dict
+            Layer name → scale s_l, clipped to `bounds` (a copy of ``scales``).
+        """
         topo = self._topo
         measured = {}
         for name, layer in self._layers.items():
@@ -389,6 +397,19 @@ class TopoOptimizer(torch.optim.Optimizer):
         torch._foreach_add_(params, before)
 
     def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
+        """One inner step, then each wrapped layer's update multiplied by its scale s_l
+        (measuring first on every `every`-th step). See the class's Safety paragraph for failures.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model and returns the loss, as for the inner optimizer.
+
+        Returns
+        -------
+        loss : Any
+            What the inner optimizer's step returns (the closure's loss, or None).
+        """
         plan = self._begin_step(closure)
         try:
             loss = _inner_step(self.base_optimizer, closure)

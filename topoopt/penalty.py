@@ -146,6 +146,20 @@ class TopoPenalty(nn.Module):
 
     @torch.compiler.disable
     def forward(self) -> torch.Tensor:
+        """The penalty term now: Σ over layers of coefficient × (±metric, or (metric − target)²).
+
+        Returns
+        -------
+        torch.Tensor
+            A differentiable scalar on the layers' device, to add to the loss; an exact
+            zero without a graph on the calls that `every` skips. ``last_values`` then holds each
+            measured layer's metric.
+
+        Raises
+        ------
+        ValueError
+            When a layer's metric is not finite (diverged weights).
+        """
         self._calls += 1
         first = next(iter(self._layers.values())).weight
         total = torch.zeros((), device=first.device, dtype=torch.float32)
