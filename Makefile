@@ -17,6 +17,7 @@ run: $(STAMP)
 	$(VENV)/bin/topoopt main
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
