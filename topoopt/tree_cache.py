@@ -23,6 +23,7 @@ reuses exactly the trees the interrupted one would have.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +31,11 @@ import torch
 
 from topoopt._validation import check_positive_int
 from topoopt.cloud import layer_cloud
+from topoopt.many_clouds import edge_lengths_many, trees_of_many
 from topoopt.persistence import edge_lengths
 from topoopt.spanning_tree import euclidean_mst_edges
 
-__all__ = ["TreeCache", "cache_key", "measure_layer"]
+__all__ = ["TreeCache", "cache_key", "measure_layer", "measure_layers"]
 
 
 @dataclass
@@ -61,6 +63,38 @@ class TreeCache:
         """The tree (u, v) to measure `cloud` with: reused when exact or allowed, else searched."""
         check_positive_int("tree_every", tree_every)
         cloud = cloud.detach()
+        reused = self._reusable(key, cloud, tree_every)
+        if reused is not None:
+            return reused
+        u, v = euclidean_mst_edges(cloud)
+        self._store(key, cloud, u, v)
+        return u, v
+
+    def edges_many(
+        self, clouds: Mapping[str, torch.Tensor], tree_every: int = 1
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`edges` of each keyed cloud, the trees to search searched together (`trees_of_many`)."""
+        check_positive_int("tree_every", tree_every)
+        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        missing: dict[str, torch.Tensor] = {}
+        for key, cloud in clouds.items():
+            cloud = cloud.detach()
+            reused = self._reusable(key, cloud, tree_every)
+            if reused is None:
+                missing[key] = cloud
+            else:
+                found[key] = reused
+        for (key, cloud), (u, v) in zip(missing.items(), trees_of_many(list(missing.values()))):
+            self._store(key, cloud, u, v)
+            found[key] = (u, v)
+        return {key: found[key] for key in clouds}
+
+    def _store(self, key: str, cloud: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
+        self.searches += 1
+        self._entries[key] = _Entry(cloud.clone(), u, v)
+
+    def _reusable(self, key: str, cloud: torch.Tensor, tree_every: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached tree when it may measure `cloud` (counting an approximate reuse), else None."""
         entry = self._entries.get(key)
         if entry is not None and entry.searched_on.device != cloud.device:  # loaded on another device
             entry = _Entry(entry.searched_on.to(cloud.device), entry.u.to(cloud.device),
@@ -72,10 +106,7 @@ class TreeCache:
             if entry.reuses + 1 < tree_every:
                 entry.reuses += 1
                 return entry.u, entry.v
-        u, v = euclidean_mst_edges(cloud)
-        self.searches += 1
-        self._entries[key] = _Entry(cloud.clone(), u, v)
-        return u, v
+        return None
 
     def deaths_in_tree_order(self, key: str, cloud: torch.Tensor, tree_every: int = 1) -> torch.Tensor:
         """The H0 deaths of `cloud`, differentiable, in tree order (unsorted).
@@ -119,6 +150,24 @@ def measure_layer(
     if cloud is None:
         return None
     return trees.deaths_in_tree_order(cache_key(name, include_bias), cloud, tree_every)
+
+
+def measure_layers(
+    trees: TreeCache, layers: Mapping[str, Any], include_bias: bool = False, tree_every: int = 1
+) -> dict[str, torch.Tensor | None]:
+    """`measure_layer` of every named layer, in one call: the small layers' tree searches and
+    all the edge measurements are batched (`topoopt.many_clouds`), with the same results.
+
+    Errors name the layer, as `measure_layer`'s do.
+    """
+    clouds = {name: layer_cloud(name, module, include_bias) for name, module in layers.items()}
+    measured = {name: cloud for name, cloud in clouds.items() if cloud is not None and cloud.shape[0] >= 2}
+    keys = {name: cache_key(name, include_bias) for name in measured}
+    edges = trees.edges_many({keys[name]: cloud for name, cloud in measured.items()}, tree_every)
+    lengths = edge_lengths_many(list(measured.values()), [edges[keys[name]] for name in measured])
+    deaths = dict(zip(measured, lengths))
+    return {name: None if cloud is None else deaths.get(name, cloud.reshape(-1)[:0])
+            for name, cloud in clouds.items()}
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
