@@ -94,3 +94,11 @@ def test_same_shape_small_clouds_are_searched_together(monkeypatch):
     clouds = [torch.randn(50, 8) for _ in range(5)] + [torch.randn(40, 8), torch.randn(300, 8)]
     h0_deaths_many(clouds)
     assert [cloud.shape[0] for cloud in alone] == [40, 300]  # one of its shape, and a big one
+
+
+def test_outputs_may_be_modified_in_place():
+    a, b = (torch.randn(8, 3, requires_grad=True) for _ in range(2))
+    deaths = h0_deaths_many([a, b])
+    doubled = deaths[0].clone()
+    deaths[1].mul_(0)
+    assert torch.all(deaths[1] == 0) and torch.all(deaths[0] == doubled)

@@ -13,6 +13,7 @@ from typing import Any
 
 from topoopt.cloud import ParameterLayer, neuron_cloud
 from topoopt.layers import LayerTopology, layer_topology, select_layers, topological_layers
+from topoopt.many_clouds import h0_deaths_many
 from topoopt.metrics import (
     COMPLEXITY_METRICS,
     METRIC_SPECS,
@@ -32,7 +33,7 @@ from topoopt.penalty import TopoPenalty
 from topoopt.persistence import edge_lengths, h0_deaths, h0_edges, h1_diagram
 from topoopt.policies import POLICIES, awaken_policy, calm_policy, contrast_policy
 from topoopt.spanning_tree import MemoryBudgetError
-from topoopt.tree_cache import TreeCache
+from topoopt.tree_cache import TreeCache, measure_layers
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,7 @@ __all__ = [
     "neuron_cloud",
     "ParameterLayer",
     "h0_deaths",
+    "h0_deaths_many",
     "h0_edges",
     "edge_lengths",
     "h1_diagram",
@@ -84,6 +86,7 @@ __all__ = [
     "LayerTopology",
     "MemoryBudgetError",
     "TreeCache",
+    "measure_layers",
     "TopoPenalty",
     "TopoOptimizer",
     "POLICIES",

@@ -123,8 +123,9 @@ class _ManyEdgeLengths(torch.autograd.Function):
                     lengths, u, v, difference = lengths[order], u[order], v[order], difference[order]
                 plan.append((members, len(saved)))
                 saved += [u, v, difference, lengths]
-                for i, part in zip(members, lengths.to(clouds[members[0]].dtype).split(sizes)):
-                    outputs[i] = part
+                parts = lengths.to(clouds[members[0]].dtype).split(sizes)
+                for i, part in zip(members, parts):  # not views: a caller may modify one in place
+                    outputs[i] = part.clone() if len(parts) > 1 else part
         ctx.save_for_backward(*saved)
         ctx.plan = plan
         ctx.shapes = [(cloud.shape, cloud.dtype) for cloud in clouds]

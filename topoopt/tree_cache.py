@@ -119,6 +119,14 @@ class TreeCache:
         u, v = self.edges(key, cloud, tree_every)
         return edge_lengths(cloud, u, v)
 
+    def deaths_many(self, clouds: Mapping[str, torch.Tensor], tree_every: int = 1) -> dict[str, torch.Tensor]:
+        """`deaths_in_tree_order` of each keyed cloud, in one call: the small clouds' tree
+        searches and every edge measurement are batched (`topoopt.many_clouds`)."""
+        measured = {key: cloud for key, cloud in clouds.items() if cloud.shape[0] >= 2}
+        edges = self.edges_many(measured, tree_every)
+        lengths = dict(zip(measured, edge_lengths_many(list(measured.values()), list(edges.values()))))
+        return {key: lengths.get(key, cloud.reshape(-1)[:0]) for key, cloud in clouds.items()}
+
     def clear(self) -> None:
         self._entries.clear()
 
@@ -161,13 +169,9 @@ def measure_layers(
     Errors name the layer, as `measure_layer`'s do.
     """
     clouds = {name: layer_cloud(name, module, include_bias) for name, module in layers.items()}
-    measured = {name: cloud for name, cloud in clouds.items() if cloud is not None and cloud.shape[0] >= 2}
-    keys = {name: cache_key(name, include_bias) for name in measured}
-    edges = trees.edges_many({keys[name]: cloud for name, cloud in measured.items()}, tree_every)
-    lengths = edge_lengths_many(list(measured.values()), [edges[keys[name]] for name in measured])
-    deaths = dict(zip(measured, lengths))
-    return {name: None if cloud is None else deaths.get(name, cloud.reshape(-1)[:0])
-            for name, cloud in clouds.items()}
+    keyed = {cache_key(name, include_bias): cloud for name, cloud in clouds.items() if cloud is not None}
+    deaths = trees.deaths_many(keyed, tree_every)
+    return {name: None if cloud is None else deaths[cache_key(name, include_bias)] for name, cloud in clouds.items()}
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
