@@ -271,19 +271,27 @@ class TopoOptimizer(torch.optim.Optimizer):
                 f"every={self.every}, bounds={self.bounds}, layers={list(self._layers)})\n  {self.base_optimizer!r}")
 
     # ---- measuring topology ----
-    def _measure(self, name: str, layer: nn.Module | ParameterLayer) -> float | None:
-        cloud = layer_cloud(name, layer, self.include_bias)
-        if cloud is None or cloud.shape[0] < 2:
-            return None
-        cloud = cloud.detach()
-        deaths = self.trees.deaths_in_tree_order(cache_key(name, self.include_bias), cloud, self.tree_every)
-        # The norm in float64: the float32 norm of weights of about 1e19 overflows.
-        rms_norm = float(torch.linalg.vector_norm(cloud.double())) / math.sqrt(cloud.shape[0])
-        value = dimensionless_complexity(self.metric, deaths, rms_norm)
-        if not math.isfinite(value):
-            raise ValueError(f"Layer {name!r}: measuring its {self.metric} gave {value} "
-                             f"(longest bar {float(deaths.max()):.3g}); the weights' scale is out of range")
-        return value
+    def _measure_all(self) -> dict[str, float]:
+        """Each wrapped layer's complexity (layers of fewer than 2 neurons left out), all layers
+        measured in one call (`TreeCache.deaths_many`: batched searches, one edge measurement)."""
+        clouds = {}
+        for name, layer in self._layers.items():
+            cloud = layer_cloud(name, layer, self.include_bias)
+            if cloud is not None and cloud.shape[0] >= 2:
+                clouds[name] = cloud.detach()
+        keys = {name: cache_key(name, self.include_bias) for name in clouds}
+        all_deaths = self.trees.deaths_many({keys[name]: cloud for name, cloud in clouds.items()}, self.tree_every)
+        values = {}
+        for name, cloud in clouds.items():
+            deaths = all_deaths[keys[name]]
+            # The norm in float64: the float32 norm of weights of about 1e19 overflows.
+            rms_norm = float(torch.linalg.vector_norm(cloud.double())) / math.sqrt(cloud.shape[0])
+            value = dimensionless_complexity(self.metric, deaths, rms_norm)
+            if not math.isfinite(value):
+                raise ValueError(f"Layer {name!r}: measuring its {self.metric} gave {value} "
+                                 f"(longest bar {float(deaths.max()):.3g}); the weights' scale is out of range")
+            values[name] = value
+        return values
 
     @torch.no_grad()
     @torch.compiler.disable
@@ -299,10 +307,7 @@ class TopoOptimizer(torch.optim.Optimizer):
         """
         topo = self._topo
         measured = {}
-        for name, layer in self._layers.items():
-            value = self._measure(name, layer)
-            if value is None:
-                continue
+        for name, value in self._measure_all().items():
             topo.complexity[name] = value
             previous = topo.smoothed.get(name)
             if previous is None:

@@ -13,7 +13,7 @@ from torch import nn
 from topoopt._validation import check_positive_int
 from topoopt.layers import select_layers
 from topoopt.metrics import METRIC_SPECS, get_metric
-from topoopt.tree_cache import TreeCache, measure_layer
+from topoopt.tree_cache import TreeCache, measure_layers
 
 __all__ = ["TopoPenalty", "PENALTY_METRICS"]
 
@@ -165,10 +165,10 @@ class TopoPenalty(nn.Module):
         total = torch.zeros((), device=first.device, dtype=torch.float32)
         if (self._calls - 1) % self.every:
             return total
-        for name, module in self._layers.items():
-            if self.coefficients[name] == 0.0:
-                continue
-            deaths = measure_layer(self.trees, name, module, self.include_bias, self.tree_every)
+        # All layers in one call: the small ones' tree searches and every edge measurement are
+        # batched (benchmarks/all_layers.py), with the deaths of one-layer calls.
+        measured = {name: module for name, module in self._layers.items() if self.coefficients[name] != 0.0}
+        for name, deaths in measure_layers(self.trees, measured, self.include_bias, self.tree_every).items():
             if deaths is None:
                 continue
             value = self._metric_fn(deaths)
