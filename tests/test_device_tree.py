@@ -127,3 +127,23 @@ def test_cuda_clouds_search_on_the_device(monkeypatch):
     deaths = h0_deaths(x.cuda().requires_grad_(True))
     deaths.sum().backward()
     np.testing.assert_allclose(positive(deaths), gudhi_h0_deaths(x.double().numpy()), rtol=1e-5)
+
+
+def test_the_tf32_setting_can_be_read():
+    """torch refuses to read its old TF32 flag after the new one was set; only the new is read."""
+    from topoopt.device_tree import _tf32_matmul
+
+    assert _tf32_matmul() is False  # torch's default: IEEE float32 products
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_tf32_setting_does_not_change_the_tree():
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    x = torch.tensor(make_cloud("near_duplicates", 300, 50, 1.0, np.random.default_rng(3)), dtype=torch.float32)
+    try:
+        matmul.fp32_precision = "tf32"
+        deaths = h0_deaths(x.cuda())
+    finally:
+        matmul.fp32_precision = saved
+    np.testing.assert_allclose(positive(deaths), gudhi_h0_deaths(x.double().numpy()), rtol=1e-5)
