@@ -19,6 +19,7 @@ Steps:
    float64 differences, so near-duplicates cannot pick a wrong tree.
 4. Prim's algorithm on the dense matrix, O(N²), compiled (`topoopt/_native/prim.c`) or, where
    no compiler was found at install time, a numpy loop over the same shrinking frontier.
+A CUDA cloud takes none of these steps: its tree is searched on the GPU (`topoopt.device_tree`).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _available_bytes(device: torch.device) -> int:
 
 
 def _check_memory(n_points: int, device: torch.device) -> None:
-    # The matrix always lives in host memory (Prim runs there); on CUDA one block is on the GPU.
+    # The matrix lives in host memory, where Prim runs (CUDA clouds go to `topoopt.device_tree`).
     needed = distance_matrix_bytes(n_points)
     available = _available_bytes(torch.device("cpu"))
     if needed > 0.8 * available:
