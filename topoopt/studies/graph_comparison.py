@@ -79,11 +79,12 @@ def _figure(rows: list[dict], folders: list[Path], title: str):
             highlight = other is row
             axes.plot(steps, accuracy, linewidth=1.6 if highlight else 0.7, alpha=1.0 if highlight else 0.35,
                       label=other["steering"] if highlight else None)
-        axes.set(xlabel="step", ylabel="test accuracy", ylim=(0, 1))
+        axes.set_xscale("symlog", linthresh=100)  # the escape happens early; the budget runs long
+        axes.set(xlabel="step (linear to 100, then logarithmic)", ylabel="test accuracy", ylim=(0, 1))
         axes.set_title(f"{row['steering']}: final {row['final_accuracy']:.3f}, 80% at {row['steps_to_80']}",
                        fontsize=9)
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.985))
     return figure
 
 

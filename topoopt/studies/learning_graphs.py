@@ -43,6 +43,7 @@ from topoopt.learning_graphs import (
 )
 from topoopt.learning_graphs.mapper import pca_reduce
 from topoopt.models import build_mlp
+from topoopt.plotting import new_figure
 from topoopt.progress import Ticker
 from topoopt.studies.graph_steering import STEERINGS
 
@@ -398,50 +399,35 @@ def _nines_vs_sevens(nines: list[dict]) -> dict:
 
 
 def _plot_pca(trajectory, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     reduced = pca_reduce(trajectory.points, 2)
-    figure, axes = plt.subplots(figsize=(6, 5))
+    figure = new_figure(figsize=(6, 5))
+    axes = figure.subplots()
     drawn = axes.scatter(reduced[:, 0], reduced[:, 1], c=trajectory.point_steps(), s=2, cmap="viridis")
     figure.colorbar(drawn, label="training step")
     axes.set(title=title, xlabel="PC 1", ylabel="PC 2")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def _plot_norms(trajectory, path: Path, layer: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     norms = np.linalg.norm(trajectory.clouds(), axis=2)
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure = new_figure(figsize=(6, 4))
+    axes = figure.subplots()
     axes.plot(trajectory.steps, norms, linewidth=0.5, alpha=0.6)
     axes.set(title=f"{layer}: weight norm of each neuron", xlabel="training step", ylabel="‖w_i‖")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def _plot_accuracy(nines: list[dict], report: dict, path: Path, output_layer: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure = new_figure(figsize=(7, 4))
+    axes = figure.subplots()
     axes.plot([n["step"] for n in nines], [n["accuracy"] for n in nines], label="test accuracy")
     for event in report["layers"][output_layer]["events"]:
         axes.axvline(event["step"], color="red", alpha=0.3, linewidth=0.8)
     axes.set(xlabel="training step", ylabel="test accuracy", title="accuracy; red: output-layer branching events")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def run(config: RunConfig, out: Path, reanalyse: bool = False) -> dict:

@@ -402,7 +402,7 @@ def summarise(records: list[dict]) -> dict:
     return summary
 
 
-def format_table(summary: dict) -> str:
+def summary_table(summary: dict) -> str:
     """The per-configuration table as Markdown."""
     def steps(value: float, budget: str) -> str:
         return f"> {budget}" if value == math.inf else f"{value:,.0f}"
@@ -421,15 +421,13 @@ def format_table(summary: dict) -> str:
 
 def plot_curves(records: list[dict], path: Path) -> None:
     """Median test accuracy by configuration, and what the collapse policy saw and did (fc1–fc3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from topoopt.plotting import new_figure
 
     by_config: dict[str, list[dict]] = {}
     for record in records:
         by_config.setdefault(record["config"], []).append(record)
-    figure, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    figure = new_figure(figsize=(17, 4.8))
+    axes = figure.subplots(1, 3)
     for name, runs in by_config.items():
         steps = [row["step"] for row in runs[0]["curve"] if "diverged" not in row]
         matrix = np.array([[row["accuracy"] for row in r["curve"][:len(steps)]] for r in runs
@@ -459,7 +457,6 @@ def plot_curves(records: list[dict], path: Path) -> None:
     axes[1].set_yscale("log")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def log_tensorboard(records: list[dict], folder: Path) -> None:
@@ -533,7 +530,7 @@ def run_study(config: SteerConfig, progress: bool = True) -> tuple[list[dict], d
     records = [done[c["id"]] for c in cells]
     summary = summarise(records)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "table.md").write_text(format_table(summary) + "\n")
+    (out / "table.md").write_text(summary_table(summary) + "\n")
     write_compact(records, out / "runs_compact.jsonl.gz")
     plot_curves(records, out / "curves.png")
     if config.tensorboard:
@@ -562,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.jobs != 1:
         print("topoopt steer runs one cell at a time (matched controls need their steered runs); --jobs ignored")
     _, summary = run_study(config, progress=not args.no_progress)
-    print(format_table(summary))
+    print(summary_table(summary))
     print(f"best control: {summary['best_control']}")
     for name, test in summary["tests"].items():
         print(f"{name} vs {summary['best_control']}: median Δ steps to 80% {test['median_diff_steps_to_80']:+,.0f}, "
