@@ -109,6 +109,14 @@ def test_summary_table_is_the_records_medians(quick):
             assert row["n"] == 2
             assert row["median_test_accuracy"] == pytest.approx(np.median([s["test_accuracy"] for s in stops]))
             assert row["median_epochs"] == np.median([s["epoch"] for s in stops])
+    for dataset, row in summary["exploratory"].items():  # the two parts add up to the paired mean difference
+        assert row["data_points"] + row["timing_points"] == pytest.approx(
+            summary["tests"][f"{dataset}/topology-vs-validation"]["mean_diff_points"])
+        cap = [r["stops"]["cap"]["test_accuracy"] for r in sorted(records, key=lambda r: r["seed"])
+               if r["dataset"] == dataset and r["arm"] == "all"]
+        topo = [r["stops"]["topology"]["test_accuracy"] for r in sorted(records, key=lambda r: r["seed"])
+                if r["dataset"] == dataset and r["arm"] == "all"]
+        assert row["topology-vs-cap"]["mean_diff_points"] == pytest.approx(100 * np.mean(np.subtract(topo, cap)))
     raw = [t["p_noninferiority_t"] for t in summary["tests"].values()]
     assert [t["holm_p_noninferiority_t"] for t in summary["tests"].values()] == pytest.approx(holm(raw))
     for test in summary["tests"].values():

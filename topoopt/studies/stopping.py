@@ -56,8 +56,8 @@ from topoopt.studies.statistics import holm, paired_t_minimum_effect
 from topoopt.sweep import load_results, run_cells
 
 __all__ = ["DATASETS", "RULES", "StoppingConfig", "make_cells", "run_cell", "subset", "validation_split",
-           "rule_records", "paired_comparison", "wilcoxon_exact", "sign_test", "summarise", "format_table",
-           "write_compact", "read_compact", "run_study", "main"]
+           "rule_records", "paired_comparison", "exploratory", "wilcoxon_exact", "sign_test", "summarise",
+           "format_table", "write_compact", "read_compact", "run_study", "main"]
 
 RESULTS_DIR = Path("experiments") / "results" / "stopping"
 # key → (dataset of topoopt.data, training-subset size; None: the whole training split)
@@ -360,7 +360,36 @@ def summarise(records: list[dict], margin: float = 1.0, alpha: float = 0.025) ->
         # Two-sided at 2α/family = one-sided α/family, Holm's strictest step.
         test["mde_points_80pct_power"] = (paired_t_minimum_effect(sd, test["n"], alpha=2 * alpha / family)
                                           if sd > 0 else 0.0)
-    return {"margin_points": margin, "alpha_one_sided": alpha, "family_size": family, "table": table, "tests": tests}
+    return {"margin_points": margin, "alpha_one_sided": alpha, "family_size": family, "table": table, "tests": tests,
+            "exploratory": exploratory(records, margin)}
+
+
+def exploratory(records: list[dict], margin: float = 1.0) -> dict:
+    """Not pre-registered, uncorrected, per dataset: each candidate rule against the ``cap``
+    reference (all the data, no stopping); what restoring the best validation weights changed
+    (restored − at the stop, points); and topology − validation split in two at the validation
+    rule's best epoch e*: ``data`` = all-data run at e* − validation rule (restored, also at e*),
+    ``timing`` = topology at its stop − all-data run at e* (the two sum to the paired mean Δ)."""
+    result: dict[str, dict] = {}
+    for dataset in DATASETS:
+        full = {r["seed"]: r for r in records if r["dataset"] == dataset and r["arm"] == "all"}
+        held = {r["seed"]: r for r in records if r["dataset"] == dataset and r["arm"] == "validation"}
+        seeds = sorted(set(full) & set(held))
+        if len(seeds) < 2 or any("cap" not in full[s]["stops"] for s in seeds):
+            continue
+        row = {f"{rule}-vs-cap": paired_comparison([full[s]["stops"][rule]["test_accuracy"] for s in seeds],
+                                                   [full[s]["stops"]["cap"]["test_accuracy"] for s in seeds], margin)
+               for rule in CANDIDATES}
+        stops = {s: held[s]["stops"]["validation"] for s in seeds}
+        at_best = {s: full[s]["curve"][stops[s]["best_epoch"] - 1]["test_accuracy"] for s in seeds}
+        row["validation_restore_points"] = float(np.mean(
+            [100 * (stops[s]["test_accuracy"] - stops[s]["test_accuracy_unrestored"]) for s in seeds]))
+        row["median_validation_best_epoch"] = float(np.median([stops[s]["best_epoch"] for s in seeds]))
+        row["data_points"] = float(np.mean([100 * (at_best[s] - stops[s]["test_accuracy"]) for s in seeds]))
+        row["timing_points"] = float(np.mean([100 * (full[s]["stops"]["topology"]["test_accuracy"] - at_best[s])
+                                              for s in seeds]))
+        result[dataset] = row
+    return result
 
 
 def format_table(summary: dict) -> str:
