@@ -1,24 +1,50 @@
 """Learning graphs while training runs: a bounded trajectory, Mapper rebuilt in a worker process.
 
 `LiveLearningGraph` records each layer's neuron cloud every ``record_every`` steps (a fixed,
-seeded subset of at most ``max_neurons`` neurons) and, every ``every`` steps, hands the
-trajectory so far to one worker process that builds the Mapper learning graph (Gabella et al.
-2019; `topoopt.learning_graphs`), draws it, and writes the interactive HTML into ``folder``. The
-training thread only copies the snapshot and, later, logs the finished PNG as a TensorBoard
-image: the graph is never built on it. While a build is running, the next one is skipped, so a
-slow build never queues up work.
+seeded subset of at most ``max_neurons`` neurons) and, every ``every`` steps, has one worker
+process build the Mapper learning graph of the trajectory so far (Gabella et al. 2019;
+`topoopt.learning_graphs`), draw it, and write the interactive HTML into ``folder``. While a
+build is running, the next one is skipped, so a slow build never queues up work.
+
+What the training thread does, and no more (measured in ``benchmarks/live_graph.py``):
+
+- a record copies the chosen neurons' weights straight into a preallocated, memory-mapped
+  ``.npy`` buffer (one row of ``max_snapshots`` per snapshot, in a hidden folder inside
+  ``folder`` that ``close()`` removes);
+- a build sends the worker only the buffer's path, the rows to read and their steps (a few kB):
+  the worker reads the points from the file itself, so no tens of MB are concatenated and
+  pickled on the training side;
+- the worker draws the PNG and also encodes the TensorBoard image summary (exactly what
+  ``writer.add_image`` would write), so the training thread only appends the finished bytes to
+  the writer's event file;
+- the worker process is spawned (not forked) at construction and imports its libraries then,
+  not at the first build.
 
 Memory bound: at most ``max_snapshots`` snapshots per layer are kept; when full, every other
-one is dropped and the recording interval doubles, so the trajectory spans all of training at
-a coarser step. A layer of d inputs thus holds at most ``max_snapshots × max_neurons × d``
-float32 values: 200 × 100 × 784 × 4 bytes = 63 MB for a 784-input layer with the defaults.
+one is dropped and the recording interval doubles, so the trajectory spans all of training at a
+coarser step. A layer of d inputs thus holds at most ``max_snapshots × max_neurons × d`` float32
+values, the buffer file's size: 200 × 100 × 784 × 4 bytes = 63 MB for a 784-input layer with the
+defaults (file pages, shared with the worker through the page cache). During a build the worker
+holds a copy of the points of every layer (the same bound again: it copies them first, so that
+the training thread can go on recording) plus Mapper's working memory for one layer at a time (a
+float64 PCA of its points, about twice their float32 size).
+
+Rows the worker has still to read are never overwritten: a thinned-out row is reused only once
+the worker has copied its points (it signals this through an event as soon as it has, before
+building anything). The training thread waits only in the rare case that every free row is
+still awaited.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
+import traceback
+import warnings
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -36,8 +62,18 @@ __all__ = ["LiveLearningGraph"]
 @dataclass
 class _LayerTrajectory:
     neurons: np.ndarray  # indices of the recorded neurons
-    snapshots: list[np.ndarray]
-    steps: list[int]
+    path: Path  # the buffer file: max_snapshots × neurons × d float32
+    buffer: np.ndarray | None  # its memory map (None once closed)
+    steps: list[int] = field(default_factory=list)  # recorded steps, in order
+    rows: list[int] = field(default_factory=list)  # the buffer row of each recorded step
+    free: list[int] = field(default_factory=list)  # rows not in use
+    pinned: set[int] = field(default_factory=set)  # rows a submitted build has still to read
+    index: torch.Tensor | None = None  # `neurons` as a tensor on the layer's device
+
+    @property
+    def snapshots(self) -> np.ndarray:
+        """The recorded snapshots in step order (a copy): len(steps) × neurons × d."""
+        return np.asarray(self.buffer[self.rows])
 
 
 class LiveLearningGraph:
@@ -64,7 +100,10 @@ class LiveLearningGraph:
         Layer name → `topoopt.learning_graphs.MapperSettings` (the default settings otherwise).
 
     Call ``step(global_step)`` after each optimizer step and ``close()`` at the end (it waits for
-    a running build and logs it). ``built`` lists (layer, step, nodes, png path) of the graphs done.
+    a running build, logs it, stops the worker and removes the buffers). ``built`` lists (layer,
+    step, nodes, png path) of the graphs done. A build that fails (in the worker, or the worker
+    itself) is reported as a warning and listed in ``errors`` as (layer, step, message); training
+    goes on, and the next build starts a new worker if the old one died.
     """
 
     def __init__(self, model: nn.Module, folder: str | Path, writer=None, every: int = 500, record_every: int = 10,
@@ -80,87 +119,225 @@ class LiveLearningGraph:
         self.writer, self.every, self.record_every = writer, every, record_every
         self.max_snapshots = max_snapshots
         self.settings = dict(settings or {})
+        self._buffers = Path(tempfile.mkdtemp(prefix=".live_graph-", dir=self.folder))
         generator = np.random.default_rng(seed)
-        self._trajectories = {}
-        for name, module in self.layers.items():
-            n = neuron_cloud(module).shape[0]
-            chosen = np.sort(generator.choice(n, size=min(n, max_neurons), replace=False))
-            self._trajectories[name] = _LayerTrajectory(chosen, [], [])
+        self._trajectories: dict[str, _LayerTrajectory] = {}
+        for number, (name, module) in enumerate(self.layers.items()):
+            cloud = neuron_cloud(module)
+            chosen = np.sort(generator.choice(cloud.shape[0], size=min(cloud.shape[0], max_neurons), replace=False))
+            path = self._buffers / f"layer{number}.npy"
+            buffer = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                               shape=(max_snapshots, len(chosen), cloud.shape[1]))
+            self._trajectories[name] = _LayerTrajectory(chosen, path, buffer, free=list(range(max_snapshots))[::-1])
         self._pool: ProcessPoolExecutor | None = None
-        self._running: list[tuple[str, int, Future]] = []
+        self._copied = None  # the worker's "points copied" event
+        self._running: tuple[int, Future] | None = None
         self.built: list[tuple[str, int, int, Path]] = []
+        self.errors: list[tuple[str, int, str]] = []
+        self.worker_peak_mb = 0.0  # the worker's peak resident memory, as it last reported it
+        # torch's SummaryWriter: the worker encodes the image summary, the training thread appends it.
+        torch_writer = sys.modules.get("torch.utils.tensorboard.writer")
+        self._encode_in_worker = torch_writer is not None and isinstance(writer, torch_writer.SummaryWriter)
+        self._start_worker()
 
-    @torch.no_grad()
+    def _start_worker(self) -> None:
+        # spawn, not fork: a forked copy of a process running torch threads can deadlock. The
+        # event can only reach the worker at its creation (initargs), not with a task.
+        context = get_context("spawn")
+        self._copied = context.Event()
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start,
+                                         initargs=(self._copied,))
+        self._pool.submit(_warm_up, self._encode_in_worker)  # spawns it now; imports off the first build
+
     def step(self, global_step: int) -> None:
-        self._collect()
+        if self._running is not None and self._running[1].done():
+            self._collect()
         if global_step % self.record_every == 0:
             self._record(global_step)
-        if global_step > 0 and global_step % self.every == 0 and not self._running:
+        if global_step > 0 and global_step % self.every == 0 and self._running is None:
             self._submit(global_step)
 
+    @torch.no_grad()
     def _record(self, step: int) -> None:
         for name, module in self.layers.items():
             trajectory = self._trajectories[name]
-            cloud = neuron_cloud(module).detach()[torch.as_tensor(trajectory.neurons)]
-            trajectory.snapshots.append(cloud.float().cpu().numpy().copy())
+            cloud = neuron_cloud(module).detach()
+            if trajectory.index is None or trajectory.index.device != cloud.device:
+                trajectory.index = torch.as_tensor(trajectory.neurons, device=cloud.device)
+            row = self._free_row(trajectory)
+            target = torch.from_numpy(trajectory.buffer[row])
+            if cloud.device.type == "cpu" and cloud.dtype == torch.float32:
+                torch.index_select(cloud, 0, trajectory.index, out=target)  # one copy, into the buffer
+            else:
+                target.copy_(cloud.index_select(0, trajectory.index))
             trajectory.steps.append(step)
-        if len(trajectory.snapshots) >= self.max_snapshots:  # the memory bound: thin out, record half as often
+            trajectory.rows.append(row)
+        if len(trajectory.steps) >= self.max_snapshots:  # the memory bound: thin out, record half as often
             for kept in self._trajectories.values():
-                kept.snapshots, kept.steps = kept.snapshots[::2], kept.steps[::2]
+                kept.free.extend(kept.rows[1::2])
+                kept.steps, kept.rows = kept.steps[::2], kept.rows[::2]
             self.record_every *= 2
 
-    def _submit(self, step: int) -> None:
-        if self._pool is None:
-            # spawn, not fork: a forked copy of a process running torch threads can deadlock.
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"),
-                                             initializer=_one_thread)
-        for name, trajectory in self._trajectories.items():
-            if len(trajectory.snapshots) < 2:
-                continue
-            points = np.concatenate(trajectory.snapshots)
-            point_steps = np.repeat(np.asarray(trajectory.steps), len(trajectory.neurons))
-            point_neurons = np.tile(trajectory.neurons, len(trajectory.snapshots))
-            stem = self.folder / f"{name.replace('.', '_') or 'model'}_step{step}"
-            future = self._pool.submit(_build, points, point_steps, point_neurons, self.settings.get(name),
-                                       str(stem), f"{name}, step {step}")
-            self._running.append((name, step, future))
+    def _free_row(self, trajectory: _LayerTrajectory) -> int:
+        """A free buffer row that no submitted build has still to read."""
+        if trajectory.pinned and self._copied.is_set():
+            for kept in self._trajectories.values():
+                kept.pinned.clear()
+        for position in range(len(trajectory.free) - 1, -1, -1):
+            if trajectory.free[position] not in trajectory.pinned:
+                return trajectory.free.pop(position)
+        self._wait_copied()  # rare: every free row still awaited by the worker
+        return trajectory.free.pop()
 
-    def _collect(self, wait: bool = False) -> None:
-        still = []
-        for name, step, future in self._running:
-            if not (wait or future.done()):
-                still.append((name, step, future))
+    def _wait_copied(self) -> None:
+        while self._running is not None and not self._running[1].done() and not self._copied.wait(0.05):
+            pass
+        for kept in self._trajectories.values():
+            kept.pinned.clear()
+
+    def _submit(self, step: int) -> None:
+        jobs = []
+        for name, trajectory in self._trajectories.items():
+            if len(trajectory.steps) < 2:
                 continue
-            nodes, png = future.result()
+            stem = self.folder / f"{name.replace('.', '_') or 'model'}_step{step}"
+            tag = f"learning_graph/{name.replace('.', '/') or 'model'}" if self._encode_in_worker else None
+            jobs.append((name, str(trajectory.path), list(trajectory.rows), list(trajectory.steps), trajectory.neurons,
+                         self.settings.get(name), str(stem), f"{name}, step {step}", tag))
+        if not jobs:
+            return
+        try:
+            if self._pool is None:
+                self._start_worker()
+            self._copied.clear()
+            future = self._pool.submit(_build, jobs)
+        except Exception as error:  # a broken pool: report it, start a new worker next time
+            self._report([job[0] for job in jobs], step, f"could not start the build: {error!r}")
+            self._drop_worker()
+            return
+        for name, *_ in jobs:
+            self._trajectories[name].pinned = set(self._trajectories[name].rows)
+        self._running = (step, future)
+
+    def _collect(self) -> None:
+        step, future = self._running
+        self._running = None
+        for trajectory in self._trajectories.values():
+            trajectory.pinned.clear()
+        try:
+            results, peak_mb = future.result()
+        except Exception as error:  # the worker died, or a result could not be sent back
+            self._report(list(self._trajectories), step, f"the worker failed: {error!r}")
+            self._drop_worker()
+            return
+        self.worker_peak_mb = peak_mb
+        for name, outcome in results:
+            if isinstance(outcome, str):
+                self._report([name], step, outcome)
+                continue
+            nodes, png, summary = outcome
             self.built.append((name, step, nodes, Path(png)))
             if self.writer is not None:
-                from PIL import Image
+                self._log_image(name, step, png, summary)
 
-                image = np.asarray(Image.open(png).convert("RGB"))
-                self.writer.add_image(f"learning_graph/{name.replace('.', '/') or 'model'}", image, step,
-                                      dataformats="HWC")
-        self._running = still
+    def _log_image(self, name: str, step: int, png: str, summary: bytes | None) -> None:
+        if summary is not None:  # the worker encoded the very summary that add_image makes
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            self.writer._get_file_writer().add_summary(Summary.FromString(summary), step)
+            return
+        from PIL import Image
+
+        image = np.asarray(Image.open(png).convert("RGB"))
+        self.writer.add_image(f"learning_graph/{name.replace('.', '/') or 'model'}", image, step, dataformats="HWC")
+
+    def _report(self, layers: list[str], step: int, message: str) -> None:
+        for name in layers:
+            self.errors.append((name, step, message))
+        warnings.warn(f"Live learning graph of {', '.join(layers)} at step {step} failed: {message}",
+                      RuntimeWarning, stacklevel=3)
+
+    def _drop_worker(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
 
     def close(self) -> None:
-        self._collect(wait=True)
+        if self._running is not None:
+            self._collect()
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        for trajectory in self._trajectories.values():
+            trajectory.buffer = None
+        shutil.rmtree(self._buffers, ignore_errors=True)
 
 
-def _one_thread() -> None:
+_COPIED = None  # in the worker: the event set once a build's points are copied
+
+
+def _start(copied) -> None:
     """The worker: one thread, and a lower priority than training, which it must not slow."""
+    global _COPIED
+    _COPIED = copied
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     os.nice(10)
 
 
-def _build(points, point_steps, point_neurons, settings, stem: str, title: str) -> tuple[int, str]:
-    """In the worker: the Mapper graph, its PNG and its HTML; (number of nodes, PNG path)."""
+def _warm_up(tensorboard: bool) -> None:
     torch.set_num_threads(1)
+    import topoopt.learning_graphs  # noqa: F401
+
+    if tensorboard:
+        from torch.utils.tensorboard import summary  # noqa: F401
+
+
+def read_points(path: str, rows: list[int], steps: list[int], neurons: np.ndarray):
+    """A trajectory's Mapper input from its buffer: (points, point_steps, point_neurons)."""
+    snapshots = np.load(path, mmap_mode="r")[rows]  # a copy of those rows
+    points = snapshots.reshape(-1, snapshots.shape[-1])
+    return points, np.repeat(np.asarray(steps), len(neurons)), np.tile(neurons, len(rows))
+
+
+def _build(jobs: list) -> tuple[list, float]:
+    """In the worker: each layer's Mapper graph, PNG, HTML and TensorBoard image summary.
+
+    Returns ([(layer, (nodes, PNG path, summary bytes or None) or an error message)], peak MB).
+    """
+    import resource
+
+    torch.set_num_threads(1)
+    inputs = []
+    for _, path, rows, steps, neurons, *_ in jobs:
+        try:
+            inputs.append(read_points(path, rows, steps, neurons))
+        except Exception:
+            inputs.append(traceback.format_exc())
+    if _COPIED is not None:
+        _COPIED.set()  # the training thread may now reuse these rows
+    results = []
+    for job, points in zip(jobs, inputs):
+        try:
+            if isinstance(points, str):
+                raise RuntimeError(points)
+            results.append((job[0], _build_layer(points, *job[5:])))
+        except Exception:
+            results.append((job[0], traceback.format_exc()))
+    return results, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _build_layer(points, settings, stem: str, title: str, tag: str | None):
     from topoopt.learning_graphs import MapperSettings, learning_graph
 
-    graph = learning_graph(points, point_steps, point_neurons, settings or MapperSettings())
+    graph = learning_graph(*points, settings or MapperSettings())
     graph.save_png(f"{stem}.png", title=title)
     graph.save_html(f"{stem}.html", title=title)
-    return graph.graph.number_of_nodes(), f"{stem}.png"
+    summary = None
+    if tag is not None:
+        from PIL import Image
+        from torch.utils.tensorboard.summary import image
+
+        rgb = np.asarray(Image.open(f"{stem}.png").convert("RGB"))
+        summary = image(tag, rgb, dataformats="HWC").SerializeToString()
+    return graph.graph.number_of_nodes(), f"{stem}.png", summary
