@@ -1,5 +1,7 @@
 """topoopt.loop: the one optimizer factory and the one training loop."""
 
+import math
+
 import pytest
 import torch
 
@@ -159,6 +161,10 @@ def test_callbacks_are_called_in_the_documented_order():
         def on_epoch_begin(self, state):
             calls.append(f"epoch {state.epoch}")
 
+        def before_backward(self, state):
+            assert all(p.grad is None for p in state.model.parameters()) and len(state.batch) == len(state.logits)
+            calls.append(f"loss {state.step}")
+
         def before_step(self, state):
             assert all(p.grad is not None for p in state.model.parameters())
             calls.append(f"before {state.step}")
@@ -175,8 +181,35 @@ def test_callbacks_are_called_in_the_documented_order():
     data, model = _data(n_train=20), _model()
     run_loop(model, torch.optim.SGD(model.parameters(), lr=0.1), data.x_train, data.y_train, batch_size=16,
              generator=torch.Generator().manual_seed(0), epochs=2, steps=3, callbacks=[Record()])
-    assert calls == ["begin", "epoch 0", "before 1", "after 1", "before 2", "after 2", "end 0",
-                     "epoch 1", "before 3", "after 3", "done"]  # the step budget ends epoch 1 inside it
+    assert calls == ["begin", "epoch 0", "loss 1", "before 1", "after 1", "loss 2", "before 2", "after 2", "end 0",
+                     "epoch 1", "loss 3", "before 3", "after 3", "done"]  # the step budget ends epoch 1 inside it
     with pytest.raises(ValueError, match="budget"):
         run_loop(model, torch.optim.SGD(model.parameters(), lr=0.1), data.x_train, data.y_train, batch_size=16,
                  generator=torch.Generator().manual_seed(0))
+
+
+def test_a_non_finite_loss_stops_the_loop_before_the_step_updates_anything():
+    """The third batch's inputs are poisoned with NaN: `StopOnNonFiniteLoss` abandons step 3 in
+    ``before_backward``, so the weights are those after step 2, ``state.step`` is 2 and no
+    ``after_step`` sees step 3."""
+    from topoopt.loop import Callback, StopOnNonFiniteLoss, run_loop
+
+    data = _data()
+    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(0))
+    x = data.x_train.clone()
+    x[order[32:48]] = float("nan")
+    after = []
+
+    class Record(Callback):
+        def after_step(self, state):
+            after.append(state.step)
+
+    model, reference = _model(), _model()
+    stop = StopOnNonFiniteLoss()
+    state = run_loop(model, torch.optim.SGD(model.parameters(), lr=0.1), x, data.y_train, batch_size=16,
+                     generator=torch.Generator().manual_seed(0), epochs=2, callbacks=[stop, Record()])
+    run_loop(reference, torch.optim.SGD(reference.parameters(), lr=0.1), x, data.y_train, batch_size=16,
+             generator=torch.Generator().manual_seed(0), steps=2)
+    assert stop.diverged and state.stop and math.isnan(state.loss)
+    assert (state.step, state.epoch, state.next_batch, after) == (2, 0, 2, [1, 2])
+    assert _same_weights(model, reference)

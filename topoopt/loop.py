@@ -2,17 +2,20 @@
 
 `run_loop` trains a classifier on in-memory tensors with minibatches in a seeded random order,
 and calls its callbacks at fixed points; everything else a run does (evaluation, logging,
-checkpoints, progress, stopping) is a callback. `fit` and `fit_steps` (the studies' loops) and
-`topoopt.training.train` (the CLI's runs, with checkpoints and resume) are thin wrappers over it.
+checkpoints, progress, stopping) is a callback. `fit` and `fit_steps` (the studies' loops),
+`topoopt.training.train` (the CLI's runs, with checkpoints and resume) and the steering study's
+`run_cell` are thin wrappers over it.
 
 One step, in order::
 
     state.step += 1; model.train(); optimizer.zero_grad()
     logits = model(x[batch]); loss = cross_entropy(logits, y[batch])
+    state.batch, state.logits, state.loss = batch, logits, loss.item()
+    callbacks.before_backward(state)      # a stop here abandons the step: no update
     objective(loss).backward()
     callbacks.before_step(state)          # gradients are there, the update is not yet
     optimizer.step()
-    state.loss, state.logits, ... updated
+    state's epoch sums updated
     callbacks.after_step(state)           # then: stop if state.stop or the step budget is spent
 
 and each epoch draws ``torch.randperm(len(x), generator=generator)`` (unless it resumes a saved
@@ -37,8 +40,8 @@ from topoopt.optimizer import TopoOptimizer
 from topoopt.progress import Heartbeat
 from topoopt.tree_cache import TreeCache
 
-__all__ = ["OPTIMIZERS", "Callback", "LoopState", "Progress", "StopOnInterrupt", "accuracy", "fit", "fit_steps",
-           "make_optimizer", "run_loop"]
+__all__ = ["OPTIMIZERS", "Callback", "LoopState", "Progress", "StopOnInterrupt", "StopOnNonFiniteLoss", "accuracy",
+           "fit", "fit_steps", "make_optimizer", "run_loop"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -112,7 +115,8 @@ class LoopState:
         the loop adds 1 after it). Also the number of whole epochs done before this one.
     step : int
         1-based number of the step in progress, from the start of the step (so an error raised
-        during it names it); after the step, the number of steps taken.
+        during it names it); after the step (or a step abandoned in ``before_backward``), the
+        number of steps taken.
     order : Tensor or None
         The epoch's example order (None between epochs: the next epoch draws one).
     next_batch : int
@@ -120,7 +124,7 @@ class LoopState:
     batches : int
         Batches in the current epoch.
     batch : Tensor or None
-        The indices of the last step's examples.
+        The indices of the last step's examples (from ``before_backward`` on: this step's).
     logits : Tensor or None
         The last step's training logits (before its update).
     loss : float
@@ -177,6 +181,10 @@ class Callback:
     - ``on_train_begin(state)``: once, before the first step (a callback may keep `state`).
     - ``on_epoch_begin(state)``: the epoch's order is drawn; ``state.next_batch`` is its first
       batch (not 0 when resuming inside the epoch).
+    - ``before_backward(state)``: the step's loss is computed (``state.loss``, ``state.logits``
+      and ``state.batch`` are this step's), nothing is backpropagated yet. ``state.stop = True``
+      here abandons the step (no backward pass, no update, ``state.step`` back to the steps
+      taken, no ``after_step``) and ends the loop: a stop on a non-finite loss goes here.
     - ``before_step(state)``: after the backward pass, before ``optimizer.step()`` (gradient
       clipping or rescaling goes here).
     - ``after_step(state)``: after the update; ``state.loss``, ``state.logits``, ``state.batch``
@@ -191,6 +199,9 @@ class Callback:
         pass
 
     def on_epoch_begin(self, state: LoopState) -> None:
+        pass
+
+    def before_backward(self, state: LoopState) -> None:
         pass
 
     def before_step(self, state: LoopState) -> None:
@@ -260,7 +271,8 @@ def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
             callback.on_epoch_begin(state)
         while state.next_batch < len(batches):
             batch = batches[state.next_batch]
-            _step(state, x, y, batch, objective, callbacks)
+            if not _step(state, x, y, batch, objective, callbacks):
+                return _end(state, callbacks)
             state.next_batch += 1
             for callback in callbacks:
                 callback.after_step(state)
@@ -274,7 +286,8 @@ def run_loop(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
     return _end(state, callbacks)
 
 
-def _step(state: LoopState, x, y, batch, objective, callbacks) -> None:
+def _step(state: LoopState, x, y, batch, objective, callbacks) -> bool:
+    """One step (see the module's docstring); False when a ``before_backward`` hook abandoned it."""
     started = time.perf_counter()
     state.step += 1
     model, optimizer = state.model, state.optimizer
@@ -282,15 +295,22 @@ def _step(state: LoopState, x, y, batch, objective, callbacks) -> None:
     optimizer.zero_grad()
     logits = model(x[batch])
     loss = F.cross_entropy(logits, y[batch])
+    state.batch, state.logits, state.loss = batch, logits, loss.item()
+    for callback in callbacks:
+        callback.before_backward(state)
+    if state.stop:
+        state.step -= 1
+        state.seconds += time.perf_counter() - started
+        return False
     (objective(loss) if objective is not None else loss).backward()
     for callback in callbacks:
         callback.before_step(state)
     optimizer.step()
     state.seconds += time.perf_counter() - started
-    state.batch, state.logits, state.loss = batch, logits, loss.item()
     state.loss_sum += state.loss * len(batch)
     state.correct += int((logits.argmax(1) == y[batch]).sum())
     state.seen += len(batch)
+    return True
 
 
 def _end(state: LoopState, callbacks: Sequence[Callback]) -> LoopState:
@@ -325,6 +345,18 @@ class StopOnInterrupt(Callback):
     def after_step(self, state: LoopState) -> None:
         if self.requested:
             state.stop = True
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops the loop before a step whose loss is NaN or ±Inf updates anything (the step is
+    abandoned, see ``Callback.before_backward``); `diverged` says whether it did."""
+
+    def __init__(self) -> None:
+        self.diverged = False
+
+    def before_backward(self, state: LoopState) -> None:
+        if not math.isfinite(state.loss):
+            self.diverged = state.stop = True
 
 
 class Progress(Callback):
