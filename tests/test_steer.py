@@ -22,9 +22,9 @@ from topoopt.studies.steer import (
 )
 
 
-def _tiny(tmp_path, configs, **changes) -> SteerConfig:
+def _tiny(configs, **changes) -> SteerConfig:
     settings = dict(configs=configs, seeds=2, dataset="digits", hidden=[8, 8], steps=60, eval_every=20,
-                    batch_size=50, steered_lr_mult=16.0, out=str(tmp_path))
+                    batch_size=50, steered_lr_mult=16.0)
     settings.update(changes)
     return SteerConfig(**settings)
 
@@ -39,10 +39,10 @@ def test_first_step_at_and_censored_median():
     assert censored_median([300, None, None, 100]) == math.inf
 
 
-def test_plain_cell_is_plain_sgd_with_the_surface_initialisation(tmp_path):
+def test_plain_cell_is_plain_sgd_with_the_surface_initialisation():
     """sgd-x1 at seed 3 is exactly plain SGD (lr 0.05) from N(0, 1e-6²) drawn as in the
     learning-graph study, with the seed's shuffle; its curve is evaluated at steps 0, 20, 40, 60."""
-    config = _tiny(tmp_path, ["sgd-x1"])
+    config = _tiny(["sgd-x1"])
     record = run_cell({"id": "sgd-x1/s3", "name": "sgd-x1", "seed": 3, "config": config.__dict__})
     data = load_dataset("digits")
     torch.manual_seed(3)
@@ -75,9 +75,9 @@ def test_plain_cell_is_plain_sgd_with_the_surface_initialisation(tmp_path):
 
 
 def test_study_runs_matched_controls_from_the_steered_scales_and_resumes(tmp_path):
-    config = _tiny(tmp_path, ["sgd-x16", "topo-collapse", "topo-collapse-matched", "pen-spread", "lars"],
+    config = _tiny(["sgd-x16", "topo-collapse", "topo-collapse-matched", "pen-spread", "lars"],
                    collapse_strength=3.0, penalty_weight=1.0, penalty_target=0.05)
-    records, summary = steer.run_study(config, progress=False)
+    records, summary = steer.run_study(config, tmp_path, progress=False)
     assert len(records) == 10
     by_id = {f"{r['config']}/s{r['seed']}": r for r in records}
     for seed in (0, 1):
@@ -92,7 +92,7 @@ def test_study_runs_matched_controls_from_the_steered_scales_and_resumes(tmp_pat
     assert set(summary["tests"]) == {"pen-spread", "topo-collapse"}
     lines = (tmp_path / "runs.jsonl").read_text().splitlines()
     assert len(lines) == 10
-    again, _ = steer.run_study(config, progress=False)  # resumes: nothing re-run, nothing appended
+    again, _ = steer.run_study(config, tmp_path, progress=False)  # resumes: nothing re-run, nothing appended
     assert (tmp_path / "runs.jsonl").read_text().splitlines() == lines
     assert [r["final_accuracy"] for r in again] == [r["final_accuracy"] for r in records]
 

@@ -27,6 +27,9 @@ The pre-registration is in experiments/RESULTS.md ("Steering against matched con
 
     topoopt steer --quick        # a few minutes
     topoopt steer                # the pre-registered study (resumable: re-run to continue)
+
+Results go to ``--out`` (default experiments/results/steer, or its quick/ folder with --quick),
+TensorBoard runs to ``--tensorboard`` (default: none).
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from topoopt.data import load_dataset
+from topoopt.loop import Callback, LoopState, StopOnNonFiniteLoss, run_loop
 from topoopt.metrics import mean_lifetime
 from topoopt.models import build_mlp
 from topoopt.optimizer import TopoOptimizer
@@ -57,7 +60,8 @@ from topoopt.sweep import load_results, run_cells
 __all__ = ["CONFIGS", "SteerConfig", "make_cells", "run_cell", "summarise", "main", "first_step_at",
            "censored_median", "signed_rank_p", "write_compact", "read_compact"]
 
-RESULTS_DIR = Path("experiments") / "results" / "steer"
+# The command line's default (relative to the current folder); `run_study` takes its folders.
+DEFAULT_OUT = Path("experiments") / "results" / "steer"
 BASE_LR = 0.05
 TINY_STD = 1e-6
 ESCAPE, TARGET = 0.2, 0.8  # "steps to 20%" is the first evaluation above 0.2, "to 80%" at or above 0.8
@@ -105,15 +109,13 @@ class SteerConfig:
     collapse_spread: float = 0.5
     topo_every: int = 10
     lars_eta: float = 0.2
-    out: str = str(RESULTS_DIR)
-    tensorboard: str | None = None
 
     @classmethod
     def quick(cls) -> "SteerConfig":
         # The best control of the main run (default init at the steered lr) and the best plain lr.
         return cls(configs=["sgd-x64", "init-default-steered-lr", "lars", "pen-spread", "topo-collapse",
                             "topo-collapse-matched"],
-                   seeds=2, steps=3000, out=str(RESULTS_DIR / "quick"))
+                   seeds=2, steps=3000)
 
 
 def _lr(config: SteerConfig, spec: dict) -> float:
@@ -172,6 +174,76 @@ def first_step_at(curve: list[dict], threshold: float, strict: bool = False) -> 
     return None
 
 
+class _Curve(Callback):
+    """The test accuracy, mean training loss since the last evaluation and each layer's shape
+    (and TopoOptimizer scale) at step 0 and every `every` steps."""
+
+    def __init__(self, data, layers: dict[str, torch.nn.Linear], every: int, topo: TopoOptimizer | None) -> None:
+        self.data, self.layers, self.every, self.topo = data, layers, every, topo
+        self.curve: list[dict] = []
+        self.loss_sum, self.loss_count = 0.0, 0
+
+    def on_train_begin(self, state: LoopState) -> None:
+        self.evaluate(state)
+
+    def after_step(self, state: LoopState) -> None:
+        self.loss_sum, self.loss_count = self.loss_sum + state.loss, self.loss_count + 1
+        if state.step % self.every == 0:
+            self.evaluate(state)
+
+    def evaluate(self, state: LoopState) -> None:
+        with torch.no_grad():
+            logits = state.model(self.data.x_test)
+        finite = bool(torch.isfinite(logits).all())
+        accuracy = float((logits.argmax(1) == self.data.y_test).float().mean()) if finite else 0.0
+        row = {"step": state.step, "accuracy": accuracy,
+               "loss": self.loss_sum / self.loss_count if self.loss_count else None}
+        for name, layer in self.layers.items():
+            lifetime, rms = _layer_shape(layer.weight) if finite else (float("nan"), float("nan"))
+            row[name] = {"mean_lifetime": lifetime, "rms_norm": rms,
+                         "complexity": lifetime / rms if rms > 0 else 0.0}
+            if self.topo is not None:
+                row[name]["scale"] = self.topo.scales[name]
+        self.curve.append(row)
+        self.loss_sum, self.loss_count = 0.0, 0
+
+
+class _Lars(Callback):
+    """LARS's gradient rescaling between the backward pass and the update (`_lars_rescale`)."""
+
+    def __init__(self, layers: dict[str, torch.nn.Linear], eta: float, sums: dict[str, float]) -> None:
+        self.layers, self.eta, self.sums = layers, eta, sums
+
+    def before_step(self, state: LoopState) -> None:
+        _lars_rescale(self.layers, self.eta, self.sums)
+
+
+class _ScaleSums(Callback):
+    """Adds each layer's TopoOptimizer step scale after every step into `sums`."""
+
+    def __init__(self, topo: TopoOptimizer, sums: dict[str, float]) -> None:
+        self.topo, self.sums = topo, sums
+
+    def after_step(self, state: LoopState) -> None:
+        for name in self.sums:
+            self.sums[name] += self.topo.scales[name]
+
+
+class _SwitchOff(Callback):
+    """pen-spread: a layer's penalty is switched off, for good, at the first step after which its
+    value reached `target`; `steps` records that step per layer."""
+
+    def __init__(self, penalty: TopoPenalty, target: float) -> None:
+        self.penalty, self.target = penalty, target
+        self.steps: dict[str, int] = {}
+
+    def after_step(self, state: LoopState) -> None:
+        for name, value in self.penalty.last_values.items():
+            if name not in self.steps and value >= self.target:
+                self.penalty.coefficients[name] = 0.0
+                self.steps[name] = state.step
+
+
 def run_cell(cell: dict, matched_scales: dict[str, float] | None = None) -> dict:
     """Train one configuration at one seed for the step budget; its record (see the module doc)."""
     config = SteerConfig(**cell["config"])
@@ -193,62 +265,29 @@ def run_cell(cell: dict, matched_scales: dict[str, float] | None = None) -> dict
         topo = TopoOptimizer(optimizer, model, metric="mean_lifetime", policy=policy, strength=config.collapse_strength,
                              every=config.topo_every, bounds=(0.25, 1.0 + config.collapse_strength))
     penalty = None
-    switched_off: dict[str, int] = {}
     if spec.get("penalty"):
         metric = "mean_lifetime" if spec["penalty"] is True else spec["penalty"]
         penalty = TopoPenalty(model, metric=metric, direction="maximize", weight=config.penalty_weight)
     scale_sums = dict.fromkeys(layers, 0.0)
-    shuffle = torch.Generator().manual_seed(seed)
-    curve: list[dict] = []
-    step, diverged, loss_sum, loss_count = 0, False, 0.0, 0
+    diverging, curve = StopOnNonFiniteLoss(), _Curve(data, layers, config.eval_every, topo)
+    callbacks: list[Callback] = [diverging]
+    if spec.get("lars"):
+        callbacks.append(_Lars(layers, config.lars_eta, scale_sums))
+    if topo is not None:
+        callbacks.append(_ScaleSums(topo, scale_sums))
+    switch_off = _SwitchOff(penalty, config.penalty_target) if spec.get("penalty") is True else None
+    if switch_off is not None:
+        callbacks.append(switch_off)
+    callbacks.append(curve)
+
+    def objective(loss: torch.Tensor) -> torch.Tensor:  # once every layer is switched off: the loss alone
+        return loss + penalty() if any(penalty.coefficients.values()) else loss
+
     started = time.perf_counter()
-
-    def evaluate() -> None:
-        nonlocal loss_sum, loss_count
-        with torch.no_grad():
-            logits = model(data.x_test)
-        finite = bool(torch.isfinite(logits).all())
-        accuracy = float((logits.argmax(1) == data.y_test).float().mean()) if finite else 0.0
-        row = {"step": step, "accuracy": accuracy, "loss": loss_sum / loss_count if loss_count else None}
-        for name, layer in layers.items():
-            lifetime, rms = _layer_shape(layer.weight) if finite else (float("nan"), float("nan"))
-            row[name] = {"mean_lifetime": lifetime, "rms_norm": rms,
-                         "complexity": lifetime / rms if rms > 0 else 0.0}
-            if topo is not None:
-                row[name]["scale"] = topo.scales[name]
-        curve.append(row)
-        loss_sum, loss_count = 0.0, 0
-
-    evaluate()
-    while step < config.steps and not diverged:
-        for batch in torch.randperm(len(data.y_train), generator=shuffle).split(config.batch_size):
-            loss = F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                diverged = True
-                break
-            total = loss
-            if penalty is not None and any(penalty.coefficients.values()):
-                total = loss + penalty()
-            (topo or optimizer).zero_grad()
-            total.backward()
-            if spec.get("lars"):
-                _lars_rescale(layers, config.lars_eta, scale_sums)
-            (topo or optimizer).step()
-            step += 1
-            loss_sum, loss_count = loss_sum + value, loss_count + 1
-            if topo is not None:
-                for name in layers:
-                    scale_sums[name] += topo.scales[name]
-            if penalty is not None and spec["penalty"] is True:  # pen-spread: off per layer at its target
-                for name, value in penalty.last_values.items():
-                    if name not in switched_off and value >= config.penalty_target:
-                        penalty.coefficients[name] = 0.0
-                        switched_off[name] = step
-            if step % config.eval_every == 0:
-                evaluate()
-            if step >= config.steps:
-                break
+    state = run_loop(model, topo or optimizer, data.x_train, data.y_train, batch_size=config.batch_size,
+                     generator=torch.Generator().manual_seed(seed), steps=config.steps,
+                     objective=objective if penalty is not None else None, callbacks=callbacks)
+    step, diverged, curve = state.step, diverging.diverged, curve.curve
     if diverged:
         curve.append({"step": step, "accuracy": 0.0, "loss": None, "diverged": True})
     if topo is not None or spec.get("lars"):
@@ -270,7 +309,8 @@ def run_cell(cell: dict, matched_scales: dict[str, float] | None = None) -> dict
             "budget": config.steps, "eval_every": config.eval_every, "steps_run": step, "diverged": diverged,
             "steps_to_20": first_step_at(curve, ESCAPE, strict=True), "steps_to_80": first_step_at(curve, TARGET),
             "final_accuracy": curve[-1]["accuracy"], "mean_scales": mean_scales,
-            "penalty_off_step": switched_off or None, "seconds": time.perf_counter() - started, "curve": curve}
+            "penalty_off_step": (switch_off.steps if switch_off is not None else None) or None,
+            "seconds": time.perf_counter() - started, "curve": curve}
 
 
 @torch.no_grad()
@@ -508,10 +548,14 @@ def read_compact(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def run_study(config: SteerConfig, progress: bool = True) -> tuple[list[dict], dict]:
-    """Run every cell not yet in <out>/runs.jsonl (matched controls after their steered runs),
-    then summarise all of them."""
-    out = Path(config.out)
+def run_study(config: SteerConfig, out: Path, tensorboard: Path | None = None,
+              progress: bool = True) -> tuple[list[dict], dict]:
+    """Run every cell not yet in ``out/runs.jsonl`` (matched controls after their steered runs),
+    then summarise all of them into ``out`` (summary.json, table.md, runs_compact.jsonl.gz,
+    curves.png); each run's curves go to TensorBoard under `tensorboard` (None: none).
+    Returns the records and the summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
     cells = make_cells(config)
     first = [c for c in cells if not CONFIGS[c["name"]].get("matched")]
@@ -533,15 +577,15 @@ def run_study(config: SteerConfig, progress: bool = True) -> tuple[list[dict], d
     (out / "table.md").write_text(summary_table(summary) + "\n")
     write_compact(records, out / "runs_compact.jsonl.gz")
     plot_curves(records, out / "curves.png")
-    if config.tensorboard:
-        log_tensorboard(records, Path(config.tensorboard))
+    if tensorboard is not None:
+        log_tensorboard(records, Path(tensorboard))
     return records, summary
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="topoopt steer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sweep_options(parser, out_help=f"results folder (default {RESULTS_DIR})",
+    add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT}; {DEFAULT_OUT / 'quick'} with --quick)",
                       tensorboard_help="folder for TensorBoard runs (default: none)")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)
     parser.add_argument("--first-seed", type=int, default=None, help="seeds first_seed … first_seed+seeds−1")
@@ -555,14 +599,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # many small products: one thread is faster on a busy machine
     config = SteerConfig.quick() if args.quick else SteerConfig()
     apply_overrides(config, args, ("configs", "first_seed", "steps", "eval_every", "penalty_weight",
-                                   "collapse_strength", "steered_lr_mult", "lars_eta", "seeds", "out", "tensorboard"))
+                                   "collapse_strength", "steered_lr_mult", "lars_eta", "seeds"))
     if args.jobs != 1:
         print("topoopt steer runs one cell at a time (matched controls need their steered runs); --jobs ignored")
-    _, summary = run_study(config, progress=not args.no_progress)
+    out = Path(args.out) if args.out is not None else DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT
+    tensorboard = Path(args.tensorboard) if args.tensorboard is not None else None
+    _, summary = run_study(config, out, tensorboard, progress=not args.no_progress)
     print(summary_table(summary))
     print(f"best control: {summary['best_control']}")
     for name, test in summary["tests"].items():
         print(f"{name} vs {summary['best_control']}: median Δ steps to 80% {test['median_diff_steps_to_80']:+,.0f}, "
               f"Wilcoxon p {test['wilcoxon_p_steps_to_80']:.3g} (Holm {test['holm_p_steps_to_80']:.3g}); "
               f"Δ accuracy {test['mean_diff_final_accuracy']:+.4f}")
-    print(f"results in {config.out}")
+    print(f"results in {out}")
