@@ -77,6 +77,7 @@ CONFIGS: dict[str, dict] = {
     "sgd-x32": {"kind": "control", "lr_mult": 32},
     "sgd-x64": {"kind": "control", "lr_mult": 64},
     "sgd-x128": {"kind": "control", "lr_mult": 128},
+    "sgd-x256": {"kind": "control", "lr_mult": 256},  # follow-up (2026-11-28): the search for divergence
     "init-1e-2": {"kind": "control", "init": 1e-2},
     "init-default": {"kind": "control", "init": "default"},
     "init-default-steered-lr": {"kind": "control", "init": "default", "lr_mult": "steered"},
