@@ -303,8 +303,9 @@ def local_pca_dimension(points: np.ndarray, neighbours: int = 50, variance: floa
     return float(np.median(dims))
 
 
-def _analyse_layer(folder: Path, config: RunConfig, layer: str, role: str) -> dict:
-    """One layer's learning graph (PNG, JSON, HTML), its statistics, and its plots."""
+def _analyse_layer(folder: Path, config: RunConfig, layer: str, role: str, light: bool = False) -> dict:
+    """One layer's learning graph (PNG, JSON, HTML), its statistics, and its plots (`light`: the
+    graph, its PNG and statistics only)."""
     trajectory = load_trajectory(folder / "trajectory", layer)
     settings = PAPER_SETTINGS[role]
     graph = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron, settings)
@@ -321,6 +322,8 @@ def _analyse_layer(folder: Path, config: RunConfig, layer: str, role: str) -> di
     stats["event_steps"] = [round(e["step"], 1) for e in events]  # all of them (events: the first 50, whole)
     graph.save_png(folder / f"{layer}_graph.png", title=f"{config.name()} {layer} ({settings.lens})", labels=labels)
     graph.save_json(folder / f"{layer}_graph.json")
+    if light:
+        return stats
     graph.save_html(folder / f"{layer}_graph.html", title=f"{config.name()} {layer}")
     if role == "first":  # the PCA-3 graph, in both settings, so cycle counts compare
         surface = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron,
@@ -348,7 +351,7 @@ def _analyse_layer(folder: Path, config: RunConfig, layer: str, role: str) -> di
     return stats
 
 
-def analyse_run(folder: Path, config: RunConfig) -> dict:
+def analyse_run(folder: Path, config: RunConfig, light: bool = False) -> dict:
     from topoopt.learning_graphs import recorded_layers
 
     layers = recorded_layers(folder / "trajectory")
@@ -360,9 +363,10 @@ def analyse_run(folder: Path, config: RunConfig) -> dict:
         print(f"{config.name()}: the learning graph of {layer}", flush=True)
         with Ticker(lambda: f"{config.name()}: still building the learning graph of {layer} "
                             f"({time.monotonic() - started:.0f} s)"):
-            report["layers"][layer] = _analyse_layer(folder, config, layer, roles[layer])
+            report["layers"][layer] = _analyse_layer(folder, config, layer, roles[layer], light)
     report["accuracy_curve"] = [(n["step"], n["accuracy"]) for n in nines]
-    _log_tensorboard(folder, config, layers, nines)
+    if not light:
+        _log_tensorboard(folder, config, layers, nines)
     _plot_accuracy(nines, report, folder / "accuracy_and_branchings.png", layers[-1])
     report["nines_stop_being_sevens"] = _nines_vs_sevens(nines)
     return report
@@ -430,7 +434,7 @@ def _plot_accuracy(nines: list[dict], report: dict, path: Path, output_layer: st
     figure.savefig(path, dpi=100)
 
 
-def run(config: RunConfig, out: Path, reanalyse: bool = False) -> dict:
+def run(config: RunConfig, out: Path, reanalyse: bool = False, light: bool = False) -> dict:
     """Train and record (unless done), then build and summarise the learning graphs (unless done)."""
     folder = out / config.name()
     summary_path = folder / "summary.json"
@@ -447,7 +451,7 @@ def run(config: RunConfig, out: Path, reanalyse: bool = False) -> dict:
         training = train_and_record(config, folder)
         training_path.write_text(json.dumps(training))
         (folder / TRAINING_CHECKPOINT).unlink(missing_ok=True)  # the trajectory is complete
-    report = analyse_run(folder, config)
+    report = analyse_run(folder, config, light)
     summary = {"config": asdict(config), "training": training,
                "layers": {k: {kk: vv for kk, vv in v.items() if kk != "events"} for k, v in report["layers"].items()},
                "events": {k: v["events"] for k, v in report["layers"].items()},
@@ -481,6 +485,10 @@ def main(argv: list[str] | None = None) -> dict:
                              f"{QUICK_SURFACE_LR} for --quick --setting surface)")
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--reanalyse", action="store_true", help="rebuild the graphs from the recorded trajectories")
+    parser.add_argument("--light", action="store_true",
+                        help="analyse each layer's learning graph, its statistics and branching events only (no "
+                             "PCA-3 graph, HTML, PCA and norm plots or TensorBoard images): the live-topology "
+                             "validation's sweep")
     parser.add_argument("--tensorboard", default="tensorboard_logs/learning_graphs")
     parser.add_argument("--steer", nargs="+", default=["none"], choices=list(STEERINGS), metavar="STEERING",
                         help="train each run with these steerings too (see topoopt.studies.graph_steering): "
@@ -518,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = RunConfig(setting=args.setting, dataset=args.dataset, data_dir=args.data_dir, epsilon=epsilon,
                            seed=seed, epochs=epochs, lr=lr, snapshots=101 if args.quick else 201,
                            tensorboard=args.tensorboard, steer=steer)
-        summary = run(config, out, reanalyse=args.reanalyse)
+        summary = run(config, out, reanalyse=args.reanalyse, light=args.light)
         results.append(summary)
         hidden = summary["layers"]["fc1"]
         output = summary["layers"][sorted(summary["layers"])[-1]]

@@ -60,7 +60,9 @@ def validate(folder: Path, window: float = 300, jump: float = 0.05) -> dict:
             continue
         curve = [(n["step"], n["accuracy"]) for n in json.loads((summary_path.parent / "nines.json").read_text())]
         runs.append((summary, curve))
-    ratios = sorted({e["ratio"] for summary, _ in runs for e in summary["online_events"]} | {4.0})
+    from topoopt.studies.learning_graphs import LIVE_RATIOS, MAPPER_EPS
+
+    ratios = sorted({e["ratio"] for summary, _ in runs for e in summary["online_events"]} | {*LIVE_RATIOS, MAPPER_EPS})
     report: dict = {"window": window, "jump": jump, "runs": [s["config"] for s, _ in runs], "ratios": {}}
     for ratio in ratios:
         rows, lags, jumps_seen = [], [], 0
