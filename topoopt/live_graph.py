@@ -18,7 +18,7 @@ What the training thread does, and no more (measured in ``benchmarks/live_graph.
   ``writer.add_image`` would write), so the training thread only appends the finished bytes to
   the writer's event file;
 - the worker process is spawned (not forked) at construction and imports its libraries then,
-  not at the first build.
+  not at the first build; the buffers' disk space is reserved and their pages touched then too.
 
 Memory bound: at most ``max_snapshots`` snapshots per layer are kept; when full, every other
 one is dropped and the recording interval doubles, so the trajectory spans all of training at a
@@ -128,6 +128,10 @@ class LiveLearningGraph:
             path = self._buffers / f"layer{number}.npy"
             buffer = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
                                                shape=(max_snapshots, len(chosen), cloud.shape[1]))
+            if hasattr(os, "posix_fallocate"):  # the disk space now: a full disk must not crash a record later
+                with open(path, "r+b") as file:
+                    os.posix_fallocate(file.fileno(), 0, path.stat().st_size)
+            buffer[:] = 0  # touch every page now: a first touch while recording costs 4× the copy
             self._trajectories[name] = _LayerTrajectory(chosen, path, buffer, free=list(range(max_snapshots))[::-1])
         self._pool: ProcessPoolExecutor | None = None
         self._copied = None  # the worker's "points copied" event
