@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from topoopt.plotting import new_figure
+from topoopt.plotting import new_figure, save_png
 
 __all__ = ["compare", "run_row", "first_step_above"]
 
@@ -127,7 +127,7 @@ def compare(out: Path, setting: str, epsilons: list[float], seeds: list[int], st
             path = target / f"{setting}_eps{epsilon:g}_s{seed}_graphs.png"
             figure = _figure(rows, folders, f"{setting} setting, ε = {epsilon:g}, seed {seed}: "
                                             "learning graphs of steered runs beside the baseline")
-            figure.savefig(path, dpi=80)
+            save_png(figure, path, dpi=80)  # a palette PNG: these figures are kept in git
             figures.append(path)
     plain = [{k: v for k, v in row.items() if k != "curve"} for row in table]
     (target / f"{setting}_comparison.json").write_text(json.dumps(plain, indent=1))
