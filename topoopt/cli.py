@@ -191,7 +191,9 @@ def _run_main_job(args: argparse.Namespace) -> int:
               f"{learning_graphs.QUICK_SURFACE_LR} for 12,000 steps (its plateau lasts 1/lr), plain and pen-spread.",
               flush=True)
         graphs = results / "learning_graphs"
-        common = ["--quick", "--epsilons", "1e-6", "--compare", "--out", str(graphs),
+        # --light: each layer's graph, statistics and events; not the PCA-3 graph of thousands of
+        # cycles, the HTML or the PCA plots, which took most of the job's time
+        common = ["--quick", "--light", "--epsilons", "1e-6", "--compare", "--out", str(graphs),
                   "--tensorboard", str(logs / "learning_graphs")]
         learning_graphs.main(["--setting", "tree", *common, "--steer", "pen-spread", "topo-collapse",
                               "collapse-matched"])
