@@ -3,8 +3,8 @@
 `run_loop` trains a classifier on in-memory tensors with minibatches in a seeded random order,
 and calls its callbacks at fixed points; everything else a run does (evaluation, logging,
 checkpoints, progress, stopping) is a callback. `fit` and `fit_steps` (the studies' loops),
-`topoopt.training.train` (the CLI's runs, with checkpoints and resume) and the steering study's
-`run_cell` are thin wrappers over it.
+`topoopt.training.train` (the CLI's runs, with checkpoints and resume), the steering study's
+`run_cell` and the learning-graph study's `train_and_record` are thin wrappers over it.
 
 One step, in order::
 

@@ -569,6 +569,3 @@ def _finish(config: TrainConfig, run_dir: Path, rows: list[dict], seconds: float
     summary = {"run": config.name(), "run_dir": str(run_dir), "seconds": seconds, **rows[-1]}
     _write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
-
-
-_StopOnInterrupt = StopOnInterrupt  # the name the learning-graph study imports

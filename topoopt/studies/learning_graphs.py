@@ -23,12 +23,12 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from topoopt.data import load_dataset
 from topoopt.groups import BranchingDetector, BranchingEvent, group_count
@@ -42,10 +42,11 @@ from topoopt.learning_graphs import (
     terminal_leaves,
 )
 from topoopt.learning_graphs.mapper import pca_reduce
+from topoopt.loop import Callback, LoopState, StopOnInterrupt, run_loop
 from topoopt.models import build_mlp
 from topoopt.plotting import new_figure
-from topoopt.progress import Ticker
-from topoopt.studies.graph_steering import STEERINGS
+from topoopt.progress import Heartbeat, Ticker
+from topoopt.studies.graph_steering import STEERINGS, Steering
 
 RESULTS_DIR = Path("experiments") / "results" / "learning_graphs"
 TRAINING_CHECKPOINT = "training_checkpoint.pt"
@@ -129,141 +130,192 @@ def _save_training_checkpoint(state: dict, path: Path) -> None:
     os.replace(temporary, path)
 
 
+class _Steer(Callback):
+    """The steering's bookkeeping after each update (scale sums, pen-spread's switch-off)."""
+
+    def __init__(self, steering: Steering) -> None:
+        self.steering = steering
+
+    def after_step(self, state: LoopState) -> None:
+        self.steering.after_step(state.step)
+
+
+class _LiveGroups(Callback):
+    """Live topology (#14): each step of the `TopologyMonitor` (the groups of neurons and the online
+    branching events that a user sees in TensorBoard), and every `every` steps the same online
+    detector at the smaller gap ratios and at the absolute scale of each layer's Mapper clustering
+    (DBSCAN's eps in the paper's settings), on the same cached deaths: the validation compares each
+    with the offline learning graph's events."""
+
+    def __init__(self, monitor, every: int) -> None:
+        self.monitor, self.every = monitor, every
+        self.mapper_eps = {name: PAPER_SETTINGS[role].eps for name, role in _layer_roles(list(monitor.layers)).items()}
+        self.detectors = {r: {n: BranchingDetector(monitor.detectors[n].patience) for n in monitor.layers}
+                          for r in [*LIVE_RATIOS[:-1], MAPPER_EPS]}
+        self.events: list[dict] = []
+
+    def on_train_begin(self, state: LoopState) -> None:
+        if state.step == 0:
+            self.measure(0)
+
+    def after_step(self, state: LoopState) -> None:
+        self.measure(state.step)
+
+    def measure(self, step: int) -> None:
+        self.monitor.step(step)
+        if step % self.every == 0:
+            self._other_groups(step)
+
+    @torch.no_grad()
+    def _other_groups(self, step: int) -> None:
+        from topoopt.tree_cache import measure_layer
+
+        for name, module in self.monitor.layers.items():
+            deaths = measure_layer(self.monitor.trees, name, module)
+            if deaths is None:
+                continue
+            for ratio, detectors in self.detectors.items():
+                if ratio == MAPPER_EPS:
+                    count = 1 + int((deaths > self.mapper_eps[name]).sum())
+                else:
+                    count = group_count(deaths, ratio)
+                label = "mapper_eps" if ratio == MAPPER_EPS else f"ratio{ratio:g}"
+                self.monitor.writer.add_scalar(f"topology/{name}/groups_{label}", count, step)
+                rise = detectors[name].update(count, step)
+                if rise is not None:
+                    self.events.append({"layer": name, "step": step, "first_seen": rise[0],
+                                        "groups_before": rise[1], "groups": rise[2], "ratio": ratio})
+
+    def online_events(self) -> list[dict]:
+        """Every online event: the monitor's (at its ratio), then the other detectors'."""
+        return [{**asdict(e), "ratio": self.monitor.groups_ratio} for e in self.monitor.events] + self.events
+
+    def state_dict(self) -> dict:
+        return {"detectors": {n: d.state_dict() for n, d in self.monitor.detectors.items()},
+                "events": [asdict(e) for e in self.monitor.events],
+                "other_detectors": {str(r): {n: d.state_dict() for n, d in ds.items()}
+                                    for r, ds in self.detectors.items()},
+                "other_events": self.events}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, detector in state["detectors"].items():
+            self.monitor.detectors[name].load_state_dict(detector)
+        for ratio, states in state["other_detectors"].items():
+            for name, detector in states.items():
+                self.detectors[float(ratio)][name].load_state_dict(detector)
+        self.events.extend(state["other_events"])
+        self.monitor.events = [BranchingEvent(**{**e, "sizes": tuple(e["sizes"])}) for e in state["events"]]
+
+
+class _Snapshots(Callback):
+    """Every layer's cloud at step 0 and whenever the recorder is due, with the test accuracy,
+    what the test set's nines are read as, the live group counts and the steering's extras."""
+
+    def __init__(self, recorder: TrajectoryRecorder, data, monitor, steering: Steering) -> None:
+        self.recorder, self.data, self.monitor, self.steering = recorder, data, monitor, steering
+        self.nines = data.y_test == 9
+
+    def on_train_begin(self, state: LoopState) -> None:
+        if state.step == 0:
+            self.snapshot(state.model, 0, 0)
+
+    def after_step(self, state: LoopState) -> None:
+        self.snapshot(state.model, state.step, state.epoch + 1)
+
+    def snapshot(self, model: torch.nn.Module, step: int, epoch: int) -> None:
+        if not self.recorder.due(step, force=(step == 0)):
+            return
+        with torch.no_grad():
+            predictions = model(self.data.x_test).argmax(1)
+        accuracy = float((predictions == self.data.y_test).float().mean())
+        counts = torch.bincount(predictions[self.nines], minlength=10).tolist()
+        groups = {name: int(values["groups"]) for name, values in self.monitor.last.items() if "groups" in values}
+        self.recorder.record(step, epoch, accuracy, force=(step == 0),
+                             extra={"nines_as": counts, "groups": groups, **self.steering.snapshot()})
+
+
+class _Checkpoints(Callback):
+    """At an epoch's end, a heartbeat line, and `save(state)` when 30 s have passed since the last
+    save or Ctrl-C came (`stop`); Ctrl-C then ends the loop (``state.stop``)."""
+
+    def __init__(self, save: Callable[[LoopState], None], stop: StopOnInterrupt, heartbeat: Heartbeat,
+                 describe: Callable[[LoopState], str]) -> None:
+        self.save, self.stop, self.heartbeat, self.describe = save, stop, heartbeat, describe
+        self.saved_at = time.monotonic()
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        self.heartbeat.beat(lambda: self.describe(state))
+        if self.stop.requested or time.monotonic() - self.saved_at >= 30:
+            self.save(state)
+            self.saved_at = time.monotonic()
+        if self.stop.requested:
+            state.stop = True
+
+
 def train_and_record(config: RunConfig, folder: Path, progress: bool = True) -> dict:
     """Train as the authors did and record every layer's cloud at `snapshots` steps.
 
     Resumable: the training state is saved (with the recorded trajectory flushed first) at least
-    every 30 s at an epoch's end and on Ctrl-C, and a rerun continues from there.
+    every 30 s at an epoch's end and on Ctrl-C (at the end of the epoch in progress), and a rerun
+    continues from there.
     """
     from topoopt.learning_graphs.trajectory import load_snapshots
     from topoopt.monitor import TopologyMonitor
-    from topoopt.progress import Heartbeat
     from topoopt.studies.graph_steering import SCALES_FILE, build_steering, mean_scales
-    from topoopt.training import _StopOnInterrupt
-    from topoopt.tree_cache import measure_layer
 
     data = load_dataset(config.dataset, config.data_dir)
     model = _initialised_model(config, data.n_features)
     matched = RunConfig(**{**asdict(config), "steer": "topo-collapse"})
     steering = build_steering(config.steer, model, config.lr,
                               matched_scales=lambda: mean_scales(folder.parent / matched.name()))
-    optimizer = steering.optimizer
-    # Live topology (#14): the groups of neurons and the online branching events that a user would
-    # see in TensorBoard, logged beside the recorded trajectory so that they can be checked
-    # against the offline learning graph's events.
     monitor = TopologyMonitor(model, log_dir=Path(config.tensorboard) / config.name(), every=config.groups_every,
                               metrics=("mean_lifetime",), groups_ratio=LIVE_RATIOS[-1])
-    # The same online detector at the smaller ratios, on the same (cached) deaths, and at the
-    # absolute scale of the layer's Mapper clustering (DBSCAN's eps in the paper's settings): the
-    # validation compares each with the offline events.
-    mapper_eps = {name: PAPER_SETTINGS[role].eps for name, role in _layer_roles(list(monitor.layers)).items()}
-    other_ratios = {r: {n: BranchingDetector(monitor.detectors[n].patience) for n in monitor.layers}
-                    for r in [*LIVE_RATIOS[:-1], MAPPER_EPS]}
-    other_events: list[dict] = []
-
-    @torch.no_grad()
-    def live_groups(step: int) -> None:
-        if step % config.groups_every:
-            return
-        for name, module in monitor.layers.items():
-            deaths = measure_layer(monitor.trees, name, module)
-            if deaths is None:
-                continue
-            for ratio, detectors in other_ratios.items():
-                if ratio == MAPPER_EPS:
-                    count = 1 + int((deaths > mapper_eps[name]).sum())
-                else:
-                    count = group_count(deaths, ratio)
-                label = "mapper_eps" if ratio == MAPPER_EPS else f"ratio{ratio:g}"
-                monitor.writer.add_scalar(f"topology/{name}/groups_{label}", count, step)
-                rise = detectors[name].update(count, step)
-                if rise is not None:
-                    other_events.append({"layer": name, "step": step, "first_seen": rise[0],
-                                         "groups_before": rise[1], "groups": rise[2], "ratio": ratio})
-    batches = math.ceil(len(data.y_train) / config.batch_size)
-    total_steps = batches * config.epochs
+    live = _LiveGroups(monitor, config.groups_every)
+    total_steps = math.ceil(len(data.y_train) / config.batch_size) * config.epochs
     every = max(1, total_steps // (config.snapshots - 1))
-    nines = data.y_test == 9
     shuffle = torch.Generator().manual_seed(config.seed)
     checkpoint_path = folder / TRAINING_CHECKPOINT
     checkpoint_path.with_name(checkpoint_path.name + ".tmp").unlink(missing_ok=True)  # left by a kill
-    step, first_epoch = 0, 1
     saved = _load_training_checkpoint(checkpoint_path)
     if saved is None:  # from step 0: whatever was recorded is recorded again
         shutil.rmtree(folder / "trajectory", ignore_errors=True)
     recorder = TrajectoryRecorder(model, folder / "trajectory", every=every, chunk_size=64)
+    state = LoopState(model, steering.optimizer)
     if saved is not None:
         model.load_state_dict(saved["model"])
         steering.load_state_dict(saved["steering"])
-        for name, state in saved["detectors"].items():
-            monitor.detectors[name].load_state_dict(state)
-        for ratio, states in saved["other_detectors"].items():
-            for name, state in states.items():
-                other_ratios[float(ratio)][name].load_state_dict(state)
-        other_events.extend(saved["other_events"])
-        monitor.events = [BranchingEvent(**{**e, "sizes": tuple(e["sizes"])}) for e in saved["events"]]
+        live.load_state_dict(saved)
         shuffle.set_state(saved["shuffle"])
-        step, first_epoch = saved["step"], saved["epoch"] + 1
-        print(f"{config.name()}: resuming at step {step:,} of {total_steps:,}", flush=True)
+        state.resume(saved["epoch"], saved["step"])  # saved at an epoch's end: "epoch" epochs done
+        print(f"{config.name()}: resuming at step {state.step:,} of {total_steps:,}", flush=True)
 
-    def snapshot(step: int, epoch: int) -> None:
-        if not recorder.due(step, force=(step == 0)):
-            return
-        with torch.no_grad():
-            predictions = model(data.x_test).argmax(1)
-        accuracy = float((predictions == data.y_test).float().mean())
-        counts = torch.bincount(predictions[nines], minlength=10).tolist()
-        groups = {name: int(values["groups"]) for name, values in monitor.last.items() if "groups" in values}
-        recorder.record(step, epoch, accuracy, force=(step == 0),
-                        extra={"nines_as": counts, "groups": groups, **steering.snapshot()})
-
-    def checkpoint(epoch: int) -> None:
+    def save(state: LoopState) -> None:  # at the end of epoch state.epoch + 1 (1-based)
         recorder.flush()  # every snapshot up to the checkpoint is on record before it is saved
         _save_training_checkpoint({"model": model.state_dict(), "steering": steering.state_dict(),
-                                   "shuffle": shuffle.get_state(), "step": step, "epoch": epoch,
-                                   "detectors": {n: d.state_dict() for n, d in monitor.detectors.items()},
-                                   "events": [asdict(e) for e in monitor.events],
-                                   "other_detectors": {str(r): {n: d.state_dict() for n, d in ds.items()}
-                                                       for r, ds in other_ratios.items()},
-                                   "other_events": other_events}, checkpoint_path)
+                                   "shuffle": shuffle.get_state(), "step": state.step, "epoch": state.epoch + 1,
+                                   **live.state_dict()}, checkpoint_path)
         monitor.flush()
 
-    heartbeat = Heartbeat(enabled=progress)
-    saved_at = time.monotonic()
-    if step == 0:
-        monitor.step(0)
-        live_groups(0)
-        snapshot(0, 0)
-    with _StopOnInterrupt() as stop:
-        for epoch in range(first_epoch, config.epochs + 1):
-            for batch in torch.randperm(len(data.y_train), generator=shuffle).split(config.batch_size):
-                optimizer.zero_grad()
-                steering.loss(F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])).backward()
-                optimizer.step()
-                step += 1
-                steering.after_step(step)
-                monitor.step(step)
-                live_groups(step)
-                snapshot(step, epoch)
-            heartbeat.beat(lambda: f"{config.name()}: step {step:,} of {total_steps:,}")
-            if stop.requested or time.monotonic() - saved_at >= 30:
-                checkpoint(epoch)
-                saved_at = time.monotonic()
-            if stop.requested:
-                print(f"\nInterrupted at step {step:,}: saved {checkpoint_path}; "
-                      "run the same command again to continue")
-                raise KeyboardInterrupt
+    with StopOnInterrupt() as stop:
+        checkpoints = _Checkpoints(save, stop, Heartbeat(enabled=progress),
+                                   lambda s: f"{config.name()}: step {s.step:,} of {total_steps:,}")
+        state = run_loop(model, steering.optimizer, data.x_train, data.y_train, batch_size=config.batch_size,
+                         generator=shuffle, epochs=config.epochs, objective=steering.loss, state=state,
+                         callbacks=[_Steer(steering), live, _Snapshots(recorder, data, monitor, steering),
+                                    checkpoints])
+    if state.stop:
+        print(f"\nInterrupted at step {state.step:,}: saved {checkpoint_path}; run the same command again to continue")
+        raise KeyboardInterrupt
     recorder.close()
     monitor.close()
-    online = [{**asdict(e), "ratio": monitor.groups_ratio} for e in monitor.events] + other_events
-    (folder / ONLINE_EVENTS).write_text(json.dumps(online, indent=1))
+    (folder / ONLINE_EVENTS).write_text(json.dumps(live.online_events(), indent=1))
     if steering.topo is not None:
         (folder / SCALES_FILE).write_text(json.dumps(steering.summary()))
     nine_predictions = [{"step": s["step"], "accuracy": s["accuracy"], "nines_as": s["nines_as"]}
                         for s in load_snapshots(folder / "trajectory")]
     (folder / "nines.json").write_text(json.dumps(nine_predictions))
     hidden = model.fc1.weight.detach()
-    return {"steps": step, "snapshot_every": every, "final_accuracy": nine_predictions[-1]["accuracy"],
+    return {"steps": state.step, "snapshot_every": every, "final_accuracy": nine_predictions[-1]["accuracy"],
             "hidden_groups_at_end": exact_zero_groups(hidden), **steering.summary()}
 
 
