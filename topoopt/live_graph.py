@@ -149,9 +149,17 @@ class LiveLearningGraph:
         # event can only reach the worker at its creation (initargs), not with a task.
         context = get_context("spawn")
         self._copied = context.Event()
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10) if hasattr(os, "getpriority") else None
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start,
-                                         initargs=(self._copied,))
+                                         initargs=(self._copied, nice))
         self._pool.submit(_warm_up, self._encode_in_worker)  # spawns it now; imports off the first build
+        # Lower its priority at once, so that its start (importing torch, before the initializer runs)
+        # is niced too (`_processes` is private: best effort; the initializer does it in any case).
+        for pid in getattr(self._pool, "_processes", None) or {}:
+            try:
+                os.setpriority(os.PRIO_PROCESS, pid, nice)
+            except (OSError, TypeError):
+                pass
 
     def step(self, global_step: int) -> None:
         if self._running is not None and self._running[1].done():
@@ -280,13 +288,16 @@ class LiveLearningGraph:
 _COPIED = None  # in the worker: the event set once a build's points are copied
 
 
-def _start(copied) -> None:
-    """The worker: one thread, and a lower priority than training, which it must not slow."""
+def _start(copied, nice: int | None) -> None:
+    """The worker: one thread, and a lower priority (nice + 10) than training, which it must not slow."""
     global _COPIED
     _COPIED = copied
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
-    os.nice(10)
+    if nice is None:
+        os.nice(10)
+    elif os.getpriority(os.PRIO_PROCESS, 0) < nice:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
 
 
 def _warm_up(tensorboard: bool) -> None:
