@@ -73,3 +73,25 @@ def test_steered_runs_start_like_the_baseline_and_are_compared(tmp_path):
     online = json.loads((base / "summary.json").read_text())["online_events"]
     assert isinstance(online, list)
     assert {e["ratio"] for e in online} <= {*learning_graphs.LIVE_RATIOS, learning_graphs.MAPPER_EPS}
+
+
+def test_validate_counts_matches_and_what_chance_would_give(tmp_path):
+    from topoopt.studies.live_validation import validate
+
+    run = tmp_path / "tree_x"
+    run.mkdir()
+    offline = [1000.0, 2000.0, 5000.0]
+    online = [{"layer": "fc2", "step": s + 60, "ratio": 4.0} for s in offline] + [
+        {"layer": "fc2", "step": 20_000, "ratio": 4.0}]
+    summary = {"config": {"epsilon": 1e-6, "seed": 0, "steer": "none"}, "training": {"steps": 30_000},
+               "layers": {"fc2": {"event_steps": offline}}, "events": {"fc2": []}, "online_events": online}
+    (run / "summary.json").write_text(json.dumps(summary))
+    curve = [{"step": s, "accuracy": a} for s, a in [(0, 0.1), (900, 0.1), (1050, 0.3), (1200, 0.32)]]
+    (run / "nines.json").write_text(json.dumps(curve))
+    block = validate(tmp_path, window=300, jump=0.05, shuffles=100)["ratios"]["4.0"]
+    (row,) = block["rows"]
+    assert (row["online"], row["offline"], row["matched"], row["missed"], row["false"]) == (4, 3, 3, 0, 1)
+    # four events over 30,000 steps: three offline events within ±300 steps by chance ≈ 4·3·600/30,000
+    assert row["matched_by_chance"] < 1.0
+    assert block["jumps"] == 1 and block["jumps_with_event_within_window"] == 1  # the jump at 1,050: event 1,060
+    assert block["median_lag"] == 10 and block["median_first_event_minus_first_jump"] == 10

@@ -15,7 +15,13 @@ events left over are *missed*, online events left over are *false*.
 
 Accuracy jumps are rises of more than ``jump`` in test accuracy between consecutive snapshots;
 for each, the lag of the nearest online event of any layer (event step − jump step: negative
-means the event came first).
+means the event came first), and per run and layer the first online event's step minus the first
+jump's.
+
+Chance. A detector that fires often matches anything. Each count is also computed with the run's
+online events shifted in time by a uniform random offset (circularly over the run; ``shuffles``
+offsets, seeded): "matched by chance" and "jumps with an event within the window by chance" are
+the means over the offsets.
 
     python -m topoopt.studies.live_validation experiments/results/learning_graphs/full
 """
@@ -49,7 +55,7 @@ def accuracy_jumps(curve: list[tuple[int, float]], jump: float) -> list[int]:
     return [int(b[0]) for a, b in zip(curve, curve[1:]) if b[1] - a[1] > jump]
 
 
-def validate(folder: Path, window: float = 300, jump: float = 0.05) -> dict:
+def validate(folder: Path, window: float = 300, jump: float = 0.05, shuffles: int = 200) -> dict:
     """Per ratio: matched/missed/false per layer and ε, and the event–jump lags (module docstring)."""
     runs = []
     for summary_path in sorted(folder.glob("tree_*/summary.json")):
@@ -64,22 +70,33 @@ def validate(folder: Path, window: float = 300, jump: float = 0.05) -> dict:
 
     ratios = sorted({e["ratio"] for summary, _ in runs for e in summary["online_events"]} | {*LIVE_RATIOS, MAPPER_EPS})
     report: dict = {"window": window, "jump": jump, "runs": [s["config"] for s, _ in runs], "ratios": {}}
+    rng = np.random.default_rng(0)
     for ratio in ratios:
-        rows, lags, jumps_seen = [], [], 0
+        rows, lags, jumps_seen, chance_hits, first_lags = [], [], 0, 0.0, []
         for summary, curve in runs:
+            total = float(summary["training"]["steps"])
+            shifts = rng.uniform(0, total, size=shuffles)
             online_all = [e for e in summary["online_events"] if e.get("ratio", 4.0) == ratio]
+            jumps = accuracy_jumps(curve, jump)
             for layer, offline_events in summary["events"].items():
                 online = [e["step"] for e in online_all if e["layer"] == layer]
                 offline = summary["layers"][layer].get("event_steps") or [e["step"] for e in offline_events]
                 matched, missed, false = match_events(online, offline, window)
+                chance = np.mean([match_events([(t + shift) % total for t in online], offline, window)[0]
+                                  for shift in shifts]) if online and offline else 0.0
                 rows.append({"epsilon": summary["config"]["epsilon"], "seed": summary["config"]["seed"],
                              "layer": layer, "online": len(online), "offline": len(offline),
-                             "matched": matched, "missed": missed, "false": false})
+                             "matched": matched, "missed": missed, "false": false,
+                             "matched_by_chance": float(chance)})
+                if online and jumps:
+                    first_lags.append(float(min(online) - jumps[0]))
             steps = np.array([e["step"] for e in online_all], dtype=float)
-            for jump_step in accuracy_jumps(curve, jump):
+            for jump_step in jumps:
                 jumps_seen += 1
                 if steps.size:
                     lags.append(float(steps[np.argmin(np.abs(steps - jump_step))] - jump_step))
+                    shifted = (steps[None, :] + shifts[:, None]) % total
+                    chance_hits += float(np.mean(np.abs(shifted - jump_step).min(axis=1) <= window))
         lags_array = np.array(lags)
         report["ratios"][str(ratio)] = {
             "rows": rows,
@@ -87,6 +104,8 @@ def validate(folder: Path, window: float = 300, jump: float = 0.05) -> dict:
             "by_epsilon": _totals(rows, "epsilon"),
             "jumps": jumps_seen,
             "jumps_with_event_within_window": int((np.abs(lags_array) <= window).sum()) if lags else 0,
+            "jumps_with_event_within_window_by_chance": chance_hits,
+            "median_first_event_minus_first_jump": float(np.median(first_lags)) if first_lags else None,
             "median_lag": float(np.median(lags_array)) if lags else None,
             "events_before_jump": int((lags_array < 0).sum()) if lags else 0,
             "events_after_jump": int((lags_array > 0).sum()) if lags else 0,
@@ -97,7 +116,8 @@ def validate(folder: Path, window: float = 300, jump: float = 0.05) -> dict:
 def _totals(rows: list[dict], key: str) -> dict:
     out: dict = {}
     for row in rows:
-        total = out.setdefault(str(row[key]), {"online": 0, "offline": 0, "matched": 0, "missed": 0, "false": 0})
+        total = out.setdefault(str(row[key]), {"online": 0, "offline": 0, "matched": 0, "missed": 0, "false": 0,
+                                               "matched_by_chance": 0.0})
         for field in total:
             total[field] += row[field]
     return out
@@ -106,15 +126,20 @@ def _totals(rows: list[dict], key: str) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"Matching window ±{report['window']:g} steps; accuracy jump: a rise of more than "
              f"{100 * report['jump']:g} points between evaluations; {len(report['runs'])} runs.", "",
-             "| gap ratio | layer | offline events | online events | matched | missed | false | "
-             "jumps with an online event within the window | median lag (event − jump) |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| detector | layer | offline events | online events | matched | matched by chance | missed | false | "
+             "jumps with an online event of any layer within the window (by chance) | median lag (event − jump) | "
+             "median first event − first jump |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for ratio, block in report["ratios"].items():
         ratio = "Mapper's eps (absolute)" if float(ratio) == 0 else ratio
         for layer, t in block["by_layer"].items():
             lag = "–" if block["median_lag"] is None else f"{block['median_lag']:+.0f}"
-            lines.append(f"| {ratio} | {layer} | {t['offline']} | {t['online']} | {t['matched']} | {t['missed']} | "
-                         f"{t['false']} | {block['jumps_with_event_within_window']}/{block['jumps']} | {lag} |")
+            first = block["median_first_event_minus_first_jump"]
+            first = "–" if first is None else f"{first:+.0f}"
+            lines.append(f"| {ratio} | {layer} | {t['offline']} | {t['online']} | {t['matched']} | "
+                         f"{t['matched_by_chance']:.1f} | {t['missed']} | {t['false']} | "
+                         f"{block['jumps_with_event_within_window']}/{block['jumps']} "
+                         f"({block['jumps_with_event_within_window_by_chance']:.1f}) | {lag} | {first} |")
     return "\n".join(lines) + "\n"
 
 
