@@ -109,3 +109,26 @@ def test_groups_can_be_turned_off():
 class _Null:
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
+
+
+def test_an_absolute_scale_counts_what_a_relative_threshold_cannot():
+    # neurons on a line, gaps 0.3, 0.3, 0.3, 0.9, 0.3: the 0.9 gap is 3 × the median, below the
+    # relative threshold (4 × 0.3), above an absolute scale of 0.5
+    cloud = torch.tensor([[0.0], [0.3], [0.6], [0.9], [1.8], [2.1]], dtype=torch.float64)
+    deaths, u, v = tree_deaths(cloud)
+    assert group_count(deaths) == 1
+    assert group_count(deaths, scale=0.5) == 2
+    assert group_sizes(deaths, u, v, 6, scale=0.5) == [4, 2]
+    assert group_count(deaths, scale=1.0) == 1
+
+
+def test_monitor_counts_groups_at_a_per_layer_absolute_scale():
+    model = build_mlp("mlp:4-6-2")
+    monitor = TopologyMonitor(model, writer=_Null(), groups_ratio=None, groups_scale={"fc2": 0.0})
+    monitor.step(0)
+    assert "groups" not in monitor.last["fc1"]  # no ratio and no scale for fc1
+    assert monitor.last["fc2"]["groups"] == 2.0  # two distinct output neurons: any gap above 0 separates
+    with pytest.raises(ValueError, match="groups_scale names layer 'fc9'"):
+        TopologyMonitor(model, writer=_Null(), groups_scale={"fc9": 0.1})
+    with pytest.raises(ValueError, match="Invalid groups_scale for layer 'fc1'"):
+        TopologyMonitor(model, writer=_Null(), groups_scale=-1.0)

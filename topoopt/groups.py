@@ -9,6 +9,13 @@ tree). A cloud of noise, whose gaps are all alike, is one group whatever its siz
 that have split into tight groups far apart leave a few gaps far above the median. When more
 than half of the gaps are 0 (coinciding neurons), any positive gap separates.
 
+An absolute scale is the other choice (``scale=`` in `group_count`, ``groups_scale=`` in
+`TopologyMonitor`): a gap longer than that distance separates groups, whatever the layer's own
+scale. It is what a learning graph's clustering uses (Mapper's DBSCAN ``eps``), and the one that
+reproduces the learning graph's branching events live (`experiments/RESULTS.md`, "Live topology
+against the learning graphs"); the relative threshold counts only well-separated groups, which a
+continuously fanning-out layer never forms.
+
 A *branching event* (Gabella et al. 2019 read them off learning graphs after training) is a
 rise of the group count that stays risen: `BranchingDetector` confirms a new count only after it
 has held for ``patience`` consecutive measurements, so noise around the threshold does not flap.
@@ -33,19 +40,23 @@ def group_threshold(deaths: torch.Tensor, ratio: float = 4.0) -> float:
     return ratio * float(deaths.detach().median())
 
 
-def group_count(deaths: torch.Tensor, ratio: float = 4.0) -> int:
-    """Number of groups of the layer's neurons (see the module docstring); 1 for N ≤ 1."""
-    threshold = group_threshold(deaths, ratio)
+def group_count(deaths: torch.Tensor, ratio: float = 4.0, scale: float | None = None) -> int:
+    """Number of groups of the layer's neurons (see the module docstring); 1 for N ≤ 1.
+
+    With ``scale``, gaps above that absolute distance separate groups instead (``ratio`` unused).
+    """
+    threshold = group_threshold(deaths, ratio) if scale is None else float(scale)
     return 1 + int((deaths.detach() > threshold).sum())
 
 
-def group_sizes(deaths: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int, ratio: float = 4.0) -> list[int]:
+def group_sizes(deaths: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int, ratio: float = 4.0,
+                scale: float | None = None) -> list[int]:
     """Sizes of the groups, largest first: the pieces of the tree (u, v) without its long edges.
 
     `deaths` are the lengths of the edges (u, v), in the same order (tree order, as
     `TreeCache.deaths_in_tree_order` gives them).
     """
-    threshold = group_threshold(deaths, ratio)
+    threshold = group_threshold(deaths, ratio) if scale is None else float(scale)
     keep = (deaths.detach() <= threshold).cpu().numpy()
     parent = np.arange(n)
 

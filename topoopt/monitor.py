@@ -88,7 +88,14 @@ class TopologyMonitor:
     groups_ratio : float or None
         Log ``topology/<layer>/groups``, the number of groups of neurons: a gap in the spanning
         tree separates groups when it is at least this many times the layer's median gap (see
-        `topoopt.groups`). None turns groups and branching events off.
+        `topoopt.groups`). None turns groups and branching events off, unless ``groups_scale``
+        is given.
+    groups_scale : float or mapping of layer name to float, optional
+        Count groups at this absolute gap instead (per layer with a mapping; layers missing from
+        it use ``groups_ratio``). A learning graph's clustering scale (Mapper's DBSCAN ``eps``,
+        e.g. 0.1 for a first hidden layer and 0.5 for an output layer in Gabella et al.'s
+        settings) makes the live events those of the learning graph (validated in
+        experiments/RESULTS.md); the relative default counts only well-separated groups.
     branching_patience : int
         A rise of the group count is a branching event once it has held for this many
         consecutive logged measurements (hysteresis).
@@ -115,6 +122,7 @@ class TopologyMonitor:
         embeddings_at: Iterable[int] = (),
         trees: TreeCache | None = None,
         groups_ratio: float | None = 4.0,
+        groups_scale: float | Mapping[str, float] | None = None,
         branching_patience: int = 3,
         on_branching: Callable[[str, int, list[int]], None] | None = None,
     ) -> None:
@@ -135,6 +143,7 @@ class TopologyMonitor:
         if groups_ratio is not None:
             group_threshold(torch.zeros(0), groups_ratio)  # validates the ratio
         self.groups_ratio = groups_ratio
+        self.groups_scale = self._scales(groups_scale)
         self.on_branching = on_branching
         self.detectors = {name: BranchingDetector(branching_patience) for name in self.layers}
         self.events: list[BranchingEvent] = []
@@ -150,6 +159,18 @@ class TopologyMonitor:
                 writer = SummaryWriter(log_dir=str(log_dir))
             self.writer = writer
             self._write_layout()
+
+    def _scales(self, groups_scale) -> dict[str, float]:
+        if groups_scale is None:
+            return {}
+        scales = (dict(groups_scale) if isinstance(groups_scale, Mapping)
+                  else dict.fromkeys(self.layers, groups_scale))
+        for name, value in scales.items():
+            if name not in self.layers:
+                raise ValueError(f"groups_scale names layer {name!r}, which is not monitored: {list(self.layers)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"Invalid groups_scale for layer {name!r}: {value!r}. It must be a finite number ≥ 0")
+        return {name: float(value) for name, value in scales.items()}
 
     def _write_layout(self) -> None:
         charts = {
@@ -182,7 +203,7 @@ class TopologyMonitor:
             for metric, value in values.items():
                 self.writer.add_scalar(tag("topology", name, metric), value, global_step)
             try:
-                if self.groups_ratio is not None:
+                if self.groups_ratio is not None or name in self.groups_scale:
                     self._log_groups(name, module, deaths, global_step)
                 if diagrams and deaths.numel():
                     self._log_diagrams(name, deaths, global_step)
@@ -205,7 +226,8 @@ class TopologyMonitor:
         self.writer.add_figure(tag("barcode", name), barcode, step)
 
     def _log_groups(self, name: str, module: nn.Module, deaths: torch.Tensor, step: int) -> None:
-        count = group_count(deaths, self.groups_ratio)
+        scale = self.groups_scale.get(name)
+        count = group_count(deaths, self.groups_ratio or 4.0, scale=scale)
         self.last[name]["groups"] = float(count)
         self.writer.add_scalar(tag("topology", name, "groups"), count, step)
         rise = self.detectors[name].update(count, step)
@@ -214,7 +236,7 @@ class TopologyMonitor:
         first_seen, before, after = rise
         cloud = layer_cloud(name, module)
         u, v = self.trees.edges(cache_key(name, False), cloud)  # the tree just measured: no search
-        sizes = group_sizes(deaths, u, v, cloud.shape[0], self.groups_ratio)
+        sizes = group_sizes(deaths, u, v, cloud.shape[0], self.groups_ratio or 4.0, scale=scale)
         event = BranchingEvent(name, step, first_seen, before, after, tuple(sizes))
         self.events.append(event)
         self.writer.add_scalar(tag("branching", name), after, step)
