@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from topoopt.loop import make_optimizer
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
 from topoopt.policies import awaken_policy, collapse_policy
@@ -135,18 +136,18 @@ def build_steering(name: str, model: nn.Module, lr: float,
             raise ValueError("collapse-matched needs the topo-collapse run's mean scales")
         scales = matched_scales()
         groups = [{"params": [linears[n].weight], "lr": lr * scales[n]} for n in linears]
-        return Steering(name, torch.optim.SGD(groups, lr=lr), matched=dict(scales))
-    sgd = torch.optim.SGD(model.parameters(), lr=lr)
+        return Steering(name, make_optimizer(model, "sgd", lr=lr, params=groups), matched=dict(scales))
     if name == "none":
-        return Steering(name, sgd)
+        return Steering(name, make_optimizer(model, "sgd", lr=lr))
     if name.startswith("pen-"):
         metric = "mean_lifetime" if name == "pen-spread" else "normalized_entropy"
         penalty = TopoPenalty(model, metric=metric, direction="maximize", weight=1.0)
-        return Steering(name, sgd, penalty=penalty, switched_off={} if name == "pen-spread" else None)
+        return Steering(name, make_optimizer(model, "sgd", lr=lr), penalty=penalty,
+                        switched_off={} if name == "pen-spread" else None)
     if name == "topo-collapse":
         policy, strength = partial(collapse_policy, spread=0.5), 7.0
     else:
         policy, strength = awaken_policy, 4.0
-    topo = TopoOptimizer(sgd, model, metric="mean_lifetime", policy=policy, strength=strength, every=10,
-                         bounds=(0.25, 1.0 + strength))
+    topo = make_optimizer(model, "sgd", lr=lr, topo={"metric": "mean_lifetime", "policy": policy, "strength": strength,
+                                                    "every": 10, "bounds": (0.25, 1.0 + strength)})
     return Steering(name, topo, topo=topo, scale_sums=dict.fromkeys(linears, 0.0))

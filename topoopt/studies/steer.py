@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from topoopt.data import load_dataset
-from topoopt.loop import Callback, LoopState, StopOnNonFiniteLoss, run_loop
+from topoopt.loop import Callback, LoopState, StopOnNonFiniteLoss, make_optimizer, run_loop
 from topoopt.metrics import mean_lifetime
 from topoopt.models import build_mlp
 from topoopt.optimizer import TopoOptimizer
@@ -253,18 +253,18 @@ def run_cell(cell: dict, matched_scales: dict[str, float] | None = None) -> dict
     model = _model(config, spec.get("init", TINY_STD), seed, data.n_features, data.n_classes)
     layers = _linears(model)
     lr = _lr(config, spec)
+    groups = None
     if spec.get("matched"):
         if matched_scales is None:
             raise ValueError(f"{cell['id']}: a matched control needs the steered run's mean scales")
         groups = [{"params": [layers[name].weight], "lr": lr * matched_scales[name]} for name in layers]
-        optimizer = torch.optim.SGD(groups, lr=lr)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    topo = None
+    topo_options = None
     if spec.get("collapse"):
-        policy = partial(collapse_policy, spread=config.collapse_spread)
-        topo = TopoOptimizer(optimizer, model, metric="mean_lifetime", policy=policy, strength=config.collapse_strength,
-                             every=config.topo_every, bounds=(0.25, 1.0 + config.collapse_strength))
+        topo_options = {"metric": "mean_lifetime", "policy": partial(collapse_policy, spread=config.collapse_spread),
+                        "strength": config.collapse_strength, "every": config.topo_every,
+                        "bounds": (0.25, 1.0 + config.collapse_strength)}
+    optimizer = make_optimizer(model, "sgd", lr=lr, params=groups, topo=topo_options)
+    topo = optimizer if isinstance(optimizer, TopoOptimizer) else None
     penalty = None
     if spec.get("penalty"):
         metric = "mean_lifetime" if spec["penalty"] is True else spec["penalty"]

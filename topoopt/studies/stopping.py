@@ -50,6 +50,7 @@ from sklearn.model_selection import train_test_split
 
 from topoopt.data import Dataset, load_dataset, stratified_subset
 from topoopt.early_stopping import NeuralPersistenceStopping, TopologyEarlyStopping
+from topoopt.loop import make_optimizer
 from topoopt.models import build_mlp
 from topoopt.studies.options import add_sweep_options, apply_overrides, positive_int
 from topoopt.studies.statistics import holm, paired_t_minimum_effect
@@ -167,7 +168,7 @@ def run_cell(cell: dict) -> dict:
     else:
         fitted = data
     model = _model(config, seed, fitted)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, "adam", lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
     curve: list[dict] = []
     stops: dict[str, dict] = {}
@@ -444,13 +445,11 @@ def read_compact(path: Path) -> list[dict]:
 
 def plot(records: list[dict], summary: dict, path: Path) -> None:
     """Paired differences in test accuracy (rule − validation) per dataset, one dot a seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from topoopt.plotting import new_figure
 
     names = list(summary["tests"])
-    figure, axis = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5))
+    figure = new_figure(figsize=(9, 0.45 * len(names) + 1.5))
+    axis = figure.subplots()
     rows = rule_records(records)
     for i, name in enumerate(names):
         dataset, rest = name.split("/")
@@ -469,7 +468,6 @@ def plot(records: list[dict], summary: dict, path: Path) -> None:
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def run_study(config: StoppingConfig, progress: bool = True, jobs: int = 1) -> tuple[list[dict], dict]:
