@@ -30,13 +30,14 @@ from topoopt.models import build_mlp
 from topoopt.monitor import TopologyMonitor
 
 
-def run(steps: int, live: bool, data, folder: str) -> tuple[float, float, float, float]:
+def run(steps: int, live: bool, data, folder: str, bound: dict | None = None) -> tuple[float, float, float, float]:
     torch.manual_seed(0)
     model = build_mlp("mlp:784-100-100-10", activation="sigmoid")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     monitor = TopologyMonitor(model, log_dir=f"{folder}/events", every=10)
     setup = time.thread_time()
-    graph = LiveLearningGraph(model, f"{folder}/graphs", writer=monitor.writer, every=500) if live else None
+    graph = LiveLearningGraph(model, f"{folder}/graphs", writer=monitor.writer, every=500,
+                              **(bound or {})) if live else None
     setup = time.thread_time() - setup
     generator = torch.Generator().manual_seed(0)
     in_step = 0.0
@@ -64,8 +65,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-snapshots", type=int, default=None, help="LiveLearningGraph's bound (default its own)")
+    parser.add_argument("--max-neurons", type=int, default=None, help="LiveLearningGraph's bound (default its own)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    bound = {k: v for k, v in (("max_snapshots", args.max_snapshots), ("max_neurons", args.max_neurons))
+             if v is not None}
     data = load_dataset("mnist5k")
     times = {"plain": [], "live": []}
     cpu = {"plain": [], "live": []}
@@ -73,7 +78,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
             for variant in ("plain", "live"):
-                wall, thread, in_step, setup = run(args.steps, variant == "live", data, f"{folder}/{variant}{repeat}")
+                wall, thread, in_step, setup = run(args.steps, variant == "live", data, f"{folder}/{variant}{repeat}",
+                                                 bound)
                 times[variant].append(wall)
                 cpu[variant].append(thread)
                 extra = f", {in_step:.3f} s in step(), {setup:.3f} s setup" if variant == "live" else ""
