@@ -8,6 +8,7 @@ UTF-8) is ignored on reload, and its cell runs again.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -106,6 +107,18 @@ def save_compact(records: Sequence[dict], path: Path) -> None:
     text = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in records)
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as handle:
         handle.write(text.encode("utf-8"))
+
+
+def rounded(value, digits: int = 4):
+    """`value` (a record, or any JSON-like value) with every finite float to `digits` significant
+    digits: for a lossy committed copy of results whose analysis does not need more."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    return value
 
 
 def load_compact(path: Path) -> list[dict]:

@@ -55,7 +55,7 @@ from topoopt.persistence import h0_deaths
 from topoopt.policies import collapse_policy
 from topoopt.studies.options import add_sweep_options, apply_overrides, positive_int
 from topoopt.studies.statistics import holm, paired_t_minimum_effect
-from topoopt.sweep import load_results, run_cells
+from topoopt.sweep import load_compact, load_results, rounded, run_cells, save_compact
 
 __all__ = ["CONFIGS", "SteerConfig", "make_cells", "run_cell", "summarise", "main", "first_step_at",
            "censored_median", "signed_rank_p", "write_compact", "read_compact"]
@@ -520,33 +520,16 @@ def log_tensorboard(records: list[dict], folder: Path) -> None:
             writer.close()
 
 
-def _rounded(value, digits: int = 4):
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
-    if isinstance(value, dict):
-        return {k: _rounded(v, digits) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v, digits) for v in value]
-    return value
-
-
 def write_compact(records: list[dict], path: Path) -> None:
     """Every record with its floats to 4 significant digits, gzipped (the committed copy of
     runs.jsonl; accuracies are multiples of 1/1000 and steps are integers, so every measure of
     the analysis is unchanged). Read it back with `read_compact`."""
-    import gzip
-
-    with gzip.open(path, "wt") as handle:
-        for record in records:
-            handle.write(json.dumps(_rounded(record), separators=(",", ":")) + "\n")
+    save_compact([rounded(record) for record in records], path)
 
 
 def read_compact(path: Path) -> list[dict]:
     """The records `write_compact` wrote (then ``summarise(read_compact(path))``)."""
-    import gzip
-
-    with gzip.open(path, "rt") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return load_compact(path)
 
 
 def run_study(config: SteerConfig, out: Path, tensorboard: Path | None = None,

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
 import math
 import time
@@ -54,7 +53,7 @@ from topoopt.loop import make_optimizer
 from topoopt.models import build_mlp
 from topoopt.studies.options import add_sweep_options, apply_overrides, positive_int
 from topoopt.studies.statistics import holm, paired_t_minimum_effect
-from topoopt.sweep import load_results, run_cells
+from topoopt.sweep import load_compact, load_results, rounded, run_cells, save_compact
 
 __all__ = ["DATASETS", "RULES", "StoppingConfig", "make_cells", "run_cell", "subset", "validation_split",
            "rule_records", "paired_comparison", "exploratory", "wilcoxon_exact", "sign_test", "summarise",
@@ -417,30 +416,21 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _rounded(value, digits: int = 4):
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
-    if isinstance(value, dict):
-        return {k: _rounded(v, digits) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v, digits) for v in value]
-    return value
-
-
 def write_compact(records: list[dict], path: Path) -> None:
     """Every record, its floats to 4 significant digits except the test accuracies (exact: they
     are what is compared), gzipped; read back with `read_compact`."""
-    with gzip.open(path, "wt") as handle:
-        for record in records:
-            compact = _rounded(record)
-            for rule, stop in record["stops"].items():
-                compact["stops"][rule]["test_accuracy"] = stop["test_accuracy"]
-            handle.write(json.dumps(compact, separators=(",", ":")) + "\n")
+    compact = []
+    for record in records:
+        copy = rounded(record)
+        for rule, stop in record["stops"].items():
+            copy["stops"][rule]["test_accuracy"] = stop["test_accuracy"]
+        compact.append(copy)
+    save_compact(compact, path)
 
 
 def read_compact(path: Path) -> list[dict]:
-    with gzip.open(path, "rt") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """The records `write_compact` wrote."""
+    return load_compact(path)
 
 
 def plot(records: list[dict], summary: dict, path: Path) -> None:
