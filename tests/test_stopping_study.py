@@ -36,7 +36,6 @@ def quick(tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("stopping_quick")
     config = StoppingConfig.quick()
-    config.out = str(out)
     stopping.main(["--quick", "--out", str(out), "--no-progress"])
     records = list(load_results(out / "runs.jsonl").values())
     compact = {r["id"]: r for r in read_compact(out / "runs_compact.jsonl.gz")}
@@ -138,8 +137,7 @@ def test_each_rule_alone_reproduces_the_shared_run(tmp_path):
     to its best validation epoch."""
     torch.set_num_threads(1)
     config = StoppingConfig(datasets=["digits"], seeds=1, first_seed=5, hidden=[16], max_epochs=15,
-                            validation_patience=2, topology_tolerance=0.05, topology_patience=2, np_patience=1,
-                            out=str(tmp_path))
+                            validation_patience=2, topology_tolerance=0.05, topology_patience=2, np_patience=1)
     plain = config.__dict__
     shared = run_cell({"id": "x", "dataset": "digits", "seed": 5, "arm": "all", "config": plain})
     data = subset("digits", 5)

@@ -89,12 +89,11 @@ class StoppingConfig:
     topology_metrics: list[str] = field(default_factory=lambda: ["normalized_entropy", "mean_lifetime"])
     np_patience: int = 3
     np_min_delta: float = 0.0
-    out: str = str(RESULTS_DIR)
 
     @classmethod
     def quick(cls) -> "StoppingConfig":
         return cls(datasets=["digits", "mnist5k-500"], seeds=2, hidden=[16], max_epochs=8, validation_patience=2,
-                   topology_patience=2, np_patience=2, out=str(RESULTS_DIR / "quick"))
+                   topology_patience=2, np_patience=2)
 
 
 def make_cells(config: StoppingConfig) -> list[dict]:
@@ -460,10 +459,10 @@ def plot(records: list[dict], summary: dict, path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
-def run_study(config: StoppingConfig, progress: bool = True, jobs: int = 1) -> tuple[list[dict], dict]:
+def run_study(config: StoppingConfig, out: Path, progress: bool = True, jobs: int = 1) -> tuple[list[dict], dict]:
     """Run every cell not yet in <out>/runs.jsonl, then summarise all of them into <out>:
     summary.json, table.md, runs_compact.jsonl.gz, differences.png."""
-    out = Path(config.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     cells = make_cells(config)
@@ -489,7 +488,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small networks: one thread is faster on a shared machine
     config = StoppingConfig.quick() if args.quick else StoppingConfig()
-    apply_overrides(config, args, ("datasets", "seeds", "first_seed", "max_epochs", "out"))
-    _, summary = run_study(config, progress=not args.no_progress, jobs=args.jobs)
+    apply_overrides(config, args, ("datasets", "seeds", "first_seed", "max_epochs"))
+    out = Path(args.out) if args.out is not None else (RESULTS_DIR / "quick" if args.quick else RESULTS_DIR)
+    _, summary = run_study(config, out, progress=not args.no_progress, jobs=args.jobs)
     print(format_table(summary))
-    print(f"results in {config.out}")
+    print(f"results in {out}")
