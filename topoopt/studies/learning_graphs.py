@@ -73,7 +73,7 @@ class RunConfig:
     snapshots: int = 201
     lr: float = PAPER_LR
     batch_size: int = 100
-    tensorboard: str = "tensorboard_logs/learning_graphs"
+    tensorboard: str | None = None  # a folder for TensorBoard runs; None: <run folder>/tensorboard
     steer: str = "none"            # a `topoopt.studies.graph_steering.STEERINGS` name
     groups_every: int = 30         # the live TopologyMonitor's cadence (groups, branching events)
 
@@ -89,6 +89,11 @@ class RunConfig:
     def baseline(self) -> "RunConfig":
         """The same run without steering."""
         return RunConfig(**{**asdict(self), "steer": "none"})
+
+
+def _tensorboard_dir(config: RunConfig, folder: Path) -> Path:
+    """Where a run's TensorBoard events go: ``<tensorboard>/<run name>``, or inside the run folder."""
+    return Path(config.tensorboard) / config.name() if config.tensorboard else Path(folder) / "tensorboard"
 
 
 def _layer_roles(names: list[str]) -> dict[str, str]:
@@ -268,7 +273,7 @@ def train_and_record(config: RunConfig, folder: Path, progress: bool = True) -> 
     matched = RunConfig(**{**asdict(config), "steer": "topo-collapse"})
     steering = build_steering(config.steer, model, config.lr,
                               matched_scales=lambda: mean_scales(folder.parent / matched.name()))
-    monitor = TopologyMonitor(model, log_dir=Path(config.tensorboard) / config.name(), every=config.groups_every,
+    monitor = TopologyMonitor(model, log_dir=_tensorboard_dir(config, folder), every=config.groups_every,
                               metrics=("mean_lifetime",), groups_ratio=LIVE_RATIOS[-1])
     live = _LiveGroups(monitor, config.groups_every)
     total_steps = math.ceil(len(data.y_train) / config.batch_size) * config.epochs
@@ -425,11 +430,11 @@ def analyse_run(folder: Path, config: RunConfig, light: bool = False) -> dict:
 
 
 def _log_tensorboard(folder: Path, config: RunConfig, layers: list[str], nines: list[dict]) -> None:
-    """Accuracy, per-layer weight norms and the graph images, under tensorboard_logs/learning_graphs."""
+    """Accuracy, per-layer weight norms and the graph images, in the run's TensorBoard folder."""
     from PIL import Image
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(Path(config.tensorboard) / config.name())) as writer:
+    with SummaryWriter(str(_tensorboard_dir(config, folder))) as writer:
         for n in nines:
             writer.add_scalar("test/accuracy", n["accuracy"], n["step"])
         for layer in layers:
