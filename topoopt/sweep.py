@@ -76,7 +76,7 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
                 handle.write(b"\n")
     todo = [cell for cell in cells if cell["id"] not in done]
     heartbeat = Heartbeat(enabled=progress)
-    # disable=None: off when not a terminal
+    # disable=None: off when not a terminal (a disabled bar does not count: the heartbeat counts `done`)
     with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, disable=None if progress else True) as bar:
         if jobs == 1:
             for cell in todo:
@@ -84,7 +84,7 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
                 _append(results_path, record)
                 done[cell["id"]] = record
                 bar.update()
-                heartbeat.beat(lambda: f"{desc}: {bar.n} of {len(cells)} cells done")
+                heartbeat.beat(lambda: f"{desc}: {sum(i in done for i in ids)} of {len(cells)} cells done")
         else:
             with ProcessPoolExecutor(max_workers=jobs) as pool:
                 futures = {pool.submit(_single_threaded, fn, cell): cell for cell in todo}
@@ -94,7 +94,7 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
                     _append(results_path, record)
                     done[cell["id"]] = record
                     bar.update()
-                    heartbeat.beat(lambda: f"{desc}: {bar.n} of {len(cells)} cells done")
+                    heartbeat.beat(lambda: f"{desc}: {sum(i in done for i in ids)} of {len(cells)} cells done")
     return [done[i] for i in ids]
 
 
