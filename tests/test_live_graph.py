@@ -97,9 +97,21 @@ def test_a_row_the_worker_has_still_to_read_is_never_overwritten(tmp_path):
         live.step(3)
         assert trajectory.rows[-1] == 3
         np.testing.assert_array_equal(trajectory.buffer[[0, 1, 2, 4, 5]], before[[0, 1, 2, 4, 5]])
-        # Every free row awaited, but no build running (a worker gone): the pins are dropped, no wait.
-        trajectory.pinned = {4, 5}
+        # Every free row awaited by a running build that has not copied them yet: the snapshot is
+        # skipped (training never waits), nothing is overwritten.
+        from concurrent.futures import Future
+
+        live._running = (3, Future())
+        live._copied.clear()
+        trajectory.pinned = {0, 1, 2, 3, 4, 5}
+        before = trajectory.buffer.copy()
         live.step(4)
+        assert live.skipped_snapshots == 1 and trajectory.rows[-1] == 3 and sorted(trajectory.free) == [4, 5]
+        np.testing.assert_array_equal(trajectory.buffer, before)
+        # Every free row awaited, but no build running (a worker gone): the pins are dropped, no wait.
+        live._running = None
+        trajectory.pinned = {4, 5}
+        live.step(5)
         assert trajectory.rows[-1] in (4, 5) and not trajectory.pinned
     finally:
         live.close()

@@ -31,8 +31,10 @@ float64 PCA of its points, about twice their float32 size).
 
 Rows the worker has still to read are never overwritten: a thinned-out row is reused only once
 the worker has copied its points (it signals this through an event as soon as it has, before
-building anything). The training thread waits only in the rare case that every free row is
-still awaited.
+building anything). The training thread never waits for the worker: a snapshot that finds every
+free row still awaited is skipped (counted in ``skipped_snapshots``; it happens with small
+buffers, right after a thinning, while the worker has not yet copied its points; measured
+before this rule: waiting there made training 80% slower with 50 × 50 buffers).
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class LiveLearningGraph:
         self._running: tuple[int, Future] | None = None
         self.built: list[tuple[str, int, int, Path]] = []
         self.errors: list[tuple[str, int, str]] = []
+        self.skipped_snapshots = 0
         self.worker_peak_mb = 0.0  # the worker's peak resident memory, as it last reported it
         # torch's SummaryWriter: the worker encodes the image summary, the training thread appends it.
         torch_writer = sys.modules.get("torch.utils.tensorboard.writer")
@@ -171,12 +174,21 @@ class LiveLearningGraph:
 
     @torch.no_grad()
     def _record(self, step: int) -> None:
+        rows: dict[str, int] = {}
+        for name, trajectory in self._trajectories.items():
+            row = self._free_row(trajectory)
+            if row is None:  # every free row still awaited by the worker: skip, never wait
+                for taken, kept in rows.items():
+                    self._trajectories[taken].free.append(kept)
+                self.skipped_snapshots += 1
+                return
+            rows[name] = row
         for name, module in self.layers.items():
             trajectory = self._trajectories[name]
             cloud = neuron_cloud(module).detach()
             if trajectory.index is None or trajectory.index.device != cloud.device:
                 trajectory.index = torch.as_tensor(trajectory.neurons, device=cloud.device)
-            row = self._free_row(trajectory)
+            row = rows[name]
             target = torch.from_numpy(trajectory.buffer[row])
             if cloud.device.type == "cpu" and cloud.dtype == torch.float32:
                 torch.index_select(cloud, 0, trajectory.index, out=target)  # one copy, into the buffer
@@ -190,22 +202,16 @@ class LiveLearningGraph:
                 kept.steps, kept.rows = kept.steps[::2], kept.rows[::2]
             self.record_every *= 2
 
-    def _free_row(self, trajectory: _LayerTrajectory) -> int:
-        """A free buffer row that no submitted build has still to read."""
-        if trajectory.pinned and self._copied.is_set():
+    def _free_row(self, trajectory: _LayerTrajectory) -> int | None:
+        """A free buffer row that no submitted build has still to read, or None."""
+        running = self._running is not None and not self._running[1].done()
+        if trajectory.pinned and (self._copied.is_set() or not running):  # pins of a build that has read them
             for kept in self._trajectories.values():
                 kept.pinned.clear()
         for position in range(len(trajectory.free) - 1, -1, -1):
             if trajectory.free[position] not in trajectory.pinned:
                 return trajectory.free.pop(position)
-        self._wait_copied()  # rare: every free row still awaited by the worker
-        return trajectory.free.pop()
-
-    def _wait_copied(self) -> None:
-        while self._running is not None and not self._running[1].done() and not self._copied.wait(0.05):
-            pass
-        for kept in self._trajectories.values():
-            kept.pinned.clear()
+        return None
 
     def _submit(self, step: int) -> None:
         jobs = []
