@@ -88,6 +88,10 @@ def main() -> None:
                 print(f"{variant} {repeat}: {wall:.2f} s wall, {thread:.2f} s training-thread CPU{extra}")
     plain, live = statistics.median(times["plain"]), statistics.median(times["live"])
     print(f"median wall: plain {plain:.2f} s, live {live:.2f} s, slowdown {100 * (live / plain - 1):+.1f}%")
+    # each repeat's pair ran back to back: its ratio is immune to the machine's drift between repeats
+    ratios = sorted(b / a for a, b in zip(times["plain"], times["live"]))
+    print(f"paired wall ratios live/plain: median {statistics.median(ratios):.3f}, "
+          f"quartiles {ratios[len(ratios) // 4]:.3f}–{ratios[(3 * len(ratios)) // 4]:.3f}, n = {len(ratios)}")
     plain, live = statistics.median(cpu["plain"]), statistics.median(cpu["live"])
     print(f"median training-thread CPU: plain {plain:.2f} s, live {live:.2f} s, "
           f"slowdown {100 * (live / plain - 1):+.1f}%")
