@@ -6,10 +6,11 @@ For each (ε, seed) of a setting, `compare` reads the finished runs (`topoopt le
 
 - ``<setting>_eps<ε>_s<seed>_graphs.png``: one row per run (baseline first), one column per
   layer's learning graph, and a last column with the test-accuracy curves of all the runs;
-- ``<setting>_comparison.json`` and ``.md``: per run and layer, the graph's branches, its first
-  branching step and number of branching events (offline, from the Mapper graph), the live
-  monitor's branching events (online), and per run the steps to 20% and 80% test accuracy, the
-  final accuracy and the mean step scales of a `TopoOptimizer`.
+- ``<setting>_comparison.json`` and ``.md`` (rows of runs compared before are kept): per run
+  and layer, the graph's branches, its first branching step and number of branching events
+  (offline, from the Mapper graph), the live monitor's branching events (online), and per run
+  the steps to 20% and 80% test accuracy, the final accuracy and the mean step scales of a
+  `TopoOptimizer`.
 
 The figure is also logged to TensorBoard (``comparison/<setting>...``).
 """
@@ -129,9 +130,14 @@ def compare(out: Path, setting: str, epsilons: list[float], seeds: list[int], st
                                             "learning graphs of steered runs beside the baseline")
             save_png(figure, path, dpi=80)  # a palette PNG: these figures are kept in git
             figures.append(path)
-    plain = [{k: v for k, v in row.items() if k != "curve"} for row in table]
-    (target / f"{setting}_comparison.json").write_text(json.dumps(plain, indent=1))
-    (target / f"{setting}_comparison.md").write_text(_markdown(table))
+    # rows of runs compared earlier (other seeds, say) stay; a run compared again is replaced
+    path = target / f"{setting}_comparison.json"
+    rows = {row["run"]: row for row in (json.loads(path.read_text()) if path.exists() else [])}
+    rows.update({row["run"]: {k: v for k, v in row.items() if k != "curve"} for row in table})
+    plain = sorted(rows.values(), key=lambda row: (row["run"].split("_s")[1].split("_")[0], row["steering"] != "none",
+                                                    row["steering"]))
+    path.write_text(json.dumps(plain, indent=1))
+    (target / f"{setting}_comparison.md").write_text(_markdown(plain))
     if tensorboard and figures:
         from matplotlib.image import imread
         from torch.utils.tensorboard import SummaryWriter
