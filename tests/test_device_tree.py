@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import gudhi_h0_deaths
-from test_persistence import CASES, make_cloud, positive, scipy_h0_deaths
+from test_persistence import CASES, assert_no_cycle, make_cloud, positive, scipy_h0_deaths
 
 from topoopt import h0_deaths, spanning_tree
 from topoopt.device_tree import device_tree
@@ -73,16 +73,7 @@ def test_all_zero_and_all_equal_clouds(n):
 def test_tree_is_spanning(device_search_on_cpu):
     x = torch.tensor(make_cloud("duplicates", 200, 5, 1.0, np.random.default_rng(1)))
     u, v = spanning_tree.euclidean_mst_edges(x)
-    parent = list(range(200))
-
-    def find(i):
-        while parent[i] != i:
-            i = parent[i]
-        return i
-
-    for a, b in zip(u.tolist(), v.tolist()):
-        assert find(a) != find(b), "tree edges form a cycle"
-        parent[find(a)] = find(b)
+    assert_no_cycle(u, v, 200)
 
 
 def test_fewer_than_two_points():

@@ -109,7 +109,12 @@ def test_tree_edges_span_the_cloud():
     x = torch.randn(50, 4)
     u, v = h0_edges(x)
     assert u.shape == v.shape == (49,)
-    parent = list(range(50))
+    assert_no_cycle(u, v, 50)
+
+
+def assert_no_cycle(u, v, n):
+    """The edges (u, v) on n points close no cycle (with n − 1 of them: a spanning tree)."""
+    parent = list(range(n))
 
     def find(i):
         while parent[i] != i:

@@ -79,7 +79,7 @@ class Steering:
         if self.topo is not None:
             for name, scale in self.topo.scales.items():
                 self.scale_sums[name] += scale
-        if self.penalty is not None and self.name == "pen-spread":
+        if self.switched_off is not None:  # a penalty switched off layer by layer (pen-spread)
             for name, value in self.penalty.last_values.items():
                 if name not in self.switched_off and value >= SPREAD_TARGET:
                     self.penalty.coefficients[name] = 0.0

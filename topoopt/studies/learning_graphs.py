@@ -180,10 +180,8 @@ class _LiveGroups(Callback):
             if deaths is None:
                 continue
             for ratio, detectors in self.detectors.items():
-                if ratio == MAPPER_EPS:
-                    count = 1 + int((deaths > self.mapper_eps[name]).sum())
-                else:
-                    count = group_count(deaths, ratio)
+                count = (group_count(deaths, scale=self.mapper_eps[name]) if ratio == MAPPER_EPS
+                         else group_count(deaths, ratio))
                 label = "mapper_eps" if ratio == MAPPER_EPS else f"ratio{ratio:g}"
                 self.monitor.writer.add_scalar(f"topology/{name}/groups_{label}", count, step)
                 rise = detectors[name].update(count, step)
