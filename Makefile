@@ -7,7 +7,7 @@ STAMP := $(VENV)/.topoopt-installed
 
 .PHONY: run test bench clean
 
-$(STAMP): pyproject.toml setup.py topoopt/_native/prim.c
+$(STAMP): pyproject.toml setup.py topoopt/_native/engine.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[all,test,bench]'

@@ -10,7 +10,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import minimum_spanning_tree
 from scipy.spatial.distance import cdist
 
-from topoopt import MemoryBudgetError, h0_deaths, h0_edges, spanning_tree
+from topoopt import MemoryBudgetError, _native, h0_deaths, h0_edges, spanning_tree
 
 
 def positive(deaths: torch.Tensor) -> np.ndarray:
@@ -252,7 +252,7 @@ def test_oversized_cloud_fails_before_allocating(monkeypatch):
         h0_deaths(torch.randn(2000, 3))
 
 
-@pytest.mark.skipif(spanning_tree._native_prim is None, reason="compiled Prim not built")
+@pytest.mark.skipif(_native.engine is None, reason="compiled engine not built")
 @pytest.mark.parametrize("n", [2, 3, 57, 400])
 def test_compiled_and_numpy_prim_agree(n):
     x = torch.randn(n, 6)
@@ -263,7 +263,7 @@ def test_compiled_and_numpy_prim_agree(n):
 
 
 def test_numpy_fallback_matches_gudhi(monkeypatch):
-    monkeypatch.setattr(spanning_tree, "_native_prim", None)
+    monkeypatch.setattr(_native, "engine", None)
     x = np.random.default_rng(5).normal(size=(200, 7))
     np.testing.assert_allclose(positive(h0_deaths(torch.tensor(x))), gudhi_h0_deaths(x), rtol=1e-5)
 

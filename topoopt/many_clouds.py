@@ -19,11 +19,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from topoopt import spanning_tree
 from topoopt._threads import caller_threads, engine_threads
-from topoopt.persistence import _as_cloud, _measure_edges
+from topoopt.persistence import (
+    _as_cloud,
+    _measure_edges,
+    _twice_guarded,
+    native_edges_handle,
+    native_measure,
+    native_scatter,
+)
 
 __all__ = ["h0_deaths_many", "trees_of_many", "edge_lengths_many"]
 
@@ -65,6 +71,9 @@ def trees_of_many(clouds: Sequence[torch.Tensor]) -> list[Edges]:
 def _small_trees(stack: torch.Tensor) -> list[Edges | None]:
     """`spanning_tree._small_cloud_tree` of each cloud of a k×N×d stack, batched: None for a
     cloud with many near pairs (left to the one-cloud search, as there)."""
+    if spanning_tree.native_small_tree_handles(stack):
+        return [None if edges is None else (torch.from_numpy(edges[0]), torch.from_numpy(edges[1]))
+                for edges in spanning_tree._native_small_trees(stack)]
     k, n, d = stack.shape
     # The operations of `spanning_tree._gram_pass` (one block), along a batch dimension.
     centred = stack - stack.mean(dim=1, keepdim=True)
@@ -106,22 +115,31 @@ def edge_lengths_many(clouds: Sequence[torch.Tensor], edges: Sequence[Edges], so
 
 class _ManyEdgeLengths(torch.autograd.Function):
     """`persistence._EdgeLengths` for many clouds: inputs (sort, k, clouds…, u₀, v₀, u₁, v₁, …),
-    one output per cloud. Clouds of equal width, dtype and device are measured concatenated."""
+    one output per cloud. A cloud the compiled engine takes is measured alone (one call, no
+    fixed cost to share); the others are measured concatenated by width, dtype and device."""
 
     @staticmethod
     def forward(ctx, sort: bool, k: int, *inputs: torch.Tensor):
         clouds, index = inputs[:k], inputs[k:]
         outputs: list[torch.Tensor | None] = [None] * k
-        saved: list[torch.Tensor] = []
-        plan = []  # per group: its members and where its saved tensors start
-        with engine_threads(), caller_threads(elements=sum(cloud.numel() for cloud in clouds)):
-            for members in _groups(clouds):
+        saved: list[torch.Tensor | None] = []
+        plan = []  # per group: its members, where its saved tensors start, and whether compiled
+        native = [native_edges_handle(cloud) for cloud in clouds]
+        for i in (i for i in range(k) if native[i]):
+            u, v = index[2 * i].to(torch.int64).contiguous(), index[2 * i + 1].to(torch.int64).contiguous()
+            result, lengths, difference, order = native_measure(clouds[i].detach(), u, v, sort)
+            plan.append(([i], len(saved), True))
+            saved += [u, v, difference, lengths, order]
+            outputs[i] = result.to(clouds[i].dtype)
+        rest = [i for i in range(k) if not native[i]]
+        with engine_threads(), caller_threads(elements=sum(clouds[i].numel() for i in rest)):
+            for members in _groups(clouds, rest):
                 points, u, v, sizes = _concatenated(members, clouds, index)
                 difference, lengths = _measure_edges(points, u, v)
                 if sort:
                     order = _sorted_within_segments(lengths, sizes)
                     lengths, u, v, difference = lengths[order], u[order], v[order], difference[order]
-                plan.append((members, len(saved)))
+                plan.append((members, len(saved), False))
                 saved += [u, v, difference, lengths]
                 parts = lengths.to(clouds[members[0]].dtype).split(sizes)
                 for i, part in zip(members, parts):  # not views: a caller may modify one in place
@@ -132,32 +150,42 @@ class _ManyEdgeLengths(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads: torch.Tensor):
-        saved = ctx.saved_tensors
-        result: list[torch.Tensor | None] = [None] * len(grads)
-        with engine_threads(), caller_threads(elements=sum(t.numel() for t in saved[2::4])):
-            for members, at in ctx.plan:
-                u, v, difference, lengths = saved[at : at + 4]
-                # (an unused output's gradient comes as zeros, never None)
-                grad = grads[members[0]] if len(members) == 1 else torch.cat([grads[i] for i in members])
-                safe = torch.where(lengths > 0, lengths, torch.ones_like(lengths))
-                coefficient = torch.where(lengths > 0, grad.to(lengths.dtype) / safe, torch.zeros_like(lengths))
-                dtype = ctx.shapes[members[0]][1]
-                step = (difference * coefficient.unsqueeze(1)).to(dtype)
-                rows = [ctx.shapes[i][0][0] for i in members]
-                total = step.new_zeros((sum(rows), difference.shape[1]))
-                total.index_add_(0, u, step)
-                total.index_add_(0, v, step, alpha=-1)
-                for i, part in zip(members, total.split(rows)):
-                    result[i] = part.view(ctx.shapes[i][0])
-        return (None, None, *result, *([None] * (2 * len(grads))))
+        return _twice_guarded(_many_edge_lengths_backward, ctx, *grads)
 
 
-def _groups(clouds: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Indices of the clouds with edges, grouped by (width, dtype, device); empty clouds alone."""
+def _many_edge_lengths_backward(ctx, *grads: torch.Tensor):
+    saved = ctx.saved_tensors
+    result: list[torch.Tensor | None] = [None] * len(grads)
+    # (an unused output's gradient comes as zeros, never None)
+    for members, at, native in ctx.plan:
+        if native:
+            i = members[0]
+            u, v, difference, lengths, order = saved[at : at + 5]
+            result[i] = native_scatter(difference, u, v, lengths, order, grads[i], ctx.shapes[i][0])
+    torch_plan = [(members, at) for members, at, native in ctx.plan if not native]
+    with engine_threads(), caller_threads(elements=sum(saved[at + 2].numel() for _, at in torch_plan)):
+        for members, at in torch_plan:
+            u, v, difference, lengths = saved[at : at + 4]
+            grad = grads[members[0]] if len(members) == 1 else torch.cat([grads[i] for i in members])
+            safe = torch.where(lengths > 0, lengths, torch.ones_like(lengths))
+            coefficient = torch.where(lengths > 0, grad.to(lengths.dtype) / safe, torch.zeros_like(lengths))
+            dtype = ctx.shapes[members[0]][1]
+            step = (difference * coefficient.unsqueeze(1)).to(dtype)
+            rows = [ctx.shapes[i][0][0] for i in members]
+            total = step.new_zeros((sum(rows), difference.shape[1]))
+            total.index_add_(0, u, step)
+            total.index_add_(0, v, step, alpha=-1)
+            for i, part in zip(members, total.split(rows)):
+                result[i] = part.view(ctx.shapes[i][0])
+    return (None, None, *result, *([None] * (2 * len(grads))))
+
+
+def _groups(clouds: Sequence[torch.Tensor], indices: Sequence[int]) -> list[list[int]]:
+    """`indices` of clouds grouped by (width, dtype, device)."""
     groups: dict[tuple, list[int]] = {}
-    for i, cloud in enumerate(clouds):
+    for i in indices:
+        cloud = clouds[i]
         groups.setdefault((cloud.shape[1], cloud.dtype, cloud.device), []).append(i)
     return list(groups.values())
 

@@ -14,7 +14,8 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from topoopt._threads import caller_threads, engine_threads
+from topoopt import _native
+from topoopt._threads import PARALLEL_MIN_ELEMENTS, caller_threads, engine_threads
 from topoopt.spanning_tree import euclidean_mst_edges
 
 __all__ = ["h0_deaths", "h0_edges", "edge_lengths", "h1_diagram"]
@@ -34,14 +35,25 @@ def _as_cloud(points: torch.Tensor, argument: str = "points") -> torch.Tensor:
         raise TypeError(f"{argument} must be a floating-point tensor, got {points.dtype}")
     if points.dtype in (torch.float16, torch.bfloat16):
         points = points.float()
-    # One reduction first: a sum is finite unless some entry is NaN/Inf (or it overflows, which
-    # the exact check below then clears).
-    with engine_threads():
-        finite = not points.numel() or bool(torch.isfinite(points.sum())) or bool(torch.isfinite(points).all())
-        if not finite:
+    if not _all_finite(points):
+        with engine_threads():
             bad = int((~torch.isfinite(points)).any(dim=1).sum())
             raise ValueError(f"{argument} contains NaN or Inf values (in {bad} of {points.shape[0]} rows)")
     return points
+
+
+def _all_finite(points: torch.Tensor) -> bool:
+    """No NaN or Inf in `points`: one compiled pass for a CPU cloud (no thread count to switch),
+    else one reduction first (a sum is finite unless some entry is NaN/Inf, or it overflows,
+    which the exact check then clears)."""
+    if not points.numel():
+        return True
+    if (_native.engine is not None and points.device.type == "cpu"
+            and points.dtype in (torch.float32, torch.float64)):
+        x = points.detach().contiguous()
+        return _native.engine.all_finite(x.numpy(), x.element_size())
+    with engine_threads():
+        return math.isfinite(points.detach().sum()) or bool(torch.isfinite(points).all())
 
 
 def h0_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,10 +68,11 @@ def h0_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def edge_lengths(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Differentiable lengths of edges (u, v); the gradient is 0, never NaN, at zero length.
 
-    Exact over the whole float32 range: a squared norm overflows above about 1.8e19 and loses
-    digits in subnormals below about 1e-19, so edges outside that range are measured again in
-    float64 (rare; one reduction decides). One autograd node, run single-threaded (see
-    `topoopt._threads`).
+    Exact over the whole float32 range, where a float32 squared norm overflows above about 1.8e19
+    and loses digits in subnormals below about 1e-19: the compiled engine sums every squared
+    length in double; without it (or for clouds of 2 M entries and more) edges outside that
+    range are measured again in float64 (one reduction decides). One autograd node, run
+    single-threaded (see `topoopt._threads`) or compiled.
     """
     return _EdgeLengths.apply(points, u, v, False)
 
@@ -75,6 +88,13 @@ class _EdgeLengths(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, points: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sort: bool) -> torch.Tensor:
+        ctx.native = native_edges_handle(points)
+        if ctx.native:
+            u, v = u.to(torch.int64).contiguous(), v.to(torch.int64).contiguous()
+            result, lengths, difference, order = native_measure(points.detach(), u, v, sort)
+            ctx.save_for_backward(u, v, difference, lengths, order)
+            ctx.points_shape = points.shape
+            return result.to(points.dtype)
         with engine_threads(), caller_threads(elements=points.numel()):
             difference, lengths = _measure_edges(points.detach(), u, v)
             if sort:
@@ -85,17 +105,73 @@ class _EdgeLengths(torch.autograd.Function):
         return lengths.to(points.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        u, v, difference, lengths = ctx.saved_tensors
-        with engine_threads(), caller_threads(elements=difference.numel()):
-            safe = torch.where(lengths > 0, lengths, torch.ones_like(lengths))
-            coefficient = torch.where(lengths > 0, grad.to(lengths.dtype) / safe, torch.zeros_like(lengths))
-            step = (difference * coefficient.unsqueeze(1)).to(ctx.points_dtype)
-            result = step.new_zeros(ctx.points_shape)
-            result.index_add_(0, u, step)
-            result.index_add_(0, v, step, alpha=-1)
-        return result, None, None, None
+        return _twice_guarded(_edge_lengths_backward, ctx, grad)
+
+
+def _twice_guarded(backward, ctx, *grads):
+    """Run a hand-written backward; under ``create_graph=True`` (grad mode on) through
+    `once_differentiable`, so that differentiating it again fails loudly instead of returning a
+    silently incomplete second derivative. The wrapper costs ~15 µs, so only then."""
+    if torch.is_grad_enabled():
+        return once_differentiable(backward)(ctx, *grads)
+    return backward(ctx, *grads)
+
+
+def _edge_lengths_backward(ctx, grad: torch.Tensor):
+    if ctx.native:
+        u, v, difference, lengths, order = ctx.saved_tensors
+        return native_scatter(difference, u, v, lengths, order, grad, ctx.points_shape), None, None, None
+    u, v, difference, lengths = ctx.saved_tensors
+    with engine_threads(), caller_threads(elements=difference.numel()):
+        safe = torch.where(lengths > 0, lengths, torch.ones_like(lengths))
+        coefficient = torch.where(lengths > 0, grad.to(lengths.dtype) / safe, torch.zeros_like(lengths))
+        step = (difference * coefficient.unsqueeze(1)).to(ctx.points_dtype)
+        result = step.new_zeros(ctx.points_shape)
+        result.index_add_(0, u, step)
+        result.index_add_(0, v, step, alpha=-1)
+    return result, None, None, None
+
+
+def native_edges_handle(points: torch.Tensor) -> bool:
+    """Whether the compiled engine measures this cloud's edges: built, float32 or float64 on the
+    CPU, at least one column, and small enough that one thread is the right count (above
+    `PARALLEL_MIN_ELEMENTS` the torch path gets the caller's threads)."""
+    return (_native.engine is not None and points.device.type == "cpu"
+            and points.dtype in (torch.float32, torch.float64) and points.dim() == 2
+            and points.shape[1] >= 1 and points.numel() < PARALLEL_MIN_ELEMENTS)
+
+
+def native_measure(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sort: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One compiled call: the edges' lengths as the result (ascending when `sort`, ties in edge
+    order), and, for `native_scatter`, the lengths in edge order (float64, summed in double: exact
+    for any float32 cloud), the difference rows (the points' dtype) and the sorting order (None
+    without `sort`). IndexError for an endpoint outside the cloud."""
+    x = points.contiguous()
+    if u.shape != v.shape or u.dim() != 1:
+        raise ValueError(f"edge endpoints u and v must be two 1-D tensors of one length, got {tuple(u.shape)} "
+                         f"and {tuple(v.shape)}")
+    count = u.shape[0]
+    lengths = torch.empty(count, dtype=torch.float64)
+    difference = torch.empty((count, x.shape[1]), dtype=x.dtype)
+    order = torch.empty(count if sort else 0, dtype=torch.int64)
+    result = torch.empty(count if sort else 0, dtype=torch.float64)
+    _native.engine.measure(x.numpy(), x.element_size(), x.shape[0], x.shape[1], u.numpy(), v.numpy(),
+                           difference.numpy(), lengths.numpy(), order.numpy(), result.numpy())
+    return (result if sort else lengths), lengths, difference, (order if sort else None)
+
+
+def native_scatter(difference: torch.Tensor, u: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                   order: torch.Tensor | None, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The gradient with respect to the points of `native_measure`'s result: grad/length times each
+    edge's difference, added at u and subtracted at v; 0 at zero length."""
+    grad = grad.to(difference.dtype).contiguous()
+    result = torch.zeros(shape, dtype=difference.dtype)
+    order = order if order is not None else lengths.new_empty(0, dtype=torch.int64)
+    _native.engine.scatter(difference.numpy(), difference.element_size(), shape[1], u.numpy(), v.numpy(),
+                           lengths.numpy(), grad.numpy(), order.numpy(), result.numpy(), shape[0])
+    return result
 
 
 def _measure_edges(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,8 +17,10 @@ Steps:
 3. The Gram identity |x|²+|y|²−2x·y loses relative accuracy when two points are close compared
    with their norms. Entries below `NEAR_PAIR_RATIO`·(|x|²+|y|²) are recomputed exactly from
    float64 differences, so near-duplicates cannot pick a wrong tree.
-4. Prim's algorithm on the dense matrix, O(N²), compiled (`topoopt/_native/prim.c`) or, where
+4. Prim's algorithm on the dense matrix, O(N²), compiled (`topoopt/_native/engine.c`) or, where
    no compiler was found at install time, a numpy loop over the same shrinking frontier.
+A float32 cloud of one Gram block (N ≤ 256) takes steps 2–4 in one compiled call around its Gram
+product (`_native_small_trees`): as ~15 torch operations they cost 6× the product at 100×784.
 A CUDA cloud takes none of these steps: its tree is searched on the GPU (`topoopt.device_tree`).
 """
 
@@ -31,10 +33,7 @@ import torch
 
 from topoopt._threads import caller_threads, engine_threads
 
-try:
-    from topoopt._native._prim import prim as _native_prim
-except ImportError:  # built at install time when a C compiler is present (setup.py)
-    _native_prim = None
+from topoopt import _native
 
 __all__ = ["euclidean_mst_edges", "distance_matrix_bytes", "MemoryBudgetError"]
 
@@ -270,12 +269,12 @@ def _prim(squared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Uses the compiled loop when it was built at install time (5× faster at N = 1000), the numpy
     one otherwise; both scan the same frontier in the same order and give the same tree.
     """
-    if _native_prim is None:
+    if _native.engine is None:
         return _prim_numpy(squared)
     n = squared.shape[0]
     edge_u = np.empty(n - 1, dtype=np.int64)
     edge_v = np.empty(n - 1, dtype=np.int64)
-    _native_prim(np.ascontiguousarray(squared, dtype=np.float32), n, edge_u, edge_v)
+    _native.engine.prim(np.ascontiguousarray(squared, dtype=np.float32), n, edge_u, edge_v)
     return edge_u, edge_v
 
 
@@ -324,6 +323,10 @@ def euclidean_mst_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         empty = torch.empty(0, dtype=torch.int64, device=device)
         return empty, empty
     points = points.detach()
+    if native_small_tree_handles(points):  # compiled and single-threaded: no thread count to switch
+        edges = _native_small_trees(points.unsqueeze(0))[0]
+        if edges is not None:
+            return torch.from_numpy(edges[0]), torch.from_numpy(edges[1])
     with engine_threads():
         if device.type in DEVICE_SEARCH_TYPES:
             from topoopt.device_tree import device_tree  # imports this module
@@ -348,6 +351,35 @@ def _small_cloud_tree(points: torch.Tensor) -> np.ndarray | None:
     _recompute_exactly(result, points, pairs, factor**2)
     u, v = _prim(result.numpy())
     return np.stack([u, v], axis=1)
+
+
+def native_small_tree_handles(points: torch.Tensor) -> bool:
+    """Whether `_native_small_trees` takes this cloud (or stack of clouds): a compiled engine,
+    float32 on the CPU, at most one Gram block of rows, at least 2 rows and 1 column."""
+    n, d = points.shape[-2:]
+    return (_native.engine is not None and points.dtype == torch.float32 and points.device.type == "cpu"
+            and 2 <= n <= _BLOCK_ROWS and d >= 1)
+
+
+def _native_small_trees(stack: torch.Tensor) -> list[np.ndarray | None]:
+    """`_small_cloud_tree` of each cloud of a k×N×d float32 CPU stack, one compiled call each
+    (Gram product, distances, near pairs recomputed in double, Prim); None for a cloud with more
+    than `_EXACT_PAIRS_PER_POINT`·N near pairs, as there. Each tree is a 2×(N−1) array: the rows
+    u and v.
+
+    No centring or rescaling first (a pass over the cloud that cost more than the product at
+    100×784): a cloud far from the origin, or outside float32's safe range, has many near pairs
+    and takes the general, centred search instead."""
+    k, n, d = stack.shape
+    points = stack.detach().contiguous().numpy()
+    scratch = np.empty((n, n), dtype=np.float32)
+    trees: list[np.ndarray | None] = []
+    for b in range(k):
+        edges = np.empty((2, n - 1), dtype=np.int64)
+        near = _native.engine.small_tree(points[b], n, d, NEAR_PAIR_RATIO, _EXACT_PAIRS_PER_POINT * n, scratch,
+                                         edges[0], edges[1])
+        trees.append(None if near < 0 else edges)
+    return trees
 
 
 def _tree_of_distinct_points(points: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,414 @@
+/* topoopt's compiled engine: the loops that cost too much as many small numpy/torch calls.
+ *
+ * - prim: Prim's algorithm on a dense float32 matrix of squared distances. The same loop in
+ *   numpy costs ~5 us an iteration in call overhead (benchmarks/h0.py measures both).
+ * - small_tree: a small cloud's tree: its Gram product (one triangle), the squared distances,
+ *   the near pairs recomputed exactly in double, then Prim. As ~15 torch operations this cost
+ *   6x the Gram product at 100x784 (benchmarks/RESULTS.md).
+ * - measure, scatter: the forward (lengths, optionally sorted, and differences) and backward
+ *   (the norm's gradient scattered to both endpoints) of a tree's edge lengths.
+ * Lengths are summed in double from the float32 or float64 points: exact over float32's whole
+ * range, where a float32 squared norm under- or overflows.
+ * Every function checks its buffers' sizes and indices and runs without the GIL. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Reductions vectorise only when the compiler may reorder the sum (-fopenmp-simd, set by
+ * setup.py; no OpenMP runtime is used). The order changes the last bits of a length, not more. */
+#define PRAGMA(x) _Pragma(#x)
+#define SIMD_SUM(v) PRAGMA(omp simd reduction(+ : v))
+
+/* The arithmetic loops get AVX-512 and AVX2 copies beside the baseline one, chosen at load time
+ * (GCC's function multi-versioning; Linux x86-64 only, elsewhere the baseline alone). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define VECTORISED __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTORISED
+#endif
+
+static void prim_edges(const float *d, Py_ssize_t n, int64_t *eu, int64_t *ev,
+                       float *key, int64_t *parent, int64_t *frontier) {
+    Py_ssize_t size = n - 1;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        frontier[i] = i + 1;
+        key[i] = d[i + 1];
+        parent[i] = 0;
+    }
+    for (Py_ssize_t k = 0; k < n - 1; k++) {
+        Py_ssize_t best = 0;
+        float best_key = key[0];
+        for (Py_ssize_t i = 1; i < size; i++) {
+            if (key[i] < best_key) { best_key = key[i]; best = i; }
+        }
+        int64_t vertex = frontier[best];
+        eu[k] = parent[best];
+        ev[k] = vertex;
+        size--;
+        frontier[best] = frontier[size];
+        key[best] = key[size];
+        parent[best] = parent[size];
+        const float *row = d + (size_t)vertex * (size_t)n;
+        for (Py_ssize_t i = 0; i < size; i++) {
+            float candidate = row[frontier[i]];
+            if (candidate < key[i]) { key[i] = candidate; parent[i] = vertex; }
+        }
+    }
+}
+
+/* Prim with its scratch space; 0 on success, -1 (MemoryError set, GIL needed) on failure. */
+static int prim_with_scratch(const float *d, Py_ssize_t n, int64_t *eu, int64_t *ev) {
+    float *key = malloc((size_t)(n - 1) * sizeof(float));
+    int64_t *parent = malloc((size_t)(n - 1) * sizeof(int64_t));
+    int64_t *frontier = malloc((size_t)(n - 1) * sizeof(int64_t));
+    int ok = key && parent && frontier;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        prim_edges(d, n, eu, ev, key, parent, frontier);
+        Py_END_ALLOW_THREADS
+    }
+    free(key); free(parent); free(frontier);
+    if (!ok) { PyErr_NoMemory(); return -1; }
+    return 0;
+}
+
+static int expect(int condition, const char *message) {
+    if (!condition) PyErr_SetString(PyExc_ValueError, message);
+    return condition;
+}
+
+/* prim(matrix: float32[n*n], n, u: int64[n-1] out, v: int64[n-1] out) */
+static PyObject *prim(PyObject *self, PyObject *args) {
+    Py_buffer matrix, u, v;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "y*nw*w*", &matrix, &n, &u, &v)) return NULL;
+    PyObject *result = NULL;
+    if (expect(n >= 2 && matrix.len == (Py_ssize_t)(n * n * sizeof(float)) &&
+               u.len == (Py_ssize_t)((n - 1) * sizeof(int64_t)) && v.len == u.len,
+               "prim: expected an n*n float32 matrix and two int64[n-1] outputs") &&
+        prim_with_scratch((const float *)matrix.buf, n, (int64_t *)u.buf, (int64_t *)v.buf) == 0) {
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyBuffer_Release(&matrix);
+    PyBuffer_Release(&u);
+    PyBuffer_Release(&v);
+    return result;
+}
+
+VECTORISED static double squared_difference(const float *a, const float *b, Py_ssize_t d) {
+    double total = 0.0;
+    SIMD_SUM(total)
+    for (Py_ssize_t k = 0; k < d; k++) {
+        double diff = (double)a[k] - (double)b[k];
+        total += diff * diff;
+    }
+    return total;
+}
+
+/* g[i*n+j] = x_i·x_j for i <= j (the upper triangle; the lower one is left as it was), in
+ * blocks of 4 rows by 4 columns so that each loaded chunk of a row serves four products. */
+VECTORISED static void gram_upper(const float *x, Py_ssize_t n, Py_ssize_t d, float *g) {
+    Py_ssize_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float *a0 = x + i * d, *a1 = a0 + d, *a2 = a1 + d, *a3 = a2 + d;
+        Py_ssize_t j = i;
+        for (; j + 4 <= n; j += 4) {
+            const float *b0 = x + j * d, *b1 = b0 + d, *b2 = b1 + d, *b3 = b2 + d;
+            float s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+            float s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
+            PRAGMA(omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33))
+            for (Py_ssize_t k = 0; k < d; k++) {
+                float c0 = b0[k], c1 = b1[k], c2 = b2[k], c3 = b3[k];
+                s00 += a0[k] * c0; s01 += a0[k] * c1; s02 += a0[k] * c2; s03 += a0[k] * c3;
+                s10 += a1[k] * c0; s11 += a1[k] * c1; s12 += a1[k] * c2; s13 += a1[k] * c3;
+                s20 += a2[k] * c0; s21 += a2[k] * c1; s22 += a2[k] * c2; s23 += a2[k] * c3;
+                s30 += a3[k] * c0; s31 += a3[k] * c1; s32 += a3[k] * c2; s33 += a3[k] * c3;
+            }
+            float *r0 = g + i * n + j, *r1 = r0 + n, *r2 = r1 + n, *r3 = r2 + n;
+            r0[0] = s00; r0[1] = s01; r0[2] = s02; r0[3] = s03;
+            r1[0] = s10; r1[1] = s11; r1[2] = s12; r1[3] = s13;
+            r2[0] = s20; r2[1] = s21; r2[2] = s22; r2[3] = s23;
+            r3[0] = s30; r3[1] = s31; r3[2] = s32; r3[3] = s33;
+        }
+        for (; j < n; j++)
+            for (Py_ssize_t r = 0; r < 4; r++) {
+                const float *a = x + (i + r) * d, *b = x + j * d;
+                float sum = 0;
+                SIMD_SUM(sum)
+                for (Py_ssize_t k = 0; k < d; k++) sum += a[k] * b[k];
+                g[(i + r) * n + j] = sum;
+            }
+    }
+    for (; i < n; i++)
+        for (Py_ssize_t j = i; j < n; j++) {
+            const float *a = x + i * d, *b = x + j * d;
+            float sum = 0;
+            SIMD_SUM(sum)
+            for (Py_ssize_t k = 0; k < d; k++) sum += a[k] * b[k];
+            g[i * n + j] = sum;
+        }
+}
+
+/* small_tree(x: float32[n*d], n, d, ratio, max_pairs, scratch: float32[n*n], u: int64[n-1] out,
+ *            v: int64[n-1] out) -> near pairs, or -1
+ * The Gram product's upper triangle goes into `scratch` and becomes the squared distances
+ * |a|²+|b|²−2a·b, mirrored. That identity loses digits for pairs closer than ratio·(|a|²+|b|²)
+ * (float32's error is ~6 eps of that sum), and float32 under- or overflows outside about
+ * [1e-19, 1e19]: those pairs are recomputed in double from `x`. More than max_pairs of them
+ * (copies, clusters, or a cloud far from the origin) returns -1 before any is recomputed: the
+ * caller's general search (centred, clusters handled) takes the cloud. Otherwise the tree's
+ * edges are written to u, v. Written here rather than around a BLAS product: half the
+ * products (one triangle), and no thread pool to wake or stall (benchmarks/h0.py --small). */
+static PyObject *small_tree(PyObject *self, PyObject *args) {
+    Py_buffer x, scratch, u, v;
+    Py_ssize_t n, d, max_pairs;
+    double ratio;
+    if (!PyArg_ParseTuple(args, "y*nndnw*w*w*", &x, &n, &d, &ratio, &max_pairs, &scratch, &u, &v)) return NULL;
+    PyObject *result = NULL;
+    double *norms = NULL;
+    if (!expect(n >= 2 && d >= 1 && scratch.len == (Py_ssize_t)(n * n * sizeof(float)) &&
+                x.len == (Py_ssize_t)(n * d * sizeof(float)) &&
+                u.len == (Py_ssize_t)((n - 1) * sizeof(int64_t)) && v.len == u.len,
+                "small_tree: expected float32 n*d and n*n buffers and two int64[n-1] outputs")) goto done;
+    norms = malloc((size_t)n * sizeof(double));
+    if (!norms) { PyErr_NoMemory(); goto done; }
+    float *g = (float *)scratch.buf;
+    const float *p = (const float *)x.buf;
+    Py_ssize_t near = 0;
+    Py_BEGIN_ALLOW_THREADS
+    gram_upper(p, n, d, g);
+    for (Py_ssize_t i = 0; i < n; i++) norms[i] = g[i * n + i];
+    /* Squared distances of the upper triangle, mirrored; the pairs to recompute marked -1. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        g[i * n + i] = 0.0f;
+        for (Py_ssize_t j = i + 1; j < n; j++) {
+            double sum = norms[i] + norms[j];
+            double s = sum - 2.0 * (double)g[i * n + j];
+            float value = (float)(s > 0.0 ? s : 0.0);
+            if (!(sum > 1e-36 && sum < 1e36 && s >= ratio * sum)) { near++; value = -1.0f; }
+            g[i * n + j] = value;
+            g[j * n + i] = value;
+        }
+    }
+    /* Those pairs, exactly (rounded to float32 only at the end). */
+    if (near <= max_pairs && near > 0)
+        for (Py_ssize_t i = 0; i < n; i++)
+            for (Py_ssize_t j = i + 1; j < n; j++)
+                if (g[i * n + j] < 0.0f) {
+                    float value = (float)squared_difference(p + i * d, p + j * d, d);
+                    g[i * n + j] = value;
+                    g[j * n + i] = value;
+                }
+    Py_END_ALLOW_THREADS
+    if (near > max_pairs) {
+        result = PyLong_FromLong(-1);
+    } else if (prim_with_scratch(g, n, (int64_t *)u.buf, (int64_t *)v.buf) == 0) {
+        result = PyLong_FromSsize_t(near);
+    }
+done:
+    free(norms);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&scratch);
+    PyBuffer_Release(&u);
+    PyBuffer_Release(&v);
+    return result;
+}
+
+/* all_finite(points: T[count], itemsize) -> bool: no NaN or infinity (0·x is NaN exactly there). */
+VECTORISED static int all_finite_float(const float *p, Py_ssize_t count) {
+    float total = 0.0f;
+    SIMD_SUM(total)
+    for (Py_ssize_t k = 0; k < count; k++) total += 0.0f * p[k];
+    return total == 0.0f;
+}
+
+VECTORISED static int all_finite_double(const double *p, Py_ssize_t count) {
+    double total = 0.0;
+    SIMD_SUM(total)
+    for (Py_ssize_t k = 0; k < count; k++) total += 0.0 * p[k];
+    return total == 0.0;
+}
+
+static PyObject *all_finite(PyObject *self, PyObject *args) {
+    Py_buffer points;
+    Py_ssize_t itemsize;
+    if (!PyArg_ParseTuple(args, "y*n", &points, &itemsize)) return NULL;
+    PyObject *result = NULL;
+    if (expect((itemsize == 4 || itemsize == 8) && points.len % itemsize == 0,
+               "all_finite: expected a float32 or float64 buffer")) {
+        int finite;
+        Py_BEGIN_ALLOW_THREADS
+        finite = itemsize == 4 ? all_finite_float(points.buf, points.len / 4)
+                               : all_finite_double(points.buf, points.len / 8);
+        Py_END_ALLOW_THREADS
+        result = PyBool_FromLong(finite);
+    }
+    PyBuffer_Release(&points);
+    return result;
+}
+
+/* Edge endpoints in range; sets IndexError otherwise. */
+static int edges_in_range(const int64_t *u, const int64_t *v, Py_ssize_t e, Py_ssize_t n) {
+    for (Py_ssize_t k = 0; k < e; k++) {
+        if (u[k] < 0 || u[k] >= n || v[k] < 0 || v[k] >= n) {
+            PyErr_Format(PyExc_IndexError, "edge %zd joins points %lld and %lld of a cloud of %zd",
+                         k, (long long)u[k], (long long)v[k], n);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+typedef struct {
+    double length;
+    Py_ssize_t index;
+} keyed_edge;
+
+static int by_length_then_index(const void *a, const void *b) {
+    const keyed_edge *x = a, *y = b;
+    if (x->length < y->length) return -1;
+    if (x->length > y->length) return 1;
+    return (x->index > y->index) - (x->index < y->index);
+}
+
+/* Each edge's difference row (in T, as torch's subtraction rounds it) and its length, summed
+ * in double: no under- or overflow for float32 points. */
+#define MEASURE(T)                                                                              \
+    VECTORISED static void measure_##T(const T *p, Py_ssize_t d, const int64_t *u, const int64_t *v,         \
+                            Py_ssize_t e, T *diff, double *lengths) {                            \
+        for (Py_ssize_t k = 0; k < e; k++) {                                                     \
+            const T *a = p + u[k] * d, *b = p + v[k] * d;                                        \
+            T *row = diff + k * d;                                                               \
+            double total = 0.0;                                                                  \
+            SIMD_SUM(total)                                                                      \
+            for (Py_ssize_t m = 0; m < d; m++) {                                                 \
+                T x = a[m] - b[m];                                                               \
+                row[m] = x;                                                                      \
+                total += (double)x * (double)x;                                                  \
+            }                                                                                    \
+            lengths[k] = sqrt(total);                                                            \
+        }                                                                                        \
+    }
+MEASURE(float)
+MEASURE(double)
+
+/* measure(points: T[n*d], itemsize, n, d, u, v: int64[e], diff: T[e*d] out, lengths: double[e]
+ *         out, order: int64[e] or empty out, sorted: double[e] or empty out)
+ * Differences and lengths in the edges' order; with non-empty order/sorted, also the ascending
+ * order of the lengths (ties by position, as a stable sort) and the lengths in that order. */
+static PyObject *measure(PyObject *self, PyObject *args) {
+    Py_buffer points, u, v, diff, lengths, order, sorted;
+    Py_ssize_t itemsize, n, d;
+    if (!PyArg_ParseTuple(args, "y*nnny*y*w*w*w*w*", &points, &itemsize, &n, &d, &u, &v, &diff, &lengths,
+                          &order, &sorted)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t e = u.len / (Py_ssize_t)sizeof(int64_t);
+    int sort = order.len > 0;
+    keyed_edge *keyed = NULL;
+    if (!expect((itemsize == 4 || itemsize == 8) && d >= 1 && points.len == n * d * itemsize &&
+                v.len == u.len && lengths.len == e * (Py_ssize_t)sizeof(double) &&
+                diff.len == e * d * itemsize && (order.len == 0 || order.len == u.len) &&
+                sorted.len == (sort ? lengths.len : 0), "measure: buffer sizes do not match") ||
+        !edges_in_range((const int64_t *)u.buf, (const int64_t *)v.buf, e, n)) goto done;
+    if (sort && !(keyed = malloc((size_t)e * sizeof(keyed_edge)))) { PyErr_NoMemory(); goto done; }
+    double *raw = lengths.buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4) measure_float(points.buf, d, u.buf, v.buf, e, diff.buf, raw);
+    else measure_double(points.buf, d, u.buf, v.buf, e, diff.buf, raw);
+    if (sort) {
+        for (Py_ssize_t k = 0; k < e; k++) { keyed[k].length = raw[k]; keyed[k].index = k; }
+        qsort(keyed, (size_t)e, sizeof(keyed_edge), by_length_then_index);
+        for (Py_ssize_t k = 0; k < e; k++) {
+            ((int64_t *)order.buf)[k] = keyed[k].index;
+            ((double *)sorted.buf)[k] = keyed[k].length;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    free(keyed);
+    PyBuffer_Release(&points);
+    PyBuffer_Release(&u);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&diff);
+    PyBuffer_Release(&lengths);
+    PyBuffer_Release(&order);
+    PyBuffer_Release(&sorted);
+    return result;
+}
+
+/* The gradient of the lengths: edge k gets grad[at(k)], at = order's inverse (the identity
+ * without one): out[u] += grad/length · diff, out[v] -= the same; 0 at zero length. */
+#define SCATTER(T)                                                                              \
+    VECTORISED static void scatter_##T(const T *diff, Py_ssize_t d, const int64_t *u, const int64_t *v,      \
+                            Py_ssize_t e, const double *lengths, const T *grad,                  \
+                            const int64_t *order, T *out) {                                      \
+        for (Py_ssize_t j = 0; j < e; j++) {                                                     \
+            Py_ssize_t k = order ? order[j] : j;                                                 \
+            if (!(lengths[k] > 0.0)) continue;                                                   \
+            T coefficient = (T)((double)grad[j] / lengths[k]);                                   \
+            const T *row = diff + k * d;                                                         \
+            T *a = out + u[k] * d, *b = out + v[k] * d;                                          \
+            for (Py_ssize_t m = 0; m < d; m++) {                                                 \
+                T step = row[m] * coefficient;                                                   \
+                a[m] += step;                                                                    \
+                b[m] -= step;                                                                    \
+            }                                                                                    \
+        }                                                                                        \
+    }
+SCATTER(float)
+SCATTER(double)
+
+/* scatter(diff: T[e*d], itemsize, d, u, v: int64[e], lengths: double[e], grad: T[e],
+ *         order: int64[e] or empty, out: T[n*d] zeros in, gradient out, n) */
+static PyObject *scatter(PyObject *self, PyObject *args) {
+    Py_buffer diff, u, v, lengths, grad, order, out;
+    Py_ssize_t itemsize, d, n;
+    if (!PyArg_ParseTuple(args, "y*nny*y*y*y*y*w*n", &diff, &itemsize, &d, &u, &v, &lengths, &grad,
+                          &order, &out, &n)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t e = u.len / (Py_ssize_t)sizeof(int64_t);
+    if (!expect((itemsize == 4 || itemsize == 8) && d >= 1 && diff.len == e * d * itemsize &&
+                v.len == u.len && lengths.len == e * (Py_ssize_t)sizeof(double) &&
+                grad.len == e * itemsize && (order.len == 0 || order.len == u.len) &&
+                out.len == n * d * itemsize, "scatter: buffer sizes do not match") ||
+        !edges_in_range((const int64_t *)u.buf, (const int64_t *)v.buf, e, n)) goto done;
+    const int64_t *at = order.len ? (const int64_t *)order.buf : NULL;
+    if (at) {
+        for (Py_ssize_t j = 0; j < e; j++)
+            if (at[j] < 0 || at[j] >= e) { PyErr_SetString(PyExc_IndexError, "scatter: order out of range"); goto done; }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4) scatter_float(diff.buf, d, u.buf, v.buf, e, lengths.buf, grad.buf, at, out.buf);
+    else scatter_double(diff.buf, d, u.buf, v.buf, e, lengths.buf, grad.buf, at, out.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&diff);
+    PyBuffer_Release(&u);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&lengths);
+    PyBuffer_Release(&grad);
+    PyBuffer_Release(&order);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"prim", prim, METH_VARARGS, "Minimum spanning tree edges of a dense float32 matrix (Prim)."},
+    {"small_tree", small_tree, METH_VARARGS, "A small cloud's tree from its Gram product."},
+    {"all_finite", all_finite, METH_VARARGS, "Whether a float buffer holds no NaN or infinity."},
+    {"measure", measure, METH_VARARGS, "Edge lengths and differences, optionally sorted."},
+    {"scatter", scatter, METH_VARARGS, "Gradient of edge lengths, scattered to the points."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_engine", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__engine(void) { return PyModule_Create(&module); }
