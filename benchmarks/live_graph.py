@@ -12,15 +12,31 @@ processes, and only the CPU-time ratio still isolates what the live graph adds t
 cost, free of the run-to-run noise of the whole loop), and "setup" the CPU time of constructing it.
 
     OMP_NUM_THREADS=1 python benchmarks/live_graph.py --steps 3000 --repeats 5
+
+`--decompose` measures the slowdown inside one long live run instead of between runs (whose
+ratios this machine's drift spreads from 0.75 to 1.40): every step's duration is classed by
+whether a build was running in the worker (`LiveLearningGraph.build_intervals`), and
+
+    slowdown = CPU share of step()  +  (all steps' mean duration / idle steps' mean − 1)
+
+where the second term is what the worker's builds cost the training thread by running beside
+it (the busy share of the steps times how much slower a busy step is). Busy and idle stretches
+alternate every few seconds, so drift hits both alike; the interval is a bootstrap over build
+cycles (each build with the idle stretch before it).
+
+    OMP_NUM_THREADS=1 python benchmarks/live_graph.py --decompose --steps 20000
+    OMP_NUM_THREADS=1 python benchmarks/live_graph.py --decompose --steps 20000 --worker-share 0.2
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,14 +77,78 @@ def run(steps: int, live: bool, data, folder: str, bound: dict | None = None) ->
     return seconds, cpu, in_step, setup
 
 
+def decompose(steps: int, data, folder: str, worker_share: float | None, seed: int = 0) -> None:
+    """One live run, every step timed and classed busy or idle; see the module docstring."""
+    torch.manual_seed(0)
+    model = build_mlp("mlp:784-100-100-10", activation="sigmoid")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = TopologyMonitor(model, log_dir=f"{folder}/events", every=10)
+    graph = LiveLearningGraph(model, f"{folder}/graphs", writer=monitor.writer, every=500, worker_share=worker_share)
+    generator = torch.Generator().manual_seed(seed)
+    starts, ends = np.empty(steps), np.empty(steps)
+    in_step = 0.0
+    cpu_started = time.thread_time()
+    for step in range(steps):
+        starts[step] = time.monotonic()
+        batch = torch.randint(0, len(data.x_train), (100,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(model(data.x_train[batch]), data.y_train[batch]).backward()
+        optimizer.step()
+        monitor.step(step)
+        before = time.thread_time()
+        graph.step(step)
+        in_step += time.thread_time() - before
+        ends[step] = time.monotonic()
+    cpu = time.thread_time() - cpu_started
+    graph.close()
+    monitor.close()
+    intervals = sorted((start, end) for _, start, end in graph.build_intervals)
+    durations = ends - starts
+    busy = np.zeros(steps, dtype=bool)
+    for start, end in intervals:  # a step overlapping a build is busy
+        busy[(ends > start) & (starts < end)] = True
+    # build cycles: each build's start opens a cycle holding it and the idle stretch after it
+    cycle = np.array([bisect.bisect_right([start for start, _ in intervals], t) for t in starts])
+    rng = np.random.default_rng(0)
+    cycles = np.unique(cycle)
+
+    def contention(chosen: np.ndarray) -> float:
+        mask = np.isin(cycle, chosen)
+        idle = durations[mask & ~busy]
+        return durations[mask].mean() / idle.mean() - 1
+
+    point = contention(cycles)
+    draws = [contention(rng.choice(cycles, size=len(cycles))) for _ in range(2000)]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    built = sum(end - start for start, end in intervals)
+    wall = ends[-1] - starts[0]
+    print(f"worker_share={worker_share}: {steps} steps in {wall:.1f} s, {len(intervals)} builds "
+          f"({built:.1f} s, {100 * built / wall:.0f}% of the time), {graph.skipped_builds} builds skipped, "
+          f"{100 * busy.mean():.0f}% of the steps busy")
+    print(f"  mean step: idle {1e3 * durations[~busy].mean():.3f} ms, busy {1e3 * durations[busy].mean():.3f} ms "
+          f"({100 * (durations[busy].mean() / durations[~busy].mean() - 1):+.1f}%)")
+    print(f"  contention: {100 * point:+.2f}% (95% bootstrap over {len(cycles)} build cycles: "
+          f"{100 * low:+.2f}% to {100 * high:+.2f}%)")
+    print(f"  CPU in step(): {in_step:.3f} s, {100 * in_step / (cpu - in_step):.2f}% of the rest of the training "
+          f"thread's CPU")
+    print(f"  slowdown = {100 * (point + in_step / (cpu - in_step)):+.2f}% "
+          f"(upper end {100 * (high + in_step / (cpu - in_step)):+.2f}%)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-snapshots", type=int, default=None, help="LiveLearningGraph's bound (default its own)")
     parser.add_argument("--max-neurons", type=int, default=None, help="LiveLearningGraph's bound (default its own)")
+    parser.add_argument("--decompose", action="store_true", help="one long run, the slowdown decomposed (see above)")
+    parser.add_argument("--worker-share", type=float, default=None, help="LiveLearningGraph's worker_share")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.decompose:
+        with tempfile.TemporaryDirectory() as folder:
+            decompose(args.steps, load_dataset("mnist5k"), folder, args.worker_share)
+        return
     bound = {k: v for k, v in (("max_snapshots", args.max_snapshots), ("max_neurons", args.max_neurons))
              if v is not None}
     data = load_dataset("mnist5k")

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from topoopt import TopoOptimizer, TopoPenalty
+from topoopt import TopoOptimizer, TopoPenalty, TreeCache
 from topoopt.models import build_mlp
 
 INNER = {"sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), "adam": lambda p: torch.optim.Adam(p, lr=1e-3)}
@@ -28,10 +28,12 @@ def make_block(spec: str, inner: str, variant: str, every: int, tree_every: int)
     model = build_mlp(spec)
     optimizer = INNER[inner](model.parameters())
     penalty = None
+    trees = TreeCache()  # "both" shares it: one tree search per layer and step between the two
     if variant in ("optimizer", "both"):
-        optimizer = TopoOptimizer(optimizer, model, policy="calm", every=every, tree_every=tree_every)
+        optimizer = TopoOptimizer(optimizer, model, policy="calm", every=every, tree_every=tree_every, trees=trees)
     if variant in ("penalty", "both"):
-        penalty = TopoPenalty(model, metric="normalized_entropy", weight=1e-3, every=every, tree_every=tree_every)
+        penalty = TopoPenalty(model, metric="normalized_entropy", weight=1e-3, every=every, tree_every=tree_every,
+                              trees=trees)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(128, int(spec.split(":")[1].split("-")[0]), generator=g)
     y = torch.randint(0, 10, (128,), generator=g)

@@ -133,3 +133,31 @@ def test_a_failing_build_is_reported_and_training_goes_on(tmp_path):
 def test_invalid_bounds():
     with pytest.raises(ValueError, match="Invalid max_snapshots: 2"):
         LiveLearningGraph(build_mlp("mlp:8-3"), "unused", max_snapshots=2)
+
+
+def test_worker_share_spaces_the_builds_out(tmp_path, monkeypatch):
+    """After a build of b seconds, builds due within b·(1/share − 1) are skipped and counted;
+    each build's time in the worker is recorded."""
+    import topoopt.live_graph as live_graph
+
+    torch.manual_seed(0)
+    model = build_mlp("mlp:8-12-3")
+    live = LiveLearningGraph(model, tmp_path, every=5, record_every=1, max_neurons=10, worker_share=0.25,
+                             settings={"fc1": COARSE, "fc2": COARSE})
+    try:
+        _walk(model, live, 6)  # the build at step 5 is submitted
+        live._running[1].result()  # and done in the worker
+        live.step(6)  # collected
+        [(step, started, finished)] = live.build_intervals
+        assert step == 5 and started < finished and live._running is None
+        assert live._next_build_at == pytest.approx(finished + 3 * (finished - started))
+        monkeypatch.setattr(live_graph, "_now", lambda: live._next_build_at - 1e-6)
+        live.step(10)
+        assert live._running is None and live.skipped_builds == 1
+        monkeypatch.setattr(live_graph, "_now", lambda: live._next_build_at)
+        live.step(15)
+        assert live._running is not None and live._running[0] == 15
+    finally:
+        live.close()
+    with pytest.raises(ValueError, match="Invalid worker_share: 0"):
+        LiveLearningGraph(model, tmp_path, worker_share=0)

@@ -106,3 +106,30 @@ class _NullWriter:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
+
+
+def test_a_graphless_lookup_of_measured_weights_reuses_their_deaths(monkeypatch):
+    """A TopoOptimizer after a TopoPenalty in one step (one shared cache) measures the same
+    weights again without a graph: it gets the deaths already measured, a copy of them."""
+    import topoopt.tree_cache as tree_cache
+
+    measured = []
+    original = tree_cache.edge_lengths_many
+    monkeypatch.setattr(tree_cache, "edge_lengths_many", lambda clouds, edges: measured.append(len(clouds))
+                        or original(clouds, edges))
+    weight = torch.randn(30, 5, requires_grad=True)
+    trees = TreeCache()
+    first = trees.deaths_many({"fc": weight})["fc"]
+    assert first.requires_grad and measured == [1]
+    with torch.no_grad():
+        again = trees.deaths_many({"fc": weight})["fc"]
+    assert measured == [1, 0] and torch.equal(again, first.detach())
+    again.mul_(2)  # the caller's copy: the cache keeps its own
+    with torch.no_grad():
+        assert torch.equal(trees.deaths_many({"fc": weight})["fc"], first.detach())
+    # With a graph wanted, or with moved weights, the edges are measured again.
+    assert trees.deaths_many({"fc": weight})["fc"].requires_grad and measured[-1] == 1
+    with torch.no_grad():
+        weight.add_(1e-3)
+        moved_deaths = trees.deaths_many({"fc": weight})["fc"]
+    assert measured[-1] == 1 and torch.allclose(torch.sort(moved_deaths).values, h0_deaths(weight.detach()))

@@ -43,6 +43,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -101,20 +102,36 @@ class LiveLearningGraph:
     settings : dict, optional
         Layer name → `topoopt.learning_graphs.MapperSettings` (the default settings otherwise).
 
+    seed : int
+        Chooses the recorded neurons.
+    worker_share : float, optional
+        At most this share of wall time spent building: after a build of b seconds the next
+        one waits (b / worker_share − b) seconds, and the builds due meanwhile are skipped
+        (``skipped_builds``). For machines whose "free" core is not free (a VM's second vCPU, a
+        hyperthread sibling), where a busy worker slows training itself: see
+        ``benchmarks/live_graph.py --decompose``. None (default): no limit.
+
     Call ``step(global_step)`` after each optimizer step and ``close()`` at the end (it waits for
     a running build, logs it, stops the worker and removes the buffers). ``built`` lists (layer,
-    step, nodes, png path) of the graphs done. A build that fails (in the worker, or the worker
+    step, nodes, png path) of the graphs done; ``build_intervals`` (step, start, end) when the
+    worker built them, on `time.monotonic()`'s clock. A build that fails (in the worker, or the worker
     itself) is reported as a warning and listed in ``errors`` as (layer, step, message); training
     goes on, and the next build starts a new worker if the old one died.
     """
 
     def __init__(self, model: nn.Module, folder: str | Path, writer=None, every: int = 500, record_every: int = 10,
                  max_neurons: int = 100, max_snapshots: int = 200, layers=None, settings: dict | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, worker_share: float | None = None) -> None:
         for name, value in (("every", every), ("record_every", record_every), ("max_neurons", max_neurons)):
             check_positive_int(name, value)
         if isinstance(max_snapshots, bool) or not isinstance(max_snapshots, int) or max_snapshots < 4:
             raise ValueError(f"Invalid max_snapshots: {max_snapshots!r}. It must be an integer ≥ 4")
+        if worker_share is not None and not (isinstance(worker_share, (int, float)) and 0 < worker_share <= 1):
+            raise ValueError(f"Invalid worker_share: {worker_share!r}. It must be a number in (0, 1], or None")
+        self.worker_share = worker_share
+        self._next_build_at = 0.0  # time.monotonic() before which a build waits (worker_share)
+        self.skipped_builds = 0
+        self.build_intervals: list[tuple[int, float, float]] = []  # (step, worker start, end), time.monotonic()
         self.layers = select_layers(model, layers)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -169,8 +186,11 @@ class LiveLearningGraph:
             self._collect()
         if global_step % self.record_every == 0:
             self._record(global_step)
-        if global_step > 0 and global_step % self.every == 0 and self._running is None:
-            self._submit(global_step)
+        if global_step > 0 and global_step % self.every == 0:
+            if self._running is None and _now() >= self._next_build_at:
+                self._submit(global_step)
+            else:
+                self.skipped_builds += 1
 
     @torch.no_grad()
     def _record(self, step: int) -> None:
@@ -243,12 +263,15 @@ class LiveLearningGraph:
         for trajectory in self._trajectories.values():
             trajectory.pinned.clear()
         try:
-            results, peak_mb = future.result()
+            results, peak_mb, started, finished = future.result()
         except Exception as error:  # the worker died, or a result could not be sent back
             self._report(list(self._trajectories), step, f"the worker failed: {error!r}")
             self._drop_worker()
             return
         self.worker_peak_mb = peak_mb
+        self.build_intervals.append((step, started, finished))
+        if self.worker_share is not None:  # idle long enough that builds take at most this share of the time
+            self._next_build_at = finished + (finished - started) * (1 / self.worker_share - 1)
         for name, outcome in results:
             if isinstance(outcome, str):
                 self._report([name], step, outcome)
@@ -292,6 +315,7 @@ class LiveLearningGraph:
 
 
 _COPIED = None  # in the worker: the event set once a build's points are copied
+_now = time.monotonic  # the system's clock, which the worker's timestamps also read
 
 
 def _start(copied, nice: int | None) -> None:
@@ -321,13 +345,15 @@ def read_points(path: str, rows: list[int], steps: list[int], neurons: np.ndarra
     return points, np.repeat(np.asarray(steps), len(neurons)), np.tile(neurons, len(rows))
 
 
-def _build(jobs: list) -> tuple[list, float]:
+def _build(jobs: list) -> tuple[list, float, float, float]:
     """In the worker: each layer's Mapper graph, PNG, HTML and TensorBoard image summary.
 
-    Returns ([(layer, (nodes, PNG path, summary bytes or None) or an error message)], peak MB).
+    Returns ([(layer, (nodes, PNG path, summary bytes or None) or an error message)], peak MB,
+    and the build's start and end on `time.monotonic()`'s clock, which is the system's).
     """
     import resource
 
+    started = time.monotonic()
     torch.set_num_threads(1)
     inputs = []
     for _, path, rows, steps, neurons, *_ in jobs:
@@ -345,7 +371,7 @@ def _build(jobs: list) -> tuple[list, float]:
             results.append((job[0], _build_layer(points, *job[5:])))
         except Exception:
             results.append((job[0], traceback.format_exc()))
-    return results, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return results, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, started, time.monotonic()
 
 
 def _build_layer(points, settings, stem: str, title: str, tag: str | None):

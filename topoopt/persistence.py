@@ -16,6 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from topoopt import _native
 from topoopt._threads import PARALLEL_MIN_ELEMENTS, caller_threads, engine_threads
+from topoopt._validation import finite_each
 from topoopt.spanning_tree import euclidean_mst_edges
 
 __all__ = ["h0_deaths", "h0_edges", "edge_lengths", "h1_diagram"]
@@ -35,25 +36,11 @@ def _as_cloud(points: torch.Tensor, argument: str = "points") -> torch.Tensor:
         raise TypeError(f"{argument} must be a floating-point tensor, got {points.dtype}")
     if points.dtype in (torch.float16, torch.bfloat16):
         points = points.float()
-    if not _all_finite(points):
+    if points.numel() and not finite_each([points])[0]:
         with engine_threads():
             bad = int((~torch.isfinite(points)).any(dim=1).sum())
             raise ValueError(f"{argument} contains NaN or Inf values (in {bad} of {points.shape[0]} rows)")
     return points
-
-
-def _all_finite(points: torch.Tensor) -> bool:
-    """No NaN or Inf in `points`: one compiled pass for a CPU cloud (no thread count to switch),
-    else one reduction first (a sum is finite unless some entry is NaN/Inf, or it overflows,
-    which the exact check then clears)."""
-    if not points.numel():
-        return True
-    if (_native.engine is not None and points.device.type == "cpu"
-            and points.dtype in (torch.float32, torch.float64)):
-        x = points.detach().contiguous()
-        return _native.engine.all_finite(x.numpy(), x.element_size())
-    with engine_threads():
-        return math.isfinite(points.detach().sum()) or bool(torch.isfinite(points).all())
 
 
 def h0_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

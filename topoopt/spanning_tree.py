@@ -31,9 +31,8 @@ import os
 import numpy as np
 import torch
 
-from topoopt._threads import caller_threads, engine_threads
-
 from topoopt import _native
+from topoopt._threads import caller_threads, engine_threads
 
 __all__ = ["euclidean_mst_edges", "distance_matrix_bytes", "MemoryBudgetError"]
 

@@ -44,6 +44,7 @@ class _Entry:
     u: torch.Tensor
     v: torch.Tensor
     reuses: int = 0  # approximate lookups served since the search
+    deaths: torch.Tensor | None = None  # the searched cloud's deaths (tree order, detached), once measured
 
 
 class TreeCache:
@@ -65,7 +66,7 @@ class TreeCache:
         cloud = cloud.detach()
         reused = self._reusable(key, cloud, tree_every)
         if reused is not None:
-            return reused
+            return reused[:2]
         u, v = euclidean_mst_edges(cloud)
         self._store(key, cloud, u, v)
         return u, v
@@ -74,8 +75,12 @@ class TreeCache:
         self, clouds: Mapping[str, torch.Tensor], tree_every: int = 1
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """`edges` of each keyed cloud, the trees to search searched together (`trees_of_many`)."""
+        return {key: (u, v) for key, (u, v, _) in self._edges_many(clouds, tree_every).items()}
+
+    def _edges_many(self, clouds: Mapping[str, torch.Tensor], tree_every: int) -> dict[str, tuple]:
+        """`edges_many`, each tree with whether it is exact for its cloud (searched on it)."""
         check_positive_int("tree_every", tree_every)
-        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        found: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
         missing: dict[str, torch.Tensor] = {}
         for key, cloud in clouds.items():
             cloud = cloud.detach()
@@ -86,15 +91,16 @@ class TreeCache:
                 found[key] = reused
         for (key, cloud), (u, v) in zip(missing.items(), trees_of_many(list(missing.values()))):
             self._store(key, cloud, u, v)
-            found[key] = (u, v)
+            found[key] = (u, v, True)
         return {key: found[key] for key in clouds}
 
     def _store(self, key: str, cloud: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
         self.searches += 1
         self._entries[key] = _Entry(cloud.clone(), u, v)
 
-    def _reusable(self, key: str, cloud: torch.Tensor, tree_every: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The cached tree when it may measure `cloud` (counting an approximate reuse), else None."""
+    def _reusable(self, key: str, cloud: torch.Tensor, tree_every: int) -> tuple | None:
+        """The cached tree (u, v, exact) when it may measure `cloud` (counting an approximate
+        reuse), else None."""
         entry = self._entries.get(key)
         if entry is not None and entry.searched_on.device != cloud.device:  # loaded on another device
             entry = _Entry(entry.searched_on.to(cloud.device), entry.u.to(cloud.device),
@@ -102,10 +108,10 @@ class TreeCache:
             self._entries[key] = entry
         if entry is not None and _same_layout(entry.searched_on, cloud):
             if torch.equal(entry.searched_on, cloud):
-                return entry.u, entry.v
+                return entry.u, entry.v, True
             if entry.reuses + 1 < tree_every:
                 entry.reuses += 1
-                return entry.u, entry.v
+                return entry.u, entry.v, False
         return None
 
     def deaths_in_tree_order(self, key: str, cloud: torch.Tensor, tree_every: int = 1) -> torch.Tensor:
@@ -121,10 +127,27 @@ class TreeCache:
 
     def deaths_many(self, clouds: Mapping[str, torch.Tensor], tree_every: int = 1) -> dict[str, torch.Tensor]:
         """`deaths_in_tree_order` of each keyed cloud, in one call: the small clouds' tree
-        searches and every edge measurement are batched (`topoopt.many_clouds`)."""
+        searches and every edge measurement are batched (`topoopt.many_clouds`).
+
+        A cloud bit-for-bit equal to one already measured through this cache, asked for without
+        a graph (a `TopoOptimizer` after a `TopoPenalty` in the same step), gets those deaths
+        again (a copy) instead of a second measurement."""
         measured = {key: cloud for key, cloud in clouds.items() if cloud.shape[0] >= 2}
-        edges = self.edges_many(measured, tree_every)
-        lengths = dict(zip(measured, edge_lengths_many(list(measured.values()), list(edges.values()))))
+        edges = self._edges_many(measured, tree_every)
+        lengths: dict[str, torch.Tensor] = {}
+        to_measure = []
+        for key, (_, _, exact) in edges.items():
+            known = self._entries[key].deaths
+            wants_graph = torch.is_grad_enabled() and measured[key].requires_grad
+            if exact and known is not None and not wants_graph:
+                lengths[key] = known.clone()  # measured before on this very cloud (a shared cache)
+            else:
+                to_measure.append(key)
+        fresh = edge_lengths_many([measured[key] for key in to_measure], [edges[key][:2] for key in to_measure])
+        for key, deaths in zip(to_measure, fresh):
+            lengths[key] = deaths
+            if edges[key][2]:
+                self._entries[key].deaths = deaths.detach().clone()  # the caller may modify its own
         return {key: lengths.get(key, cloud.reshape(-1)[:0]) for key, cloud in clouds.items()}
 
     def clear(self) -> None:

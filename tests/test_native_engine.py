@@ -1,0 +1,179 @@
+"""The compiled engine (topoopt/_native/engine.c) against gudhi and against the numpy/torch paths
+it replaces, which stay for machines without a C compiler (and for CUDA, float16, big clouds)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import gudhi_h0_deaths
+from test_persistence import assert_no_cycle, make_cloud, positive
+
+from topoopt import _native, edge_lengths, h0_deaths, h0_edges, metrics, spanning_tree
+from topoopt._validation import finite_each
+from topoopt.many_clouds import h0_deaths_many
+
+pytestmark = pytest.mark.skipif(_native.engine is None, reason="compiled engine not built")
+
+KINDS = ["gaussian", "quantised", "duplicates", "near_duplicates", "collinear", "offset", "tiny_cluster",
+         "small_clusters", "plane"]
+
+
+def deaths_and_gradient(x: torch.Tensor, weights: torch.Tensor):
+    cloud = x.clone().requires_grad_(True)
+    deaths = h0_deaths(cloud)
+    (deaths * weights).sum().backward()
+    return deaths.detach(), cloud.grad
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("scale", [1e-25, 1e-8, 1.0, 1e3, 1e25])
+def test_small_clouds_match_gudhi(kind, scale):
+    """Every kind of small cloud (the compiled path, or its fallback for many near pairs), in
+    float32, across float32's range: squares of 1e-25 and 1e25 under- and overflow in float32."""
+    x = make_cloud(kind, 120, 24, scale, np.random.default_rng(11)).astype(np.float32)
+    deaths = h0_deaths(torch.from_numpy(x))
+    assert deaths.shape == (119,) and torch.all(deaths[1:] >= deaths[:-1])
+    np.testing.assert_allclose(positive(deaths), gudhi_h0_deaths(x.astype(np.float64)), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "near_duplicates", "collinear", "offset", "plane"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_and_fallback_paths_agree(kind, dtype, monkeypatch):
+    """Same deaths and same gradient (through the sorted deaths, so the order matters) with and
+    without the compiled engine. Kinds with exact ties are left out: their trees may differ by
+    which of two equal edges they take, which moves the gradient between coinciding points."""
+    x = torch.tensor(make_cloud(kind, 150, 40, 1.0, np.random.default_rng(5)), dtype=dtype)
+    weights = torch.rand(149, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    compiled = deaths_and_gradient(x, weights)
+    monkeypatch.setattr(_native, "engine", None)
+    fallback = deaths_and_gradient(x, weights)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(compiled[0], fallback[0], rtol=rtol, atol=0)
+    torch.testing.assert_close(compiled[1], fallback[1], rtol=rtol, atol=rtol * float(compiled[1].abs().max()))
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 17, 256])
+def test_every_size_spans_the_cloud(n):
+    """Sizes around the Gram kernel's 4×4 blocks, and the largest small cloud."""
+    x = torch.randn(n, 9)
+    u, v = h0_edges(x)
+    assert u.shape == (n - 1,)
+    assert_no_cycle(u, v, n)
+    np.testing.assert_allclose(positive(h0_deaths(x)), gudhi_h0_deaths(x.double().numpy()), rtol=1e-5)
+
+
+def test_zero_layer_and_copies():
+    """An all-zero layer (zero initialisation): N−1 zero bars and a zero, finite gradient."""
+    cloud = torch.zeros(40, 7, requires_grad=True)
+    deaths = h0_deaths(cloud)
+    deaths.sum().backward()
+    assert torch.equal(deaths, torch.zeros(39)) and torch.equal(cloud.grad, torch.zeros(40, 7))
+
+
+@pytest.mark.parametrize("d", [4, 64, 784])
+def test_gram_distances_are_accurate(d):
+    """The compiled Gram pass leaves squared distances accurate to the relative 4e-6 that the
+    tree search promises (near pairs exactly; the rest within float32's Gram error)."""
+    rng = np.random.default_rng(d)
+    x = rng.normal(size=(100, d)).astype(np.float32)
+    x[50:60] = x[40:50] + 1e-4 * rng.normal(size=(10, d)).astype(np.float32)  # some near pairs
+    scratch = np.empty((100, 100), dtype=np.float32)
+    u, v = np.empty(99, dtype=np.int64), np.empty(99, dtype=np.int64)
+    near = _native.engine.small_tree(x, 100, d, spanning_tree.NEAR_PAIR_RATIO, 400, scratch, u, v)
+    assert near >= 10
+    wide = x.astype(np.float64)
+    exact = ((wide[:, None, :] - wide[None, :, :]) ** 2).sum(axis=2)
+    off_diagonal = ~np.eye(100, dtype=bool)
+    error = np.abs(scratch.astype(np.float64) - exact)[off_diagonal] / exact[off_diagonal]
+    assert error.max() <= 4e-6
+
+
+def test_many_near_pairs_take_the_general_search():
+    x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32) + 1e4  # far from the origin
+    scratch = np.empty((50, 50), dtype=np.float32)
+    u, v = np.empty(49, dtype=np.int64), np.empty(49, dtype=np.int64)
+    assert _native.engine.small_tree(x, 50, 8, spanning_tree.NEAR_PAIR_RATIO, 200, scratch, u, v) == -1
+    np.testing.assert_allclose(positive(h0_deaths(torch.from_numpy(x))), gudhi_h0_deaths(x.astype(np.float64)),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["compiled", "fallback"])
+def test_an_edge_outside_the_cloud_is_an_index_error(engine, monkeypatch):
+    if engine == "fallback":
+        monkeypatch.setattr(_native, "engine", None)
+    with pytest.raises(IndexError):
+        edge_lengths(torch.randn(5, 3), torch.tensor([0, 1]), torch.tensor([2, 5]))
+
+
+def test_lengths_are_exact_beyond_float32_squares():
+    """Squared lengths of 1e-30 or 1e30 do not fit in float32; the lengths themselves do."""
+    for scale in (1e-30, 1e30):
+        x = torch.tensor([[0.0, 0.0], [3.0, 4.0]]) * scale
+        torch.testing.assert_close(h0_deaths(x), torch.tensor([5.0 * scale]), rtol=1e-6, atol=0)
+
+
+def test_a_second_derivative_fails_loudly():
+    """Under create_graph=True the first derivative is right, and differentiating it again
+    raises instead of returning an incomplete second derivative."""
+    cloud = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(h0_deaths(cloud).square().sum(), cloud, create_graph=True)
+    expected = torch.autograd.grad(h0_deaths(cloud).square().sum(), cloud)[0]
+    torch.testing.assert_close(grad, expected)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+def test_gradcheck():
+    x = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p: h0_deaths(p) * torch.arange(1.0, 12.0, dtype=torch.float64), (x,))
+
+
+def test_many_clouds_mix_compiled_and_fallback_clouds():
+    """float16 and float32 clouds in one call: the first by the torch path, the second compiled."""
+    clouds = [torch.randn(20, 6).half().requires_grad_(), torch.randn(30, 6).requires_grad_()]
+    deaths = h0_deaths_many(clouds)
+    sum(d.float().sum() for d in deaths).backward()
+    for cloud, measured in zip(clouds, deaths):
+        single = cloud.detach().clone().requires_grad_()
+        expected = h0_deaths(single)
+        expected.float().sum().backward()
+        torch.testing.assert_close(measured, expected)
+        torch.testing.assert_close(cloud.grad, single.grad)
+
+
+def test_finite_each():
+    good, bad = torch.randn(5, 3), torch.randn(4)
+    bad[2] = float("nan")
+    inf = torch.tensor([1.0, float("inf")], dtype=torch.float64)
+    assert finite_each([good, bad, inf, good.half(), bad.half()]) == [True, False, False, True, False]
+
+
+DIAGRAMS = {
+    "random": torch.rand(60, dtype=torch.float64) + 0.01,
+    "with zero bars": torch.cat([torch.zeros(5, dtype=torch.float64), torch.rand(20, dtype=torch.float64)]),
+    "total below 1": torch.rand(30, dtype=torch.float64) * 1e-3,
+    "one positive bar": torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64),
+    "all zero": torch.zeros(4, dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("diagram", DIAGRAMS)
+@pytest.mark.parametrize("metric", ["entropy", "count", "total"])
+def test_host_entropy_equals_the_torch_version(diagram, metric, monkeypatch):
+    """The entropies' one-node CPU version against their torch operations: values, gradients,
+    and finite differences."""
+    def measure(deaths):
+        if metric == "entropy":
+            return metrics.persistent_entropy(deaths)
+        return metrics.normalized_persistent_entropy(deaths, normalization=metric)
+
+    deaths = DIAGRAMS[diagram].clone().requires_grad_(True)
+    host = measure(deaths)
+    (host_grad,) = torch.autograd.grad(host, deaths)
+    if DIAGRAMS[diagram].min() > 0:  # finite differences only away from the zero bars' kinks
+        assert torch.autograd.gradcheck(measure, (deaths,))
+    monkeypatch.setattr(metrics, "_on_host", lambda deaths: False)
+    reference = measure(deaths)
+    (reference_grad,) = torch.autograd.grad(reference, deaths)
+    torch.testing.assert_close(host, reference, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(host_grad, reference_grad, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(host_grad).all()
