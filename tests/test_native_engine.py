@@ -177,3 +177,14 @@ def test_host_entropy_equals_the_torch_version(diagram, metric, monkeypatch):
     torch.testing.assert_close(host, reference, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(host_grad, reference_grad, rtol=1e-10, atol=1e-12)
     assert torch.isfinite(host_grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cloud_norm_in_float64(dtype, monkeypatch):
+    from topoopt.cloud import cloud_norm
+
+    x = (torch.randn(50, 30, dtype=torch.float64) * 3e19).to(dtype)  # its float32 squares overflow
+    expected = float(torch.linalg.vector_norm(x.double()))
+    assert cloud_norm(x) == pytest.approx(expected, rel=1e-12)
+    monkeypatch.setattr(_native, "engine", None)
+    assert cloud_norm(x) == pytest.approx(expected, rel=1e-12)

@@ -104,12 +104,14 @@ class LiveLearningGraph:
 
     seed : int
         Chooses the recorded neurons.
-    worker_share : float, optional
+    worker_share : float or None
         At most this share of wall time spent building: after a build of b seconds the next
         one waits (b / worker_share − b) seconds, and the builds due meanwhile are skipped
-        (``skipped_builds``). For machines whose "free" core is not free (a VM's second vCPU, a
-        hyperthread sibling), where a busy worker slows training itself: see
-        ``benchmarks/live_graph.py --decompose``. None (default): no limit.
+        (``skipped_builds``). A busy worker slows training even with a core of its own when
+        that core is not really free (a VM's second vCPU, a hyperthread sibling): on this
+        project's 2-vCPU machine a step beside a build took 8% longer, so the default 0.25
+        keeps the whole cost near 2.5% (``benchmarks/live_graph.py --decompose``). None: build
+        at every `every`-th step the worker is free (on a machine with cores to spare).
 
     Call ``step(global_step)`` after each optimizer step and ``close()`` at the end (it waits for
     a running build, logs it, stops the worker and removes the buffers). ``built`` lists (layer,
@@ -121,7 +123,7 @@ class LiveLearningGraph:
 
     def __init__(self, model: nn.Module, folder: str | Path, writer=None, every: int = 500, record_every: int = 10,
                  max_neurons: int = 100, max_snapshots: int = 200, layers=None, settings: dict | None = None,
-                 seed: int = 0, worker_share: float | None = None) -> None:
+                 seed: int = 0, worker_share: float | None = 0.25) -> None:
         for name, value in (("every", every), ("record_every", record_every), ("max_neurons", max_neurons)):
             check_positive_int(name, value)
         if isinstance(max_snapshots, bool) or not isinstance(max_snapshots, int) or max_snapshots < 4:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from topoopt._validation import check_positive_int, finite_each
-from topoopt.cloud import ParameterLayer, layer_cloud
+from topoopt.cloud import ParameterLayer, cloud_norm, layer_cloud
 from topoopt.layers import layer_parameters, select_layers
 from topoopt.metrics import COMPLEXITY_METRICS, dimensionless_complexity
 from topoopt.policies import POLICIES, Policy, awaken_policy, calm_policy, contrast_policy
@@ -286,8 +286,7 @@ class TopoOptimizer(torch.optim.Optimizer):
         values = {}
         for name, cloud in clouds.items():
             deaths = all_deaths[keys[name]]
-            # The norm in float64: the float32 norm of weights of about 1e19 overflows.
-            rms_norm = float(torch.linalg.vector_norm(cloud, dtype=torch.float64)) / math.sqrt(cloud.shape[0])
+            rms_norm = cloud_norm(cloud) / math.sqrt(cloud.shape[0])
             value = dimensionless_complexity(self.metric, deaths, rms_norm)
             if not math.isfinite(value):
                 raise ValueError(f"Layer {name!r}: measuring its {self.metric} gave {value} "
@@ -396,8 +395,13 @@ class TopoOptimizer(torch.optim.Optimizer):
                     f"TopoOptimizer step {topo.topo_step - 1}: the inner optimizer's step made the "
                     f"weights of layer(s) {bad} NaN or Inf (non-finite gradients?). They were left "
                     f"as the inner optimizer left them, unscaled.")
-        # p_new + (1 − s)(p_old − p_new) = p_old + s·(p_new − p_old), one batched pass
-        torch._foreach_lerp_(params, plan["before"], [1.0 - factor for factor in factors])
+        before = plan["before"]
+        try:  # p_new + (1 − s)(p_old − p_new) = p_old + s·(p_new − p_old), one batched pass
+            torch._foreach_lerp_(params, before, [1.0 - factor for factor in factors])
+        except TypeError:  # a torch without lerp's scalar-list overload (raised before any write)
+            torch._foreach_sub_(params, before)
+            torch._foreach_mul_(params, factors)
+            torch._foreach_add_(params, before)
 
     def _copy_of(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """The parameters' values now, in buffers kept between steps: allocating a fresh copy

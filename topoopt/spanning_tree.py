@@ -354,10 +354,11 @@ def _small_cloud_tree(points: torch.Tensor) -> np.ndarray | None:
 
 def native_small_tree_handles(points: torch.Tensor) -> bool:
     """Whether `_native_small_trees` takes this cloud (or stack of clouds): a compiled engine,
-    float32 on the CPU, at most one Gram block of rows, at least 2 rows and 1 column."""
+    float32 on the CPU (unless tests send CPU clouds to the device search), at most one Gram
+    block of rows, at least 2 rows and 1 column."""
     n, d = points.shape[-2:]
     return (_native.engine is not None and points.dtype == torch.float32 and points.device.type == "cpu"
-            and 2 <= n <= _BLOCK_ROWS and d >= 1)
+            and points.device.type not in DEVICE_SEARCH_TYPES and 2 <= n <= _BLOCK_ROWS and d >= 1)
 
 
 def _native_small_trees(stack: torch.Tensor) -> list[np.ndarray | None]:

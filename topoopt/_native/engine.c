@@ -233,6 +233,39 @@ VECTORISED static int all_finite_double(const double *p, Py_ssize_t count) {
     return total == 0.0;
 }
 
+/* sum_of_squares(points: T[count], itemsize) -> float: Σ x², summed in double. */
+VECTORISED static double sum_squares_float(const float *p, Py_ssize_t count) {
+    double total = 0.0;
+    SIMD_SUM(total)
+    for (Py_ssize_t k = 0; k < count; k++) total += (double)p[k] * (double)p[k];
+    return total;
+}
+
+VECTORISED static double sum_squares_double(const double *p, Py_ssize_t count) {
+    double total = 0.0;
+    SIMD_SUM(total)
+    for (Py_ssize_t k = 0; k < count; k++) total += p[k] * p[k];
+    return total;
+}
+
+static PyObject *sum_of_squares(PyObject *self, PyObject *args) {
+    Py_buffer points;
+    Py_ssize_t itemsize;
+    if (!PyArg_ParseTuple(args, "y*n", &points, &itemsize)) return NULL;
+    PyObject *result = NULL;
+    if (expect((itemsize == 4 || itemsize == 8) && points.len % itemsize == 0,
+               "sum_of_squares: expected a float32 or float64 buffer")) {
+        double total;
+        Py_BEGIN_ALLOW_THREADS
+        total = itemsize == 4 ? sum_squares_float(points.buf, points.len / 4)
+                              : sum_squares_double(points.buf, points.len / 8);
+        Py_END_ALLOW_THREADS
+        result = PyFloat_FromDouble(total);
+    }
+    PyBuffer_Release(&points);
+    return result;
+}
+
 static PyObject *all_finite(PyObject *self, PyObject *args) {
     Py_buffer points;
     Py_ssize_t itemsize;
@@ -404,6 +437,7 @@ static PyMethodDef methods[] = {
     {"prim", prim, METH_VARARGS, "Minimum spanning tree edges of a dense float32 matrix (Prim)."},
     {"small_tree", small_tree, METH_VARARGS, "A small cloud's tree from its Gram product."},
     {"all_finite", all_finite, METH_VARARGS, "Whether a float buffer holds no NaN or infinity."},
+    {"sum_of_squares", sum_of_squares, METH_VARARGS, "Sum of squares of a float buffer, in double."},
     {"measure", measure, METH_VARARGS, "Edge lengths and differences, optionally sorted."},
     {"scatter", scatter, METH_VARARGS, "Gradient of edge lengths, scattered to the points."},
     {NULL, NULL, 0, NULL},

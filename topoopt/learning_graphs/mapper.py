@@ -84,6 +84,20 @@ class LearningGraph:
     point_neurons: np.ndarray
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    _layouts: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def layout(self, kind: str) -> dict:
+        """Node positions, "spring" (seed 0) or "kamada_kawai", computed once per graph: the PNG
+        and the HTML of a big graph share its spring layout, most of a live build's time (a
+        1,500-node graph: 3–5 s each, against 1.6 s for its Mapper)."""
+        if kind not in self._layouts:
+            if not self.graph.number_of_nodes():
+                self._layouts[kind] = {}
+            elif kind == "spring":
+                self._layouts[kind] = nx.spring_layout(self.graph, seed=0)
+            else:
+                self._layouts[kind] = nx.kamada_kawai_layout(self.graph)
+        return self._layouts[kind]
 
     def to_json(self) -> dict:
         return {
@@ -102,8 +116,7 @@ class LearningGraph:
         axes = figure.subplots()
         if self.graph.number_of_nodes():
             # Kamada–Kawai draws trees most legibly but costs O(n²) memory and time per iteration.
-            positions = (nx.kamada_kawai_layout(self.graph) if self.graph.number_of_nodes() <= 300
-                         else nx.spring_layout(self.graph, seed=0))
+            positions = self.layout("kamada_kawai" if self.graph.number_of_nodes() <= 300 else "spring")
             sizes = np.array([d["size"] for _, d in self.graph.nodes(data=True)], dtype=float)
             colours = [d["mean_step"] for _, d in self.graph.nodes(data=True)]
             nx.draw_networkx_edges(self.graph, positions, ax=axes, width=0.6, alpha=0.6)
@@ -119,7 +132,7 @@ class LearningGraph:
 
     def save_html(self, path: str | Path, title: str = "learning graph") -> None:
         """A self-contained interactive view (drag, zoom, hover for node details); no network."""
-        positions = nx.spring_layout(self.graph, seed=0) if self.graph.number_of_nodes() else {}
+        positions = self.layout("spring")
         data = {
             "nodes": [{"id": int(n), "x": float(positions[n][0]), "y": float(positions[n][1]), "size": d["size"],
                        "step": d["mean_step"], "neurons": d["neurons"][:20]} for n, d in self.graph.nodes(data=True)],
