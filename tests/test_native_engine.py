@@ -188,3 +188,36 @@ def test_cloud_norm_in_float64(dtype, monkeypatch):
     assert cloud_norm(x) == pytest.approx(expected, rel=1e-12)
     monkeypatch.setattr(_native, "engine", None)
     assert cloud_norm(x) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_wrappers_compiled_scaling_equals_its_torch_one(dtype, monkeypatch):
+    """TopoOptimizer's step scaling (copy, check, lerp back) compiled and in torch: the same
+    weights after several steps, and the same error for a non-finite step."""
+    from topoopt import TopoOptimizer
+    from topoopt.models import build_mlp
+
+    def run(compiled: bool, poison: bool = False):
+        if not compiled:
+            monkeypatch.setattr(_native, "engine", None)
+        torch.manual_seed(0)
+        model = build_mlp("mlp:12-9-7-3").to(dtype)
+        optimizer = TopoOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model, policy="contrast",
+                                  strength=1.0, every=2)
+        x, y = torch.randn(16, 12, dtype=dtype), torch.randint(0, 3, (16,))
+        for step in range(5):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if poison and step == 4:
+                model.fc2.weight.grad[0, 0] = float("nan")
+            optimizer.step()
+        monkeypatch.undo()
+        return [p.detach().clone() for p in model.parameters()], optimizer
+
+    compiled, optimizer = run(True)
+    assert any(s != 1.0 for s in optimizer.scales.values())
+    for a, b in zip(compiled, run(False)[0]):
+        torch.testing.assert_close(a, b, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0)
+    for compiled_path in (True, False):
+        with pytest.raises(FloatingPointError, match=r"\['fc2'\]"):
+            run(compiled_path, poison=True)

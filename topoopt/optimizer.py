@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from topoopt import _native
 from topoopt._validation import check_positive_int, finite_each
 from topoopt.cloud import ParameterLayer, cloud_norm, layer_cloud
 from topoopt.layers import layer_parameters, select_layers
@@ -58,6 +59,22 @@ def _check_number(name: str, value: Any, low: float, high: float, *, low_open: b
     if value < low or value > high or (low_open and value == low):
         raise ValueError(f"Invalid {name}: {value}")
     return float(value)
+
+
+def _host_views(tensors: list[torch.Tensor]) -> list | None:
+    """numpy views (sharing memory) of plain, contiguous CPU float32/float64 tensors, for the
+    compiled step scaling; None when any tensor is not one (CUDA, float16, a tensor subclass
+    such as DTensor) or no engine was built."""
+    if _native.engine is None:
+        return None
+    views = []
+    for tensor in tensors:
+        plain = tensor.detach()
+        if (type(plain) is not torch.Tensor or plain.device.type != "cpu" or not plain.is_contiguous()
+                or plain.dtype not in (torch.float32, torch.float64)):
+            return None
+        views.append(plain.numpy())
+    return views
 
 
 @dataclass
@@ -213,6 +230,7 @@ class TopoOptimizer(torch.optim.Optimizer):
         self._layers = chosen
         self._topo = _WrapperState(scales={name: 1.0 for name in chosen})
         self._copies: list[torch.Tensor] = []  # the scaled parameters before the inner step
+        self._copy_views: list | None = None  # their numpy views, for the compiled scaling
 
     # ---- read-only views of the wrapper's state (safe through a forwarding proxy) ----
     @property
@@ -262,7 +280,7 @@ class TopoOptimizer(torch.optim.Optimizer):
         state = {k: v for k, v in self.__dict__.items() if k not in _HOOK_KEYS and k != "step"}
         state["_topo"] = copy.copy(self._topo)
         state["_topo"].scaled = None
-        state["_copies"] = []
+        state["_copies"], state["_copy_views"] = [], None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -360,7 +378,7 @@ class TopoOptimizer(torch.optim.Optimizer):
             self.update_scales()
         if topo.scaled is None:
             topo.scaled = self._scaled_parameters()
-        plan["before"] = self._copy_of(topo.scaled[0])
+        plan["before"], plan["views"] = self._copy_of(topo.scaled[0])
         if closure is not None and _may_evaluate_closure_again(self.base_optimizer):
             all_params = [p for group in self.param_groups for p in group["params"]]
             plan["rollback"] = (all_params, [p.detach().clone() for p in all_params],
@@ -387,14 +405,14 @@ class TopoOptimizer(torch.optim.Optimizer):
         params, factors, owners = topo.scaled
         if not params:
             return
+        params_now, before_now = _host_views(params), plan["views"]
+        if params_now is not None and before_now is not None:  # one compiled call: check, then scale
+            bad = _native.engine.scale_steps(params_now, before_now, [1.0 - factor for factor in factors],
+                                             self.check_finite)
+            self._raise_if_not_finite([i not in bad for i in range(len(params))], owners)
+            return
         if self.check_finite:
-            finite = finite_each(params)
-            if not all(finite):
-                bad = sorted({owner for owner, ok in zip(owners, finite) if not ok})
-                raise FloatingPointError(
-                    f"TopoOptimizer step {topo.topo_step - 1}: the inner optimizer's step made the "
-                    f"weights of layer(s) {bad} NaN or Inf (non-finite gradients?). They were left "
-                    f"as the inner optimizer left them, unscaled.")
+            self._raise_if_not_finite(finite_each(params), owners)
         before = plan["before"]
         try:  # p_new + (1 − s)(p_old − p_new) = p_old + s·(p_new − p_old), one batched pass
             torch._foreach_lerp_(params, before, [1.0 - factor for factor in factors])
@@ -403,16 +421,30 @@ class TopoOptimizer(torch.optim.Optimizer):
             torch._foreach_mul_(params, factors)
             torch._foreach_add_(params, before)
 
-    def _copy_of(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The parameters' values now, in buffers kept between steps: allocating a fresh copy
-        each step cost page faults (the same peak memory either way)."""
+    def _raise_if_not_finite(self, finite: list[bool], owners: list[str]) -> None:
+        if not all(finite):
+            bad = sorted({owner for owner, ok in zip(owners, finite) if not ok})
+            raise FloatingPointError(
+                f"TopoOptimizer step {self._topo.topo_step - 1}: the inner optimizer's step made the "
+                f"weights of layer(s) {bad} NaN or Inf (non-finite gradients?). They were left "
+                f"as the inner optimizer left them, unscaled.")
+
+    def _copy_of(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list | None]:
+        """The parameters' values now, in buffers kept between steps (allocating a fresh copy
+        each step cost page faults; the same peak memory either way), and numpy views of those
+        buffers when the compiled engine can scale the step (CPU float tensors), else None."""
         copies = self._copies
         if len(copies) != len(params) or any(
                 c.shape != p.shape or c.dtype != p.dtype or c.device != p.device for c, p in zip(copies, params)):
-            copies = self._copies = [torch.empty_like(p) for p in params]
-        if params:
+            copies = self._copies = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+            self._copy_views = _host_views(copies)
+        views = self._copy_views
+        sources = _host_views(params) if views is not None else None
+        if sources is not None:
+            _native.engine.copy_all(sources, views)
+        elif params:
             torch._foreach_copy_(copies, params)
-        return copies
+        return copies, views if sources is not None else None
 
     def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
         """One inner step, then each wrapped layer's update multiplied by its scale s_l

@@ -433,11 +433,151 @@ done:
     return result;
 }
 
+/* A list of C-contiguous float32/float64 buffers (writable ones if asked); count or -1 with an
+ * exception set (and the buffers got so far released). */
+static Py_ssize_t get_buffers(PyObject *list, Py_buffer *views, Py_ssize_t capacity, int writable) {
+    PyObject *items = PySequence_Fast(list, "expected a list of buffers");
+    if (!items) return -1;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(items);
+    if (count > capacity) {
+        PyErr_SetString(PyExc_ValueError, "too many buffers");
+        Py_DECREF(items);
+        return -1;
+    }
+    int flags = PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(items, i), &views[i], flags) < 0 ||
+            !(views[i].format && (strcmp(views[i].format, "f") == 0 || strcmp(views[i].format, "d") == 0))) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError, "expected float32 or float64 buffers");
+                PyBuffer_Release(&views[i]);
+            }
+            for (Py_ssize_t j = 0; j < i; j++) PyBuffer_Release(&views[j]);
+            Py_DECREF(items);
+            return -1;
+        }
+    }
+    Py_DECREF(items);
+    return count;
+}
+
+#define MAX_TENSORS 4096
+
+/* p = p + w·(old − p) elementwise, as torch.lerp(p, old, w) computes it (w < 0.5: p + w·(old − p);
+ * otherwise old − (old − p)·(1 − w)), so that results equal torch._foreach_lerp_'s. */
+#define LERP(T)                                                                                 \
+    VECTORISED static void lerp_##T(T *p, const T *old, Py_ssize_t count, double weight) {       \
+        T w = (T)weight;                                                                         \
+        if (fabs(weight) < 0.5) {                                                                \
+            for (Py_ssize_t k = 0; k < count; k++) p[k] = p[k] + w * (old[k] - p[k]);            \
+        } else {                                                                                 \
+            T rest = (T)(1.0 - weight);                                                          \
+            for (Py_ssize_t k = 0; k < count; k++) p[k] = old[k] - (old[k] - p[k]) * rest;       \
+        }                                                                                        \
+    }
+LERP(float)
+LERP(double)
+
+/* scale_steps(params: [writable], before: [buffers], weights: [float], check: bool) -> [int]
+ * TopoOptimizer's scaling of a step: the indices of the params holding a NaN or Inf when
+ * `check` (then nothing is written), else each param moved back towards its value before the
+ * step: lerp(p, before, weight). One call for all the wrapped tensors. */
+static PyObject *scale_steps(PyObject *self, PyObject *args) {
+    PyObject *param_list, *before_list, *weight_list;
+    int check;
+    if (!PyArg_ParseTuple(args, "OOOp", &param_list, &before_list, &weight_list, &check)) return NULL;
+    Py_buffer *params = PyMem_Calloc(2 * MAX_TENSORS, sizeof(Py_buffer));
+    if (!params) return PyErr_NoMemory();
+    Py_buffer *before = params + MAX_TENSORS;
+    PyObject *result = NULL;
+    double *weights = NULL;
+    Py_ssize_t count = get_buffers(param_list, params, MAX_TENSORS, 1);
+    if (count < 0) goto free_views;
+    Py_ssize_t count_before = get_buffers(before_list, before, MAX_TENSORS, 0);
+    if (count_before < 0) goto release_params;
+    PyObject *items = PySequence_Fast(weight_list, "expected a list of weights");
+    if (!items) goto release;
+    weights = PyMem_Malloc((size_t)(count ? count : 1) * sizeof(double));
+    if (!weights) { PyErr_NoMemory(); Py_DECREF(items); goto release; }
+    int ok = count_before == count && PySequence_Fast_GET_SIZE(items) == count;
+    for (Py_ssize_t i = 0; ok && i < count; i++) {
+        weights[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(items, i));
+        ok = !(weights[i] == -1.0 && PyErr_Occurred()) && params[i].len == before[i].len &&
+             strcmp(params[i].format, before[i].format) == 0;
+    }
+    Py_DECREF(items);
+    if (!ok) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "scale_steps: mismatched buffers or weights");
+        goto release;
+    }
+    result = PyList_New(0);
+    if (!result) goto release;
+    if (check) {
+        for (Py_ssize_t i = 0; i < count; i++) {
+            int finite = params[i].format[0] == 'f' ? all_finite_float(params[i].buf, params[i].len / 4)
+                                                    : all_finite_double(params[i].buf, params[i].len / 8);
+            if (!finite) {
+                PyObject *index = PyLong_FromSsize_t(i);
+                if (!index || PyList_Append(result, index) < 0) { Py_XDECREF(index); Py_CLEAR(result); goto release; }
+                Py_DECREF(index);
+            }
+        }
+    }
+    if (PyList_GET_SIZE(result) == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < count; i++) {
+            if (params[i].format[0] == 'f') lerp_float(params[i].buf, before[i].buf, params[i].len / 4, weights[i]);
+            else lerp_double(params[i].buf, before[i].buf, params[i].len / 8, weights[i]);
+        }
+        Py_END_ALLOW_THREADS
+    }
+release:
+    for (Py_ssize_t i = 0; i < count_before; i++) PyBuffer_Release(&before[i]);
+release_params:
+    for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&params[i]);
+free_views:
+    PyMem_Free(weights);
+    PyMem_Free(params);
+    return result;
+}
+
+/* copy_all(sources: [buffers], targets: [writable]): each target = its source. */
+static PyObject *copy_all(PyObject *self, PyObject *args) {
+    PyObject *source_list, *target_list;
+    if (!PyArg_ParseTuple(args, "OO", &source_list, &target_list)) return NULL;
+    Py_buffer *sources = PyMem_Calloc(2 * MAX_TENSORS, sizeof(Py_buffer));
+    if (!sources) return PyErr_NoMemory();
+    Py_buffer *targets = sources + MAX_TENSORS;
+    PyObject *result = NULL;
+    Py_ssize_t count = get_buffers(source_list, sources, MAX_TENSORS, 0), count_targets = -1;
+    if (count < 0) goto done;
+    count_targets = get_buffers(target_list, targets, MAX_TENSORS, 1);
+    if (count_targets < 0) goto done;
+    int ok = count_targets == count;
+    for (Py_ssize_t i = 0; ok && i < count; i++) ok = sources[i].len == targets[i].len;
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "copy_all: mismatched buffers");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < count; i++) memcpy(targets[i].buf, sources[i].buf, (size_t)sources[i].len);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&sources[i]);
+    for (Py_ssize_t i = 0; i < count_targets; i++) PyBuffer_Release(&targets[i]);
+    PyMem_Free(sources);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"prim", prim, METH_VARARGS, "Minimum spanning tree edges of a dense float32 matrix (Prim)."},
     {"small_tree", small_tree, METH_VARARGS, "A small cloud's tree from its Gram product."},
     {"all_finite", all_finite, METH_VARARGS, "Whether a float buffer holds no NaN or infinity."},
     {"sum_of_squares", sum_of_squares, METH_VARARGS, "Sum of squares of a float buffer, in double."},
+    {"scale_steps", scale_steps, METH_VARARGS, "TopoOptimizer's step scaling: check, then lerp back."},
+    {"copy_all", copy_all, METH_VARARGS, "Copy each buffer of a list into its target."},
     {"measure", measure, METH_VARARGS, "Edge lengths and differences, optionally sorted."},
     {"scatter", scatter, METH_VARARGS, "Gradient of edge lengths, scattered to the points."},
     {NULL, NULL, 0, NULL},
