@@ -154,7 +154,7 @@ def native_scatter(difference: torch.Tensor, u: torch.Tensor, v: torch.Tensor, l
     """The gradient with respect to the points of `native_measure`'s result: grad/length times each
     edge's difference, added at u and subtracted at v; 0 at zero length."""
     grad = grad.to(difference.dtype).contiguous()
-    result = torch.zeros(shape, dtype=difference.dtype)
+    result = torch.empty(shape, dtype=difference.dtype)  # zeroed by the engine
     order = order if order is not None else lengths.new_empty(0, dtype=torch.int64)
     _native.engine.scatter(difference.numpy(), difference.element_size(), shape[1], u.numpy(), v.numpy(),
                            lengths.numpy(), grad.numpy(), order.numpy(), result.numpy(), shape[0])

@@ -398,7 +398,8 @@ SCATTER(float)
 SCATTER(double)
 
 /* scatter(diff: T[e*d], itemsize, d, u, v: int64[e], lengths: double[e], grad: T[e],
- *         order: int64[e] or empty, out: T[n*d] zeros in, gradient out, n) */
+ *         order: int64[e] or empty, out: T[n*d] out, n): the gradient, into `out` (zeroed
+ *         here: a torch.zeros of a big cloud is a parallel region, which stalls under load) */
 static PyObject *scatter(PyObject *self, PyObject *args) {
     Py_buffer diff, u, v, lengths, grad, order, out;
     Py_ssize_t itemsize, d, n;
@@ -417,6 +418,7 @@ static PyObject *scatter(PyObject *self, PyObject *args) {
             if (at[j] < 0 || at[j] >= e) { PyErr_SetString(PyExc_IndexError, "scatter: order out of range"); goto done; }
     }
     Py_BEGIN_ALLOW_THREADS
+    memset(out.buf, 0, (size_t)out.len);
     if (itemsize == 4) scatter_float(diff.buf, d, u.buf, v.buf, e, lengths.buf, grad.buf, at, out.buf);
     else scatter_double(diff.buf, d, u.buf, v.buf, e, lengths.buf, grad.buf, at, out.buf);
     Py_END_ALLOW_THREADS
