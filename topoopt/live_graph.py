@@ -4,7 +4,9 @@
 seeded subset of at most ``max_neurons`` neurons) and, every ``every`` steps, has one worker
 process build the Mapper learning graph of the trajectory so far (Gabella et al. 2019;
 `topoopt.learning_graphs`), draw it, and write the interactive HTML into ``folder``. While a
-build is running, the next one is skipped, so a slow build never queues up work.
+build is running, the next one is skipped, so a slow build never queues up work; and the worker
+builds at most ``worker_share`` of the time (a quarter by default), because on a machine whose
+second core is not really free a busy worker slows training too.
 
 What the training thread does, and no more (measured in ``benchmarks/live_graph.py``):
 
