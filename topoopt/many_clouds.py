@@ -127,9 +127,9 @@ class _ManyEdgeLengths(torch.autograd.Function):
         native = [native_edges_handle(cloud) for cloud in clouds]
         for i in (i for i in range(k) if native[i]):
             u, v = index[2 * i].to(torch.int64).contiguous(), index[2 * i + 1].to(torch.int64).contiguous()
-            result, lengths, difference, order = native_measure(clouds[i].detach(), u, v, sort)
+            result, lengths, unit, order = native_measure(clouds[i].detach(), u, v, sort)
             plan.append(([i], len(saved), True))
-            saved += [u, v, difference, lengths, order]
+            saved += [u, v, unit, lengths, order]
             outputs[i] = result.to(clouds[i].dtype)
         rest = [i for i in range(k) if not native[i]]
         with engine_threads(), caller_threads(elements=sum(clouds[i].numel() for i in rest)):
@@ -161,8 +161,8 @@ def _many_edge_lengths_backward(ctx, *grads: torch.Tensor):
     for members, at, native in ctx.plan:
         if native:
             i = members[0]
-            u, v, difference, lengths, order = saved[at : at + 5]
-            result[i] = native_scatter(difference, u, v, lengths, order, grads[i], ctx.shapes[i][0])
+            u, v, unit, lengths, order = saved[at : at + 5]
+            result[i] = native_scatter(unit, u, v, lengths, order, grads[i], ctx.shapes[i][0])
     torch_plan = [(members, at) for members, at, native in ctx.plan if not native]
     with engine_threads(), caller_threads(elements=sum(saved[at + 2].numel() for _, at in torch_plan)):
         for members, at in torch_plan:

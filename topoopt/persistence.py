@@ -78,8 +78,8 @@ class _EdgeLengths(torch.autograd.Function):
         ctx.native = native_edges_handle(points)
         if ctx.native:
             u, v = u.to(torch.int64).contiguous(), v.to(torch.int64).contiguous()
-            result, lengths, difference, order = native_measure(points.detach(), u, v, sort)
-            ctx.save_for_backward(u, v, difference, lengths, order)
+            result, lengths, unit, order = native_measure(points.detach(), u, v, sort)
+            ctx.save_for_backward(u, v, unit, lengths, order)
             ctx.points_shape = points.shape
             return result.to(points.dtype)
         with engine_threads(), caller_threads(elements=points.numel()):
@@ -98,8 +98,10 @@ class _EdgeLengths(torch.autograd.Function):
 
 def _twice_guarded(backward, ctx, *grads):
     """Run a hand-written backward; under ``create_graph=True`` (grad mode on) through
-    `once_differentiable`, so that differentiating it again fails loudly instead of returning a
-    silently incomplete second derivative. The wrapper costs ~15 µs, so only then."""
+    `once_differentiable` (which costs ~15 µs, so only then), with its rule: differentiating the
+    result again raises when the incoming gradient itself requires grad; otherwise the result
+    is a constant of the graph, as for torch's own once-differentiable functions. A second
+    derivative through the tree's edge lengths is not implemented."""
     if torch.is_grad_enabled():
         return once_differentiable(backward)(ctx, *grads)
     return backward(ctx, *grads)
@@ -107,8 +109,8 @@ def _twice_guarded(backward, ctx, *grads):
 
 def _edge_lengths_backward(ctx, grad: torch.Tensor):
     if ctx.native:
-        u, v, difference, lengths, order = ctx.saved_tensors
-        return native_scatter(difference, u, v, lengths, order, grad, ctx.points_shape), None, None, None
+        u, v, unit, lengths, order = ctx.saved_tensors
+        return native_scatter(unit, u, v, lengths, order, grad, ctx.points_shape), None, None, None
     u, v, difference, lengths = ctx.saved_tensors
     with engine_threads(), caller_threads(elements=difference.numel()):
         safe = torch.where(lengths > 0, lengths, torch.ones_like(lengths))
@@ -132,31 +134,32 @@ def native_edges_handle(points: torch.Tensor) -> bool:
 def native_measure(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sort: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One compiled call: the edges' lengths as the result (ascending when `sort`, ties in edge
-    order), and, for `native_scatter`, the lengths in edge order (float64, summed in double: exact
-    for any float32 cloud), the difference rows (the points' dtype) and the sorting order (None
-    without `sort`). IndexError for an endpoint outside the cloud."""
+    order), and, for `native_scatter`, the lengths in edge order (float64, summed in double:
+    exact for any float32 cloud), the unit directions (x_u − x_v)/‖x_u − x_v‖ (the points' dtype,
+    0 at zero length; finite even where a float32 difference would overflow) and the sorting
+    order (None without `sort`). IndexError for an endpoint outside the cloud."""
     x = points.contiguous()
     if u.shape != v.shape or u.dim() != 1:
         raise ValueError(f"edge endpoints u and v must be two 1-D tensors of one length, got {tuple(u.shape)} "
                          f"and {tuple(v.shape)}")
     count = u.shape[0]
     lengths = torch.empty(count, dtype=torch.float64)
-    difference = torch.empty((count, x.shape[1]), dtype=x.dtype)
+    unit = torch.empty((count, x.shape[1]), dtype=x.dtype)
     order = torch.empty(count if sort else 0, dtype=torch.int64)
     result = torch.empty(count if sort else 0, dtype=torch.float64)
     _native.engine.measure(x.numpy(), x.element_size(), x.shape[0], x.shape[1], u.numpy(), v.numpy(),
-                           difference.numpy(), lengths.numpy(), order.numpy(), result.numpy())
-    return (result if sort else lengths), lengths, difference, (order if sort else None)
+                           unit.numpy(), lengths.numpy(), order.numpy(), result.numpy())
+    return (result if sort else lengths), lengths, unit, (order if sort else None)
 
 
-def native_scatter(difference: torch.Tensor, u: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+def native_scatter(unit: torch.Tensor, u: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
                    order: torch.Tensor | None, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The gradient with respect to the points of `native_measure`'s result: grad/length times each
-    edge's difference, added at u and subtracted at v; 0 at zero length."""
-    grad = grad.to(difference.dtype).contiguous()
-    result = torch.empty(shape, dtype=difference.dtype)  # zeroed by the engine
+    """The gradient with respect to the points of `native_measure`'s result: grad times each
+    edge's unit direction, added at u and subtracted at v; 0 at zero length."""
+    grad = grad.to(unit.dtype).contiguous()
+    result = torch.empty(shape, dtype=unit.dtype)  # zeroed by the engine
     order = order if order is not None else lengths.new_empty(0, dtype=torch.int64)
-    _native.engine.scatter(difference.numpy(), difference.element_size(), shape[1], u.numpy(), v.numpy(),
+    _native.engine.scatter(unit.numpy(), unit.element_size(), shape[1], u.numpy(), v.numpy(),
                            lengths.numpy(), grad.numpy(), order.numpy(), result.numpy(), shape[0])
     return result
 

@@ -156,12 +156,13 @@ VECTORISED static void gram_upper(const float *x, Py_ssize_t n, Py_ssize_t d, fl
 /* small_tree(x: float32[n*d], n, d, ratio, max_pairs, scratch: float32[n*n], u: int64[n-1] out,
  *            v: int64[n-1] out) -> near pairs, or -1
  * The Gram product's upper triangle goes into `scratch` and becomes the squared distances
- * |a|²+|b|²−2a·b, mirrored. That identity loses digits for pairs closer than ratio·(|a|²+|b|²)
- * (float32's error is ~6 eps of that sum), and float32 under- or overflows outside about
- * [1e-19, 1e19]: those pairs are recomputed in double from `x`. More than max_pairs of them
- * (copies, clusters, or a cloud far from the origin) returns -1 before any is recomputed: the
- * caller's general search (centred, clusters handled) takes the cloud. Otherwise the tree's
- * edges are written to u, v. Written here rather than around a BLAS product: half the
+ * |a|²+|b|²−2a·b, mirrored, times a power of two that brings the largest squared norm near 1.
+ * That identity loses digits for pairs closer than ratio·(|a|²+|b|²) (float32's error is ~6 eps
+ * of that sum), and for pairs whose squared norms underflow: those pairs are recomputed in
+ * double from `x`. A cloud whose largest squared norm is outside [1e-30, 1e30] (its float32
+ * Gram product under- or overflows), or with more than max_pairs such pairs (copies, clusters,
+ * a cloud far from the origin), returns -1 before any is recomputed: the caller's general search
+ * (rescaled, centred, clusters handled) takes it. Otherwise the tree's edges go to u, v. Written here rather than around a BLAS product: half the
  * products (one triangle), and no thread pool to wake or stall (benchmarks/h0.py --small). */
 static PyObject *small_tree(PyObject *self, PyObject *args) {
     Py_buffer x, scratch, u, v;
@@ -179,32 +180,41 @@ static PyObject *small_tree(PyObject *self, PyObject *args) {
     float *g = (float *)scratch.buf;
     const float *p = (const float *)x.buf;
     Py_ssize_t near = 0;
+    int in_range;
     Py_BEGIN_ALLOW_THREADS
     gram_upper(p, n, d, g);
-    for (Py_ssize_t i = 0; i < n; i++) norms[i] = g[i * n + i];
-    /* Squared distances of the upper triangle, mirrored; the pairs to recompute marked -1. */
+    double largest = 0.0;
     for (Py_ssize_t i = 0; i < n; i++) {
+        norms[i] = g[i * n + i];
+        if (!(norms[i] <= largest)) largest = norms[i];  /* NaN or Inf propagates */
+    }
+    /* The matrix holds squared distances times scale, a power of two that brings the largest
+     * norm near 1: exact, and the same resolution for close pairs as the centred search has. */
+    in_range = largest > 1e-30 && largest < 1e30;
+    double scale = in_range ? ldexp(1.0, -(int)lrint(log2(largest))) : 1.0;
+    /* Squared distances of the upper triangle, mirrored; the pairs to recompute marked -1. */
+    for (Py_ssize_t i = 0; in_range && i < n; i++) {
         g[i * n + i] = 0.0f;
         for (Py_ssize_t j = i + 1; j < n; j++) {
             double sum = norms[i] + norms[j];
             double s = sum - 2.0 * (double)g[i * n + j];
-            float value = (float)(s > 0.0 ? s : 0.0);
-            if (!(sum > 1e-36 && sum < 1e36 && s >= ratio * sum)) { near++; value = -1.0f; }
+            float value = (float)((s > 0.0 ? s : 0.0) * scale);
+            if (!(sum > 1e-36 && s >= ratio * sum)) { near++; value = -1.0f; }
             g[i * n + j] = value;
             g[j * n + i] = value;
         }
     }
     /* Those pairs, exactly (rounded to float32 only at the end). */
-    if (near <= max_pairs && near > 0)
+    if (in_range && near <= max_pairs && near > 0)
         for (Py_ssize_t i = 0; i < n; i++)
             for (Py_ssize_t j = i + 1; j < n; j++)
                 if (g[i * n + j] < 0.0f) {
-                    float value = (float)squared_difference(p + i * d, p + j * d, d);
+                    float value = (float)(squared_difference(p + i * d, p + j * d, d) * scale);
                     g[i * n + j] = value;
                     g[j * n + i] = value;
                 }
     Py_END_ALLOW_THREADS
-    if (near > max_pairs) {
+    if (!in_range || near > max_pairs) {
         result = PyLong_FromLong(-1);
     } else if (prim_with_scratch(g, n, (int64_t *)u.buf, (int64_t *)v.buf) == 0) {
         result = PyLong_FromSsize_t(near);
@@ -308,30 +318,32 @@ static int by_length_then_index(const void *a, const void *b) {
     return (x->index > y->index) - (x->index < y->index);
 }
 
-/* Each edge's difference row (in T, as torch's subtraction rounds it) and its length, summed
- * in double: no under- or overflow for float32 points. */
+/* Each edge's length and its unit direction (a − b)/‖a − b‖ (0 at zero length), both from the
+ * difference in double: no under- or overflow for float32 points, and a direction whose entries
+ * are at most 1 (a float32 difference of ±3e38 would be infinite). */
 #define MEASURE(T)                                                                              \
     VECTORISED static void measure_##T(const T *p, Py_ssize_t d, const int64_t *u, const int64_t *v,         \
-                            Py_ssize_t e, T *diff, double *lengths) {                            \
+                            Py_ssize_t e, T *unit, double *lengths) {                            \
         for (Py_ssize_t k = 0; k < e; k++) {                                                     \
             const T *a = p + u[k] * d, *b = p + v[k] * d;                                        \
-            T *row = diff + k * d;                                                               \
+            T *row = unit + k * d;                                                               \
             double total = 0.0;                                                                  \
             SIMD_SUM(total)                                                                      \
             for (Py_ssize_t m = 0; m < d; m++) {                                                 \
-                T x = a[m] - b[m];                                                               \
-                row[m] = x;                                                                      \
-                total += (double)x * (double)x;                                                  \
+                double x = (double)a[m] - (double)b[m];                                          \
+                total += x * x;                                                                  \
             }                                                                                    \
-            lengths[k] = sqrt(total);                                                            \
+            double length = sqrt(total), inverse = length > 0.0 ? 1.0 / length : 0.0;            \
+            for (Py_ssize_t m = 0; m < d; m++) row[m] = (T)(((double)a[m] - (double)b[m]) * inverse); \
+            lengths[k] = length;                                                                 \
         }                                                                                        \
     }
 MEASURE(float)
 MEASURE(double)
 
-/* measure(points: T[n*d], itemsize, n, d, u, v: int64[e], diff: T[e*d] out, lengths: double[e]
+/* measure(points: T[n*d], itemsize, n, d, u, v: int64[e], unit: T[e*d] out, lengths: double[e]
  *         out, order: int64[e] or empty out, sorted: double[e] or empty out)
- * Differences and lengths in the edges' order; with non-empty order/sorted, also the ascending
+ * Unit directions and lengths in the edges' order; with non-empty order/sorted, also the ascending
  * order of the lengths (ties by position, as a stable sort) and the lengths in that order. */
 static PyObject *measure(PyObject *self, PyObject *args) {
     Py_buffer points, u, v, diff, lengths, order, sorted;
@@ -347,7 +359,7 @@ static PyObject *measure(PyObject *self, PyObject *args) {
                 diff.len == e * d * itemsize && (order.len == 0 || order.len == u.len) &&
                 sorted.len == (sort ? lengths.len : 0), "measure: buffer sizes do not match") ||
         !edges_in_range((const int64_t *)u.buf, (const int64_t *)v.buf, e, n)) goto done;
-    if (sort && !(keyed = malloc((size_t)e * sizeof(keyed_edge)))) { PyErr_NoMemory(); goto done; }
+    if (sort && !(keyed = malloc((size_t)(e ? e : 1) * sizeof(keyed_edge)))) { PyErr_NoMemory(); goto done; }
     double *raw = lengths.buf;
     Py_BEGIN_ALLOW_THREADS
     if (itemsize == 4) measure_float(points.buf, d, u.buf, v.buf, e, diff.buf, raw);
@@ -375,17 +387,17 @@ done:
     return result;
 }
 
-/* The gradient of the lengths: edge k gets grad[at(k)], at = order's inverse (the identity
- * without one): out[u] += grad/length · diff, out[v] -= the same; 0 at zero length. */
+/* The gradient of the lengths: grad[j] belongs to edge order[j] (edge j without an order):
+ * out[u] += grad · unit, out[v] -= the same; 0 at zero length (where unit is 0). */
 #define SCATTER(T)                                                                              \
-    VECTORISED static void scatter_##T(const T *diff, Py_ssize_t d, const int64_t *u, const int64_t *v,      \
+    VECTORISED static void scatter_##T(const T *unit, Py_ssize_t d, const int64_t *u, const int64_t *v,      \
                             Py_ssize_t e, const double *lengths, const T *grad,                  \
                             const int64_t *order, T *out) {                                      \
         for (Py_ssize_t j = 0; j < e; j++) {                                                     \
             Py_ssize_t k = order ? order[j] : j;                                                 \
             if (!(lengths[k] > 0.0)) continue;                                                   \
-            T coefficient = (T)((double)grad[j] / lengths[k]);                                   \
-            const T *row = diff + k * d;                                                         \
+            T coefficient = grad[j];                                                             \
+            const T *row = unit + k * d;                                                         \
             T *a = out + u[k] * d, *b = out + v[k] * d;                                          \
             for (Py_ssize_t m = 0; m < d; m++) {                                                 \
                 T step = row[m] * coefficient;                                                   \
@@ -397,7 +409,7 @@ done:
 SCATTER(float)
 SCATTER(double)
 
-/* scatter(diff: T[e*d], itemsize, d, u, v: int64[e], lengths: double[e], grad: T[e],
+/* scatter(unit: T[e*d], itemsize, d, u, v: int64[e], lengths: double[e], grad: T[e],
  *         order: int64[e] or empty, out: T[n*d] out, n): the gradient, into `out` (zeroed
  *         here: a torch.zeros of a big cloud is a parallel region, which stalls under load) */
 static PyObject *scatter(PyObject *self, PyObject *args) {
@@ -435,14 +447,16 @@ done:
     return result;
 }
 
-/* A list of C-contiguous float32/float64 buffers (writable ones if asked); count or -1 with an
- * exception set (and the buffers got so far released). */
-static Py_ssize_t get_buffers(PyObject *list, Py_buffer *views, Py_ssize_t capacity, int writable) {
+/* A list of C-contiguous float32/float64 buffers (writable ones if asked) into a new array
+ * (*views, PyMem_Free it); count, or -1 with an exception set and nothing left to release. */
+static Py_ssize_t get_buffers(PyObject *list, Py_buffer **out, int writable) {
+    *out = NULL;
     PyObject *items = PySequence_Fast(list, "expected a list of buffers");
     if (!items) return -1;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(items);
-    if (count > capacity) {
-        PyErr_SetString(PyExc_ValueError, "too many buffers");
+    Py_buffer *views = *out = PyMem_Calloc((size_t)(count ? count : 1), sizeof(Py_buffer));
+    if (!views) {
+        PyErr_NoMemory();
         Py_DECREF(items);
         return -1;
     }
@@ -455,6 +469,8 @@ static Py_ssize_t get_buffers(PyObject *list, Py_buffer *views, Py_ssize_t capac
                 PyBuffer_Release(&views[i]);
             }
             for (Py_ssize_t j = 0; j < i; j++) PyBuffer_Release(&views[j]);
+            PyMem_Free(views);
+            *out = NULL;
             Py_DECREF(items);
             return -1;
         }
@@ -463,17 +479,15 @@ static Py_ssize_t get_buffers(PyObject *list, Py_buffer *views, Py_ssize_t capac
     return count;
 }
 
-#define MAX_TENSORS 4096
-
 /* p = p + w·(old − p) elementwise, as torch.lerp(p, old, w) computes it (w < 0.5: p + w·(old − p);
  * otherwise old − (old − p)·(1 − w)), so that results equal torch._foreach_lerp_'s. */
 #define LERP(T)                                                                                 \
     VECTORISED static void lerp_##T(T *p, const T *old, Py_ssize_t count, double weight) {       \
         T w = (T)weight;                                                                         \
-        if (fabs(weight) < 0.5) {                                                                \
+        if (fabs((double)w) < 0.5) {                                                             \
             for (Py_ssize_t k = 0; k < count; k++) p[k] = p[k] + w * (old[k] - p[k]);            \
         } else {                                                                                 \
-            T rest = (T)(1.0 - weight);                                                          \
+            T rest = (T)1 - w;                                                                   \
             for (Py_ssize_t k = 0; k < count; k++) p[k] = old[k] - (old[k] - p[k]) * rest;       \
         }                                                                                        \
     }
@@ -488,19 +502,17 @@ static PyObject *scale_steps(PyObject *self, PyObject *args) {
     PyObject *param_list, *before_list, *weight_list;
     int check;
     if (!PyArg_ParseTuple(args, "OOOp", &param_list, &before_list, &weight_list, &check)) return NULL;
-    Py_buffer *params = PyMem_Calloc(2 * MAX_TENSORS, sizeof(Py_buffer));
-    if (!params) return PyErr_NoMemory();
-    Py_buffer *before = params + MAX_TENSORS;
+    Py_buffer *params = NULL, *before = NULL;
     PyObject *result = NULL;
     double *weights = NULL;
-    Py_ssize_t count = get_buffers(param_list, params, MAX_TENSORS, 1);
-    if (count < 0) goto free_views;
-    Py_ssize_t count_before = get_buffers(before_list, before, MAX_TENSORS, 0);
-    if (count_before < 0) goto release_params;
+    Py_ssize_t count = get_buffers(param_list, &params, 1), count_before = -1;
+    if (count < 0) goto done;
+    count_before = get_buffers(before_list, &before, 0);
+    if (count_before < 0) goto done;
     PyObject *items = PySequence_Fast(weight_list, "expected a list of weights");
-    if (!items) goto release;
+    if (!items) goto done;
     weights = PyMem_Malloc((size_t)(count ? count : 1) * sizeof(double));
-    if (!weights) { PyErr_NoMemory(); Py_DECREF(items); goto release; }
+    if (!weights) { PyErr_NoMemory(); Py_DECREF(items); goto done; }
     int ok = count_before == count && PySequence_Fast_GET_SIZE(items) == count;
     for (Py_ssize_t i = 0; ok && i < count; i++) {
         weights[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(items, i));
@@ -510,17 +522,17 @@ static PyObject *scale_steps(PyObject *self, PyObject *args) {
     Py_DECREF(items);
     if (!ok) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "scale_steps: mismatched buffers or weights");
-        goto release;
+        goto done;
     }
     result = PyList_New(0);
-    if (!result) goto release;
+    if (!result) goto done;
     if (check) {
         for (Py_ssize_t i = 0; i < count; i++) {
             int finite = params[i].format[0] == 'f' ? all_finite_float(params[i].buf, params[i].len / 4)
                                                     : all_finite_double(params[i].buf, params[i].len / 8);
             if (!finite) {
                 PyObject *index = PyLong_FromSsize_t(i);
-                if (!index || PyList_Append(result, index) < 0) { Py_XDECREF(index); Py_CLEAR(result); goto release; }
+                if (!index || PyList_Append(result, index) < 0) { Py_XDECREF(index); Py_CLEAR(result); goto done; }
                 Py_DECREF(index);
             }
         }
@@ -533,12 +545,11 @@ static PyObject *scale_steps(PyObject *self, PyObject *args) {
         }
         Py_END_ALLOW_THREADS
     }
-release:
+done:
     for (Py_ssize_t i = 0; i < count_before; i++) PyBuffer_Release(&before[i]);
-release_params:
     for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&params[i]);
-free_views:
     PyMem_Free(weights);
+    PyMem_Free(before);
     PyMem_Free(params);
     return result;
 }
@@ -547,16 +558,15 @@ free_views:
 static PyObject *copy_all(PyObject *self, PyObject *args) {
     PyObject *source_list, *target_list;
     if (!PyArg_ParseTuple(args, "OO", &source_list, &target_list)) return NULL;
-    Py_buffer *sources = PyMem_Calloc(2 * MAX_TENSORS, sizeof(Py_buffer));
-    if (!sources) return PyErr_NoMemory();
-    Py_buffer *targets = sources + MAX_TENSORS;
+    Py_buffer *sources = NULL, *targets = NULL;
     PyObject *result = NULL;
-    Py_ssize_t count = get_buffers(source_list, sources, MAX_TENSORS, 0), count_targets = -1;
+    Py_ssize_t count = get_buffers(source_list, &sources, 0), count_targets = -1;
     if (count < 0) goto done;
-    count_targets = get_buffers(target_list, targets, MAX_TENSORS, 1);
+    count_targets = get_buffers(target_list, &targets, 1);
     if (count_targets < 0) goto done;
     int ok = count_targets == count;
-    for (Py_ssize_t i = 0; ok && i < count; i++) ok = sources[i].len == targets[i].len;
+    for (Py_ssize_t i = 0; ok && i < count; i++)
+        ok = sources[i].len == targets[i].len && strcmp(sources[i].format, targets[i].format) == 0;
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "copy_all: mismatched buffers");
         goto done;
@@ -570,6 +580,7 @@ done:
     for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&sources[i]);
     for (Py_ssize_t i = 0; i < count_targets; i++) PyBuffer_Release(&targets[i]);
     PyMem_Free(sources);
+    PyMem_Free(targets);
     return result;
 }
 
