@@ -364,12 +364,13 @@ def native_small_tree_handles(points: torch.Tensor) -> bool:
 def _native_small_trees(stack: torch.Tensor) -> list[np.ndarray | None]:
     """`_small_cloud_tree` of each cloud of a k×N×d float32 CPU stack, one compiled call each
     (Gram product, distances, near pairs recomputed in double, Prim); None for a cloud with more
-    than `_EXACT_PAIRS_PER_POINT`·N near pairs, as there. Each tree is a 2×(N−1) array: the rows
-    u and v.
+    than `_EXACT_PAIRS_PER_POINT`·N near pairs, as there, or whose float32 Gram product under- or
+    overflows (largest squared norm outside [1e-30, 1e30]). Each tree is a 2×(N−1) array: the
+    rows u and v.
 
-    No centring or rescaling first (a pass over the cloud that cost more than the product at
-    100×784): a cloud far from the origin, or outside float32's safe range, has many near pairs
-    and takes the general, centred search instead."""
+    No centring first (a pass over the cloud that cost more than the product at 100×784): a
+    cloud far from the origin has many near pairs and takes the general, centred search instead.
+    The compiled call rescales its distances by a power of two, as the general search does."""
     k, n, d = stack.shape
     points = stack.detach().contiguous().numpy()
     scratch = np.empty((n, n), dtype=np.float32)
