@@ -228,71 +228,47 @@ done:
     return result;
 }
 
-/* all_finite(points: T[count], itemsize) -> bool: no NaN or infinity (0·x is NaN exactly there). */
-VECTORISED static int all_finite_float(const float *p, Py_ssize_t count) {
-    float total = 0.0f;
-    SIMD_SUM(total)
-    for (Py_ssize_t k = 0; k < count; k++) total += 0.0f * p[k];
-    return total == 0.0f;
-}
+/* all_finite: no NaN or infinity (0·x is NaN exactly there); sum_squares: Σ x², in double. */
+#define REDUCTIONS(T)                                                                           \
+    VECTORISED static int all_finite_##T(const T *p, Py_ssize_t count) {                        \
+        T total = 0;                                                                             \
+        SIMD_SUM(total)                                                                          \
+        for (Py_ssize_t k = 0; k < count; k++) total += (T)0 * p[k];                             \
+        return total == (T)0;                                                                    \
+    }                                                                                            \
+    VECTORISED static double sum_squares_##T(const T *p, Py_ssize_t count) {                    \
+        double total = 0.0;                                                                      \
+        SIMD_SUM(total)                                                                          \
+        for (Py_ssize_t k = 0; k < count; k++) total += (double)p[k] * (double)p[k];             \
+        return total;                                                                            \
+    }
+REDUCTIONS(float)
+REDUCTIONS(double)
 
-VECTORISED static int all_finite_double(const double *p, Py_ssize_t count) {
-    double total = 0.0;
-    SIMD_SUM(total)
-    for (Py_ssize_t k = 0; k < count; k++) total += 0.0 * p[k];
-    return total == 0.0;
-}
-
-/* sum_of_squares(points: T[count], itemsize) -> float: Σ x², summed in double. */
-VECTORISED static double sum_squares_float(const float *p, Py_ssize_t count) {
-    double total = 0.0;
-    SIMD_SUM(total)
-    for (Py_ssize_t k = 0; k < count; k++) total += (double)p[k] * (double)p[k];
-    return total;
-}
-
-VECTORISED static double sum_squares_double(const double *p, Py_ssize_t count) {
-    double total = 0.0;
-    SIMD_SUM(total)
-    for (Py_ssize_t k = 0; k < count; k++) total += p[k] * p[k];
-    return total;
-}
-
-static PyObject *sum_of_squares(PyObject *self, PyObject *args) {
+/* sum_of_squares(points: T[count], itemsize) -> float; all_finite(points, itemsize) -> bool */
+static PyObject *reduction(PyObject *args, int squares) {
     Py_buffer points;
     Py_ssize_t itemsize;
     if (!PyArg_ParseTuple(args, "y*n", &points, &itemsize)) return NULL;
     PyObject *result = NULL;
     if (expect((itemsize == 4 || itemsize == 8) && points.len % itemsize == 0,
-               "sum_of_squares: expected a float32 or float64 buffer")) {
-        double total;
+               "expected a float32 or float64 buffer")) {
+        Py_ssize_t count = points.len / itemsize;
+        double total = 0.0;
+        int finite = 1;
         Py_BEGIN_ALLOW_THREADS
-        total = itemsize == 4 ? sum_squares_float(points.buf, points.len / 4)
-                              : sum_squares_double(points.buf, points.len / 8);
+        if (squares) total = itemsize == 4 ? sum_squares_float(points.buf, count) : sum_squares_double(points.buf, count);
+        else finite = itemsize == 4 ? all_finite_float(points.buf, count) : all_finite_double(points.buf, count);
         Py_END_ALLOW_THREADS
-        result = PyFloat_FromDouble(total);
+        result = squares ? PyFloat_FromDouble(total) : PyBool_FromLong(finite);
     }
     PyBuffer_Release(&points);
     return result;
 }
 
-static PyObject *all_finite(PyObject *self, PyObject *args) {
-    Py_buffer points;
-    Py_ssize_t itemsize;
-    if (!PyArg_ParseTuple(args, "y*n", &points, &itemsize)) return NULL;
-    PyObject *result = NULL;
-    if (expect((itemsize == 4 || itemsize == 8) && points.len % itemsize == 0,
-               "all_finite: expected a float32 or float64 buffer")) {
-        int finite;
-        Py_BEGIN_ALLOW_THREADS
-        finite = itemsize == 4 ? all_finite_float(points.buf, points.len / 4)
-                               : all_finite_double(points.buf, points.len / 8);
-        Py_END_ALLOW_THREADS
-        result = PyBool_FromLong(finite);
-    }
-    PyBuffer_Release(&points);
-    return result;
-}
+static PyObject *sum_of_squares(PyObject *self, PyObject *args) { return reduction(args, 1); }
+
+static PyObject *all_finite(PyObject *self, PyObject *args) { return reduction(args, 0); }
 
 /* Edge endpoints in range; sets IndexError otherwise. */
 static int edges_in_range(const int64_t *u, const int64_t *v, Py_ssize_t e, Py_ssize_t n) {
