@@ -5,7 +5,7 @@
  * - small_tree: a small cloud's tree: its Gram product (one triangle), the squared distances,
  *   the near pairs recomputed exactly in double, then Prim. As ~15 torch operations this cost
  *   6x the Gram product at 100x784 (benchmarks/RESULTS.md).
- * - measure, scatter: the forward (lengths, optionally sorted, and differences) and backward
+ * - measure, scatter: the forward (lengths, optionally sorted, and unit directions) and backward
  *   (the norm's gradient scattered to both endpoints) of a tree's edge lengths.
  * Lengths are summed in double from the float32 or float64 points: exact over float32's whole
  * range, where a float32 squared norm under- or overflows.
@@ -322,9 +322,9 @@ MEASURE(double)
  * Unit directions and lengths in the edges' order; with non-empty order/sorted, also the ascending
  * order of the lengths (ties by position, as a stable sort) and the lengths in that order. */
 static PyObject *measure(PyObject *self, PyObject *args) {
-    Py_buffer points, u, v, diff, lengths, order, sorted;
+    Py_buffer points, u, v, unit, lengths, order, sorted;
     Py_ssize_t itemsize, n, d;
-    if (!PyArg_ParseTuple(args, "y*nnny*y*w*w*w*w*", &points, &itemsize, &n, &d, &u, &v, &diff, &lengths,
+    if (!PyArg_ParseTuple(args, "y*nnny*y*w*w*w*w*", &points, &itemsize, &n, &d, &u, &v, &unit, &lengths,
                           &order, &sorted)) return NULL;
     PyObject *result = NULL;
     Py_ssize_t e = u.len / (Py_ssize_t)sizeof(int64_t);
@@ -332,14 +332,14 @@ static PyObject *measure(PyObject *self, PyObject *args) {
     keyed_edge *keyed = NULL;
     if (!expect((itemsize == 4 || itemsize == 8) && d >= 1 && points.len == n * d * itemsize &&
                 v.len == u.len && lengths.len == e * (Py_ssize_t)sizeof(double) &&
-                diff.len == e * d * itemsize && (order.len == 0 || order.len == u.len) &&
+                unit.len == e * d * itemsize && (order.len == 0 || order.len == u.len) &&
                 sorted.len == (sort ? lengths.len : 0), "measure: buffer sizes do not match") ||
         !edges_in_range((const int64_t *)u.buf, (const int64_t *)v.buf, e, n)) goto done;
     if (sort && !(keyed = malloc((size_t)(e ? e : 1) * sizeof(keyed_edge)))) { PyErr_NoMemory(); goto done; }
     double *raw = lengths.buf;
     Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4) measure_float(points.buf, d, u.buf, v.buf, e, diff.buf, raw);
-    else measure_double(points.buf, d, u.buf, v.buf, e, diff.buf, raw);
+    if (itemsize == 4) measure_float(points.buf, d, u.buf, v.buf, e, unit.buf, raw);
+    else measure_double(points.buf, d, u.buf, v.buf, e, unit.buf, raw);
     if (sort) {
         for (Py_ssize_t k = 0; k < e; k++) { keyed[k].length = raw[k]; keyed[k].index = k; }
         qsort(keyed, (size_t)e, sizeof(keyed_edge), by_length_then_index);
@@ -356,7 +356,7 @@ done:
     PyBuffer_Release(&points);
     PyBuffer_Release(&u);
     PyBuffer_Release(&v);
-    PyBuffer_Release(&diff);
+    PyBuffer_Release(&unit);
     PyBuffer_Release(&lengths);
     PyBuffer_Release(&order);
     PyBuffer_Release(&sorted);
@@ -389,13 +389,13 @@ SCATTER(double)
  *         order: int64[e] or empty, out: T[n*d] out, n): the gradient, into `out` (zeroed
  *         here: a torch.zeros of a big cloud is a parallel region, which stalls under load) */
 static PyObject *scatter(PyObject *self, PyObject *args) {
-    Py_buffer diff, u, v, lengths, grad, order, out;
+    Py_buffer unit, u, v, lengths, grad, order, out;
     Py_ssize_t itemsize, d, n;
-    if (!PyArg_ParseTuple(args, "y*nny*y*y*y*y*w*n", &diff, &itemsize, &d, &u, &v, &lengths, &grad,
+    if (!PyArg_ParseTuple(args, "y*nny*y*y*y*y*w*n", &unit, &itemsize, &d, &u, &v, &lengths, &grad,
                           &order, &out, &n)) return NULL;
     PyObject *result = NULL;
     Py_ssize_t e = u.len / (Py_ssize_t)sizeof(int64_t);
-    if (!expect((itemsize == 4 || itemsize == 8) && d >= 1 && diff.len == e * d * itemsize &&
+    if (!expect((itemsize == 4 || itemsize == 8) && d >= 1 && unit.len == e * d * itemsize &&
                 v.len == u.len && lengths.len == e * (Py_ssize_t)sizeof(double) &&
                 grad.len == e * itemsize && (order.len == 0 || order.len == u.len) &&
                 out.len == n * d * itemsize, "scatter: buffer sizes do not match") ||
@@ -407,13 +407,13 @@ static PyObject *scatter(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     memset(out.buf, 0, (size_t)out.len);
-    if (itemsize == 4) scatter_float(diff.buf, d, u.buf, v.buf, e, lengths.buf, grad.buf, at, out.buf);
-    else scatter_double(diff.buf, d, u.buf, v.buf, e, lengths.buf, grad.buf, at, out.buf);
+    if (itemsize == 4) scatter_float(unit.buf, d, u.buf, v.buf, e, lengths.buf, grad.buf, at, out.buf);
+    else scatter_double(unit.buf, d, u.buf, v.buf, e, lengths.buf, grad.buf, at, out.buf);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
 done:
-    PyBuffer_Release(&diff);
+    PyBuffer_Release(&unit);
     PyBuffer_Release(&u);
     PyBuffer_Release(&v);
     PyBuffer_Release(&lengths);
