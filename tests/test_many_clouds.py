@@ -91,6 +91,8 @@ def test_same_shape_small_clouds_are_searched_together(monkeypatch):
     alone = []
     original = spanning_tree.euclidean_mst_edges
     monkeypatch.setattr(spanning_tree, "euclidean_mst_edges", lambda points: alone.append(points) or original(points))
+    compiled = spanning_tree.native_small_tree  # a lone small cloud goes straight to the compiled search
+    monkeypatch.setattr(spanning_tree, "native_small_tree", lambda points: alone.append(points) or compiled(points))
     clouds = [torch.randn(50, 8) for _ in range(5)] + [torch.randn(40, 8), torch.randn(300, 8)]
     h0_deaths_many(clouds)
     assert [cloud.shape[0] for cloud in alone] == [40, 300]  # one of its shape, and a big one

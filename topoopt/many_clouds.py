@@ -64,6 +64,9 @@ def trees_of_many(clouds: Sequence[torch.Tensor]) -> list[Edges]:
             for i, edges in zip(members, stacked):
                 if edges is not None:
                     trees[i] = edges
+    for i, cloud in enumerate(clouds):
+        if trees[i] is None and spanning_tree.native_small_tree_handles(cloud):
+            trees[i] = spanning_tree.native_small_tree(cloud)
     return [edges if edges is not None else spanning_tree.euclidean_mst_edges(cloud)
             for edges, cloud in zip(trees, clouds)]
 

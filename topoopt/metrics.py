@@ -20,6 +20,8 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from topoopt.host_metrics import entropy_parts, metric_and_slope
+
 __all__ = [
     "persistent_entropy",
     "normalized_persistent_entropy",
@@ -82,12 +84,9 @@ def _torch_entropy(deaths: torch.Tensor, normalization: str | None) -> torch.Ten
 
 
 class _HostEntropy(torch.autograd.Function):
-    """`_entropy` of a CPU diagram as one autograd node, in float64 numpy.
+    """`_entropy` of a CPU diagram as one autograd node, in float64 numpy
+    (`topoopt.host_metrics.entropy_and_slope` says how the slope is found).
 
-    With L = Σl, pᵢ = lᵢ/L over the positive bars and E = −Σ pᵢ log pᵢ:
-    ∂E/∂lᵢ = −(log pᵢ + E)/L for a positive bar and (1 − E)/L for a zero one (through L only,
-    as the torch version's where-guards give); all 0 when L = 0. Divided by log n (count) the
-    gradient is scaled by 1/log n; divided by log L (total) it gains −E/(L·log²L) per bar.
     Under ``create_graph=True`` the backward is the torch version's, differentiable again, so
     second derivatives (Hessians) are exact.
     """
@@ -95,24 +94,11 @@ class _HostEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, deaths: torch.Tensor, normalization: str | None) -> torch.Tensor:
         bars = deaths.detach().numpy().astype(np.float64)
-        positive = bars > 0
-        count, total = int(positive.sum()), float(bars.sum())
-        entropy = 0.0
-        if total > 0:
-            p = bars[positive] / total
-            entropy = float(-(p * np.log(p)).sum())
-        scale, shift = 1.0, 0.0  # value = scale·E; ∂value/∂lᵢ = scale·∂E/∂lᵢ + shift
-        if normalization == "count":
-            scale = 1.0 / math.log(count) if count > 1 else 0.0
-        elif normalization == "total":
-            denominator = math.log(total) if total > 0 else 0.0
-            valid = count > 0 and denominator != 0
-            scale = 1.0 / denominator if valid else 0.0
-            shift = -entropy / (total * denominator**2) if valid else 0.0
-        ctx.stash = (bars, positive, total, entropy, scale, shift)
+        parts = entropy_parts(bars, normalization)
+        ctx.stash = (bars, parts)
         ctx.normalization = normalization
         ctx.save_for_backward(deaths)
-        return deaths.new_tensor(scale * entropy)
+        return deaths.new_tensor(parts.value)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -122,16 +108,8 @@ class _HostEntropy(torch.autograd.Function):
                 value = _torch_entropy(deaths, ctx.normalization)
                 (result,) = torch.autograd.grad(value, deaths, grad, create_graph=True)
             return result, None
-        return _host_entropy_backward(ctx, grad)
-
-
-def _host_entropy_backward(ctx, grad: torch.Tensor):
-    bars, positive, total, entropy, scale, shift = ctx.stash
-    slope = np.zeros_like(bars)
-    if total > 0:
-        slope[:] = scale * (1.0 - entropy) / total + shift
-        slope[positive] = scale * -(np.log(bars[positive] / total) + entropy) / total + shift
-    return torch.from_numpy(slope * float(grad)).to(grad.dtype), None
+        bars, parts = ctx.stash
+        return torch.from_numpy(parts.slope(bars) * float(grad)).to(grad.dtype), None
 
 
 def _entropy_and_count(deaths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,6 +332,11 @@ def get_metric(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return metric_spec(name).function
 
 
+# Metrics whose host value is the torch function's (the entropies are computed in float64 on the
+# host either way, the longest bar is exact); the mean and total sum in the deaths' dtype there.
+_HOST_EXACT = ("normalized_entropy", "entropy", "max_lifetime")
+
+
 def dimensionless_complexity(name: str, deaths: torch.Tensor, rms_norm: float) -> float:
     """The metric as `TopoOptimizer` compares it across layers (see `MetricSpec.complexity`).
 
@@ -374,7 +357,11 @@ def dimensionless_complexity(name: str, deaths: torch.Tensor, rms_norm: float) -
     spec = metric_spec(name)
     if spec.complexity is None:
         raise ValueError(f"Metric {name!r} is not a complexity. Valid ones are: {', '.join(COMPLEXITY_METRICS)}")
-    value = float(spec.function(deaths))
+    if name in _HOST_EXACT and _on_host(deaths):  # the torch function's value, without its ~25 µs
+        bars = deaths.detach().numpy()
+        value = float(bars.dtype.type(metric_and_slope(name, bars.astype(np.float64), slope=False)[0]))
+    else:
+        value = float(spec.function(deaths))
     if spec.complexity == "as is":
         return value
     divisor = rms_norm * (deaths.numel() if spec.complexity == "per bar and rms norm" else 1)

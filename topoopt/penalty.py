@@ -10,10 +10,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from topoopt import penalty_node
 from topoopt._validation import check_positive_int
+from topoopt.cloud import layer_cloud
 from topoopt.layers import select_layers
 from topoopt.metrics import METRIC_SPECS, get_metric
-from topoopt.tree_cache import TreeCache, measure_layers
+from topoopt.tree_cache import TreeCache, cache_key
 
 __all__ = ["TopoPenalty", "PENALTY_METRICS"]
 
@@ -61,6 +63,10 @@ class TopoPenalty(nn.Module):
     trees : TreeCache, optional
         Where trees are kept (a new one by default); pass the one a `TopoOptimizer` uses to
         search once per step between them.
+
+    Layers the compiled engine measures (CPU, float32/float64) give one autograd node for the
+    whole term, its gradient found in the forward (`topoopt.penalty_node`); other layers, and
+    calls under torch.func, the graph of the metric functions. The values are the same.
 
     Calling it with no arguments returns a scalar tensor. A layer with NaN/Inf weights raises a
     ``ValueError`` naming it, and so does a metric that is not finite. A layer with no neurons
@@ -165,18 +171,40 @@ class TopoPenalty(nn.Module):
         total = torch.zeros((), device=first.device, dtype=torch.float32)
         if (self._calls - 1) % self.every:
             return total
+        measured = {name: module for name, module in self._layers.items() if self.coefficients[name] != 0.0}
+        clouds = {name: cloud for name, module in measured.items()
+                  if (cloud := layer_cloud(name, module, self.include_bias)) is not None}
+        if penalty_node.handles(list(clouds.values()), self.metric):
+            return self._one_node_total(clouds)
         # All layers in one call: the small ones' tree searches and every edge measurement are
         # batched (benchmarks/all_layers.py), with the deaths of one-layer calls.
-        measured = {name: module for name, module in self._layers.items() if self.coefficients[name] != 0.0}
-        for name, deaths in measure_layers(self.trees, measured, self.include_bias, self.tree_every).items():
-            if deaths is None:
-                continue
+        keys = {name: cache_key(name, self.include_bias) for name in clouds}
+        all_deaths = self.trees.deaths_many({keys[name]: cloud for name, cloud in clouds.items()}, self.tree_every)
+        for name in clouds:
+            deaths = all_deaths[keys[name]]
             value = self._metric_fn(deaths)
             self.last_values[name] = float(value.detach())
             if not math.isfinite(self.last_values[name]):
                 raise ValueError(f"Layer {name!r}: its {self.metric} is {self.last_values[name]}, "
                                  f"not finite (longest bar {float(deaths.detach().max()):.3g})")
             total = total + self.coefficients[name] * self._term(value)
+        return total
+
+    def _one_node_total(self, clouds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`forward` for CPU layers the compiled engine measures: one autograd node
+        (`topoopt.penalty_node`), the same trees and values."""
+        keys = {name: cache_key(name, self.include_bias) for name in clouds}
+        searched = {name: cloud for name, cloud in clouds.items() if cloud.shape[0] >= 2}
+        trees = self.trees.trees_for({keys[name]: cloud for name, cloud in searched.items()}, self.tree_every)
+        no_edge = torch.empty(0, dtype=torch.int64)
+        edges = {name: trees[keys[name]][:2] if name in searched else (no_edge, no_edge) for name in clouds}
+        sign = -1.0 if self.direction == "maximize" else 1.0
+        terms = {name: penalty_node.LayerTerm(self.coefficients[name], sign, self.target) for name in clouds}
+        total, values, deaths = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn)
+        self.last_values.update(values)
+        for name in searched:
+            if trees[keys[name]][2]:
+                self.trees.remember_deaths(keys[name], deaths[name])
         return total
 
     def get_extra_state(self) -> dict:

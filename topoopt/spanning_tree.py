@@ -323,9 +323,9 @@ def euclidean_mst_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         return empty, empty
     points = points.detach()
     if native_small_tree_handles(points):  # compiled and single-threaded: no thread count to switch
-        edges = _native_small_trees(points.unsqueeze(0))[0]
+        edges = native_small_tree(points)
         if edges is not None:
-            return torch.from_numpy(edges[0]), torch.from_numpy(edges[1])
+            return edges
     with engine_threads():
         if device.type in DEVICE_SEARCH_TYPES:
             from topoopt.device_tree import device_tree  # imports this module
@@ -381,6 +381,19 @@ def _native_small_trees(stack: torch.Tensor) -> list[np.ndarray | None]:
                                          edges[0], edges[1])
         trees.append(None if near < 0 else edges)
     return trees
+
+
+def native_small_tree(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`_native_small_trees` of one cloud (one that `native_small_tree_handles`), as (u, v)
+    tensors, with no stacking: its Python-side cost was most of a 10×100 layer's search."""
+    n, d = points.shape
+    edges = np.empty((2, n - 1), dtype=np.int64)
+    near = _native.engine.small_tree(points.contiguous().numpy(), n, d, NEAR_PAIR_RATIO, _EXACT_PAIRS_PER_POINT * n,
+                                     np.empty((n, n), dtype=np.float32), edges[0], edges[1])
+    if near < 0:
+        return None
+    both = torch.from_numpy(edges)
+    return both[0], both[1]
 
 
 def _tree_of_distinct_points(points: torch.Tensor) -> np.ndarray:

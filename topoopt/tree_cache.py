@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from topoopt import _native
 from topoopt._validation import check_positive_int
 from topoopt.cloud import layer_cloud
 from topoopt.many_clouds import edge_lengths_many, trees_of_many
@@ -77,6 +78,18 @@ class TreeCache:
         """`edges` of each keyed cloud, the trees to search searched together (`trees_of_many`)."""
         return {key: (u, v) for key, (u, v, _) in self._edges_many(clouds, tree_every).items()}
 
+    def trees_for(self, clouds: Mapping[str, torch.Tensor], tree_every: int = 1) -> dict[str, tuple]:
+        """`edges_many`, each tree as (u, v, exact): exact when searched on this very cloud.
+
+        For a caller that measures the edges itself (`topoopt.penalty_node`) and then hands the
+        deaths of the exact trees to `remember_deaths`."""
+        return self._edges_many(clouds, tree_every)
+
+    def remember_deaths(self, key: str, deaths: torch.Tensor) -> None:
+        """Keep the deaths (tree order) just measured on the exact tree of `key`, so that a
+        graphless lookup of the same cloud (`deaths_many`) gets a copy instead of measuring."""
+        self._entries[key].deaths = deaths.detach().clone()
+
     def _edges_many(self, clouds: Mapping[str, torch.Tensor], tree_every: int) -> dict[str, tuple]:
         """`edges_many`, each tree with whether it is exact for its cloud (searched on it)."""
         check_positive_int("tree_every", tree_every)
@@ -107,7 +120,7 @@ class TreeCache:
                            entry.v.to(cloud.device), entry.reuses)
             self._entries[key] = entry
         if entry is not None and _same_layout(entry.searched_on, cloud):
-            if torch.equal(entry.searched_on, cloud):
+            if _same_values(entry.searched_on, cloud):
                 return entry.u, entry.v, True
             if entry.reuses + 1 < tree_every:
                 entry.reuses += 1
@@ -195,6 +208,20 @@ def measure_layers(
     keyed = {cache_key(name, include_bias): cloud for name, cloud in clouds.items() if cloud is not None}
     deaths = trees.deaths_many(keyed, tree_every)
     return {name: None if cloud is None else deaths[cache_key(name, include_bias)] for name, cloud in clouds.items()}
+
+
+def _same_values(searched_on: torch.Tensor, cloud: torch.Tensor) -> bool:
+    """Whether `cloud` is the searched cloud again: the same bytes, compared by the compiled
+    engine for CPU float tensors (at 100×784 `torch.equal` took ~100 µs, a memcmp a few), else
+    `torch.equal`. Equal bytes are equal values; values equal only up to the sign of a zero
+    (0.0 and −0.0) count as different and search again, which is still exact."""
+    if (_native.engine is not None and cloud.device.type == "cpu" and searched_on.dtype in _HOST_DTYPES
+            and searched_on.is_contiguous() and cloud.is_contiguous()):
+        return _native.engine.same_bytes(searched_on.numpy(), cloud.numpy())
+    return torch.equal(searched_on, cloud)
+
+
+_HOST_DTYPES = (torch.float32, torch.float64)
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -7,6 +7,8 @@
  *   6x the Gram product at 100x784 (benchmarks/RESULTS.md).
  * - measure, scatter: the forward (lengths, optionally sorted, and unit directions) and backward
  *   (the norm's gradient scattered to both endpoints) of a tree's edge lengths.
+ * - metric_slope: a metric of H0 bars and its gradient per bar, for the one-node penalty.
+ * - same_bytes: TreeCache's test that a cloud is the one its tree was searched on.
  * Lengths are summed in double from the float32 or float64 points: exact over float32's whole
  * range, where a float32 squared norm under- or overflows.
  * Every function checks its buffers' sizes and indices and runs without the GIL. */
@@ -269,6 +271,74 @@ static PyObject *reduction(PyObject *args, int squares) {
 static PyObject *sum_of_squares(PyObject *self, PyObject *args) { return reduction(args, 1); }
 
 static PyObject *all_finite(PyObject *self, PyObject *args) { return reduction(args, 0); }
+
+/* same_bytes(a, b) -> bool: whether two buffers hold the same bytes (TreeCache's exact-reuse test:
+ * torch.equal compares elementwise, ~100 us at 100x784 against a few for memcmp). */
+static PyObject *same_bytes(PyObject *self, PyObject *args) {
+    Py_buffer a, b;
+    if (!PyArg_ParseTuple(args, "y*y*", &a, &b)) return NULL;
+    int same = a.len == b.len;
+    if (same) {
+        Py_BEGIN_ALLOW_THREADS
+        same = memcmp(a.buf, b.buf, (size_t)a.len) == 0;
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(same);
+}
+
+/* metric_slope(bars: double[e], code, slope: double[e] out, or empty) -> value
+ * A metric of H0 bars (non-negative, any order) and, when `slope` has room, its gradient with
+ * respect to each bar: topoopt.host_metrics in compiled form (codes as METRIC_CODES there: 0
+ * entropy, 1 entropy / log count, 2 entropy / log total, 3 mean, 4 total, 5 max). ~100 numbers
+ * are a few numpy calls' fixed cost each; here one call. */
+static PyObject *metric_slope(PyObject *self, PyObject *args) {
+    Py_buffer bars, slope;
+    int code;
+    if (!PyArg_ParseTuple(args, "y*iw*", &bars, &code, &slope)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t e = bars.len / (Py_ssize_t)sizeof(double);
+    const double *l = bars.buf;
+    double *out = slope.len ? slope.buf : NULL;
+    if (!expect(code >= 0 && code <= 5 && (slope.len == 0 || slope.len == bars.len),
+                "metric_slope: unknown metric code or slope of the wrong size")) goto done;
+    double value = 0.0;
+    if (code <= 2) {  /* entropies: see host_metrics.entropy_parts for the formulas */
+        double total = 0.0, entropy = 0.0, scale = 1.0, shift = 0.0;
+        Py_ssize_t count = 0;
+        for (Py_ssize_t k = 0; k < e; k++) { total += l[k]; count += l[k] > 0.0; }
+        if (total > 0.0)
+            for (Py_ssize_t k = 0; k < e; k++)
+                if (l[k] > 0.0) { double p = l[k] / total; entropy -= p * log(p); }
+        if (code == 1) scale = count > 1 ? 1.0 / log((double)count) : 0.0;
+        if (code == 2) {
+            double denominator = total > 0.0 ? log(total) : 0.0;
+            int valid = count > 0 && denominator != 0.0;
+            scale = valid ? 1.0 / denominator : 0.0;
+            shift = valid ? -entropy / (total * denominator * denominator) : 0.0;
+        }
+        value = scale * entropy;
+        for (Py_ssize_t k = 0; out && k < e; k++)
+            out[k] = total > 0.0 ? (l[k] > 0.0 ? scale * -(log(l[k] / total) + entropy) / total + shift
+                                               : scale * (1.0 - entropy) / total + shift)
+                                 : 0.0;
+    } else if (code == 3 || code == 4) {
+        for (Py_ssize_t k = 0; k < e; k++) value += l[k];
+        if (code == 3 && e) value /= (double)e;
+        for (Py_ssize_t k = 0; out && k < e; k++) out[k] = code == 3 ? 1.0 / (double)e : 1.0;
+    } else {
+        Py_ssize_t ties = 0;
+        for (Py_ssize_t k = 0; k < e; k++) if (l[k] > value || k == 0) value = l[k];
+        for (Py_ssize_t k = 0; k < e; k++) ties += l[k] == value;
+        for (Py_ssize_t k = 0; out && k < e; k++) out[k] = l[k] == value ? 1.0 / (double)ties : 0.0;
+    }
+    result = PyFloat_FromDouble(value);
+done:
+    PyBuffer_Release(&bars);
+    PyBuffer_Release(&slope);
+    return result;
+}
 
 /* Edge endpoints in range; sets IndexError otherwise. */
 static int edges_in_range(const int64_t *u, const int64_t *v, Py_ssize_t e, Py_ssize_t n) {
@@ -567,6 +637,8 @@ static PyMethodDef methods[] = {
     {"sum_of_squares", sum_of_squares, METH_VARARGS, "Sum of squares of a float buffer, in double."},
     {"scale_steps", scale_steps, METH_VARARGS, "TopoOptimizer's step scaling: check, then lerp back."},
     {"copy_all", copy_all, METH_VARARGS, "Copy each buffer of a list into its target."},
+    {"metric_slope", metric_slope, METH_VARARGS, "A metric of H0 bars and its slope."},
+    {"same_bytes", same_bytes, METH_VARARGS, "Whether two buffers hold the same bytes."},
     {"measure", measure, METH_VARARGS, "Edge lengths and differences, optionally sorted."},
     {"scatter", scatter, METH_VARARGS, "Gradient of edge lengths, scattered to the points."},
     {NULL, NULL, 0, NULL},

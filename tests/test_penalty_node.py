@@ -1,0 +1,221 @@
+"""The one-node penalty (`topoopt.penalty_node`) against TopoPenalty's per-layer graph, the
+compiled metrics against numpy and torch, and the cache's byte comparison."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from topoopt import TopoOptimizer, TopoPenalty, TreeCache, _native, penalty_node
+from topoopt.host_metrics import HOST_METRICS, METRIC_CODES, entropy_and_slope, metric_and_slope
+from topoopt.metrics import METRIC_SPECS
+
+pytestmark = pytest.mark.skipif(_native.engine is None, reason="needs the compiled engine")
+
+
+def _model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Unflatten(1, (1, 9)), nn.Conv1d(1, 5, 3), nn.Flatten(),
+                          nn.Linear(35, 1), nn.Linear(1, 4))  # "5": a cloud of one neuron
+    return model.to(dtype)
+
+
+def _total_and_grads(model, general: bool, monkeypatch, backward=lambda t: t.backward(), **kwargs):
+    if general:
+        monkeypatch.setattr(penalty_node, "handles", lambda *args: False)
+    penalty = TopoPenalty(model, **kwargs)
+    model.zero_grad()
+    total = penalty()
+    backward(total)
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    monkeypatch.undo()
+    return total, grads, dict(penalty.last_values)
+
+
+@pytest.mark.parametrize("metric", list(METRIC_SPECS))
+@pytest.mark.parametrize("goal", [{}, {"direction": "maximize"}, {"target": 0.3}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_node_equals_the_per_layer_graph(metric, goal, dtype, monkeypatch):
+    model = _model(dtype)
+    weight = {"0": 0.5, "3": 2.0, "5": 1.5, "6": 0.0}
+    for include_bias in (False, True):
+        kwargs = dict(metric=metric, weight=weight, include_bias=include_bias, **goal)
+        total, grads, values = _total_and_grads(model, False, monkeypatch, **kwargs)
+        assert type(total.grad_fn).__name__ == "_PenaltyNodeBackward"
+        expected, expected_grads, expected_values = _total_and_grads(model, True, monkeypatch, **kwargs)
+        assert type(expected.grad_fn).__name__ != "_PenaltyNodeBackward"
+        rtol = 1e-5 if dtype == torch.float32 else 1e-12
+        assert total.dtype == expected.dtype
+        torch.testing.assert_close(total, expected, rtol=rtol, atol=1e-7)
+        assert values.keys() == expected_values.keys() == {"0", "3", "5"}  # "6" has coefficient 0
+        for name in values:
+            assert values[name] == pytest.approx(expected_values[name], rel=rtol, abs=1e-7)
+        assert any(g.abs().sum() > 0 for g in grads)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=rtol, atol=1e-6 * float(want.abs().max() + 1e-30))
+
+
+def test_zero_layers_and_duplicates_give_finite_gradients(monkeypatch):
+    model = _model()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[3].weight[1] = model[3].weight[0]
+    for metric in METRIC_SPECS:
+        total, grads, _ = _total_and_grads(model, False, monkeypatch, metric=metric)
+        assert torch.isfinite(total)
+        assert all(torch.isfinite(g).all() for g in grads)
+        assert float(grads[0].abs().sum()) == 0.0  # a zero layer: a penalty cannot break its symmetry
+        expected, expected_grads, _ = _total_and_grads(model, True, monkeypatch, metric=metric)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_the_incoming_gradient_scales_and_a_retained_graph_accumulates(monkeypatch):
+    model = _model()
+    _, grads, _ = _total_and_grads(model, False, monkeypatch)
+    _, tripled, _ = _total_and_grads(model, False, monkeypatch, backward=lambda t: (3 * t).backward())
+    for one, three in zip(grads, tripled):
+        torch.testing.assert_close(three, 3 * one, rtol=1e-6, atol=1e-8)
+
+    def twice(total):
+        total.backward(retain_graph=True)
+        total.backward()
+
+    _, doubled, _ = _total_and_grads(model, False, monkeypatch, backward=twice)
+    for one, two in zip(grads, doubled):  # the node's saved gradients were not modified in place
+        torch.testing.assert_close(two, 2 * one, rtol=1e-6, atol=1e-8)
+
+
+def test_create_graph_differentiates_the_per_layer_graph(monkeypatch):
+    """Under create_graph the node's backward is the per-layer graph's: the same first-order
+    gradient, and the same refusal of a second derivative through the tree's edge lengths
+    (not implemented, `persistence._twice_guarded`)."""
+    def gradients(model, general):
+        if general:
+            monkeypatch.setattr(penalty_node, "handles", lambda *args: False)
+        total = TopoPenalty(model, metric="normalized_entropy")()
+        grads = torch.autograd.grad(total, [model[0].weight, model[3].weight], create_graph=True)
+        norm = sum((g**2).sum() for g in grads)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            norm.backward()
+        monkeypatch.undo()
+        return [g.detach() for g in grads]
+
+    model = _model(torch.float64)
+    _, plain, _ = _total_and_grads(model, False, monkeypatch, metric="normalized_entropy")
+    one_node, general = gradients(model, False), gradients(model, True)
+    for got, want, first_order in zip(one_node, general, [plain[0], plain[2]]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got, first_order, rtol=1e-12, atol=0)
+
+
+def test_without_a_graph_or_the_engine(monkeypatch):
+    model = _model()
+    penalty = TopoPenalty(model, metric="mean_lifetime")
+    with torch.no_grad():
+        value = penalty()
+    assert value.grad_fn is None and value.item() > 0
+    monkeypatch.setattr(_native, "engine", None)
+    assert not penalty_node.handles([model[0].weight], "mean_lifetime")
+    general = TopoPenalty(model, metric="mean_lifetime")()
+    assert type(general.grad_fn).__name__ != "_PenaltyNodeBackward"
+    torch.testing.assert_close(general.detach(), value, rtol=1e-5, atol=0)
+
+
+def test_a_non_finite_metric_names_its_layer(monkeypatch):
+    model = _model()
+    with torch.no_grad():
+        model[0].weight.mul_(1e38)  # 8 bars near 1e38 each: a float32 total overflows
+    for general in (False, True):
+        if general:
+            monkeypatch.setattr(penalty_node, "handles", lambda *args: False)
+        with pytest.raises(ValueError, match=r"Layer '0': its total_persistence is inf"):
+            TopoPenalty(model, metric="total_persistence")()
+        monkeypatch.undo()
+
+
+def test_a_shared_cache_serves_the_optimizer_the_penalty_s_deaths():
+    model = _model()
+    trees = TreeCache()
+    penalty = TopoPenalty(model, metric="normalized_entropy", trees=trees)
+    optimizer = TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, policy="calm", every=1,
+                              trees=trees)
+    x = torch.randn(4, 12)
+    for step in range(3):
+        optimizer.zero_grad()
+        (model(x).sum() + penalty()).backward()
+        fresh = TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, policy="calm")
+        fresh.update_scales()  # the weights the optimizer measures next, measured on their own
+        optimizer.step()
+        assert optimizer.complexity == fresh.complexity
+        assert trees.searches == 3 * (step + 1)  # "0", "3", "6" (one neuron has no tree): nothing twice
+
+
+def test_the_cached_deaths_are_the_measured_ones():
+    model = _model()
+    trees = TreeCache()
+    TopoPenalty(model, metric="normalized_entropy", trees=trees)()
+    served = trees.deaths_many({"0": model[0].weight.detach()})["0"]
+    alone = TreeCache().deaths_many({"0": model[0].weight.detach()})["0"]
+    torch.testing.assert_close(served, alone, rtol=0, atol=0)
+
+
+def _diagrams():
+    rng = np.random.default_rng(3)
+    return [rng.random(99), np.r_[rng.random(20), 0.0, 0.0, 0.0], np.zeros(5), np.zeros(0),
+            np.array([2.0, 2.0, 1.0]), rng.random(40) * 1e-20, rng.random(7) * 1e20, np.array([0.0, 3.0])]
+
+
+@pytest.mark.parametrize("name", list(METRIC_CODES))
+def test_compiled_metrics_equal_numpy_and_torch(name):
+    torch_metric = METRIC_SPECS[name].function
+    for bars in _diagrams():
+        value, slope = metric_and_slope(name, bars)
+        numpy_value, numpy_slope = HOST_METRICS[name](bars)
+        assert value == pytest.approx(numpy_value, rel=1e-12, abs=1e-300)
+        np.testing.assert_allclose(slope, numpy_slope, rtol=1e-12, atol=0)
+        deaths = torch.tensor(bars, requires_grad=True)
+        # the torch metrics of an all-zero or empty diagram are 0 with a zero gradient, as here
+        expected = torch_metric(deaths)
+        (gradient,) = torch.autograd.grad(expected, deaths) if bars.size else (torch.zeros(0),)
+        assert value == pytest.approx(float(expected.detach()), rel=1e-12, abs=1e-300)
+        np.testing.assert_allclose(slope, gradient.numpy(), rtol=1e-10, atol=1e-300)
+        assert metric_and_slope(name, bars, slope=False)[1] is None
+
+
+def test_compiled_total_normalized_entropy():
+    for bars in _diagrams():
+        slope = np.empty_like(bars)
+        value = _native.engine.metric_slope(bars, 2, slope)
+        expected, expected_slope = entropy_and_slope(bars, "total")
+        assert value == pytest.approx(expected, rel=1e-12, abs=1e-300)
+        np.testing.assert_allclose(slope, expected_slope, rtol=1e-12, atol=0)
+
+
+def test_metric_slope_rejects_bad_codes_and_sizes():
+    with pytest.raises(ValueError, match="metric code"):
+        _native.engine.metric_slope(np.ones(3), 9, np.empty(3))
+    with pytest.raises(ValueError, match="wrong size"):
+        _native.engine.metric_slope(np.ones(3), 1, np.empty(2))
+
+
+def test_the_cache_compares_bytes():
+    cloud = torch.randn(30, 6)
+    trees = TreeCache()
+    trees.edges("a", cloud)
+    trees.edges("a", cloud.clone())
+    assert trees.searches == 1  # the same bytes: reused
+    signed = cloud.clone()
+    signed[0, 0] = 0.0
+    trees.edges("b", signed)
+    flipped = signed.clone()
+    flipped[0, 0] = -0.0  # equal values, other bytes: searched again (still exact)
+    trees.edges("b", flipped)
+    assert trees.searches == 3
+    transposed = torch.randn(6, 30).T  # not contiguous: torch.equal compares
+    trees.edges("c", transposed)
+    trees.edges("c", transposed.clone())
+    assert trees.searches == 4
+    assert not _native.engine.same_bytes(np.zeros(3), np.zeros(4))
