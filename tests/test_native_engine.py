@@ -284,3 +284,28 @@ def test_entropy_second_derivatives_and_torch_func():
     leaf = deaths.clone().requires_grad_()
     (expected,) = torch.autograd.grad(metrics.normalized_persistent_entropy(leaf), leaf)
     torch.testing.assert_close(torch.func.grad(metrics.normalized_persistent_entropy)(deaths), expected)
+
+
+def test_the_wrappers_kept_views_follow_replaced_parameter_memory():
+    """The compiled scaling keeps numpy views of the parameters between steps; a parameter given
+    new memory (``p.data = ...``) must be scaled in that memory, not in the old one."""
+    from topoopt import TopoOptimizer
+    from topoopt.models import build_mlp
+
+    def run(replace: bool):
+        torch.manual_seed(0)
+        model = build_mlp("mlp:12-9-7-3")
+        optimizer = TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, policy="contrast",
+                                  strength=1.0, every=1)
+        x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+        for step in range(4):
+            if replace and step == 2:
+                model.fc1.weight.data = model.fc1.weight.data.clone()
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        assert any(s != 1.0 for s in optimizer.scales.values())
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -133,3 +133,20 @@ def test_a_graphless_lookup_of_measured_weights_reuses_their_deaths(monkeypatch)
         weight.add_(1e-3)
         moved_deaths = trees.deaths_many({"fc": weight})["fc"]
     assert measured[-1] == 1 and torch.allclose(torch.sort(moved_deaths).values, h0_deaths(weight.detach()))
+
+
+def test_a_kept_state_dict_does_not_change_with_later_searches():
+    """A search writes its cloud into the old entry's memory; states handed out or loaded are
+    copies, so a state kept in memory (a best-so-far checkpoint) stays what it was."""
+    cache = TreeCache()
+    cloud = torch.randn(20, 5)
+    cache.edges("a", cloud)
+    kept = cache.state_dict()
+    before = kept["entries"]["a"]["searched_on"].clone()
+    cache.edges("a", cloud + 1.0)
+    assert torch.equal(kept["entries"]["a"]["searched_on"], before)
+    restored = TreeCache()
+    restored.load_state_dict(kept)
+    restored.edges("a", cloud - 1.0)
+    assert torch.equal(kept["entries"]["a"]["searched_on"], before)
+    assert torch.equal(cache.state_dict()["entries"]["a"]["searched_on"], cloud + 1.0)

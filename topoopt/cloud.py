@@ -45,7 +45,9 @@ def weight_cloud(weight: torch.Tensor, transposed: bool = False, groups: int = 1
     if weight.dim() < 2:
         raise ValueError(f"A neuron cloud needs a weight of 2 or more dimensions, got shape {tuple(weight.shape)}")
     if not transposed:
-        return weight.reshape(weight.shape[0], weight[0].numel() if weight.shape[0] else 0)
+        if weight.dim() == 2:
+            return weight  # already N×d: no view, so no extra autograd node in a penalty's backward
+        return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))
     in_channels, out_per_group, *kernel = weight.shape
     grouped = weight.reshape(groups, in_channels // groups, out_per_group, *kernel).transpose(1, 2)
     row_length = (in_channels // groups) * math.prod(kernel)

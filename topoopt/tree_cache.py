@@ -109,7 +109,12 @@ class TreeCache:
 
     def _store(self, key: str, cloud: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
         self.searches += 1
-        self._entries[key] = _Entry(cloud.clone(), u, v)
+        old = self._entries.get(key)
+        if old is not None and _same_layout(old.searched_on, cloud) and old.searched_on.stride() == cloud.stride():
+            searched_on = old.searched_on.copy_(cloud)  # the old copy's memory, no new allocation
+        else:
+            searched_on = cloud.clone()
+        self._entries[key] = _Entry(searched_on, u, v)
 
     def _reusable(self, key: str, cloud: torch.Tensor, tree_every: int) -> tuple | None:
         """The cached tree (u, v, exact) when it may measure `cloud` (counting an approximate
@@ -161,15 +166,17 @@ class TreeCache:
             lengths[key] = deaths
             if edges[key][2]:
                 self._entries[key].deaths = deaths.detach().clone()  # the caller may modify its own
-        return {key: lengths.get(key, cloud.reshape(-1)[:0]) for key, cloud in clouds.items()}
+        return {key: lengths[key] if key in lengths else cloud.reshape(-1)[:0] for key, cloud in clouds.items()}
 
     def clear(self) -> None:
         self._entries.clear()
 
     def state_dict(self) -> dict[str, Any]:
+        """The entries as plain tensors, copies of the cache's own (a later search writes its
+        cloud into the old entry's memory: a state kept in memory must not change with it)."""
         return {
             "entries": {
-                key: {"searched_on": e.searched_on, "u": e.u, "v": e.v, "reuses": e.reuses}
+                key: {"searched_on": e.searched_on.clone(), "u": e.u, "v": e.v, "reuses": e.reuses}
                 for key, e in self._entries.items()
             },
             "searches": self.searches,
@@ -178,7 +185,7 @@ class TreeCache:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         entries = {}
         for key, saved in state_dict["entries"].items():
-            entries[key] = _Entry(saved["searched_on"], saved["u"], saved["v"], int(saved["reuses"]))
+            entries[key] = _Entry(saved["searched_on"].clone(), saved["u"], saved["v"], int(saved["reuses"]))
         self._entries = entries
         self.searches = int(state_dict.get("searches", 0))
 
