@@ -219,3 +219,64 @@ def test_the_cache_compares_bytes():
     trees.edges("c", transposed.clone())
     assert trees.searches == 4
     assert not _native.engine.same_bytes(np.zeros(3), np.zeros(4))
+
+
+def test_forward_mode_ad_and_no_layers_take_the_general_path():
+    from torch.autograd import forward_ad
+
+    weight = torch.randn(6, 4)
+    assert penalty_node.handles([weight], "mean_lifetime")
+    assert not penalty_node.handles([], "mean_lifetime")
+    with forward_ad.dual_level():
+        assert not penalty_node.handles([weight], "mean_lifetime")
+    on_meta = nn.Sequential(nn.Linear(4, 3)).to("meta")
+    assert TopoPenalty(on_meta, weight=0.0)().device.type == "meta"  # nothing measured: the layers' device
+
+
+def test_errors_leave_the_same_last_values_in_both_paths(monkeypatch):
+    import warnings
+
+    model = _model()
+    with torch.no_grad():
+        # two groups 6e38 apart: the tree's longest edge is beyond float32's range
+        model[3].weight.copy_(torch.tensor([[-3e38, 0, 0]] * 2 + [[3e38, 0, 0]] * 3)[:, None])
+    for general in (False, True):
+        if general:
+            monkeypatch.setattr(penalty_node, "handles", lambda *args: False)
+        penalty = TopoPenalty(model, metric="max_lifetime")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no numpy overflow warning before the error
+            with pytest.raises(ValueError, match=r"Layer '3': its max_lifetime is inf"):
+                penalty()
+        assert penalty.last_values["3"] == float("inf") and np.isfinite(penalty.last_values["0"])
+        monkeypatch.undo()
+
+
+def test_host_metrics_take_any_float_array_and_propagate_nan():
+    from topoopt.metrics import dimensionless_complexity
+
+    bars = np.array([1.0, 2.0, 3.0])
+    for name in METRIC_CODES:
+        expected = metric_and_slope(name, bars)
+        for other in (bars.astype(np.float32), np.repeat(bars, 2)[::2]):  # float32, strided
+            value, slope = metric_and_slope(name, other)
+            assert value == pytest.approx(expected[0], rel=1e-7)
+            np.testing.assert_allclose(slope, expected[1], rtol=1e-7)
+    for order in ([1.0, np.nan], [np.nan, 1.0]):
+        assert np.isnan(metric_and_slope("max_lifetime", np.array(order))[0])
+    for bad in (torch.tensor([1.0, -2.0, 3.0]), torch.ones(2, 3)):
+        with pytest.raises(ValueError):
+            dimensionless_complexity("normalized_entropy", bad, 1.0)
+
+
+def test_a_declined_compiled_search_is_not_run_twice(monkeypatch):
+    from topoopt import spanning_tree
+
+    calls = []
+    compiled = spanning_tree.native_small_tree
+    monkeypatch.setattr(spanning_tree, "native_small_tree", lambda points: calls.append(1) or compiled(points))
+    clustered = torch.zeros(50, 10)  # every pair a near pair: the compiled search declines
+    trees = TreeCache()
+    u, v = trees.edges_many({"zero": clustered})["zero"]
+    assert len(calls) == 1 and u.shape == (49,)
+    assert trees.deaths_many({"zero": clustered})["zero"].abs().max() == 0

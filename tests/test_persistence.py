@@ -282,3 +282,13 @@ def test_clustered_clouds_recompute_few_pairs_exactly(kind, monkeypatch):
     deaths = h0_deaths(torch.tensor(x))
     assert sum(recomputed) <= 40 * n
     np.testing.assert_allclose(positive(deaths), gudhi_h0_deaths(x.astype(np.float64)), rtol=1e-5, atol=0)
+
+
+def test_a_cloud_near_the_top_of_float32_is_searched_exactly():
+    """Its float32 mean overflows (the general search used to raise OverflowError there); a
+    power-of-two scale changes nothing but the deaths' scale."""
+    torch.manual_seed(0)
+    base = torch.rand(40, 5)
+    big = base * 2.0**125  # entries up to 4e37, all positive: a float32 sum of 40 of them overflows
+    assert not torch.isfinite(big.sum(dim=0)).all()
+    torch.testing.assert_close(h0_deaths(big), h0_deaths(base) * 2.0**125, rtol=1e-6, atol=0)

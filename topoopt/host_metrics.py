@@ -105,6 +105,7 @@ def metric_and_slope(name: str, bars: np.ndarray, slope: bool = True) -> tuple[f
     """`HOST_METRICS[name]` of float64 `bars`, in one compiled call when the engine is built;
     the slope only when asked for (else None)."""
     if _native.engine is not None:
+        bars = np.ascontiguousarray(bars, dtype=np.float64)  # the engine reads float64 only
         out = np.empty_like(bars) if slope else np.empty(0)
         return _native.engine.metric_slope(bars, METRIC_CODES[name], out), out if slope else None
     value, gradient = HOST_METRICS[name](bars)

@@ -66,7 +66,9 @@ def trees_of_many(clouds: Sequence[torch.Tensor]) -> list[Edges]:
                     trees[i] = edges
     for i, cloud in enumerate(clouds):
         if trees[i] is None and spanning_tree.native_small_tree_handles(cloud):
-            trees[i] = spanning_tree.native_small_tree(cloud)
+            # straight to the compiled search, and if it declines, straight past it
+            trees[i] = (spanning_tree.native_small_tree(cloud)
+                        or spanning_tree.tree_without_the_compiled_search(cloud))
     return [edges if edges is not None else spanning_tree.euclidean_mst_edges(cloud)
             for edges, cloud in zip(trees, clouds)]
 

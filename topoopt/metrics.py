@@ -358,7 +358,7 @@ def dimensionless_complexity(name: str, deaths: torch.Tensor, rms_norm: float) -
     if spec.complexity is None:
         raise ValueError(f"Metric {name!r} is not a complexity. Valid ones are: {', '.join(COMPLEXITY_METRICS)}")
     if name in _HOST_EXACT and _on_host(deaths):  # the torch function's value, without its ~25 µs
-        bars = deaths.detach().numpy()
+        bars = _check_deaths(deaths).detach().numpy()
         value = float(bars.dtype.type(metric_and_slope(name, bars.astype(np.float64), slope=False)[0]))
     else:
         value = float(spec.function(deaths))

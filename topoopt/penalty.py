@@ -66,7 +66,9 @@ class TopoPenalty(nn.Module):
 
     Layers the compiled engine measures (CPU, float32/float64) give one autograd node for the
     whole term, its gradient found in the forward (`topoopt.penalty_node`); other layers, and
-    calls under torch.func, the graph of the metric functions. The values are the same.
+    calls under torch.func or forward-mode AD, the graph of the metric functions. The values
+    are the same up to rounding (the one node sums the mean lifetime and total persistence in
+    float64: where a float32 sum overflows, it gives the finite value, not an error).
 
     Calling it with no arguments returns a scalar tensor. A layer with NaN/Inf weights raises a
     ``ValueError`` naming it, and so does a metric that is not finite. A layer with no neurons
@@ -200,8 +202,8 @@ class TopoPenalty(nn.Module):
         edges = {name: trees[keys[name]][:2] if name in searched else (no_edge, no_edge) for name in clouds}
         sign = -1.0 if self.direction == "maximize" else 1.0
         terms = {name: penalty_node.LayerTerm(self.coefficients[name], sign, self.target) for name in clouds}
-        total, values, deaths = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn)
-        self.last_values.update(values)
+        total, deaths = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn,
+                                                      self.last_values)
         for name in searched:
             if trees[keys[name]][2]:
                 self.trees.remember_deaths(keys[name], deaths[name])

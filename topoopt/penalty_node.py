@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.autograd import forward_ad
 
 from topoopt import _native
 from topoopt.host_metrics import HOST_METRICS, metric_and_slope
@@ -35,11 +36,13 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def handles(clouds: Sequence[torch.Tensor], metric: str) -> bool:
-    """Whether the one node computes this penalty: the compiled engine measures every cloud
-    (CPU, float32/float64, small enough for one thread), the metric has a host slope, and no
-    torch.func transform is active (it needs the per-layer graph)."""
+    """Whether the one node computes this penalty: there are clouds, the compiled engine
+    measures every one (CPU, float32/float64, small enough for one thread), the metric has a
+    host slope, and neither a torch.func transform nor forward-mode AD is active (they need the
+    per-layer graph)."""
     functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
-    return (metric in HOST_METRICS and not functorch_active
+    forward_ad_active = getattr(forward_ad, "_current_level", -1) >= 0  # dual tensors: no tangent here
+    return (bool(clouds) and metric in HOST_METRICS and not functorch_active and not forward_ad_active
             and all(native_edges_handle(cloud) for cloud in clouds))
 
 
@@ -79,13 +82,14 @@ def one_node_penalty(
     metric: str,
     terms: Mapping[str, LayerTerm],
     torch_metric: Callable[[torch.Tensor], torch.Tensor],
-) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+    last_values: dict[str, float],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The penalty Σ term(metric(deaths)) over the named clouds, measured along `edges`.
 
     Returns the total (a scalar tensor of the clouds' promoted dtype, float32 at least, with one
-    autograd node when a cloud requires grad), each layer's metric, and each layer's deaths in
-    tree order (detached, the cloud's dtype). Raises ValueError naming a layer whose metric is not
-    finite, before any graph is built.
+    autograd node when a cloud requires grad) and each layer's deaths in tree order (detached,
+    the cloud's dtype); each layer's metric goes into `last_values` as it is measured. Raises
+    ValueError naming a layer whose metric is not finite, before any graph is built.
     """
     wants_graph = torch.is_grad_enabled()
     measured: dict[str, _Measured] = {}
@@ -100,9 +104,10 @@ def one_node_penalty(
         empty = np.empty(0, dtype=np.float64)
         _native.engine.measure(x.numpy(), x.element_size(), n, d, u.numpy(), v.numpy(), unit, lengths,
                                empty.view(np.int64), empty)
-        deaths = lengths.astype(unit.dtype).astype(np.float64)  # as the per-layer graph's deaths
+        deaths = _rounded_deaths(lengths, unit.dtype)  # as the per-layer graph's deaths
         value, slope = metric_and_slope(metric, deaths, slope=wants_graph and cloud.requires_grad)
         value = _rounded(value, unit.dtype)  # as the per-layer graph's metric, in the cloud's dtype
+        last_values[name] = value
         if not math.isfinite(value):
             longest = float(deaths.max()) if deaths.size else 0.0
             raise ValueError(f"Layer {name!r}: its {metric} is {value}, not finite (longest bar {longest:.3g})")
@@ -116,17 +121,25 @@ def one_node_penalty(
                                    empty.view(np.int64), gradient.numpy(), n)
         measured[name] = _Measured(cloud, u, v, deaths, value, gradient)
     dtype = torch.promote_types(torch.float32, _common_dtype(clouds.values()))
-    values = {name: m.metric for name, m in measured.items()}
     deaths = {name: torch.from_numpy(m.deaths.astype(_NUMPY_DTYPES[m.cloud.dtype])) for name, m in measured.items()}
     differentiable = [m for m in measured.values() if m.gradient is not None]
     if not differentiable:
-        return torch.tensor(total, dtype=dtype), values, deaths
+        return torch.tensor(total, dtype=dtype), deaths
     plan = _Plan(differentiable, [terms[name] for name, m in measured.items() if m.gradient is not None],
                  torch_metric, torch.tensor(total, dtype=dtype))
-    return _PenaltyNode.apply(plan, *(m.cloud for m in differentiable)), values, deaths
+    return _PenaltyNode.apply(plan, *(m.cloud for m in differentiable)), deaths
 
 
 _FLOAT32_OVERFLOW = 3.4028235677973366e38  # above this a float64 rounds to a float32 infinity
+
+
+def _rounded_deaths(lengths: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The lengths rounded to the cloud's dtype (float32 lengths above its range become
+    infinite without numpy's overflow warning: the metric's error then names the layer)."""
+    if dtype == np.float32 and lengths.size and lengths.max() >= _FLOAT32_OVERFLOW:
+        with np.errstate(over="ignore"):
+            return lengths.astype(dtype).astype(np.float64)
+    return lengths.astype(dtype).astype(np.float64)
 
 
 def _rounded(value: float, dtype: np.dtype) -> float:

@@ -192,11 +192,18 @@ def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[
     """Squared distances from the Gram product in `dtype` (upper triangle, mirrored into a
     float32 matrix), the pairs closer than ``ratio·(|x|²+|y|²)``, and the power-of-two factor."""
     n = points.shape[0]
+    # Near the top of float32's range the mean and the centred values overflow: scale the points
+    # down first, by a power of two (exact), and fold it into the factor.
+    largest = float(points.abs().max())
+    prescale = 2.0 ** -round(np.log2(largest)) if largest > 2.0**64 else 1.0
+    if prescale != 1.0:
+        points = points * prescale
     # Centre in the input's own precision: the difference of close floats is exact (Sterbenz).
     centred = points - points.mean(dim=0)
     scale = float(centred.abs().max())
     factor = 2.0 ** -round(np.log2(scale)) if scale > 0 else 1.0
     x = (centred * factor).to(dtype)
+    factor *= prescale
     sq_norms = (x * x).sum(dim=1)
     if n <= _BLOCK_ROWS:  # one block: the whole square at once, no mirroring
         block = x @ x.T
@@ -326,6 +333,14 @@ def euclidean_mst_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         edges = native_small_tree(points)
         if edges is not None:
             return edges
+    return tree_without_the_compiled_search(points)
+
+
+@torch.no_grad()
+def tree_without_the_compiled_search(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`euclidean_mst_edges` of a cloud of 2 or more points, for one that `native_small_tree`
+    declined (many near pairs) or does not take: the general searches."""
+    n, device = points.shape[0], points.device
     with engine_threads():
         if device.type in DEVICE_SEARCH_TYPES:
             from topoopt.device_tree import device_tree  # imports this module

@@ -301,9 +301,11 @@ static PyObject *metric_slope(PyObject *self, PyObject *args) {
     Py_ssize_t e = bars.len / (Py_ssize_t)sizeof(double);
     const double *l = bars.buf;
     double *out = slope.len ? slope.buf : NULL;
-    if (!expect(code >= 0 && code <= 5 && (slope.len == 0 || slope.len == bars.len),
-                "metric_slope: unknown metric code or slope of the wrong size")) goto done;
+    if (!expect(code >= 0 && code <= 5 && bars.len % (Py_ssize_t)sizeof(double) == 0 &&
+                (slope.len == 0 || slope.len == bars.len),
+                "metric_slope: unknown metric code, or bars or slope of the wrong size")) goto done;
     double value = 0.0;
+    Py_BEGIN_ALLOW_THREADS
     if (code <= 2) {  /* entropies: see host_metrics.entropy_parts for the formulas */
         double total = 0.0, entropy = 0.0, scale = 1.0, shift = 0.0;
         Py_ssize_t count = 0;
@@ -329,10 +331,12 @@ static PyObject *metric_slope(PyObject *self, PyObject *args) {
         for (Py_ssize_t k = 0; out && k < e; k++) out[k] = code == 3 ? 1.0 / (double)e : 1.0;
     } else {
         Py_ssize_t ties = 0;
-        for (Py_ssize_t k = 0; k < e; k++) if (l[k] > value || k == 0) value = l[k];
+        for (Py_ssize_t k = 0; k < e; k++)  /* a NaN bar makes the maximum NaN, as numpy's and torch's */
+            if (k == 0 || l[k] > value || l[k] != l[k]) { value = l[k]; if (value != value) break; }
         for (Py_ssize_t k = 0; k < e; k++) ties += l[k] == value;
         for (Py_ssize_t k = 0; out && k < e; k++) out[k] = l[k] == value ? 1.0 / (double)ties : 0.0;
     }
+    Py_END_ALLOW_THREADS
     result = PyFloat_FromDouble(value);
 done:
     PyBuffer_Release(&bars);
