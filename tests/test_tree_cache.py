@@ -150,3 +150,67 @@ def test_a_kept_state_dict_does_not_change_with_later_searches():
     restored.edges("a", cloud - 1.0)
     assert torch.equal(kept["entries"]["a"]["searched_on"], before)
     assert torch.equal(cache.state_dict()["entries"]["a"]["searched_on"], cloud + 1.0)
+
+
+def test_the_same_moved_cloud_looked_up_twice_counts_once():
+    """A penalty and an optimizer sharing a cache look up the same moved weights in one step:
+    the second lookup counts nothing and, without a graph, is served the deaths measured then."""
+    torch.manual_seed(0)
+    cloud = torch.randn(30, 6)
+    cache = TreeCache()
+    cache.edges("a", cloud, tree_every=3)  # the search
+    served = []
+    for step in range(1, 7):
+        moved = cloud + 1e-3 * step
+        first = cache.deaths_many({"a": moved}, tree_every=3)["a"]
+        again = cache.deaths_many({"a": moved.clone()}, tree_every=3)["a"]
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        served.append(cache.searches)
+    assert served == [1, 1, 2, 2, 2, 3]  # searched at steps 0, 3 and 6: every 3rd change, as alone
+
+
+def test_an_exact_caller_never_gets_the_tree_of_a_moved_cloud():
+    torch.manual_seed(0)
+    cloud = torch.randn(30, 6)
+    cache = TreeCache()
+    cache.edges("a", cloud, tree_every=5)
+    moved = cloud + 0.5 * torch.randn(30, 6)
+    cache.edges("a", moved, tree_every=5)  # approximate: the old tree
+    assert cache.searches == 1
+    u, v = cache.edges("a", moved, tree_every=1)  # the same cloud, asked exactly: searched
+    assert cache.searches == 2
+    expected_u, expected_v = TreeCache().edges("b", moved)
+    assert torch.equal(u, expected_u) and torch.equal(v, expected_v)
+
+
+def test_a_search_forgets_the_last_moved_cloud():
+    torch.manual_seed(0)
+    cloud = torch.randn(30, 6)
+    cache = TreeCache()
+    cache.edges("a", cloud, tree_every=2)
+    moved = cloud + 1e-3
+    cache.edges("a", moved, tree_every=2)  # counted: 1 of 1 allowed
+    cache.edges("a", cloud - 1e-3, tree_every=2)  # a search
+    cache.edges("a", moved, tree_every=2)  # counted afresh, not "again"
+    cache.edges("a", moved + 1e-3, tree_every=2)  # over the budget: a search
+    assert cache.searches == 3
+
+
+def test_a_resumed_cache_counts_as_the_interrupted_one():
+    torch.manual_seed(0)
+    clouds = [torch.randn(30, 6) + 1e-3 * step for step in range(8)]
+    clouds[4] = clouds[3].clone()  # weights that did not move between two steps
+
+    def run(resume_at):
+        cache = TreeCache()
+        for step, cloud in enumerate(clouds):
+            if step == resume_at:
+                state = io.BytesIO()
+                torch.save(cache.state_dict(), state)
+                cache = TreeCache()
+                state.seek(0)
+                cache.load_state_dict(torch.load(state))
+            cache.deaths_many({"a": cloud}, tree_every=3)
+        return cache.searches, cache.state_dict()["entries"]["a"]["reuses"]
+
+    assert run(4) == run(None)

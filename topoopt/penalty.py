@@ -205,8 +205,7 @@ class TopoPenalty(nn.Module):
         total, deaths = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn,
                                                       self.last_values)
         for name in searched:
-            if trees[keys[name]][2]:
-                self.trees.remember_deaths(keys[name], deaths[name])
+            self.trees.remember_deaths(keys[name], deaths[name], trees[keys[name]][2])
         return total
 
     def get_extra_state(self) -> dict:

@@ -15,10 +15,12 @@ keeps, for each layer, the tree and a copy of the cloud it was searched on:
 
 Owner and sharing rule: `TopoPenalty`, `TopoOptimizer` and `TopologyMonitor` each create their
 own cache unless one is passed as ``trees=``. Pass one cache to several of them (of one model)
-to search once per step between them; the approximate-reuse count is then shared, each
-lookup of moved weights counting once. Entries are keyed by layer name (and whether the bias
-is included). ``state_dict()`` holds every entry as plain tensors and ints, so a resumed run
-reuses exactly the trees the interrupted one would have.
+to search once per step between them. The approximate-reuse count is then shared: a lookup of
+weights that moved counts once, and a lookup of the very cloud the last approximate lookup saw
+(an optimizer right after a penalty, in one step) counts nothing and, without a graph, gets the
+deaths measured then (the entry keeps a copy of that cloud to compare). Entries are keyed by
+layer name (and whether the bias is included). ``state_dict()`` holds every entry as plain
+tensors and ints, so a resumed run reuses exactly the trees the interrupted one would have.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class _Entry:
     v: torch.Tensor
     reuses: int = 0  # approximate lookups served since the search
     deaths: torch.Tensor | None = None  # the searched cloud's deaths (tree order, detached), once measured
+    moved: torch.Tensor | None = None  # a copy of the cloud of the last approximate lookup
+    moved_deaths: torch.Tensor | None = None  # its deaths, once measured
+    spare: torch.Tensor | None = None  # memory for the next `moved` copy (that of the last search's)
 
 
 class TreeCache:
@@ -76,24 +81,29 @@ class TreeCache:
         self, clouds: Mapping[str, torch.Tensor], tree_every: int = 1
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """`edges` of each keyed cloud, the trees to search searched together (`trees_of_many`)."""
-        return {key: (u, v) for key, (u, v, _) in self._edges_many(clouds, tree_every).items()}
+        return {key: found[:2] for key, found in self._edges_many(clouds, tree_every).items()}
 
     def trees_for(self, clouds: Mapping[str, torch.Tensor], tree_every: int = 1) -> dict[str, tuple]:
         """`edges_many`, each tree as (u, v, exact): exact when searched on this very cloud.
 
         For a caller that measures the edges itself (`topoopt.penalty_node`) and then hands the
-        deaths of the exact trees to `remember_deaths`."""
-        return self._edges_many(clouds, tree_every)
+        deaths to `remember_deaths`."""
+        return {key: found[:3] for key, found in self._edges_many(clouds, tree_every).items()}
 
-    def remember_deaths(self, key: str, deaths: torch.Tensor) -> None:
-        """Keep the deaths (tree order) just measured on the exact tree of `key`, so that a
-        graphless lookup of the same cloud (`deaths_many`) gets a copy instead of measuring."""
-        self._entries[key].deaths = deaths.detach().clone()
+    def remember_deaths(self, key: str, deaths: torch.Tensor, exact: bool) -> None:
+        """Keep the deaths (tree order) just measured on the tree `trees_for` gave for `key`
+        (`exact` as it said), so that a graphless lookup of the same cloud (`deaths_many`) gets
+        a copy instead of measuring."""
+        if exact:
+            self._entries[key].deaths = deaths.detach().clone()
+        else:
+            self._entries[key].moved_deaths = deaths.detach().clone()
 
     def _edges_many(self, clouds: Mapping[str, torch.Tensor], tree_every: int) -> dict[str, tuple]:
-        """`edges_many`, each tree with whether it is exact for its cloud (searched on it)."""
+        """`edges_many`, each tree as (u, v, exact, again): exact for a cloud it was searched on,
+        again for the cloud of the last approximate lookup."""
         check_positive_int("tree_every", tree_every)
-        found: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+        found: dict[str, tuple[torch.Tensor, torch.Tensor, bool, bool]] = {}
         missing: dict[str, torch.Tensor] = {}
         for key, cloud in clouds.items():
             cloud = cloud.detach()
@@ -104,32 +114,35 @@ class TreeCache:
                 found[key] = reused
         for (key, cloud), (u, v) in zip(missing.items(), trees_of_many(list(missing.values()))):
             self._store(key, cloud, u, v)
-            found[key] = (u, v, True)
+            found[key] = (u, v, True, False)
         return {key: found[key] for key in clouds}
 
     def _store(self, key: str, cloud: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
         self.searches += 1
         old = self._entries.get(key)
-        if old is not None and _same_layout(old.searched_on, cloud) and old.searched_on.stride() == cloud.stride():
-            searched_on = old.searched_on.copy_(cloud)  # the old copy's memory, no new allocation
-        else:
-            searched_on = cloud.clone()
-        self._entries[key] = _Entry(searched_on, u, v)
+        # the old copies' memory, no new allocation
+        self._entries[key] = _Entry(_copy_into(old.searched_on if old else None, cloud), u, v,
+                                    spare=(old.moved if old.moved is not None else old.spare) if old else None)
 
     def _reusable(self, key: str, cloud: torch.Tensor, tree_every: int) -> tuple | None:
-        """The cached tree (u, v, exact) when it may measure `cloud` (counting an approximate
-        reuse), else None."""
+        """The cached tree (u, v, exact, again) when it may measure `cloud` (counting an
+        approximate reuse unless `cloud` is the last one counted), else None."""
         entry = self._entries.get(key)
         if entry is not None and entry.searched_on.device != cloud.device:  # loaded on another device
+            moved = entry.moved.to(cloud.device) if entry.moved is not None else None
             entry = _Entry(entry.searched_on.to(cloud.device), entry.u.to(cloud.device),
-                           entry.v.to(cloud.device), entry.reuses)
+                           entry.v.to(cloud.device), entry.reuses, moved=moved)
             self._entries[key] = entry
         if entry is not None and _same_layout(entry.searched_on, cloud):
             if _same_values(entry.searched_on, cloud):
-                return entry.u, entry.v, True
+                return entry.u, entry.v, True, False
+            if tree_every > 1 and entry.moved is not None and _same_values(entry.moved, cloud):
+                return entry.u, entry.v, False, True
             if entry.reuses + 1 < tree_every:
                 entry.reuses += 1
-                return entry.u, entry.v, False
+                entry.moved = _copy_into(entry.moved if entry.moved is not None else entry.spare, cloud)
+                entry.moved_deaths, entry.spare = None, None
+                return entry.u, entry.v, False, False
         return None
 
     def deaths_in_tree_order(self, key: str, cloud: torch.Tensor, tree_every: int = 1) -> torch.Tensor:
@@ -154,18 +167,18 @@ class TreeCache:
         edges = self._edges_many(measured, tree_every)
         lengths: dict[str, torch.Tensor] = {}
         to_measure = []
-        for key, (_, _, exact) in edges.items():
-            known = self._entries[key].deaths
+        for key, (_, _, exact, again) in edges.items():
+            entry = self._entries[key]
+            known = entry.deaths if exact else entry.moved_deaths if again else None
             wants_graph = torch.is_grad_enabled() and measured[key].requires_grad
-            if exact and known is not None and not wants_graph:
+            if known is not None and not wants_graph:
                 lengths[key] = known.clone()  # measured before on this very cloud (a shared cache)
             else:
                 to_measure.append(key)
         fresh = edge_lengths_many([measured[key] for key in to_measure], [edges[key][:2] for key in to_measure])
         for key, deaths in zip(to_measure, fresh):
             lengths[key] = deaths
-            if edges[key][2]:
-                self._entries[key].deaths = deaths.detach().clone()  # the caller may modify its own
+            self.remember_deaths(key, deaths, edges[key][2])  # a copy: the caller may modify its own
         return {key: lengths[key] if key in lengths else cloud.reshape(-1)[:0] for key, cloud in clouds.items()}
 
     def clear(self) -> None:
@@ -176,7 +189,8 @@ class TreeCache:
         cloud into the old entry's memory: a state kept in memory must not change with it)."""
         return {
             "entries": {
-                key: {"searched_on": e.searched_on.clone(), "u": e.u, "v": e.v, "reuses": e.reuses}
+                key: {"searched_on": e.searched_on.clone(), "u": e.u, "v": e.v, "reuses": e.reuses,
+                      **({"moved": e.moved.clone()} if e.moved is not None else {})}
                 for key, e in self._entries.items()
             },
             "searches": self.searches,
@@ -185,7 +199,9 @@ class TreeCache:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         entries = {}
         for key, saved in state_dict["entries"].items():
-            entries[key] = _Entry(saved["searched_on"].clone(), saved["u"], saved["v"], int(saved["reuses"]))
+            moved = saved.get("moved")
+            entries[key] = _Entry(saved["searched_on"].clone(), saved["u"], saved["v"], int(saved["reuses"]),
+                                  moved=moved.clone() if moved is not None else None)
         self._entries = entries
         self.searches = int(state_dict.get("searches", 0))
 
@@ -215,6 +231,13 @@ def measure_layers(
     keyed = {cache_key(name, include_bias): cloud for name, cloud in clouds.items() if cloud is not None}
     deaths = trees.deaths_many(keyed, tree_every)
     return {name: None if cloud is None else deaths[cache_key(name, include_bias)] for name, cloud in clouds.items()}
+
+
+def _copy_into(buffer: torch.Tensor | None, cloud: torch.Tensor) -> torch.Tensor:
+    """A copy of `cloud`, written into `buffer` when its layout allows (no new allocation)."""
+    if buffer is not None and _same_layout(buffer, cloud) and buffer.stride() == cloud.stride():
+        return buffer.copy_(cloud)
+    return cloud.clone()
 
 
 def _same_values(searched_on: torch.Tensor, cloud: torch.Tensor) -> bool:
