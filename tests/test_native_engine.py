@@ -309,3 +309,26 @@ def test_the_wrappers_kept_views_follow_replaced_parameter_memory():
 
     for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "clustered", "duplicates", "wide"])
+def test_the_general_search_s_compiled_block_pass_equals_its_torch_one(kind, monkeypatch):
+    """The multi-block Gram pass: distances, mirror and near pairs, compiled and in torch, equal
+    bit for bit (the compiled pass keeps torch's float32 order of operations)."""
+    from topoopt import spanning_tree
+
+    torch.manual_seed(0)
+    n, d = (600, 30) if kind != "wide" else (520, 784)
+    x = torch.randn(n, d)
+    if kind == "clustered":
+        x = torch.randn(12, d).repeat(50, 1) + 1e-4 * torch.randn(n, d)
+    if kind == "duplicates":
+        x[300:400] = x[0:100]
+    compiled = spanning_tree._gram_pass(x, torch.float32, spanning_tree.NEAR_PAIR_RATIO)
+    monkeypatch.setattr(_native, "engine", None)
+    reference = spanning_tree._gram_pass(x, torch.float32, spanning_tree.NEAR_PAIR_RATIO)
+    assert torch.equal(compiled[0], reference[0])
+    assert torch.equal(compiled[1], reference[1])
+    assert compiled[2] == reference[2]
+    if kind in ("clustered", "duplicates"):
+        assert compiled[1].shape[0] > 0

@@ -280,3 +280,12 @@ def test_a_declined_compiled_search_is_not_run_twice(monkeypatch):
     u, v = trees.edges_many({"zero": clustered})["zero"]
     assert len(calls) == 1 and u.shape == (49,)
     assert trees.deaths_many({"zero": clustered})["zero"].abs().max() == 0
+
+
+def test_weights_modified_in_place_before_the_backward_are_an_error():
+    model = _model()
+    total = TopoPenalty(model, metric="normalized_entropy")()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        total.backward()

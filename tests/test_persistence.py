@@ -292,3 +292,16 @@ def test_a_cloud_near_the_top_of_float32_is_searched_exactly():
     big = base * 2.0**125  # entries up to 4e37, all positive: a float32 sum of 40 of them overflows
     assert not torch.isfinite(big.sum(dim=0)).all()
     torch.testing.assert_close(h0_deaths(big), h0_deaths(base) * 2.0**125, rtol=1e-6, atol=0)
+
+
+def test_a_cloud_near_float32_s_largest_keeps_its_tree_where_denormals_flush():
+    torch.manual_seed(0)
+    base = torch.rand(40, 5)
+    big = base * 2.0**127  # entries up to 1.7e38
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        flushed = h0_deaths(big)
+    finally:
+        torch.set_flush_denormal(False)
+    torch.testing.assert_close(flushed.double(), h0_deaths(base).double() * 2.0**127, rtol=1e-6, atol=0)

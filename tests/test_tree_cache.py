@@ -135,21 +135,41 @@ def test_a_graphless_lookup_of_measured_weights_reuses_their_deaths(monkeypatch)
     assert measured[-1] == 1 and torch.allclose(torch.sort(moved_deaths).values, h0_deaths(weight.detach()))
 
 
-def test_a_kept_state_dict_does_not_change_with_later_searches():
-    """A search writes its cloud into the old entry's memory; states handed out or loaded are
-    copies, so a state kept in memory (a best-so-far checkpoint) stays what it was."""
+def test_state_dicts_alias_like_a_module_s_and_loading_copies():
+    """A search writes its cloud into the old entry's memory: a state_dict holds references, as
+    a module's does (a deep copy is a snapshot), and a loaded state is copied, never written."""
+    import copy
+
     cache = TreeCache()
     cloud = torch.randn(20, 5)
     cache.edges("a", cloud)
-    kept = cache.state_dict()
-    before = kept["entries"]["a"]["searched_on"].clone()
+    state = cache.state_dict()
+    snapshot = copy.deepcopy(state)
     cache.edges("a", cloud + 1.0)
-    assert torch.equal(kept["entries"]["a"]["searched_on"], before)
-    restored = TreeCache()
-    restored.load_state_dict(kept)
-    restored.edges("a", cloud - 1.0)
-    assert torch.equal(kept["entries"]["a"]["searched_on"], before)
+    assert torch.equal(snapshot["entries"]["a"]["searched_on"], cloud)
     assert torch.equal(cache.state_dict()["entries"]["a"]["searched_on"], cloud + 1.0)
+    restored = TreeCache()
+    restored.load_state_dict(snapshot)
+    restored.edges("a", cloud - 1.0)
+    assert torch.equal(snapshot["entries"]["a"]["searched_on"], cloud)
+    shared = {"penalty": cache.state_dict(), "optimizer": cache.state_dict()}
+    saved = io.BytesIO()
+    torch.save(shared, saved)
+    alone = io.BytesIO()
+    torch.save({"penalty": cache.state_dict()}, alone)
+    assert saved.getbuffer().nbytes < alone.getbuffer().nbytes + 1000  # the shared cloud stored once
+
+
+def test_a_moved_cloud_again_respects_the_asking_caller_s_budget():
+    torch.manual_seed(0)
+    cloud = torch.randn(30, 6)
+    cache = TreeCache()
+    cache.edges("a", cloud, tree_every=10)
+    for step in range(1, 9):
+        moved = cloud + 1e-3 * step
+        cache.edges("a", moved, tree_every=10)  # 8 approximate reuses
+    cache.edges("a", moved, tree_every=2)  # the same cloud, but this caller allows 1 reuse: searched
+    assert cache.searches == 2
 
 
 def test_the_same_moved_cloud_looked_up_twice_counts_once():

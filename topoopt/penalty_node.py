@@ -183,11 +183,11 @@ class _PenaltyNode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         plan = ctx.plan
+        clouds = ctx.saved_tensors  # (also autograd's check that no cloud was modified in place since)
         create_graph = torch.is_grad_enabled()
         if create_graph or plan.handed_over:
             # create_graph=True, or a second backward through a retained graph (the gradients
             # found in the forward were handed over to the first): differentiate the per-layer graph.
-            clouds = ctx.saved_tensors
             with torch.enable_grad():
                 total = plan.recomputed(clouds)
                 grads = torch.autograd.grad(total, clouds, grad, create_graph=create_graph, allow_unused=True)

@@ -195,7 +195,8 @@ def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[
     # Near the top of float32's range the mean and the centred values overflow: scale the points
     # down first, by a power of two (exact), and fold it into the factor.
     largest = float(points.abs().max())
-    prescale = 2.0 ** -round(np.log2(largest)) if largest > 2.0**64 else 1.0
+    # (2⁻¹⁰⁰ at most: a smaller factor would be a float32 subnormal, 0 where denormals flush)
+    prescale = 2.0 ** -min(round(np.log2(largest)), 100) if largest > 2.0**64 else 1.0
     if prescale != 1.0:
         points = points * prescale
     # Centre in the input's own precision: the difference of close floats is exact (Sterbenz).
@@ -211,11 +212,22 @@ def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[
         return block.to(device="cpu", dtype=torch.float32), near, factor
     result = torch.empty((n, n), dtype=torch.float32)
     near_pairs: list[torch.Tensor] = []
+    compiled = _native.engine is not None and x.device.type == "cpu" and x.dtype == torch.float32
     for start in range(0, n, _BLOCK_ROWS):
         stop = min(start + _BLOCK_ROWS, n)
-        with caller_threads(flops=2.0 * (stop - start) * (n - start) * x.shape[1],
-                            elements=(stop - start) * (n - start)):
+        # Only the product gets the caller's threads: as torch operations, the block's elementwise
+        # passes were ~10 short parallel regions, each a barrier that stalls under contention
+        # (N = 1000 with two busy processes: ~300 ms, against ~50 ms on one thread). Compiled,
+        # they are one pass (benchmarks/RESULTS.md, "Under contention").
+        with caller_threads(flops=2.0 * (stop - start) * (n - start) * x.shape[1]):
             block = x[start:stop] @ x[start:].T
+        if compiled:  # the same values and pairs in one pass, on this thread
+            pairs = np.empty((stop - start) * (n - start) * 2, dtype=np.int32)  # pages touched only as filled
+            count = _native.engine.block_distances(block.numpy(), sq_norms[start:stop].numpy(),
+                                                   sq_norms[start:].numpy(), ratio, result.numpy(), n, start, pairs)
+            near_pairs.append(torch.from_numpy(pairs[: 2 * count].reshape(count, 2)) + start)
+            continue
+        with caller_threads(elements=(stop - start) * (n - start)):
             near_pairs.append(
                 _near_pairs_of_block(block, sq_norms[start:stop, None], sq_norms[None, start:], ratio) + start)
             block = block.to(device="cpu", dtype=torch.float32)

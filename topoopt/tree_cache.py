@@ -90,7 +90,7 @@ class TreeCache:
         deaths to `remember_deaths`."""
         return {key: found[:3] for key, found in self._edges_many(clouds, tree_every).items()}
 
-    def remember_deaths(self, key: str, deaths: torch.Tensor, exact: bool) -> None:
+    def remember_deaths(self, key: str, deaths: torch.Tensor, exact: bool = True) -> None:
         """Keep the deaths (tree order) just measured on the tree `trees_for` gave for `key`
         (`exact` as it said), so that a graphless lookup of the same cloud (`deaths_many`) gets
         a copy instead of measuring."""
@@ -136,7 +136,7 @@ class TreeCache:
         if entry is not None and _same_layout(entry.searched_on, cloud):
             if _same_values(entry.searched_on, cloud):
                 return entry.u, entry.v, True, False
-            if tree_every > 1 and entry.moved is not None and _same_values(entry.moved, cloud):
+            if entry.reuses < tree_every and entry.moved is not None and _same_values(entry.moved, cloud):
                 return entry.u, entry.v, False, True
             if entry.reuses + 1 < tree_every:
                 entry.reuses += 1
@@ -185,18 +185,21 @@ class TreeCache:
         self._entries.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        """The entries as plain tensors, copies of the cache's own (a later search writes its
-        cloud into the old entry's memory: a state kept in memory must not change with it)."""
+        """The entries as plain tensors. Like a module's ``state_dict()``, it holds references
+        (a later search writes its cloud into the old entry's memory, as an optimizer step writes
+        a parameter's): save it, or deep-copy it to keep a snapshot in memory. One cache shared
+        by a penalty and an optimizer is then stored once in a checkpoint."""
         return {
             "entries": {
-                key: {"searched_on": e.searched_on.clone(), "u": e.u, "v": e.v, "reuses": e.reuses,
-                      **({"moved": e.moved.clone()} if e.moved is not None else {})}
+                key: {"searched_on": e.searched_on, "u": e.u, "v": e.v, "reuses": e.reuses,
+                      **({"moved": e.moved} if e.moved is not None else {})}
                 for key, e in self._entries.items()
             },
             "searches": self.searches,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load entries as copies: the cache later writes into its own, never into the caller's."""
         entries = {}
         for key, saved in state_dict["entries"].items():
             moved = saved.get("moved")

@@ -8,6 +8,7 @@
  * - measure, scatter: the forward (lengths, optionally sorted, and unit directions) and backward
  *   (the norm's gradient scattered to both endpoints) of a tree's edge lengths.
  * - metric_slope: a metric of H0 bars and its gradient per bar, for the one-node penalty.
+ * - block_distances: a row block of the general search's squared distances and near pairs.
  * - same_bytes: TreeCache's test that a cloud is the one its tree was searched on.
  * Lengths are summed in double from the float32 or float64 points: exact over float32's whole
  * range, where a float32 squared norm under- or overflows.
@@ -344,6 +345,76 @@ done:
     return result;
 }
 
+/* block_distances(block: float32[r*c] (overwritten), row_norms: float32[r], col_norms: float32[c],
+ *                 ratio, result: float32[n*n] out, n, start, near: int32[2*r*c] out) -> near pairs
+ * One row block (rows start..start+r, columns start..n) of the general search's Gram pass, in one
+ * pass: squared distances |a|²+|b|²−2a·b (float32, clamped at 0, in torch's order of operations:
+ * the values of spanning_tree._near_pairs_of_block) written into `result` and its mirror (inside
+ * the block's own square the mirror wins, as the torch assignments leave it), and the pairs
+ * j > i closer than ratio·(|a|²+|b|²) appended to `near` as (row, column) offsets, row-major. As
+ * ~10 torch passes these were short parallel regions that stalled under contention. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+static Py_ssize_t block_pass(float *block, const float *rows, const float *cols, float ratio,
+                             float *result, Py_ssize_t n, Py_ssize_t start, Py_ssize_t r, Py_ssize_t c,
+                             int32_t *near) {
+    Py_ssize_t count = 0;
+    /* Row by row: the distances (into the block, in place), the rows of `result`, the near pairs. */
+    for (Py_ssize_t i = 0; i < r; i++) {
+        float *g = block + i * c;
+        float a = rows[i];
+        for (Py_ssize_t j = 0; j < c; j++) {
+            float value = (g[j] * -2.0f + a) + cols[j];
+            if (value < 0.0f) value = 0.0f;
+            g[j] = value;
+            if (j > i && value < (a + cols[j]) * ratio) {
+                near[2 * count] = (int32_t)i;
+                near[2 * count + 1] = (int32_t)j;
+                count++;
+            }
+        }
+        /* inside the block's own square only the mirror below is kept, as the torch assignments leave it */
+        memcpy(result + (start + i) * n + start + r, g + r, (size_t)(c - r) * sizeof(float));
+    }
+    /* The mirror, in tiles: a column of `result` a row at a time would touch a page per write. */
+    const Py_ssize_t TILE = 32;
+    for (Py_ssize_t j0 = 0; j0 < c; j0 += TILE)
+        for (Py_ssize_t i0 = 0; i0 < r; i0 += TILE) {
+            Py_ssize_t j1 = j0 + TILE < c ? j0 + TILE : c, i1 = i0 + TILE < r ? i0 + TILE : r;
+            for (Py_ssize_t j = j0; j < j1; j++) {
+                float *out = result + (start + j) * n + start;
+                for (Py_ssize_t i = i0; i < i1; i++) out[i] = block[i * c + j];
+            }
+        }
+    return count;
+}
+
+static PyObject *block_distances(PyObject *self, PyObject *args) {
+    Py_buffer block, rows, cols, result, near;
+    double ratio;
+    Py_ssize_t n, start;
+    if (!PyArg_ParseTuple(args, "w*y*y*dw*nnw*", &block, &rows, &cols, &ratio, &result, &n, &start, &near))
+        return NULL;
+    PyObject *out = NULL;
+    Py_ssize_t r = rows.len / (Py_ssize_t)sizeof(float), c = cols.len / (Py_ssize_t)sizeof(float);
+    if (expect(r >= 1 && c >= r && start >= 0 && start + c == n && block.len == r * c * (Py_ssize_t)sizeof(float) &&
+               result.len == n * n * (Py_ssize_t)sizeof(float) && near.len == 2 * r * c * (Py_ssize_t)sizeof(int32_t),
+               "block_distances: buffer sizes do not match")) {
+        Py_ssize_t count;
+        Py_BEGIN_ALLOW_THREADS
+        count = block_pass(block.buf, rows.buf, cols.buf, (float)ratio, result.buf, n, start, r, c, near.buf);
+        Py_END_ALLOW_THREADS
+        out = PyLong_FromSsize_t(count);
+    }
+    PyBuffer_Release(&block);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&cols);
+    PyBuffer_Release(&result);
+    PyBuffer_Release(&near);
+    return out;
+}
+
 /* Edge endpoints in range; sets IndexError otherwise. */
 static int edges_in_range(const int64_t *u, const int64_t *v, Py_ssize_t e, Py_ssize_t n) {
     for (Py_ssize_t k = 0; k < e; k++) {
@@ -642,6 +713,7 @@ static PyMethodDef methods[] = {
     {"scale_steps", scale_steps, METH_VARARGS, "TopoOptimizer's step scaling: check, then lerp back."},
     {"copy_all", copy_all, METH_VARARGS, "Copy each buffer of a list into its target."},
     {"metric_slope", metric_slope, METH_VARARGS, "A metric of H0 bars and its slope."},
+    {"block_distances", block_distances, METH_VARARGS, "A row block of the general search's distances."},
     {"same_bytes", same_bytes, METH_VARARGS, "Whether two buffers hold the same bytes."},
     {"measure", measure, METH_VARARGS, "Edge lengths and differences, optionally sorted."},
     {"scatter", scatter, METH_VARARGS, "Gradient of edge lengths, scattered to the points."},
