@@ -360,31 +360,35 @@ static Py_ssize_t block_pass(float *block, const float *rows, const float *cols,
                              float *result, Py_ssize_t n, Py_ssize_t start, Py_ssize_t r, Py_ssize_t c,
                              int32_t *near) {
     Py_ssize_t count = 0;
-    /* Row by row: the distances (into the block, in place), the rows of `result`, the near pairs. */
+    /* Row by row: the distances (straight into the row of `result`; the block's own square into
+     * the block, for the mirror below), and the near pairs. */
     for (Py_ssize_t i = 0; i < r; i++) {
-        float *g = block + i * c;
+        float *g = block + i * c, *out = result + (start + i) * n + start;
         float a = rows[i];
         for (Py_ssize_t j = 0; j < c; j++) {
             float value = (g[j] * -2.0f + a) + cols[j];
             if (value < 0.0f) value = 0.0f;
-            g[j] = value;
+            if (j < r) g[j] = value;  /* inside the block's own square only the mirror is kept, */
+            else out[j] = value;      /* as the torch assignments leave it */
             if (j > i && value < (a + cols[j]) * ratio) {
                 near[2 * count] = (int32_t)i;
                 near[2 * count + 1] = (int32_t)j;
                 count++;
             }
         }
-        /* inside the block's own square only the mirror below is kept, as the torch assignments leave it */
-        memcpy(result + (start + i) * n + start + r, g + r, (size_t)(c - r) * sizeof(float));
     }
-    /* The mirror, in tiles: a column of `result` a row at a time would touch a page per write. */
+    /* The mirror, in tiles (a column of `result` a row at a time would touch a page per write):
+     * from the block's square, then from the rows of `result` just written. */
     const Py_ssize_t TILE = 32;
     for (Py_ssize_t j0 = 0; j0 < c; j0 += TILE)
         for (Py_ssize_t i0 = 0; i0 < r; i0 += TILE) {
             Py_ssize_t j1 = j0 + TILE < c ? j0 + TILE : c, i1 = i0 + TILE < r ? i0 + TILE : r;
             for (Py_ssize_t j = j0; j < j1; j++) {
                 float *out = result + (start + j) * n + start;
-                for (Py_ssize_t i = i0; i < i1; i++) out[i] = block[i * c + j];
+                if (j < r)
+                    for (Py_ssize_t i = i0; i < i1; i++) out[i] = block[i * c + j];
+                else
+                    for (Py_ssize_t i = i0; i < i1; i++) out[i] = result[(start + i) * n + start + j];
             }
         }
     return count;
