@@ -1,12 +1,13 @@
 """`TopoPenalty`'s term for CPU layers as one autograd node, its gradient found in the forward.
 
 Built the usual way, a penalty over three small layers is ~15 autograd nodes (edge lengths,
-metric, term, sums) whose fixed costs were most of its time: on 784-100-100-10, ~0.7 ms forward
-and backward for ~0.1 ms of arithmetic (benchmarks/overhead.py). Here each layer costs one
-compiled measurement of its tree's edges, its metric and slope in numpy (`topoopt.host_metrics`)
-and one compiled scatter of the slope onto the neurons; the node's backward only multiplies
-those gradients by the incoming one. The penalty's gradient is needed on every call that builds
-a graph (the loss's backward follows), so nothing is computed in vain.
+metric, term, sums) whose fixed costs were most of its time: on 784-100-100-10, 0.7–1.0 ms
+forward and backward for ~0.1 ms of arithmetic (measured with the trees given). Here each layer
+costs one compiled measurement of its tree's edges, one compiled call for its metric and slope
+(`topoopt.host_metrics.metric_and_slope`) and one compiled scatter of the slope onto the
+neurons; the node's backward hands those gradients over, times the incoming one. The penalty's
+gradient is needed on every call that builds a graph (the loss's backward follows), so nothing
+is computed in vain.
 
 The values are those of the per-layer graph: the deaths are rounded to the cloud's dtype before
 the metric, and the metric after it, as there. The sums differ in order, and the mean lifetime
