@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -77,11 +78,12 @@ class _EdgeLengths(torch.autograd.Function):
     def forward(ctx, points: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sort: bool) -> torch.Tensor:
         ctx.native = native_edges_handle(points)
         if ctx.native:
-            u, v = u.to(torch.int64).contiguous(), v.to(torch.int64).contiguous()
+            if u.dtype != torch.int64 or v.dtype != torch.int64 or not (u.is_contiguous() and v.is_contiguous()):
+                u, v = u.to(torch.int64).contiguous(), v.to(torch.int64).contiguous()
             result, lengths, unit, order = native_measure(points.detach(), u, v, sort)
             ctx.save_for_backward(u, v, unit, lengths, order)
             ctx.points_shape = points.shape
-            return result.to(points.dtype)
+            return result
         with engine_threads(), caller_threads(elements=points.numel()):
             difference, lengths = _measure_edges(points.detach(), u, v)
             if sort:
@@ -133,35 +135,52 @@ def native_edges_handle(points: torch.Tensor) -> bool:
 
 def native_measure(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sort: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One compiled call: the edges' lengths as the result (ascending when `sort`, ties in edge
-    order), and, for `native_scatter`, the lengths in edge order (float64, summed in double:
-    exact for any float32 cloud), the unit directions (x_u − x_v)/‖x_u − x_v‖ (the points' dtype,
-    0 at zero length; finite even where a float32 difference would overflow) and the sorting
-    order (None without `sort`). IndexError for an endpoint outside the cloud."""
+    """One compiled call: the edges' lengths as the result (the points' dtype; ascending when
+    `sort`, ties in edge order), and, for `native_scatter`, the lengths in edge order (float64,
+    summed in double: exact for any float32 cloud), the unit directions (x_u − x_v)/‖x_u − x_v‖
+    (the points' dtype, 0 at zero length; finite even where a float32 difference would overflow)
+    and the sorting order (None without `sort`). IndexError for an endpoint outside the cloud.
+    Buffers come from numpy: its allocations and views cost a fraction of torch's, which were
+    most of a small cloud's call."""
     x = points.contiguous()
     if u.shape != v.shape or u.dim() != 1:
         raise ValueError(f"edge endpoints u and v must be two 1-D tensors of one length, got {tuple(u.shape)} "
                          f"and {tuple(v.shape)}")
     count = u.shape[0]
-    lengths = torch.empty(count, dtype=torch.float64)
-    unit = torch.empty((count, x.shape[1]), dtype=x.dtype)
-    order = torch.empty(count if sort else 0, dtype=torch.int64)
-    result = torch.empty(count if sort else 0, dtype=torch.float64)
-    _native.engine.measure(x.numpy(), x.element_size(), x.shape[0], x.shape[1], u.numpy(), v.numpy(),
-                           unit.numpy(), lengths.numpy(), order.numpy(), result.numpy())
-    return (result if sort else lengths), lengths, unit, (order if sort else None)
+    dtype = _NUMPY_DTYPES[x.dtype]
+    lengths = np.empty(count, dtype=np.float64)
+    unit = np.empty((count, x.shape[1]), dtype=dtype)
+    order = np.empty(count if sort else 0, dtype=np.int64)
+    result = np.empty(count if sort else 0, dtype=dtype)
+    _native.engine.measure(x.numpy(), x.element_size(), x.shape[0], x.shape[1], _int64_view(u), _int64_view(v),
+                           unit, lengths, order, result)
+    lengths_tensor = torch.from_numpy(lengths)
+    if sort:
+        return torch.from_numpy(result), lengths_tensor, torch.from_numpy(unit), torch.from_numpy(order)
+    return lengths_tensor.to(points.dtype), lengths_tensor, torch.from_numpy(unit), None
 
 
 def native_scatter(unit: torch.Tensor, u: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
                    order: torch.Tensor | None, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The gradient with respect to the points of `native_measure`'s result: grad times each
     edge's unit direction, added at u and subtracted at v; 0 at zero length."""
-    grad = grad.to(unit.dtype).contiguous()
-    result = torch.empty(shape, dtype=unit.dtype)  # zeroed by the engine
-    order = order if order is not None else lengths.new_empty(0, dtype=torch.int64)
-    _native.engine.scatter(unit.numpy(), unit.element_size(), shape[1], u.numpy(), v.numpy(),
-                           lengths.numpy(), grad.numpy(), order.numpy(), result.numpy(), shape[0])
-    return result
+    if grad.dtype != unit.dtype or not grad.is_contiguous():
+        grad = grad.to(unit.dtype).contiguous()
+    result = np.empty(tuple(shape), dtype=_NUMPY_DTYPES[unit.dtype])  # zeroed by the engine
+    _native.engine.scatter(unit.numpy(), unit.element_size(), shape[1], u.numpy(), v.numpy(), lengths.numpy(),
+                           grad.numpy(), order.numpy() if order is not None else _NO_ORDER, result, shape[0])
+    return torch.from_numpy(result)
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_NO_ORDER = np.empty(0, dtype=np.int64)
+
+
+def _int64_view(index: torch.Tensor) -> np.ndarray:
+    """A numpy view of int64 edge endpoints (converted first when they are not)."""
+    if index.dtype != torch.int64 or not index.is_contiguous():
+        index = index.to(torch.int64).contiguous()
+    return index.numpy()
 
 
 def _measure_edges(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@
  * Every function checks its buffers' sizes and indices and runs without the GIL. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -467,9 +468,10 @@ MEASURE(float)
 MEASURE(double)
 
 /* measure(points: T[n*d], itemsize, n, d, u, v: int64[e], unit: T[e*d] out, lengths: double[e]
- *         out, order: int64[e] or empty out, sorted: double[e] or empty out)
+ *         out, order: int64[e] or empty out, sorted: T[e] or empty out)
  * Unit directions and lengths in the edges' order; with non-empty order/sorted, also the ascending
- * order of the lengths (ties by position, as a stable sort) and the lengths in that order. */
+ * order of the lengths (ties by position, as a stable sort) and the lengths in that order, rounded
+ * to the points' type (float32 lengths beyond its range become infinite, as a cast would make them). */
 static PyObject *measure(PyObject *self, PyObject *args) {
     Py_buffer points, u, v, unit, lengths, order, sorted;
     Py_ssize_t itemsize, n, d;
@@ -482,7 +484,7 @@ static PyObject *measure(PyObject *self, PyObject *args) {
     if (!expect((itemsize == 4 || itemsize == 8) && d >= 1 && points.len == n * d * itemsize &&
                 v.len == u.len && lengths.len == e * (Py_ssize_t)sizeof(double) &&
                 unit.len == e * d * itemsize && (order.len == 0 || order.len == u.len) &&
-                sorted.len == (sort ? lengths.len : 0), "measure: buffer sizes do not match") ||
+                sorted.len == (sort ? e * itemsize : 0), "measure: buffer sizes do not match") ||
         !edges_in_range((const int64_t *)u.buf, (const int64_t *)v.buf, e, n)) goto done;
     if (sort && !(keyed = malloc((size_t)(e ? e : 1) * sizeof(keyed_edge)))) { PyErr_NoMemory(); goto done; }
     double *raw = lengths.buf;
@@ -494,7 +496,9 @@ static PyObject *measure(PyObject *self, PyObject *args) {
         qsort(keyed, (size_t)e, sizeof(keyed_edge), by_length_then_index);
         for (Py_ssize_t k = 0; k < e; k++) {
             ((int64_t *)order.buf)[k] = keyed[k].index;
-            ((double *)sorted.buf)[k] = keyed[k].length;
+            double length = keyed[k].length;
+            if (itemsize == 8) ((double *)sorted.buf)[k] = length;
+            else ((float *)sorted.buf)[k] = length > FLT_MAX ? INFINITY : (float)length;
         }
     }
     Py_END_ALLOW_THREADS
