@@ -101,3 +101,23 @@ def test_penalty_does_not_own_the_model_parameters():
     penalty = TopoPenalty(model())
     assert list(penalty.parameters()) == []
     assert list(penalty.state_dict()) == ["_extra_state"]  # its call counter, not the weights
+
+
+def test_calls_without_a_graph_compute_and_do_not_shift_every():
+    """A logging or evaluation call under no_grad always gives the value and leaves the
+    training schedule of `every` as it was (it used to take the computing turns)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    penalty = TopoPenalty(net, weight=1.0, every=2)
+    reference = TopoPenalty(net, weight=1.0, every=2)
+    logged, trained, expected = [], [], []
+    for _ in range(4):
+        with torch.no_grad():
+            logged.append(penalty().item())
+        trained.append(penalty().item())
+        expected.append(reference().item())
+    assert trained == expected and expected[0] > 0 and expected[1] == 0.0
+    assert all(value == expected[0] for value in logged)  # the weights did not move
+    with torch.inference_mode():
+        assert penalty().item() == expected[0]
+    assert penalty.state_dict()["_extra_state"]["calls"] == 4

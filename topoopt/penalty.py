@@ -52,8 +52,11 @@ class TopoPenalty(nn.Module):
     target : float, optional
         Penalise (metric − target)² instead (``direction`` must stay "minimize").
     every : int
-        Compute the term on every k-th call (the 1st, k+1-th, ...); in between it is an exact
-        zero with no graph. Pass ``weight`` ≈ k·λ to keep the same average pressure.
+        Compute the term on every k-th call that builds a graph (the 1st, k+1-th, ...); in
+        between it is an exact zero with no graph. A call without a graph (under
+        ``torch.no_grad()`` or inference mode: logging, evaluation) always computes the value
+        and does not count, so it cannot shift the training schedule. Pass ``weight`` ≈ k·λ to
+        keep the same average pressure.
     tree_every : int
         Search a layer's spanning tree at most every m-th time its weights changed and re-measure
         its edges in between: cheaper, exact only when m = 1 (see `topoopt.TreeCache`). A tree
@@ -168,11 +171,12 @@ class TopoPenalty(nn.Module):
         ValueError
             When a layer's metric is not finite (diverged weights).
         """
-        self._calls += 1
         first = next(iter(self._layers.values())).weight
         total = torch.zeros((), device=first.device, dtype=torch.float32)
-        if (self._calls - 1) % self.every:
-            return total
+        if torch.is_grad_enabled():  # only calls that build a graph count (see `every`)
+            self._calls += 1
+            if (self._calls - 1) % self.every:
+                return total
         measured = {name: module for name, module in self._layers.items() if self.coefficients[name] != 0.0}
         clouds = {name: cloud for name, module in measured.items()
                   if (cloud := layer_cloud(name, module, self.include_bias)) is not None}

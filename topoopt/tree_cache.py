@@ -54,7 +54,15 @@ class _Entry:
 
 
 class TreeCache:
-    """Per-layer minimum spanning trees, reused only where that is exact or asked for."""
+    """Per-layer minimum spanning trees, reused only where that is exact or asked for.
+
+    A tree is reused for a bit-identical cloud, or, with ``tree_every=m``, for up to m − 1
+    lookups of moved weights. Pass one cache as ``trees=`` to a `TopoPenalty` and a
+    `TopoOptimizer` (or a `TopologyMonitor`) to search each layer once a step between them.
+    With ``tree_every > 1`` their ``state_dict()`` carries it (exact trees need no saving: a
+    resumed run searches again and finds the same). The module's docstring
+    (``topoopt.tree_cache``) gives the rules in full.
+    """
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
