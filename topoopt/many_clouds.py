@@ -76,9 +76,10 @@ def trees_of_many(clouds: Sequence[torch.Tensor]) -> list[Edges]:
 def _small_trees(stack: torch.Tensor) -> list[Edges | None]:
     """`spanning_tree._small_cloud_tree` of each cloud of a k×N×d stack, batched: None for a
     cloud with many near pairs (left to the one-cloud search, as there)."""
-    if spanning_tree.native_small_tree_handles(stack):
-        return [None if edges is None else (torch.from_numpy(edges[0]), torch.from_numpy(edges[1]))
-                for edges in spanning_tree._native_small_trees(stack)]
+    if spanning_tree.native_small_tree_handles(stack):  # a declined cloud straight past the compiled search
+        return [(torch.from_numpy(edges[0]), torch.from_numpy(edges[1])) if edges is not None
+                else spanning_tree.tree_without_the_compiled_search(cloud)
+                for edges, cloud in zip(spanning_tree._native_small_trees(stack), stack)]
     k, n, d = stack.shape
     # The operations of `spanning_tree._gram_pass` (one block), along a batch dimension.
     centred = stack - stack.mean(dim=1, keepdim=True)

@@ -401,26 +401,28 @@ def _native_small_trees(stack: torch.Tensor) -> list[np.ndarray | None]:
     k, n, d = stack.shape
     points = stack.detach().contiguous().numpy()
     scratch = np.empty((n, n), dtype=np.float32)
-    trees: list[np.ndarray | None] = []
-    for b in range(k):
-        edges = np.empty((2, n - 1), dtype=np.int64)
-        near = _native.engine.small_tree(points[b], n, d, NEAR_PAIR_RATIO, _EXACT_PAIRS_PER_POINT * n, scratch,
-                                         edges[0], edges[1])
-        trees.append(None if near < 0 else edges)
-    return trees
+    return [_compiled_tree(points[b], scratch) for b in range(k)]
 
 
 def native_small_tree(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`_native_small_trees` of one cloud (one that `native_small_tree_handles`), as (u, v)
     tensors, with no stacking: its Python-side cost was most of a 10×100 layer's search."""
-    n, d = points.shape
-    edges = np.empty((2, n - 1), dtype=np.int64)
-    near = _native.engine.small_tree(points.contiguous().numpy(), n, d, NEAR_PAIR_RATIO, _EXACT_PAIRS_PER_POINT * n,
-                                     np.empty((n, n), dtype=np.float32), edges[0], edges[1])
-    if near < 0:
+    n = points.shape[0]
+    edges = _compiled_tree(points.contiguous().numpy(), np.empty((n, n), dtype=np.float32))
+    if edges is None:
         return None
     both = torch.from_numpy(edges)
     return both[0], both[1]
+
+
+def _compiled_tree(points: np.ndarray, scratch: np.ndarray) -> np.ndarray | None:
+    """One compiled search of an N×d float32 cloud (scratch: N×N float32): its 2×(N−1) edges, or
+    None where the compiled search declines."""
+    n, d = points.shape
+    edges = np.empty((2, n - 1), dtype=np.int64)
+    near = _native.engine.small_tree(points, n, d, NEAR_PAIR_RATIO, _EXACT_PAIRS_PER_POINT * n, scratch,
+                                     edges[0], edges[1])
+    return None if near < 0 else edges
 
 
 def _tree_of_distinct_points(points: torch.Tensor) -> np.ndarray:
