@@ -4,6 +4,13 @@ Times blocks of 10 steps (so `every=10` pays its measurement once a block) of an
 128 on CPU, the variants interleaved block by block, and reports the median time per step and
 its ratio to the plain optimizer's, all measured in the same run on the same data.
 
+The "floor" variant is the plain step plus only the compiled work an exact penalty and wrapper
+cannot avoid, called straight, with no Python between the calls but a loop: per layer one tree
+search (every `--tree-every` steps), one measurement of its edges and one scatter of their
+gradient, that gradient added to the weight's, and the wrapper's copy before the inner step and
+scaling after it. No cache, no checks, no metric or policy. The real variants cannot go below it
+without a faster search or measurement; it shows how much of their cost is anything else.
+
     python benchmarks/overhead.py
 """
 
@@ -16,8 +23,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from topoopt import TopoOptimizer, TopoPenalty, TreeCache
+import numpy as np
+
+from topoopt import TopoOptimizer, TopoPenalty, TreeCache, _native
 from topoopt.models import build_mlp
+from topoopt.spanning_tree import euclidean_mst_edges
 
 INNER = {"sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), "adam": lambda p: torch.optim.Adam(p, lr=1e-3)}
 
@@ -38,6 +48,8 @@ def make_block(spec: str, inner: str, variant: str, every: int, tree_every: int)
     x = torch.randn(128, int(spec.split(":")[1].split("-")[0]), generator=g)
     y = torch.randint(0, 10, (128,), generator=g)
 
+    floor = _compiled_floor(model, tree_every) if variant == "floor" else None
+
     def block():
         for _ in range(10):
             optimizer.zero_grad()
@@ -45,10 +57,52 @@ def make_block(spec: str, inner: str, variant: str, every: int, tree_every: int)
             if penalty is not None:
                 loss = loss + penalty()
             loss.backward()
-            optimizer.step()
+            if floor is None:
+                optimizer.step()
+            else:
+                floor.before_step()
+                optimizer.step()
+                floor.after_step()
 
     block()  # warm-up
     return block
+
+
+class _compiled_floor:
+    """The compiled calls of an exact every-step penalty and wrapper, and nothing else (see the
+    module's docstring); called around a plain optimizer's step."""
+
+    def __init__(self, model: torch.nn.Module, tree_every: int) -> None:
+        self.weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        self.tree_every, self.steps, self.trees = tree_every, 0, [None] * len(self.weights)
+        self.engine = _native.engine
+        if self.engine is None:
+            raise SystemExit("the floor variant needs the compiled engine (pip install -e . with a C compiler)")
+        self.empty = np.empty(0)
+        self.buffers = [dict(unit=np.empty((n - 1, d), np.float32), lengths=np.empty(n - 1),
+                             grad_of_lengths=np.full(n - 1, 1e-6, np.float32), grad=np.empty((n, d), np.float32),
+                             copy=np.empty((n, d), np.float32)) for n, d in (w.shape for w in self.weights)]
+
+    def before_step(self) -> None:
+        engine, empty = self.engine, self.empty
+        for i, (weight, b) in enumerate(zip(self.weights, self.buffers)):
+            n, d = weight.shape
+            points = weight.detach().numpy()
+            if self.steps % self.tree_every == 0:
+                self.trees[i] = [np.ascontiguousarray(e.numpy(), dtype=np.int64) for e in euclidean_mst_edges(weight.detach())]
+            u, v = self.trees[i]
+            engine.measure(points, 4, n, d, u, v, b["unit"], b["lengths"], empty.view(np.int64), empty)
+            engine.scatter(b["unit"], 4, d, u, v, b["lengths"], b["grad_of_lengths"], empty.view(np.int64),
+                           b["grad"], n)
+            # the penalty's gradient, accumulated (tiny, so that the floor trains as the others do:
+            # clouds that collapse would take the slower search for near pairs)
+            weight.grad.add_(torch.from_numpy(b["grad"]))
+            b["copy"][...] = points  # the wrapper's copy before the inner step
+        self.steps += 1
+
+    def after_step(self) -> None:
+        self.engine.scale_steps([w.detach().numpy() for w in self.weights], [b["copy"] for b in self.buffers],
+                                [0.1] * len(self.weights), True)
 
 
 def per_step_medians(blocks: dict, repeats: int) -> dict:
@@ -77,7 +131,8 @@ def main() -> None:
     print("-" * len(header))
     for spec in args.models:
         for inner in INNER:
-            blocks = {"plain": make_block(spec, inner, "plain", 1, args.tree_every)}
+            blocks = {"plain": make_block(spec, inner, "plain", 1, args.tree_every),
+                      "floor every=1": make_block(spec, inner, "floor", 1, args.tree_every)}
             for every in (10, 1):
                 for variant in ("optimizer", "penalty", "both"):
                     blocks[f"{variant} every={every}"] = make_block(spec, inner, variant, every, args.tree_every)
