@@ -5,11 +5,12 @@ Times blocks of 10 steps (so `every=10` pays its measurement once a block) of an
 its ratio to the plain optimizer's, all measured in the same run on the same data.
 
 The "floor" variant is the plain step plus only the compiled work an exact penalty and wrapper
-cannot avoid, called straight, with no Python between the calls but a loop: per layer one tree
-search (every `--tree-every` steps), one measurement of its edges and one scatter of their
-gradient, that gradient added to the weight's, and the wrapper's copy before the inner step and
-scaling after it. No cache, no checks, no metric or policy. The real variants cannot go below it
-without a faster search or measurement; it shows how much of their cost is anything else.
+cannot avoid, called straight, with no Python between the calls but a loop: on a measuring step
+(every `every` steps), per layer one tree search (every `--tree-every` measurements), one
+measurement of its edges and one scatter of their gradient, that gradient added to the weight's;
+on every step, the wrapper's copy before the inner step and its scaling after it. No cache, no
+checks, no metric or policy. The real variants cannot go below it without a faster search or
+measurement, or a wrapper without its copy; it shows how much of their cost is anything else.
 
     python benchmarks/overhead.py
 """
@@ -20,10 +21,9 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-
-import numpy as np
 
 from topoopt import TopoOptimizer, TopoPenalty, TreeCache, _native
 from topoopt.models import build_mlp
@@ -48,7 +48,7 @@ def make_block(spec: str, inner: str, variant: str, every: int, tree_every: int)
     x = torch.randn(128, int(spec.split(":")[1].split("-")[0]), generator=g)
     y = torch.randint(0, 10, (128,), generator=g)
 
-    floor = _compiled_floor(model, tree_every) if variant == "floor" else None
+    floor = _compiled_floor(model, every, tree_every) if variant == "floor" else None
 
     def block():
         for _ in range(10):
@@ -72,9 +72,10 @@ class _compiled_floor:
     """The compiled calls of an exact every-step penalty and wrapper, and nothing else (see the
     module's docstring); called around a plain optimizer's step."""
 
-    def __init__(self, model: torch.nn.Module, tree_every: int) -> None:
+    def __init__(self, model: torch.nn.Module, every: int, tree_every: int) -> None:
         self.weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        self.tree_every, self.steps, self.trees = tree_every, 0, [None] * len(self.weights)
+        self.every, self.tree_every, self.steps, self.measurements = every, tree_every, 0, 0
+        self.trees = [None] * len(self.weights)
         self.engine = _native.engine
         if self.engine is None:
             raise SystemExit("the floor variant needs the compiled engine (pip install -e . with a C compiler)")
@@ -85,11 +86,16 @@ class _compiled_floor:
 
     def before_step(self) -> None:
         engine, empty = self.engine, self.empty
+        measuring = self.steps % self.every == 0
         for i, (weight, b) in enumerate(zip(self.weights, self.buffers)):
             n, d = weight.shape
             points = weight.detach().numpy()
-            if self.steps % self.tree_every == 0:
-                self.trees[i] = [np.ascontiguousarray(e.numpy(), dtype=np.int64) for e in euclidean_mst_edges(weight.detach())]
+            b["copy"][...] = points  # the wrapper's copy before the inner step
+            if not measuring:
+                continue
+            if self.measurements % self.tree_every == 0:
+                tree = euclidean_mst_edges(weight.detach())
+                self.trees[i] = [np.ascontiguousarray(end.numpy(), dtype=np.int64) for end in tree]
             u, v = self.trees[i]
             engine.measure(points, 4, n, d, u, v, b["unit"], b["lengths"], empty.view(np.int64), empty)
             engine.scatter(b["unit"], 4, d, u, v, b["lengths"], b["grad_of_lengths"], empty.view(np.int64),
@@ -97,7 +103,7 @@ class _compiled_floor:
             # the penalty's gradient, accumulated (tiny, so that the floor trains as the others do:
             # clouds that collapse would take the slower search for near pairs)
             weight.grad.add_(torch.from_numpy(b["grad"]))
-            b["copy"][...] = points  # the wrapper's copy before the inner step
+        self.measurements += measuring
         self.steps += 1
 
     def after_step(self) -> None:
@@ -131,10 +137,9 @@ def main() -> None:
     print("-" * len(header))
     for spec in args.models:
         for inner in INNER:
-            blocks = {"plain": make_block(spec, inner, "plain", 1, args.tree_every),
-                      "floor every=1": make_block(spec, inner, "floor", 1, args.tree_every)}
+            blocks = {"plain": make_block(spec, inner, "plain", 1, args.tree_every)}
             for every in (10, 1):
-                for variant in ("optimizer", "penalty", "both"):
+                for variant in ("floor", "optimizer", "penalty", "both"):
                     blocks[f"{variant} every={every}"] = make_block(spec, inner, variant, every, args.tree_every)
             medians = per_step_medians(blocks, args.blocks)
             for label, seconds in medians.items():

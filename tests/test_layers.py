@@ -82,3 +82,28 @@ def test_zero_initialised_layer_has_zero_metrics():
     nn.init.zeros_(model.fc1.weight)
     fc1 = layer_topology(model)["fc1"]
     assert fc1.mean_lifetime == 0 and fc1.normalized_entropy == 0 and fc1.zero_bars == 5
+
+
+def test_an_effective_weight_is_found_wherever_the_module_keeps_it():
+    """`neuron_cloud` reads a layer's ``effective_weight`` before its raw weight: a class
+    property (topoopt.sparse), a plain instance attribute or a registered buffer alike."""
+    layer = nn.Linear(4, 3)
+    assert neuron_cloud(layer) is layer.weight
+    masked = layer.weight.detach() * 0.5
+    layer.effective_weight = masked  # a plain tensor attribute: kept in the instance's __dict__
+    assert neuron_cloud(layer) is masked
+    buffered = nn.Linear(4, 3)
+    buffered.register_buffer("effective_weight", torch.ones(3, 4))
+    assert torch.equal(neuron_cloud(buffered), torch.ones(3, 4))
+
+
+def test_layer_parameters_are_a_module_s_own_and_its_parametrizations():
+    from topoopt.layers import layer_parameters
+
+    plain, no_bias = nn.Linear(4, 3), nn.Linear(4, 3, bias=False)
+    assert layer_parameters(plain) == [plain.weight, plain.bias]
+    assert layer_parameters(no_bias) == [no_bias.weight]
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))
+    found = layer_parameters(normed)
+    expected = list(normed.parameters(recurse=False)) + list(normed.parametrizations.parameters())
+    assert {id(p) for p in found} == {id(p) for p in expected} and len(found) == len(expected) == 3

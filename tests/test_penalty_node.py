@@ -201,6 +201,44 @@ def test_metric_slope_rejects_bad_codes_and_sizes():
         _native.engine.metric_slope(np.ones(3), 1, np.empty(2))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("code", sorted(set(METRIC_CODES.values()) | {2}))
+def test_measure_metric_is_measure_then_the_rounded_deaths_metric(dtype, code):
+    """`engine.measure_metric` against its parts: `measure`, a cast of the lengths to the
+    cloud's dtype, `metric_slope` of those; with a zero-length edge, and float32 lengths beyond
+    its range (infinite deaths, as a cast makes them)."""
+    engine = _native.engine
+    rng = np.random.default_rng(code)
+    for scale in (1.0, 1e-30, 3e38 if dtype == np.float32 else 1e200):
+        points = (rng.uniform(-1.0, 1.0, (9, 4)) * scale).astype(dtype)
+        points[3] = points[5]  # an edge of length 0
+        u = np.array([0, 1, 2, 3, 4, 5, 6, 7], dtype=np.int64)
+        v = np.array([1, 2, 3, 5, 5, 6, 7, 8], dtype=np.int64)
+        itemsize = points.itemsize
+        unit, lengths = np.empty((8, 4), dtype), np.empty(8)
+        engine.measure(points, itemsize, 9, 4, u, v, unit, lengths, np.empty(0, np.int64), np.empty(0))
+        with np.errstate(over="ignore"):
+            expected_deaths = lengths.astype(dtype)
+        expected_slope = np.empty(8)
+        expected = engine.metric_slope(expected_deaths.astype(np.float64), code, expected_slope)
+        got_unit, got_lengths, deaths, slope = np.empty((8, 4), dtype), np.empty(8), np.empty(8, dtype), np.empty(8)
+        value = engine.measure_metric(points, itemsize, 9, 4, u, v, code, got_unit, got_lengths, deaths, slope)
+        np.testing.assert_array_equal(got_unit, unit)
+        np.testing.assert_array_equal(got_lengths, lengths)
+        np.testing.assert_array_equal(deaths, expected_deaths)
+        np.testing.assert_array_equal(slope, expected_slope)
+        assert value == expected or (np.isnan(value) and np.isnan(expected))
+        if dtype == np.float32 and scale == 3e38:
+            assert np.isinf(deaths).any()
+        no_slope = engine.measure_metric(points, itemsize, 9, 4, u, v, code, got_unit, got_lengths, deaths,
+                                         np.empty(0))
+        assert no_slope == value or (np.isnan(value) and np.isnan(no_slope))
+    with pytest.raises(ValueError, match="metric code"):
+        engine.measure_metric(points, itemsize, 9, 4, u, v, 9, got_unit, got_lengths, deaths, slope)
+    with pytest.raises(IndexError):
+        engine.measure_metric(points, itemsize, 9, 4, u, v + 1, code, got_unit, got_lengths, deaths, slope)
+
+
 def test_the_cache_compares_bytes():
     cloud = torch.randn(30, 6)
     trees = TreeCache()

@@ -8,7 +8,7 @@ import torch
 
 from topoopt import _native
 
-__all__ = ["check_positive_int", "finite_each"]
+__all__ = ["check_positive_int", "finite_each", "all_finite"]
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -16,6 +16,15 @@ def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Invalid {name}: {value!r}. It must be an integer ≥ 1")
     return value
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """`finite_each` of one tensor, without building lists: a cloud is checked a few times a
+    training step (one compiled pass for a CPU float32/float64 tensor)."""
+    if _native.engine is not None and tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64):
+        x = tensor.detach().contiguous()
+        return _native.engine.all_finite(x.numpy(), x.element_size())
+    return finite_each([tensor])[0]
 
 
 def finite_each(tensors: Sequence[torch.Tensor]) -> list[bool]:

@@ -83,16 +83,25 @@ def neuron_cloud(module: nn.Module | ParameterLayer, include_bias: bool = False)
         supported = ", ".join(kind.__name__ for kind in CLOUD_LAYER_TYPES)
         raise TypeError(f"neuron_cloud takes one of {supported}; got {type(module).__name__}")
     weight = module.weight
-    if isinstance(weight, nn.parameter.UninitializedParameter):
+    if type(weight) is not nn.Parameter and isinstance(weight, nn.parameter.UninitializedParameter):
         raise ValueError(
             f"This {type(module).__name__} is not initialised yet: run one forward pass first"
         )
     # Masked layers (topoopt.sparse.SparseLinear) expose the weight they really use, so that a
-    # topological gradient never reaches a pruned connection.
-    weight = getattr(module, "effective_weight", weight)
+    # topological gradient never reaches a pruned connection. (Looked up only where it may be:
+    # a module's failed attribute lookup builds an error message, ~5 µs a layer and call.)
+    if _may_have(module, "effective_weight"):
+        weight = getattr(module, "effective_weight", weight)
     transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
     cloud = weight_cloud(weight, transposed=transposed, groups=getattr(module, "groups", 1))
     return _with_bias(cloud, module.bias, type(module).__name__) if include_bias else cloud
+
+
+def _may_have(module: nn.Module, name: str) -> bool:
+    """Whether `getattr(module, name)` can succeed: the class, the instance or one of the
+    module's parameter, buffer or submodule tables has the name."""
+    return (hasattr(type(module), name) or name in module.__dict__ or name in module._parameters
+            or name in module._buffers or name in module._modules)
 
 
 def _with_bias(cloud: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Tensor:

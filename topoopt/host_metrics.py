@@ -102,10 +102,10 @@ METRIC_CODES: dict[str, int] = {
 
 
 def metric_and_slope(name: str, bars: np.ndarray, slope: bool = True) -> tuple[float, np.ndarray | None]:
-    """`HOST_METRICS[name]` of float64 `bars`, in one compiled call when the engine is built;
-    the slope only when asked for (else None)."""
+    """`HOST_METRICS[name]` of `bars` (taken as float64), in one compiled call when the engine
+    is built; the slope only when asked for (else None)."""
+    bars = np.ascontiguousarray(bars, dtype=np.float64)  # the engine reads float64 only
     if _native.engine is not None:
-        bars = np.ascontiguousarray(bars, dtype=np.float64)  # the engine reads float64 only
         out = np.empty_like(bars) if slope else np.empty(0)
         return _native.engine.metric_slope(bars, METRIC_CODES[name], out), out if slope else None
     value, gradient = HOST_METRICS[name](bars)

@@ -71,8 +71,10 @@ def layer_parameters(module: nn.Module | ParameterLayer) -> list[torch.Tensor]:
     """
     if isinstance(module, ParameterLayer):
         return [t for t in (module.weight, module.bias) if t is not None]
-    found = {id(p): p for p in module.parameters(recurse=False)}
-    parametrizations = getattr(module, "parametrizations", None)
+    # what ``module.parameters(recurse=False)`` gives (its own, once, no None), without the
+    # generator machinery: the optimizer asks on each measuring step
+    found = {id(p): p for p in module._parameters.values() if p is not None}
+    parametrizations = module._modules.get("parametrizations")  # where torch.nn.utils.parametrize keeps them
     if isinstance(parametrizations, nn.Module):
         found.update((id(p), p) for p in parametrizations.parameters())
     return list(found.values())

@@ -29,7 +29,7 @@ from topoopt import _native
 from topoopt._validation import check_positive_int, finite_each
 from topoopt.cloud import ParameterLayer, cloud_norm, layer_cloud
 from topoopt.layers import layer_parameters, select_layers
-from topoopt.metrics import COMPLEXITY_METRICS, dimensionless_complexity
+from topoopt.metrics import COMPLEXITY_METRICS, complexity_of_measured
 from topoopt.policies import POLICIES, Policy, awaken_policy, calm_policy, contrast_policy
 from topoopt.tree_cache import TreeCache, cache_key
 
@@ -306,7 +306,7 @@ class TopoOptimizer(torch.optim.Optimizer):
         for name, cloud in clouds.items():
             deaths = all_deaths[keys[name]]
             rms_norm = cloud_norm(cloud) / math.sqrt(cloud.shape[0])
-            value = dimensionless_complexity(self.metric, deaths, rms_norm)
+            value = complexity_of_measured(self.metric, deaths, rms_norm)
             if not math.isfinite(value):
                 raise ValueError(f"Layer {name!r}: measuring its {self.metric} gave {value} "
                                  f"(longest bar {float(deaths.max()):.3g}); the weights' scale is out of range")

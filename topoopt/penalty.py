@@ -208,8 +208,8 @@ class TopoPenalty(nn.Module):
         terms = {name: penalty_node.LayerTerm(self.coefficients[name], sign, self.target) for name in clouds}
         total, deaths = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn,
                                                       self.last_values)
-        for name in searched:
-            self.trees.remember_deaths(keys[name], deaths[name], trees[keys[name]][2])
+        for name in searched:  # fresh arrays of the one node's own: kept without a copy
+            self.trees.remember_deaths(keys[name], deaths[name], trees[keys[name]][2], copy=False)
         return total
 
     def get_extra_state(self) -> dict:

@@ -3,9 +3,9 @@
 Built the usual way, a penalty over three small layers is ~15 autograd nodes (edge lengths,
 metric, term, sums) whose fixed costs were most of its time: on 784-100-100-10, 0.7–1.0 ms
 forward and backward for ~0.1 ms of arithmetic (measured with the trees given). Here each layer
-costs one compiled measurement of its tree's edges, one compiled call for its metric and slope
-(`topoopt.host_metrics.metric_and_slope`) and one compiled scatter of the slope onto the
-neurons; the node's backward hands those gradients over, times the incoming one. The penalty's
+costs two compiled calls: one measures its tree's edges and gives their metric and its slope
+(`engine.measure_metric`, the formulas of `topoopt.host_metrics`), one scatters the slope onto
+the neurons; the node's backward hands those gradients over, times the incoming one. The penalty's
 gradient is needed on every call that builds a graph (the loss's backward follows), so nothing
 is computed in vain.
 
@@ -28,7 +28,7 @@ import torch
 from torch.autograd import forward_ad
 
 from topoopt import _native
-from topoopt.host_metrics import HOST_METRICS, metric_and_slope
+from topoopt.host_metrics import HOST_METRICS, METRIC_CODES
 from topoopt.persistence import _NUMPY_DTYPES, edge_lengths, native_edges_handle
 
 __all__ = ["handles", "LayerTerm", "one_node_penalty"]
@@ -70,7 +70,7 @@ class _Measured:
     cloud: torch.Tensor
     u: torch.Tensor
     v: torch.Tensor
-    deaths: np.ndarray  # in tree order, rounded to the cloud's dtype, as float64
+    deaths: np.ndarray  # in tree order, in the cloud's dtype
     metric: float
     gradient: torch.Tensor | None  # of this layer's term with respect to its cloud
 
@@ -91,23 +91,24 @@ def one_node_penalty(
     ValueError naming a layer whose metric is not finite, before any graph is built.
     """
     wants_graph = torch.is_grad_enabled()
+    engine, code = _native.engine, METRIC_CODES[metric]
     measured: dict[str, _Measured] = {}
     total = 0.0
     for name, cloud in clouds.items():
         # The engine is called directly, its buffers kept in numpy: through `native_measure` and
         # `native_scatter`, which hand back tensors, the node's forward + backward took 7% longer.
-        u, v = (index.to(torch.int64).contiguous() for index in edges[name])
+        u, v = (_int64(index) for index in edges[name])
         x = cloud.detach().contiguous()
         n, d = x.shape
-        count = u.shape[0]
+        count, dtype, itemsize = u.shape[0], _NUMPY_DTYPES[x.dtype], x.element_size()
+        u_np, v_np = u.numpy(), v.numpy()
         lengths = np.empty(count, dtype=np.float64)
-        unit = np.empty((count, d), dtype=_NUMPY_DTYPES[x.dtype])
-        empty = np.empty(0, dtype=np.float64)
-        _native.engine.measure(x.numpy(), x.element_size(), n, d, u.numpy(), v.numpy(), unit, lengths,
-                               empty.view(np.int64), empty)
-        deaths = _rounded_deaths(lengths, unit.dtype)  # as the per-layer graph's deaths
-        value, slope = metric_and_slope(metric, deaths, slope=wants_graph and cloud.requires_grad)
-        value = _rounded(value, unit.dtype)  # as the per-layer graph's metric, in the cloud's dtype
+        unit = np.empty((count, d), dtype=dtype)
+        deaths = np.empty(count, dtype=dtype)  # the lengths rounded to the cloud's dtype, as the graph's
+        wants_slope = wants_graph and cloud.requires_grad
+        slope = np.empty(count, dtype=np.float64) if wants_slope else _NO_SLOPE
+        value = engine.measure_metric(x.numpy(), itemsize, n, d, u_np, v_np, code, unit, lengths, deaths, slope)
+        value = _rounded(value, deaths.dtype)  # as the per-layer graph's metric, in the cloud's dtype
         last_values[name] = value
         if not math.isfinite(value):
             longest = float(deaths.max()) if deaths.size else 0.0
@@ -115,14 +116,13 @@ def one_node_penalty(
         term, derivative = terms[name].value_and_derivative(value)
         total += term
         gradient = None
-        if wants_graph and cloud.requires_grad:
-            grad = (slope * derivative).astype(unit.dtype)
+        if wants_slope:
+            grad = (slope * derivative).astype(dtype)
             gradient = torch.empty((n, d), dtype=x.dtype)  # zeroed by the engine
-            _native.engine.scatter(unit, x.element_size(), d, u.numpy(), v.numpy(), lengths, grad,
-                                   empty.view(np.int64), gradient.numpy(), n)
+            engine.scatter(unit, itemsize, d, u_np, v_np, lengths, grad, _NO_ORDER, gradient.numpy(), n)
         measured[name] = _Measured(cloud, u, v, deaths, value, gradient)
     dtype = torch.promote_types(torch.float32, _common_dtype(clouds.values()))
-    deaths = {name: torch.from_numpy(m.deaths.astype(_NUMPY_DTYPES[m.cloud.dtype])) for name, m in measured.items()}
+    deaths = {name: torch.from_numpy(m.deaths) for name, m in measured.items()}
     differentiable = [m for m in measured.values() if m.gradient is not None]
     if not differentiable:
         return torch.tensor(total, dtype=dtype), deaths
@@ -132,15 +132,15 @@ def one_node_penalty(
 
 
 _FLOAT32_OVERFLOW = 3.4028235677973366e38  # above this a float64 rounds to a float32 infinity
+_NO_SLOPE = np.empty(0, dtype=np.float64)
+_NO_ORDER = np.empty(0, dtype=np.int64)
 
 
-def _rounded_deaths(lengths: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """The lengths rounded to the cloud's dtype (float32 lengths above its range become
-    infinite without numpy's overflow warning: the metric's error then names the layer)."""
-    if dtype == np.float32 and lengths.size and lengths.max() >= _FLOAT32_OVERFLOW:
-        with np.errstate(over="ignore"):
-            return lengths.astype(dtype).astype(np.float64)
-    return lengths.astype(dtype).astype(np.float64)
+def _int64(index: torch.Tensor) -> torch.Tensor:
+    """Tree endpoints as the engine reads them (a tree cache's already are)."""
+    if index.dtype == torch.int64 and index.is_contiguous():
+        return index
+    return index.to(torch.int64).contiguous()
 
 
 def _rounded(value: float, dtype: np.dtype) -> float:

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from topoopt import _native
 from topoopt._threads import PARALLEL_MIN_ELEMENTS, caller_threads, engine_threads
-from topoopt._validation import finite_each
+from topoopt._validation import all_finite
 from topoopt.spanning_tree import euclidean_mst_edges
 
 __all__ = ["h0_deaths", "h0_edges", "edge_lengths", "h1_diagram"]
@@ -37,7 +37,7 @@ def _as_cloud(points: torch.Tensor, argument: str = "points") -> torch.Tensor:
         raise TypeError(f"{argument} must be a floating-point tensor, got {points.dtype}")
     if points.dtype in (torch.float16, torch.bfloat16):
         points = points.float()
-    if points.numel() and not finite_each([points])[0]:
+    if points.numel() and not all_finite(points):
         with engine_threads():
             bad = int((~torch.isfinite(points)).any(dim=1).sum())
             raise ValueError(f"{argument} contains NaN or Inf values (in {bad} of {points.shape[0]} rows)")

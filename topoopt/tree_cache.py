@@ -98,14 +98,16 @@ class TreeCache:
         deaths to `remember_deaths`."""
         return {key: found[:3] for key, found in self._edges_many(clouds, tree_every).items()}
 
-    def remember_deaths(self, key: str, deaths: torch.Tensor, exact: bool = True) -> None:
+    def remember_deaths(self, key: str, deaths: torch.Tensor, exact: bool = True, copy: bool = True) -> None:
         """Keep the deaths (tree order) just measured on the tree `trees_for` gave for `key`
         (`exact` as it said), so that a graphless lookup of the same cloud (`deaths_many`) gets
-        a copy instead of measuring."""
+        a copy instead of measuring. ``copy=False`` keeps the tensor itself: for a caller that
+        never writes to it again."""
+        kept = deaths.detach().clone() if copy else deaths.detach()
         if exact:
-            self._entries[key].deaths = deaths.detach().clone()
+            self._entries[key].deaths = kept
         else:
-            self._entries[key].moved_deaths = deaths.detach().clone()
+            self._entries[key].moved_deaths = kept
 
     def _edges_many(self, clouds: Mapping[str, torch.Tensor], tree_every: int) -> dict[str, tuple]:
         """`edges_many`, each tree as (u, v, exact, again): exact for a cloud it was searched on,
@@ -120,9 +122,10 @@ class TreeCache:
                 missing[key] = cloud
             else:
                 found[key] = reused
-        for (key, cloud), (u, v) in zip(missing.items(), trees_of_many(list(missing.values()))):
-            self._store(key, cloud, u, v)
-            found[key] = (u, v, True, False)
+        if missing:
+            for (key, cloud), (u, v) in zip(missing.items(), trees_of_many(list(missing.values()))):
+                self._store(key, cloud, u, v)
+                found[key] = (u, v, True, False)
         return {key: found[key] for key in clouds}
 
     def _store(self, key: str, cloud: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
@@ -183,10 +186,11 @@ class TreeCache:
                 lengths[key] = known.clone()  # measured before on this very cloud (a shared cache)
             else:
                 to_measure.append(key)
-        fresh = edge_lengths_many([measured[key] for key in to_measure], [edges[key][:2] for key in to_measure])
-        for key, deaths in zip(to_measure, fresh):
-            lengths[key] = deaths
-            self.remember_deaths(key, deaths, edges[key][2])  # a copy: the caller may modify its own
+        if to_measure:
+            fresh = edge_lengths_many([measured[key] for key in to_measure], [edges[key][:2] for key in to_measure])
+            for key, deaths in zip(to_measure, fresh):
+                lengths[key] = deaths
+                self.remember_deaths(key, deaths, edges[key][2])  # a copy: the caller may modify its own
         return {key: lengths[key] if key in lengths else cloud.reshape(-1)[:0] for key, cloud in clouds.items()}
 
     def clear(self) -> None:

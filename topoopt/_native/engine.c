@@ -295,19 +295,8 @@ static PyObject *same_bytes(PyObject *self, PyObject *args) {
  * respect to each bar: topoopt.host_metrics in compiled form (codes as METRIC_CODES there: 0
  * entropy, 1 entropy / log count, 2 entropy / log total, 3 mean, 4 total, 5 max). ~100 numbers
  * are a few numpy calls' fixed cost each; here one call. */
-static PyObject *metric_slope(PyObject *self, PyObject *args) {
-    Py_buffer bars, slope;
-    int code;
-    if (!PyArg_ParseTuple(args, "y*iw*", &bars, &code, &slope)) return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t e = bars.len / (Py_ssize_t)sizeof(double);
-    const double *l = bars.buf;
-    double *out = slope.len ? slope.buf : NULL;
-    if (!expect(code >= 0 && code <= 5 && bars.len % (Py_ssize_t)sizeof(double) == 0 &&
-                (slope.len == 0 || slope.len == bars.len),
-                "metric_slope: unknown metric code, or bars or slope of the wrong size")) goto done;
+static double metric_of(const double *l, Py_ssize_t e, int code, double *out) {
     double value = 0.0;
-    Py_BEGIN_ALLOW_THREADS
     if (code <= 2) {  /* entropies: see host_metrics.entropy_parts for the formulas */
         double total = 0.0, entropy = 0.0, scale = 1.0, shift = 0.0;
         Py_ssize_t count = 0;
@@ -338,6 +327,21 @@ static PyObject *metric_slope(PyObject *self, PyObject *args) {
         for (Py_ssize_t k = 0; k < e; k++) ties += l[k] == value;
         for (Py_ssize_t k = 0; out && k < e; k++) out[k] = l[k] == value ? 1.0 / (double)ties : 0.0;
     }
+    return value;
+}
+
+static PyObject *metric_slope(PyObject *self, PyObject *args) {
+    Py_buffer bars, slope;
+    int code;
+    if (!PyArg_ParseTuple(args, "y*iw*", &bars, &code, &slope)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t e = bars.len / (Py_ssize_t)sizeof(double);
+    if (!expect(code >= 0 && code <= 5 && bars.len % (Py_ssize_t)sizeof(double) == 0 &&
+                (slope.len == 0 || slope.len == bars.len),
+                "metric_slope: unknown metric code, or bars or slope of the wrong size")) goto done;
+    double value;
+    Py_BEGIN_ALLOW_THREADS
+    value = metric_of(bars.buf, e, code, slope.len ? slope.buf : NULL);
     Py_END_ALLOW_THREADS
     result = PyFloat_FromDouble(value);
 done:
@@ -513,6 +517,56 @@ done:
     PyBuffer_Release(&lengths);
     PyBuffer_Release(&order);
     PyBuffer_Release(&sorted);
+    return result;
+}
+
+/* measure_metric(points: T[n*d], itemsize, n, d, u, v: int64[e], code, unit: T[e*d] out,
+ *                lengths: double[e] out, deaths: T[e] out, slope: double[e] or empty out) -> value
+ * `measure` without sorting, then the edges' lengths rounded to the points' type (`deaths`, in
+ * edge order; float32 lengths beyond its range infinite) and `metric_slope` of those rounded
+ * deaths: one call for each layer of topoopt.penalty_node, which made these three. */
+static PyObject *measure_metric(PyObject *self, PyObject *args) {
+    Py_buffer points, u, v, unit, lengths, deaths, slope;
+    Py_ssize_t itemsize, n, d;
+    int code;
+    if (!PyArg_ParseTuple(args, "y*nnny*y*iw*w*w*w*", &points, &itemsize, &n, &d, &u, &v, &code, &unit,
+                          &lengths, &deaths, &slope)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t e = u.len / (Py_ssize_t)sizeof(int64_t);
+    double *rounded = NULL;
+    if (!expect((itemsize == 4 || itemsize == 8) && d >= 1 && points.len == n * d * itemsize &&
+                v.len == u.len && lengths.len == e * (Py_ssize_t)sizeof(double) &&
+                unit.len == e * d * itemsize && deaths.len == e * itemsize &&
+                (slope.len == 0 || slope.len == lengths.len) && code >= 0 && code <= 5,
+                "measure_metric: buffer sizes do not match, or an unknown metric code") ||
+        !edges_in_range((const int64_t *)u.buf, (const int64_t *)v.buf, e, n)) goto done;
+    if (!(rounded = malloc((size_t)(e ? e : 1) * sizeof(double)))) { PyErr_NoMemory(); goto done; }
+    double value, *raw = lengths.buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4) {
+        measure_float(points.buf, d, u.buf, v.buf, e, unit.buf, raw);
+        for (Py_ssize_t k = 0; k < e; k++) {
+            float length = raw[k] > FLT_MAX ? INFINITY : (float)raw[k];
+            ((float *)deaths.buf)[k] = length;
+            rounded[k] = length;
+        }
+    } else {
+        measure_double(points.buf, d, u.buf, v.buf, e, unit.buf, raw);
+        memcpy(deaths.buf, raw, (size_t)e * sizeof(double));
+        memcpy(rounded, raw, (size_t)e * sizeof(double));
+    }
+    value = metric_of(rounded, e, code, slope.len ? slope.buf : NULL);
+    Py_END_ALLOW_THREADS
+    result = PyFloat_FromDouble(value);
+done:
+    free(rounded);
+    PyBuffer_Release(&points);
+    PyBuffer_Release(&u);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&unit);
+    PyBuffer_Release(&lengths);
+    PyBuffer_Release(&deaths);
+    PyBuffer_Release(&slope);
     return result;
 }
 
@@ -724,6 +778,7 @@ static PyMethodDef methods[] = {
     {"block_distances", block_distances, METH_VARARGS, "A row block of the general search's distances."},
     {"same_bytes", same_bytes, METH_VARARGS, "Whether two buffers hold the same bytes."},
     {"measure", measure, METH_VARARGS, "Edge lengths and differences, optionally sorted."},
+    {"measure_metric", measure_metric, METH_VARARGS, "Edge lengths, rounded deaths, and their metric and slope."},
     {"scatter", scatter, METH_VARARGS, "Gradient of edge lengths, scattered to the points."},
     {NULL, NULL, 0, NULL},
 };
