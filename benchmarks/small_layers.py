@@ -4,7 +4,10 @@ The target of issue #15: at N = 100, d = 784, forward + backward within 2.5× th
 ``x @ x.T`` (torch, the caller's thread count). Each repeat times, back to back and in turn:
 the Gram product, topoopt with its compiled engine, and topoopt without it (the numpy/torch
 path a machine without a C compiler takes), so drift hits all three alike; the table gives
-medians and the median of the per-repeat ratios.
+medians and the median of the per-repeat ratios. For a cloud the compiled search takes (N ≤ 256),
+"floor" is the three compiled calls alone (tree, sorted edge measurement, scatter of a gradient),
+with no checks, no autograd and no Python between them: what topoopt cannot go below with this
+engine. Its difference from topoopt is Python and autograd.
 
 The cloud is a leaf reused across repeats whose ``.grad`` is reset before each backward, as
 in training after ``zero_grad()`` (no clone inside the timing, unlike benchmarks/h0.py).
@@ -22,10 +25,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 import topoopt
 from topoopt import _native
+from topoopt.spanning_tree import _BLOCK_ROWS, _EXACT_PAIRS_PER_POINT, NEAR_PAIR_RATIO
 
 SHAPES = [(100, 784), (100, 100), (10, 100), (256, 784), (1000, 784)]
 
@@ -52,6 +57,21 @@ def _h0(cloud: torch.Tensor, compiled: bool):
     return run
 
 
+def _floor(x: torch.Tensor):
+    """The compiled calls of a small cloud's forward + backward, called straight."""
+    engine, n, d = _native.engine, *x.shape
+    points, scratch, edges = x.numpy(), np.empty((n, n), np.float32), np.empty((2, n - 1), np.int64)
+    unit, lengths = np.empty((n - 1, d), np.float32), np.empty(n - 1)
+    order, result, gradient = np.empty(n - 1, np.int64), np.empty(n - 1, np.float32), np.empty((n, d), np.float32)
+    ones = np.ones(n - 1, np.float32)
+
+    def run():
+        engine.small_tree(points, n, d, NEAR_PAIR_RATIO, _EXACT_PAIRS_PER_POINT * n, scratch, edges[0], edges[1])
+        engine.measure(points, 4, n, d, edges[0], edges[1], unit, lengths, order, result)
+        engine.scatter(unit, 4, d, edges[0], edges[1], lengths, ones, order, gradient, n)
+    return run
+
+
 def measure(n: int, d: int, repeats: int) -> dict[str, float]:
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(n + d)) / d**0.5
     cloud = x.clone().requires_grad_(True)
@@ -59,6 +79,8 @@ def measure(n: int, d: int, repeats: int) -> dict[str, float]:
     variants = {"gram": _timer(lambda: x @ x.T, inner), "compiled": _timer(_h0(cloud, True), inner)}
     if _native.engine is not None:
         variants["fallback"] = _timer(_h0(cloud, False), inner)
+        if 2 < n <= _BLOCK_ROWS:
+            variants["floor"] = _timer(_floor(x), inner)
     for run in variants.values():  # warm-up
         run()
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -86,14 +108,16 @@ def main() -> None:
               f"{'two busy processes beside it' if busy else 'no other load started'}, "
               f"compiled engine {'built' if _native.engine is not None else 'NOT built'}; "
               f"medians of {args.repeats} repeats\n")
-        print(f"{'N×d':>9} {'Gram ms':>8} {'topoopt ms':>11} {'× Gram':>7} {'without engine ms':>18} {'× Gram':>7}")
+        print(f"{'N×d':>9} {'Gram ms':>8} {'topoopt ms':>11} {'× Gram':>7} {'without engine ms':>18} {'× Gram':>7} "
+              f"{'floor ms':>9} {'× Gram':>7}")
         for shape in args.shapes:
             n, d = (int(part) for part in shape.split("x"))
             r = measure(n, d, args.repeats)
             fallback = (f"{r['fallback'] * 1e3:>18.3f} {r['fallback ratio']:>6.2f}×" if "fallback" in r
                         else f"{'-':>18} {'-':>7}")
+            floor = (f"{r['floor'] * 1e3:>9.3f} {r['floor ratio']:>6.2f}×" if "floor" in r else f"{'-':>9} {'-':>7}")
             print(f"{shape:>9} {r['gram'] * 1e3:>8.3f} {r['compiled'] * 1e3:>11.3f} {r['compiled ratio']:>6.2f}× "
-                  f"{fallback}", flush=True)
+                  f"{fallback} {floor}", flush=True)
     finally:
         for process in busy:
             process.kill()
