@@ -137,3 +137,15 @@ def test_the_registry_says_truly_which_metrics_are_scale_free(name):
 
         assert complexity(3.0 * weights) == pytest.approx(complexity(weights), rel=1e-12)
         assert 0.0 <= complexity(weights) <= 10.0
+
+
+def test_dimensionless_complexity_names_a_bad_metric_before_bad_deaths():
+    """With both arguments wrong, the metric's error comes first (as it always has)."""
+    from topoopt.metrics import dimensionless_complexity
+
+    with pytest.raises(ValueError, match="Unknown metric 'bogus'"):
+        dimensionless_complexity("bogus", -torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="not a complexity"):
+        dimensionless_complexity("entropy", [1.0, 2.0], 1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        dimensionless_complexity("normalized_entropy", -torch.ones(3), 1.0)

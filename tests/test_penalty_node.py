@@ -239,6 +239,31 @@ def test_measure_metric_is_measure_then_the_rounded_deaths_metric(dtype, code):
         engine.measure_metric(points, itemsize, 9, 4, u, v + 1, code, got_unit, got_lengths, deaths, slope)
 
 
+@pytest.mark.parametrize("second, expected", [(1e33, np.finfo(np.float32).max), (1.7e38, np.inf)])
+def test_float32_lengths_just_beyond_its_range_round_as_a_cast(second, expected):
+    """A float32 cloud's length between FLT_MAX and FLT_MAX + half its last unit rounds to
+    FLT_MAX, as numpy's and torch's casts round it (a referee found the compiled rounding made it
+    infinite); beyond, infinite. The one node, the sorted deaths and the per-layer graph agree."""
+    top = np.finfo(np.float32).max
+    points = np.array([[top, second], [0.0, 0.0]], dtype=np.float32)
+    engine, u, v = _native.engine, np.array([0], np.int64), np.array([1], np.int64)
+    unit, lengths, deaths = np.empty((1, 2), np.float32), np.empty(1), np.empty(1, np.float32)
+    value = engine.measure_metric(points, 4, 2, 2, u, v, METRIC_CODES["max_lifetime"], unit, lengths, deaths,
+                                  np.empty(1))
+    with np.errstate(over="ignore"):
+        assert deaths[0] == lengths.astype(np.float32)[0] == expected and value == float(expected)
+    cloud = torch.from_numpy(points)
+    from topoopt import h0_deaths
+    from topoopt.persistence import edge_lengths
+
+    assert float(h0_deaths(cloud)[0]) == float(edge_lengths(cloud, torch.tensor([0]), torch.tensor([1]))[0]) == expected
+    if np.isfinite(expected):
+        layer = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(cloud)
+        assert float(TopoPenalty(nn.Sequential(layer), metric="max_lifetime")().detach()) == expected
+
+
 def test_the_cache_compares_bytes():
     cloud = torch.randn(30, 6)
     trees = TreeCache()

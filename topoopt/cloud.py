@@ -99,9 +99,11 @@ def neuron_cloud(module: nn.Module | ParameterLayer, include_bias: bool = False)
 
 def _may_have(module: nn.Module, name: str) -> bool:
     """Whether `getattr(module, name)` can succeed: the class, the instance or one of the
-    module's parameter, buffer or submodule tables has the name."""
-    return (hasattr(type(module), name) or name in module.__dict__ or name in module._parameters
-            or name in module._buffers or name in module._modules)
+    module's parameter, buffer or submodule tables has the name, or the class answers unknown
+    names itself (its own ``__getattr__``)."""
+    kind = type(module)
+    return (hasattr(kind, name) or name in module.__dict__ or name in module._parameters
+            or name in module._buffers or name in module._modules or kind.__getattr__ is not nn.Module.__getattr__)
 
 
 def _with_bias(cloud: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Tensor:

@@ -354,15 +354,21 @@ def dimensionless_complexity(name: str, deaths: torch.Tensor, rms_norm: float) -
     float
         Dimensionless: invariant to the scale of the weights; 0 for an all-zero layer.
     """
+    _complexity_spec(name)  # the name first, then the deaths, as the errors always came
     return complexity_of_measured(name, _check_deaths(deaths), rms_norm)
+
+
+def _complexity_spec(name: str) -> MetricSpec:
+    spec = metric_spec(name)
+    if spec.complexity is None:
+        raise ValueError(f"Metric {name!r} is not a complexity. Valid ones are: {', '.join(COMPLEXITY_METRICS)}")
+    return spec
 
 
 def complexity_of_measured(name: str, deaths: torch.Tensor, rms_norm: float) -> float:
     """`dimensionless_complexity` of deaths this package measured (a 1-D tensor of lengths,
     never negative), without checking them again: `TopoOptimizer` asks on each measuring step."""
-    spec = metric_spec(name)
-    if spec.complexity is None:
-        raise ValueError(f"Metric {name!r} is not a complexity. Valid ones are: {', '.join(COMPLEXITY_METRICS)}")
+    spec = _complexity_spec(name)
     if name in _HOST_EXACT and _on_host(deaths):  # the torch function's value, without its ~25 µs
         bars = deaths.detach().numpy()
         value = float(bars.dtype.type(metric_and_slope(name, bars, slope=False)[0]))

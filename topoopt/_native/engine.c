@@ -471,11 +471,19 @@ static int by_length_then_index(const void *a, const void *b) {
 MEASURE(float)
 MEASURE(double)
 
+/* A non-negative double rounded to the nearest float, as numpy's and torch's casts round it:
+ * above FLT_MAX but below FLT_MAX + half its last unit it is FLT_MAX; from there (a tie, which
+ * rounds to even) it is infinite. The C conversion is undefined outside float's range. */
+static float to_float(double x) {
+    if (x >= 3.4028235677973366e38) return INFINITY;
+    return x > FLT_MAX ? FLT_MAX : (float)x;
+}
+
 /* measure(points: T[n*d], itemsize, n, d, u, v: int64[e], unit: T[e*d] out, lengths: double[e]
  *         out, order: int64[e] or empty out, sorted: T[e] or empty out)
  * Unit directions and lengths in the edges' order; with non-empty order/sorted, also the ascending
  * order of the lengths (ties by position, as a stable sort) and the lengths in that order, rounded
- * to the points' type (float32 lengths beyond its range become infinite, as a cast would make them). */
+ * to the points' type (rounded to nearest as a cast rounds them: `to_float`). */
 static PyObject *measure(PyObject *self, PyObject *args) {
     Py_buffer points, u, v, unit, lengths, order, sorted;
     Py_ssize_t itemsize, n, d;
@@ -502,7 +510,7 @@ static PyObject *measure(PyObject *self, PyObject *args) {
             ((int64_t *)order.buf)[k] = keyed[k].index;
             double length = keyed[k].length;
             if (itemsize == 8) ((double *)sorted.buf)[k] = length;
-            else ((float *)sorted.buf)[k] = length > FLT_MAX ? INFINITY : (float)length;
+            else ((float *)sorted.buf)[k] = to_float(length);
         }
     }
     Py_END_ALLOW_THREADS
@@ -523,7 +531,7 @@ done:
 /* measure_metric(points: T[n*d], itemsize, n, d, u, v: int64[e], code, unit: T[e*d] out,
  *                lengths: double[e] out, deaths: T[e] out, slope: double[e] or empty out) -> value
  * `measure` without sorting, then the edges' lengths rounded to the points' type (`deaths`, in
- * edge order; float32 lengths beyond its range infinite) and `metric_slope` of those rounded
+ * edge order; rounded as a cast rounds them, `to_float`) and `metric_slope` of those rounded
  * deaths: one call for each layer of topoopt.penalty_node, which made these three. */
 static PyObject *measure_metric(PyObject *self, PyObject *args) {
     Py_buffer points, u, v, unit, lengths, deaths, slope;
@@ -546,7 +554,7 @@ static PyObject *measure_metric(PyObject *self, PyObject *args) {
     if (itemsize == 4) {
         measure_float(points.buf, d, u.buf, v.buf, e, unit.buf, raw);
         for (Py_ssize_t k = 0; k < e; k++) {
-            float length = raw[k] > FLT_MAX ? INFINITY : (float)raw[k];
+            float length = to_float(raw[k]);
             ((float *)deaths.buf)[k] = length;
             rounded[k] = length;
         }
