@@ -332,3 +332,27 @@ def test_the_general_search_s_compiled_block_pass_equals_its_torch_one(kind, mon
     assert compiled[2] == reference[2]
     if kind in ("clustered", "duplicates"):
         assert compiled[1].shape[0] > 0
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "duplicates", "clustered", "three points"])
+def test_a_small_cloud_s_one_node_deaths_equal_the_search_then_edge_lengths(kind):
+    """`h0_deaths` of a small float32 CPU cloud (`persistence._SmallCloudDeaths`: search and
+    measurement in one forward) against `euclidean_mst_edges` then the sorted `_EdgeLengths`:
+    equal values and gradients, bit for bit, a cloud the compiled search declines included."""
+    from topoopt.persistence import _EdgeLengths, _SmallCloudDeaths
+    from topoopt.spanning_tree import euclidean_mst_edges
+
+    torch.manual_seed(1)
+    x = {"gaussian": lambda: torch.randn(60, 30), "three points": lambda: torch.randn(3, 5),
+         "duplicates": lambda: torch.randn(20, 8).repeat(3, 1),
+         "clustered": lambda: torch.randn(4, 16).repeat(25, 1) + 1e-5 * torch.randn(100, 16)}[kind]()
+    weights = torch.rand(x.shape[0] - 1)
+    results = []
+    for one_node in (True, False):
+        cloud = x.clone().requires_grad_(True)
+        deaths = (_SmallCloudDeaths.apply(cloud) if one_node
+                  else _EdgeLengths.apply(cloud, *euclidean_mst_edges(cloud.detach()), True))
+        (deaths * weights).sum().backward()
+        results.append((deaths.detach(), cloud.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert torch.equal(h0_deaths(x), results[0][0])

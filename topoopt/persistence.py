@@ -18,7 +18,12 @@ from torch.autograd.function import once_differentiable
 from topoopt import _native
 from topoopt._threads import PARALLEL_MIN_ELEMENTS, caller_threads, engine_threads
 from topoopt._validation import all_finite
-from topoopt.spanning_tree import euclidean_mst_edges
+from topoopt.spanning_tree import (
+    _compiled_tree,
+    euclidean_mst_edges,
+    native_small_tree_handles,
+    tree_without_the_compiled_search,
+)
 
 __all__ = ["h0_deaths", "h0_edges", "edge_lengths", "h1_diagram"]
 
@@ -231,8 +236,39 @@ def h0_deaths(points: torch.Tensor) -> torch.Tensor:
     cloud = _as_cloud(points)
     if cloud.shape[0] < 2:
         return cloud.reshape(-1)[:0]
+    if native_small_tree_handles(cloud) and native_edges_handle(cloud):
+        return _SmallCloudDeaths.apply(cloud)
     u, v = euclidean_mst_edges(cloud.detach())
     return _EdgeLengths.apply(cloud, u, v, True)
+
+
+class _SmallCloudDeaths(torch.autograd.Function):
+    """`h0_deaths` of a small float32 CPU cloud (one the compiled search takes): the tree search
+    and the sorted measurement of its edges called straight from one forward, in numpy buffers.
+    The same calls and values as `euclidean_mst_edges` then `_EdgeLengths`, whose wrappers cost
+    ~40 µs more a call (benchmarks/small_layers.py); the backward is `_EdgeLengths`'s."""
+
+    @staticmethod
+    def forward(ctx, points: torch.Tensor) -> torch.Tensor:
+        x = points.detach().contiguous()
+        n, d = x.shape
+        p = x.numpy()
+        edges = _compiled_tree(p, np.empty((n, n), dtype=np.float32))
+        if edges is None:  # many near pairs: the general search, as `euclidean_mst_edges` does
+            u, v = (_int64_view(index) for index in tree_without_the_compiled_search(x))
+        else:
+            u, v = edges[0], edges[1]
+        unit, lengths = np.empty((n - 1, d), dtype=np.float32), np.empty(n - 1, dtype=np.float64)
+        order, result = np.empty(n - 1, dtype=np.int64), np.empty(n - 1, dtype=np.float32)
+        _native.engine.measure(p, 4, n, d, u, v, unit, lengths, order, result)
+        ctx.save_for_backward(torch.from_numpy(u), torch.from_numpy(v), torch.from_numpy(unit),
+                              torch.from_numpy(lengths), torch.from_numpy(order))
+        ctx.native, ctx.points_shape = True, points.shape
+        return torch.from_numpy(result)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _twice_guarded(_edge_lengths_backward, ctx, grad)[0]
 
 
 def h1_diagram(points: torch.Tensor) -> torch.Tensor:
