@@ -254,8 +254,9 @@ class _SmallCloudDeaths(torch.autograd.Function):
         n, d = x.shape
         p = x.numpy()
         edges = _compiled_tree(p, np.empty((n, n), dtype=np.float32))
-        if edges is None:  # many near pairs: the general search, as `euclidean_mst_edges` does
-            u, v = (_int64_view(index) for index in tree_without_the_compiled_search(x))
+        if edges is None:  # many near pairs: the general search, given the cloud in its own layout
+            # as `euclidean_mst_edges` gives it (its float32 sums, and so near-tied trees, follow the layout)
+            u, v = (_int64_view(index) for index in tree_without_the_compiled_search(points.detach()))
         else:
             u, v = edges[0], edges[1]
         unit, lengths = np.empty((n - 1, d), dtype=np.float32), np.empty(n - 1, dtype=np.float64)
