@@ -360,3 +360,15 @@ def test_a_small_cloud_s_one_node_deaths_equal_the_search_then_edge_lengths(kind
         results.append((deaths.detach(), cloud.grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert torch.equal(h0_deaths(x), results[0][0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("row", [0, 3, 19])
+def test_the_compiled_search_declines_a_cloud_with_a_non_finite_coordinate(bad, row):
+    """Callers check finiteness first, but the compiled search must not build a tree of NaN
+    distances either: a NaN in any row (not only the last) made it accept the cloud."""
+    x = np.random.default_rng(0).standard_normal((20, 5)).astype(np.float32)
+    x[row, 2] = bad
+    u, v = np.empty(19, np.int64), np.empty(19, np.int64)
+    assert _native.engine.small_tree(x, 20, 5, spanning_tree.NEAR_PAIR_RATIO, 80, np.empty((20, 20), np.float32),
+                                      u, v) == -1

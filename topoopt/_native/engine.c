@@ -166,7 +166,8 @@ VECTORISED static void gram_upper(const float *x, Py_ssize_t n, Py_ssize_t d, fl
  * double from `x`. A cloud whose largest squared norm is outside [1e-30, 1e30] (its float32
  * Gram product under- or overflows), or with more than max_pairs such pairs (copies, clusters,
  * a cloud far from the origin), returns -1 before any is recomputed: the caller's general search
- * (rescaled, centred, clusters handled) takes it. Otherwise the tree's edges go to u, v. Written here rather than around a BLAS product: half the
+ * (rescaled, centred, clusters handled) takes it. So does a cloud with a NaN or infinite
+ * coordinate (callers check first; a tree of one is never made). Otherwise the tree's edges go to u, v. Written here rather than around a BLAS product: half the
  * products (one triangle), and no thread pool to wake or stall (benchmarks/h0.py --small). */
 static PyObject *small_tree(PyObject *self, PyObject *args) {
     Py_buffer x, scratch, u, v;
@@ -188,13 +189,15 @@ static PyObject *small_tree(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     gram_upper(p, n, d, g);
     double largest = 0.0;
+    int finite = 1;  /* a NaN or infinite coordinate makes its row's squared norm NaN or infinite */
     for (Py_ssize_t i = 0; i < n; i++) {
         norms[i] = g[i * n + i];
-        if (!(norms[i] <= largest)) largest = norms[i];  /* NaN or Inf propagates */
+        finite &= isfinite(norms[i]) != 0;
+        if (norms[i] > largest) largest = norms[i];
     }
     /* The matrix holds squared distances times scale, a power of two that brings the largest
      * norm near 1: exact, and the same resolution for close pairs as the centred search has. */
-    in_range = largest > 1e-30 && largest < 1e30;
+    in_range = finite && largest > 1e-30 && largest < 1e30;
     double scale = in_range ? ldexp(1.0, -(int)lrint(log2(largest))) : 1.0;
     /* Squared distances of the upper triangle, mirrored; the pairs to recompute marked -1. */
     for (Py_ssize_t i = 0; in_range && i < n; i++) {
