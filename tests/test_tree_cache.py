@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from topoopt import TopologyMonitor, TopoOptimizer, TopoPenalty, TreeCache, h0_deaths, mean_lifetime
+from topoopt import TopologyMonitor, TopoOptimizer, TopoPenalty, TreeCache, h0_deaths, mean_lifetime, measure_layers
 from topoopt.models import build_mlp
 
 
@@ -234,3 +234,83 @@ def test_a_resumed_cache_counts_as_the_interrupted_one():
         return cache.searches, cache.state_dict()["entries"]["a"]["reuses"]
 
     assert run(4) == run(None)
+
+
+def _trajectory(log, *, one_node=True, monitor_dir=None, tree_every=2, monkeypatch=None):
+    """Six SGD steps of a small net with a TopoPenalty (every=2), optionally logging the penalty
+    under no_grad after each step or monitoring through the same cache; the final weights."""
+    from topoopt import penalty_node
+
+    if not one_node:
+        monkeypatch.setattr(penalty_node, "handles", lambda *args: False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trees = TreeCache()
+    penalty = TopoPenalty(model, metric="mean_lifetime", direction="maximize", weight=1.0, every=2,
+                          tree_every=tree_every, trees=trees)
+    monitor = TopologyMonitor(model, log_dir=monitor_dir, trees=trees) if monitor_dir is not None else None
+    for step in range(6):
+        optimizer.zero_grad()
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        (model(x).pow(2).mean() + penalty()).backward()
+        optimizer.step()
+        if log:
+            with torch.no_grad():
+                penalty()  # a logging call
+        if monitor is not None:
+            monitor.step(step)
+    if monitor is not None:
+        monitor.close()
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), trees.searches
+
+
+@pytest.mark.parametrize("one_node", [True, False])
+def test_logging_a_penalty_under_no_grad_leaves_training_s_trees_alone(one_node, monkeypatch):
+    """With tree_every > 1, a graphless penalty call used to count a reuse or replace the tree,
+    which moved the training trajectory (a new user's trial); it is passive now."""
+    plain, _ = _trajectory(False, one_node=one_node, monkeypatch=monkeypatch)
+    logged, _ = _trajectory(True, one_node=one_node, monkeypatch=monkeypatch)
+    assert torch.equal(plain, logged)
+
+
+def test_a_monitor_sharing_the_cache_leaves_training_s_trees_alone(tmp_path):
+    plain, _ = _trajectory(False, tree_every=5)
+    monitored, _ = _trajectory(False, tree_every=5, monitor_dir=tmp_path)
+    assert torch.equal(plain, monitored)
+
+
+def test_a_passive_lookup_never_writes_the_cache():
+    """Miss, approximate reuse, exact reuse and a measured lookup, all passive: the entries,
+    their counts and their kept deaths are unchanged (searches are still counted)."""
+    import copy
+
+    trees = TreeCache()
+    cloud = torch.randn(12, 4)
+    trees.deaths_many({"fc": cloud}, tree_every=3)
+    before = copy.deepcopy(trees._entries)
+    moved = cloud + 1e-3
+    for tree_every in (1, 3):
+        trees.edges("fc", moved, tree_every, passive=True)
+        trees.deaths_many({"fc": moved, "other": cloud}, tree_every, passive=True)
+        trees.deaths_many({"fc": cloud}, tree_every, passive=True)
+        measure_layers(trees, {"fc": nn.Linear(4, 12)}, passive=True)
+    assert set(trees._entries) == {"fc"}
+    entry, kept = trees._entries["fc"], before["fc"]
+    assert torch.equal(entry.searched_on, kept.searched_on) and torch.equal(entry.u, kept.u)
+    assert entry.reuses == kept.reuses == 0 and entry.moved is None and torch.equal(entry.deaths, kept.deaths)
+    # and an active lookup afterwards counts as if none of those had happened
+    trees.edges("fc", moved, 3)
+    assert trees._entries["fc"].reuses == 1
+
+
+def test_a_passive_search_is_never_served_the_deaths_kept_for_another_cloud():
+    """A passive lookup that searched for itself got (u, v, exact) for its own cloud; the entry's
+    kept deaths belong to the cloud training searched on and must not be handed out for it."""
+    trees = TreeCache()
+    cloud = torch.randn(12, 4)
+    trees.deaths_many({"fc": cloud})  # training: searched and its deaths kept
+    other = torch.randn(12, 4) * 3
+    with torch.no_grad():
+        passive = trees.deaths_many({"fc": other}, passive=True)["fc"]
+    assert torch.allclose(torch.sort(passive).values, h0_deaths(other))

@@ -70,7 +70,7 @@ class TopologyEarlyStopping:
     def _values(self) -> dict[str, float]:
         values = {}
         for name, module in self.layers.items():
-            deaths = measure_layer(self.trees, name, module)
+            deaths = measure_layer(self.trees, name, module, passive=True)
             for metric, fn in self._metric_fns.items():
                 values[f"{name}/{metric}"] = 0.0 if deaths is None else float(fn(deaths))
         return values

@@ -193,7 +193,7 @@ class TopologyMonitor:
         diagrams = self.diagrams_every and global_step % self.diagrams_every == 0
         for name, module in self.layers.items():
             try:
-                deaths = measure_layer(self.trees, name, module)
+                deaths = measure_layer(self.trees, name, module, passive=True)  # an observer: the cache as it was
                 deaths = module.weight.new_zeros(0) if deaths is None else deaths.detach()
                 values = {metric: float(fn(deaths)) for metric, fn in self._metric_fns.items()}
             except Exception as error:  # logging must never stop training
@@ -235,7 +235,7 @@ class TopologyMonitor:
             return
         first_seen, before, after = rise
         cloud = layer_cloud(name, module)
-        u, v = self.trees.edges(cache_key(name, False), cloud)  # the tree just measured: no search
+        u, v = self.trees.edges(cache_key(name, False), cloud, passive=True)  # the tree of the deaths just measured
         sizes = group_sizes(deaths, u, v, cloud.shape[0], self.groups_ratio or 4.0, scale=scale)
         event = BranchingEvent(name, step, first_seen, before, after, tuple(sizes))
         self.events.append(event)

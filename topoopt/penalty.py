@@ -55,8 +55,9 @@ class TopoPenalty(nn.Module):
         Compute the term on every k-th call that builds a graph (the 1st, k+1-th, ...); in
         between it is an exact zero with no graph. A call without a graph (under
         ``torch.no_grad()`` or inference mode: logging, evaluation) always computes the value
-        and does not count, so it cannot shift the training schedule. Pass ``weight`` ≈ k·λ to
-        keep the same average pressure.
+        and does not count, and only reads the tree cache (no reuse counted, no tree kept), so it
+        cannot shift the training schedule. Pass ``weight`` ≈ k·λ to keep the same average
+        pressure.
     tree_every : int
         Search a layer's spanning tree at most every m-th time its weights changed and re-measure
         its edges in between: cheaper, exact only when m = 1 (see `topoopt.TreeCache`). A tree
@@ -180,12 +181,16 @@ class TopoPenalty(nn.Module):
         measured = {name: module for name, module in self._layers.items() if self.coefficients[name] != 0.0}
         clouds = {name: cloud for name, module in measured.items()
                   if (cloud := layer_cloud(name, module, self.include_bias)) is not None}
+        # A call without a graph (logging, evaluation) is passive: it leaves the trees as training
+        # left them, so that it cannot change which trees training's calls get (`TreeCache`).
+        passive = not torch.is_grad_enabled()
         if penalty_node.handles(list(clouds.values()), self.metric):
-            return self._one_node_total(clouds)
+            return self._one_node_total(clouds, passive)
         # All layers in one call: the small ones' tree searches and every edge measurement are
         # batched (benchmarks/all_layers.py), with the deaths of one-layer calls.
         keys = {name: cache_key(name, self.include_bias) for name in clouds}
-        all_deaths = self.trees.deaths_many({keys[name]: cloud for name, cloud in clouds.items()}, self.tree_every)
+        all_deaths = self.trees.deaths_many({keys[name]: cloud for name, cloud in clouds.items()}, self.tree_every,
+                                            passive)
         for name in clouds:
             deaths = all_deaths[keys[name]]
             value = self._metric_fn(deaths)
@@ -196,19 +201,19 @@ class TopoPenalty(nn.Module):
             total = total + self.coefficients[name] * self._term(value)
         return total
 
-    def _one_node_total(self, clouds: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _one_node_total(self, clouds: dict[str, torch.Tensor], passive: bool) -> torch.Tensor:
         """`forward` for CPU layers the compiled engine measures: one autograd node
         (`topoopt.penalty_node`), the same trees and values."""
         keys = {name: cache_key(name, self.include_bias) for name in clouds}
         searched = {name: cloud for name, cloud in clouds.items() if cloud.shape[0] >= 2}
-        trees = self.trees.trees_for({keys[name]: cloud for name, cloud in searched.items()}, self.tree_every)
+        trees = self.trees.trees_for({keys[name]: cloud for name, cloud in searched.items()}, self.tree_every, passive)
         no_edge = torch.empty(0, dtype=torch.int64)
         edges = {name: trees[keys[name]][:2] if name in searched else (no_edge, no_edge) for name in clouds}
         sign = -1.0 if self.direction == "maximize" else 1.0
         terms = {name: penalty_node.LayerTerm(self.coefficients[name], sign, self.target) for name in clouds}
         total, deaths = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn,
                                                       self.last_values)
-        for name in searched:  # fresh arrays of the one node's own: kept without a copy
+        for name in searched if not passive else ():  # fresh arrays of the one node's own: kept without a copy
             self.trees.remember_deaths(keys[name], deaths[name], trees[keys[name]][2], copy=False)
         return total
 

@@ -21,6 +21,12 @@ weights that moved counts once, and a lookup of the very cloud the last approxim
 deaths measured then (the entry keeps a copy of that cloud to compare). Entries are keyed by
 layer name (and whether the bias is included). ``state_dict()`` holds every entry as plain
 tensors and ints, so a resumed run reuses exactly the trees the interrupted one would have.
+
+Observers are passive: a lookup with ``passive=True`` (a `TopoPenalty` call that builds no graph,
+`TopologyMonitor`, `TopologyEarlyStopping`) never writes the cache. It reuses a tree where its own
+`tree_every` allows without counting the reuse, and otherwise searches for itself without keeping
+the tree; so logging or monitoring through a shared cache never changes which trees training
+gets (a new user found that it did with ``tree_every > 1``: the trajectory moved).
 """
 
 from __future__ import annotations
@@ -58,7 +64,8 @@ class TreeCache:
 
     A tree is reused for a bit-identical cloud, or, with ``tree_every=m``, for up to m − 1
     lookups of moved weights. Pass one cache as ``trees=`` to a `TopoPenalty` and a
-    `TopoOptimizer` (or a `TopologyMonitor`) to search each layer once a step between them.
+    `TopoOptimizer` to search each layer once a step between them; a `TopologyMonitor` given it
+    too only reads it (passive lookups).
     With ``tree_every > 1`` their ``state_dict()`` carries it (exact trees need no saving: a
     resumed run searches again and finds the same). The module's docstring
     (``topoopt.tree_cache``) gives the rules in full.
@@ -74,29 +81,32 @@ class TreeCache:
     def __repr__(self) -> str:
         return f"TreeCache(layers={list(self._entries)}, searches={self.searches})"
 
-    def edges(self, key: str, cloud: torch.Tensor, tree_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tree (u, v) to measure `cloud` with: reused when exact or allowed, else searched."""
+    def edges(self, key: str, cloud: torch.Tensor, tree_every: int = 1,
+              passive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tree (u, v) to measure `cloud` with: reused when exact or allowed, else searched
+        (and kept, unless `passive`: see the module's docstring)."""
         check_positive_int("tree_every", tree_every)
         cloud = cloud.detach()
-        reused = self._reusable(key, cloud, tree_every)
+        reused = self._reusable(key, cloud, tree_every, passive)
         if reused is not None:
             return reused[:2]
         u, v = euclidean_mst_edges(cloud)
-        self._store(key, cloud, u, v)
+        self._store(key, cloud, u, v, passive)
         return u, v
 
     def edges_many(
-        self, clouds: Mapping[str, torch.Tensor], tree_every: int = 1
+        self, clouds: Mapping[str, torch.Tensor], tree_every: int = 1, passive: bool = False
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """`edges` of each keyed cloud, the trees to search searched together (`trees_of_many`)."""
-        return {key: found[:2] for key, found in self._edges_many(clouds, tree_every).items()}
+        return {key: found[:2] for key, found in self._edges_many(clouds, tree_every, passive).items()}
 
-    def trees_for(self, clouds: Mapping[str, torch.Tensor], tree_every: int = 1) -> dict[str, tuple]:
+    def trees_for(self, clouds: Mapping[str, torch.Tensor], tree_every: int = 1,
+                  passive: bool = False) -> dict[str, tuple]:
         """`edges_many`, each tree as (u, v, exact): exact when searched on this very cloud.
 
         For a caller that measures the edges itself (`topoopt.penalty_node`) and then hands the
-        deaths to `remember_deaths`."""
-        return {key: found[:3] for key, found in self._edges_many(clouds, tree_every).items()}
+        deaths to `remember_deaths` (not after a `passive` lookup: nothing was kept for it)."""
+        return {key: found[:3] for key, found in self._edges_many(clouds, tree_every, passive).items()}
 
     def remember_deaths(self, key: str, deaths: torch.Tensor, exact: bool = True, copy: bool = True) -> None:
         """Keep the deaths (tree order) just measured on the tree `trees_for` gave for `key`
@@ -109,7 +119,8 @@ class TreeCache:
         else:
             self._entries[key].moved_deaths = kept
 
-    def _edges_many(self, clouds: Mapping[str, torch.Tensor], tree_every: int) -> dict[str, tuple]:
+    def _edges_many(self, clouds: Mapping[str, torch.Tensor], tree_every: int,
+                    passive: bool = False) -> dict[str, tuple]:
         """`edges_many`, each tree as (u, v, exact, again): exact for a cloud it was searched on,
         again for the cloud of the last approximate lookup."""
         check_positive_int("tree_every", tree_every)
@@ -117,27 +128,30 @@ class TreeCache:
         missing: dict[str, torch.Tensor] = {}
         for key, cloud in clouds.items():
             cloud = cloud.detach()
-            reused = self._reusable(key, cloud, tree_every)
+            reused = self._reusable(key, cloud, tree_every, passive)
             if reused is None:
                 missing[key] = cloud
             else:
                 found[key] = reused
         if missing:
             for (key, cloud), (u, v) in zip(missing.items(), trees_of_many(list(missing.values()))):
-                self._store(key, cloud, u, v)
+                self._store(key, cloud, u, v, passive)
                 found[key] = (u, v, True, False)
         return {key: found[key] for key in clouds}
 
-    def _store(self, key: str, cloud: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
+    def _store(self, key: str, cloud: torch.Tensor, u: torch.Tensor, v: torch.Tensor, passive: bool = False) -> None:
         self.searches += 1
+        if passive:  # searched for a passive caller alone: kept nowhere
+            return
         old = self._entries.get(key)
         # the old copies' memory, no new allocation
         self._entries[key] = _Entry(_copy_into(old.searched_on if old else None, cloud), u, v,
                                     spare=(old.moved if old.moved is not None else old.spare) if old else None)
 
-    def _reusable(self, key: str, cloud: torch.Tensor, tree_every: int) -> tuple | None:
+    def _reusable(self, key: str, cloud: torch.Tensor, tree_every: int, passive: bool = False) -> tuple | None:
         """The cached tree (u, v, exact, again) when it may measure `cloud` (counting an
-        approximate reuse unless `cloud` is the last one counted), else None."""
+        approximate reuse unless `cloud` is the last one counted, or the caller is passive),
+        else None."""
         entry = self._entries.get(key)
         if entry is not None and entry.searched_on.device != cloud.device:  # loaded on another device
             moved = entry.moved.to(cloud.device) if entry.moved is not None else None
@@ -150,13 +164,16 @@ class TreeCache:
             if entry.reuses < tree_every and entry.moved is not None and _same_values(entry.moved, cloud):
                 return entry.u, entry.v, False, True
             if entry.reuses + 1 < tree_every:
+                if passive:  # the tree, not counted (training's next lookup counts as if none had been)
+                    return entry.u, entry.v, False, False
                 entry.reuses += 1
                 entry.moved = _copy_into(entry.moved if entry.moved is not None else entry.spare, cloud)
                 entry.moved_deaths, entry.spare = None, None
                 return entry.u, entry.v, False, False
         return None
 
-    def deaths_in_tree_order(self, key: str, cloud: torch.Tensor, tree_every: int = 1) -> torch.Tensor:
+    def deaths_in_tree_order(self, key: str, cloud: torch.Tensor, tree_every: int = 1,
+                             passive: bool = False) -> torch.Tensor:
         """The H0 deaths of `cloud`, differentiable, in tree order (unsorted).
 
         Exact (equal to `topoopt.h0_deaths` up to order) when ``tree_every=1``. Metrics that do
@@ -164,10 +181,11 @@ class TreeCache:
         """
         if cloud.shape[0] < 2:
             return cloud.reshape(-1)[:0]
-        u, v = self.edges(key, cloud, tree_every)
+        u, v = self.edges(key, cloud, tree_every, passive)
         return edge_lengths(cloud, u, v)
 
-    def deaths_many(self, clouds: Mapping[str, torch.Tensor], tree_every: int = 1) -> dict[str, torch.Tensor]:
+    def deaths_many(self, clouds: Mapping[str, torch.Tensor], tree_every: int = 1,
+                    passive: bool = False) -> dict[str, torch.Tensor]:
         """`deaths_in_tree_order` of each keyed cloud, in one call: the small clouds' tree
         searches and every edge measurement are batched (`topoopt.many_clouds`).
 
@@ -175,12 +193,14 @@ class TreeCache:
         a graph (a `TopoOptimizer` after a `TopoPenalty` in the same step), gets those deaths
         again (a copy) instead of a second measurement."""
         measured = {key: cloud for key, cloud in clouds.items() if cloud.shape[0] >= 2}
-        edges = self._edges_many(measured, tree_every)
+        edges = self._edges_many(measured, tree_every, passive)
         lengths: dict[str, torch.Tensor] = {}
         to_measure = []
-        for key, (_, _, exact, again) in edges.items():
-            entry = self._entries[key]
-            known = entry.deaths if exact else entry.moved_deaths if again else None
+        for key, (u, _, exact, again) in edges.items():
+            entry = self._entries.get(key)
+            # only deaths kept with the very tree this lookup got (a passive search keeps none)
+            kept = entry is not None and entry.u is u
+            known = (entry.deaths if exact else entry.moved_deaths if again else None) if kept else None
             wants_graph = torch.is_grad_enabled() and measured[key].requires_grad
             if known is not None and not wants_graph:
                 lengths[key] = known.clone()  # measured before on this very cloud (a shared cache)
@@ -190,7 +210,8 @@ class TreeCache:
             fresh = edge_lengths_many([measured[key] for key in to_measure], [edges[key][:2] for key in to_measure])
             for key, deaths in zip(to_measure, fresh):
                 lengths[key] = deaths
-                self.remember_deaths(key, deaths, edges[key][2])  # a copy: the caller may modify its own
+                if not passive:
+                    self.remember_deaths(key, deaths, edges[key][2])  # a copy: the caller may modify its own
         return {key: lengths[key] if key in lengths else cloud.reshape(-1)[:0] for key, cloud in clouds.items()}
 
     def clear(self) -> None:
@@ -222,29 +243,32 @@ class TreeCache:
 
 
 def measure_layer(
-    trees: TreeCache, name: str, module, include_bias: bool = False, tree_every: int = 1
+    trees: TreeCache, name: str, module, include_bias: bool = False, tree_every: int = 1, passive: bool = False
 ) -> torch.Tensor | None:
     """A layer's H0 deaths (tree order) through `trees`; None for a layer with nothing to measure.
+    ``passive=True`` for an observer: the cache is left as it was (see the module's docstring).
 
     Errors name the layer (NaN/Inf or meta weights, see `topoopt.cloud.layer_cloud`).
     """
     cloud = layer_cloud(name, module, include_bias)
     if cloud is None:
         return None
-    return trees.deaths_in_tree_order(cache_key(name, include_bias), cloud, tree_every)
+    return trees.deaths_in_tree_order(cache_key(name, include_bias), cloud, tree_every, passive)
 
 
 def measure_layers(
-    trees: TreeCache, layers: Mapping[str, Any], include_bias: bool = False, tree_every: int = 1
+    trees: TreeCache, layers: Mapping[str, Any], include_bias: bool = False, tree_every: int = 1,
+    passive: bool = False,
 ) -> dict[str, torch.Tensor | None]:
     """`measure_layer` of every named layer, in one call: the small layers' tree searches and
-    all the edge measurements are batched (`topoopt.many_clouds`), with the same results.
+    all the edge measurements are batched (`topoopt.many_clouds`), with the same results
+    (``passive`` as there).
 
     Errors name the layer, as `measure_layer`'s do.
     """
     clouds = {name: layer_cloud(name, module, include_bias) for name, module in layers.items()}
     keyed = {cache_key(name, include_bias): cloud for name, cloud in clouds.items() if cloud is not None}
-    deaths = trees.deaths_many(keyed, tree_every)
+    deaths = trees.deaths_many(keyed, tree_every, passive)
     return {name: None if cloud is None else deaths[cache_key(name, include_bias)] for name, cloud in clouds.items()}
 
 

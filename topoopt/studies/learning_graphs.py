@@ -176,7 +176,7 @@ class _LiveGroups(Callback):
         from topoopt.tree_cache import measure_layer
 
         for name, module in self.monitor.layers.items():
-            deaths = measure_layer(self.monitor.trees, name, module)
+            deaths = measure_layer(self.monitor.trees, name, module, passive=True)
             if deaths is None:
                 continue
             for ratio, detectors in self.detectors.items():
