@@ -149,3 +149,12 @@ def test_dimensionless_complexity_names_a_bad_metric_before_bad_deaths():
         dimensionless_complexity("entropy", [1.0, 2.0], 1.0)
     with pytest.raises(ValueError, match="non-negative"):
         dimensionless_complexity("normalized_entropy", -torch.ones(3), 1.0)
+
+
+def test_one_bar_has_an_entropy_of_plus_zero():
+    """A 2-neuron layer (one bar): 0.0, not −0.0, from the host and the compiled formulas alike."""
+    from topoopt.metrics import normalized_persistent_entropy, persistent_entropy
+
+    deaths = torch.tensor([4.5])
+    for value in (normalized_persistent_entropy(deaths), persistent_entropy(deaths)):
+        assert float(value) == 0.0 and math.copysign(1.0, float(value)) == 1.0

@@ -1,5 +1,6 @@
 """TopoPenalty: values against the metrics, every=k, targets, weights, and bad input."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,13 +89,23 @@ def test_unknown_metric_and_layer_names_list_the_valid_ones():
     [
         ({"direction": "up"}, "Invalid direction: 'up'"),
         ({"every": 0}, "Invalid every: 0"),
-        ({"weight": float("nan")}, "Invalid weight for layer 'fc1'"),
+        ({"weight": float("nan")}, "Invalid weight: nan"),
+        ({"weight": {"fc2": float("inf")}}, "Invalid weight for layer 'fc2'"),
+        ({"weight": -1.0}, "must be finite and ≥ 0"),
+        ({"weight": {"fc1": -0.5}}, "Invalid weight for layer 'fc1'.*≥ 0"),
+        ({"weight": True}, "It must be a number"),
+        ({"weight": "0.1"}, "Invalid weight: '0.1'. It must be a number"),
         ({"target": 0.5, "direction": "maximize"}, "target and direction='maximize' exclude each other"),
     ],
 )
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TopoPenalty(model(), **kwargs)
+
+
+def test_a_numpy_scalar_weight_is_a_number():
+    penalty = TopoPenalty(model(), weight=np.float32(0.25))
+    assert set(penalty.coefficients.values()) == {0.25} and all(type(c) is float for c in penalty.coefficients.values())
 
 
 def test_penalty_does_not_own_the_model_parameters():

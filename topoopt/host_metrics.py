@@ -60,7 +60,7 @@ def entropy_parts(bars: np.ndarray, normalization: str | None) -> EntropyParts:
     entropy = 0.0
     if total > 0:
         p = bars[positive] / total
-        entropy = float(-(p * np.log(p)).sum())
+        entropy = float(-(p * np.log(p)).sum()) + 0.0  # + 0.0: one bar gives 0, not −0 (as the engine)
     scale, shift = 1.0, 0.0  # value = scale·E; slope = scale·∂E/∂l + shift
     if normalization == "count":
         scale = 1.0 / math.log(count) if count > 1 else 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Literal
@@ -43,8 +44,9 @@ class TopoPenalty(nn.Module):
     metric : str
         A name of `topoopt.METRIC_SPECS`.
     weight : float or dict
-        The loss coefficient: one number for every layer, or a dict from layer name to number
-        (layers missing from the dict get 0). Kept per layer in ``coefficients``.
+        The loss coefficient, ≥ 0: one number for every layer, or a dict from layer name to
+        number (layers missing from the dict get 0 and are not measured). Kept per layer in
+        ``coefficients``. The sign of the term is ``direction``'s.
     layers : list of str, optional
         Only these layers (all by default).
     direction : {"minimize", "maximize"}
@@ -77,10 +79,10 @@ class TopoPenalty(nn.Module):
     Calling it with no arguments returns a scalar tensor. A layer with NaN/Inf weights raises a
     ``ValueError`` naming it, and so does a metric that is not finite. A layer with no neurons
     or no inputs contributes 0. A zero-initialised layer gives a finite value and zero gradient
-    (a penalty alone cannot break that symmetry). ``last_values`` holds each layer's latest
-    metric. ``state_dict()`` carries the call counter (for ``every``) and, when
-    ``tree_every > 1``, the cached trees, so a resumed run computes exactly what the interrupted
-    one would have.
+    (a penalty alone cannot break that symmetry). ``last_values`` holds the latest metric of
+    each measured layer (those with a weight above 0). ``state_dict()`` carries the call counter
+    (for ``every``) and, when ``tree_every > 1``, the cached trees, so a resumed run computes
+    exactly what the interrupted one would have.
     """
 
     def __init__(
@@ -129,16 +131,15 @@ class TopoPenalty(nn.Module):
 
     @staticmethod
     def _layer_coefficients(weight, chosen: Mapping[str, nn.Module]) -> dict[str, float]:
-        if isinstance(weight, Mapping):
-            unknown = [name for name in weight if name not in chosen]
-            if unknown:
-                raise KeyError(f"weight names unknown layer(s) {unknown}. Chosen layers: {list(chosen)}")
-            values = {name: weight.get(name, 0.0) for name in chosen}
-        else:
-            values = {name: weight for name in chosen}
+        if not isinstance(weight, Mapping):
+            _check_coefficient("Invalid weight", weight)
+            return {name: float(weight) for name in chosen}
+        unknown = [name for name in weight if name not in chosen]
+        if unknown:
+            raise KeyError(f"weight names unknown layer(s) {unknown}. Chosen layers: {list(chosen)}")
+        values = {name: weight.get(name, 0.0) for name in chosen}
         for name, value in values.items():
-            if not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise ValueError(f"Invalid weight for layer {name!r}: {value!r}")
+            _check_coefficient(f"Invalid weight for layer {name!r}", value)
         return {name: float(value) for name, value in values.items()}
 
     @property
@@ -231,3 +232,12 @@ class TopoPenalty(nn.Module):
     def extra_repr(self) -> str:
         goal = f"target={self.target}" if self.target is not None else f"direction={self.direction!r}"
         return f"metric={self.metric!r}, {goal}, layers={self.layer_names}, every={self.every}"
+
+
+def _check_coefficient(what: str, value: object) -> None:
+    """A loss coefficient: a real number (numpy's included), finite and ≥ 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what}: {value!r}. It must be a number (a float, an int or a numpy scalar)")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what}: {value!r}. It must be finite and ≥ 0: the term's sign is direction's "
+                         f"(direction='maximize' raises the metric)")
