@@ -8,6 +8,8 @@ from torch import nn
 
 from topoopt import TopologyMonitor, TopoOptimizer, TopoPenalty, TreeCache, h0_deaths, mean_lifetime, measure_layers
 from topoopt.models import build_mlp
+from topoopt.persistence import edge_lengths
+from topoopt.tree_cache import measure_layer
 
 
 def exact_mean_lifetime(layer: nn.Linear) -> float:
@@ -278,6 +280,49 @@ def test_a_monitor_sharing_the_cache_leaves_training_s_trees_alone(tmp_path):
     plain, _ = _trajectory(False, tree_every=5)
     monitored, _ = _trajectory(False, tree_every=5, monitor_dir=tmp_path)
     assert torch.equal(plain, monitored)
+
+
+@pytest.mark.parametrize("tree_every", [1, 3])
+def test_a_monitor_beside_a_penalty_and_an_optimizer_changes_nothing_and_saves_their_search(tree_every, tmp_path):
+    """Penalty, optimizer and a monitor logging after every step, one cache: the same final
+    weights as without the monitor, and (exact trees) no more searches than one a layer a step
+    plus the monitor's first: training takes the monitor's tree of the weights it logged."""
+
+    def run(monitored):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        trees = TreeCache()
+        optimizer = TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, every=1,
+                                  tree_every=tree_every, trees=trees)
+        penalty = TopoPenalty(model, metric="mean_lifetime", direction="maximize", weight=0.5,
+                              tree_every=tree_every, trees=trees)
+        monitor = TopologyMonitor(model, log_dir=tmp_path / str(monitored), trees=trees) if monitored else None
+        for step in range(8):
+            optimizer.zero_grad()
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+            (model(x).pow(2).mean() + penalty()).backward()
+            optimizer.step()
+            if monitor is not None:
+                monitor.step(step)
+        if monitor is not None:
+            monitor.close()
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), trees.searches
+
+    (plain, plain_searches), (monitored, monitored_searches) = run(False), run(True)
+    assert torch.equal(plain, monitored)
+    if tree_every == 1:
+        assert plain_searches == 3 * 8 and monitored_searches <= 3 * (8 + 1)
+
+
+def test_an_observer_measuring_and_then_asking_for_the_tree_searches_once():
+    """A passive lookup's tree is kept apart for exact reuse: the monitor's branching report asks
+    for the tree of the deaths it just measured and gets it without a second search."""
+    trees = TreeCache()
+    layer = nn.Linear(6, 10)
+    deaths = measure_layer(trees, "fc", layer, passive=True)
+    u, v = trees.edges("fc", layer.weight.detach(), passive=True)
+    assert trees.searches == 1 and len(trees._entries) == 0
+    assert torch.equal(deaths, edge_lengths(layer.weight.detach(), u, v))
 
 
 def test_a_passive_lookup_never_writes_the_cache():

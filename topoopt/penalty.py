@@ -57,8 +57,8 @@ class TopoPenalty(nn.Module):
         Compute the term on every k-th call that builds a graph (the 1st, k+1-th, ...); in
         between it is an exact zero with no graph. A call without a graph (under
         ``torch.no_grad()`` or inference mode: logging, evaluation) always computes the value
-        and does not count, and only reads the tree cache (no reuse counted, no tree kept), so it
-        cannot shift the training schedule. Pass ``weight`` ≈ k·λ to keep the same average
+        and does not count, and is passive in the tree cache (no reuse counted, no tree training
+        uses changed), so it cannot shift the training schedule. Pass ``weight`` ≈ k·λ to keep the same average
         pressure.
     tree_every : int
         Search a layer's spanning tree at most every m-th time its weights changed and re-measure

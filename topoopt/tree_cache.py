@@ -23,10 +23,14 @@ layer name (and whether the bias is included). ``state_dict()`` holds every entr
 tensors and ints, so a resumed run reuses exactly the trees the interrupted one would have.
 
 Observers are passive: a lookup with ``passive=True`` (a `TopoPenalty` call that builds no graph,
-`TopologyMonitor`, `TopologyEarlyStopping`) never writes the cache. It reuses a tree where its own
-`tree_every` allows without counting the reuse, and otherwise searches for itself without keeping
-the tree; so logging or monitoring through a shared cache never changes which trees training
-gets (a new user found that it did with ``tree_every > 1``: the trajectory moved).
+`TopologyMonitor`, `TopologyEarlyStopping`) never changes the entries training uses. It reuses a
+tree where its own `tree_every` allows without counting the reuse; otherwise it searches, and
+keeps that tree apart, with a copy of its cloud, for exact reuse only: a later lookup of that very
+cloud that would have searched (training's next step, after a monitor logged the new weights)
+takes it instead, as found by the same deterministic search, and carries on as if it had searched
+itself. So logging or monitoring through a shared cache never changes which trees training gets
+(a new user found that it did with ``tree_every > 1``: the trajectory moved), and a monitor still
+saves training a search.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class TreeCache:
     A tree is reused for a bit-identical cloud, or, with ``tree_every=m``, for up to m − 1
     lookups of moved weights. Pass one cache as ``trees=`` to a `TopoPenalty` and a
     `TopoOptimizer` to search each layer once a step between them; a `TopologyMonitor` given it
-    too only reads it (passive lookups).
+    too is passive (it never changes a tree training uses).
     With ``tree_every > 1`` their ``state_dict()`` carries it (exact trees need no saving: a
     resumed run searches again and finds the same). The module's docstring
     (``topoopt.tree_cache``) gives the rules in full.
@@ -73,6 +77,8 @@ class TreeCache:
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
+        # trees searched for passive lookups: (cloud copy, u, v) per key, for exact reuse only
+        self._observed: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.searches = 0  # tree searches run so far (for tests and benchmarks)
 
     def __len__(self) -> int:
@@ -90,8 +96,9 @@ class TreeCache:
         reused = self._reusable(key, cloud, tree_every, passive)
         if reused is not None:
             return reused[:2]
-        u, v = euclidean_mst_edges(cloud)
-        self._store(key, cloud, u, v, passive)
+        observed = self._observed_tree(key, cloud)
+        u, v = observed if observed is not None else euclidean_mst_edges(cloud)
+        self._store(key, cloud, u, v, passive, searched=observed is None)
         return u, v
 
     def edges_many(
@@ -133,15 +140,32 @@ class TreeCache:
                 missing[key] = cloud
             else:
                 found[key] = reused
-        if missing:
-            for (key, cloud), (u, v) in zip(missing.items(), trees_of_many(list(missing.values()))):
-                self._store(key, cloud, u, v, passive)
-                found[key] = (u, v, True, False)
+        observed = {key: tree for key, cloud in missing.items() if (tree := self._observed_tree(key, cloud))}
+        to_search = [key for key in missing if key not in observed]
+        if to_search:
+            observed |= {key: tree for key, tree in zip(to_search, trees_of_many([missing[k] for k in to_search]))}
+        for key, cloud in missing.items():
+            u, v = observed[key]
+            self._store(key, cloud, u, v, passive, searched=key in to_search)
+            found[key] = (u, v, True, False)
         return {key: found[key] for key in clouds}
 
-    def _store(self, key: str, cloud: torch.Tensor, u: torch.Tensor, v: torch.Tensor, passive: bool = False) -> None:
-        self.searches += 1
-        if passive:  # searched for a passive caller alone: kept nowhere
+    def _observed_tree(self, key: str, cloud: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The tree a passive lookup searched on this very cloud, if it did (else None)."""
+        observed = self._observed.get(key)
+        if observed is not None and _same_layout(observed[0], cloud) and _same_values(observed[0], cloud):
+            return observed[1], observed[2]
+        return None
+
+    def _store(self, key: str, cloud: torch.Tensor, u: torch.Tensor, v: torch.Tensor, passive: bool = False,
+               searched: bool = True) -> None:
+        """Keep a tree for `cloud`: an active lookup's as the key's entry (as if searched now, when
+        it came from a passive lookup's search); a passive one's apart (`_observed`)."""
+        self.searches += searched
+        if passive:
+            if searched:
+                old = self._observed.get(key)
+                self._observed[key] = (_copy_into(old[0] if old else None, cloud), u, v)
             return
         old = self._entries.get(key)
         # the old copies' memory, no new allocation
@@ -216,6 +240,7 @@ class TreeCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._observed.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """The entries as plain tensors. Like a module's ``state_dict()``, it holds references
@@ -232,13 +257,15 @@ class TreeCache:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load entries as copies: the cache later writes into its own, never into the caller's."""
+        """Load entries as copies: the cache later writes into its own, never into the caller's.
+        (Trees searched for passive lookups are not saved: a resumed run searches those again.)"""
         entries = {}
         for key, saved in state_dict["entries"].items():
             moved = saved.get("moved")
             entries[key] = _Entry(saved["searched_on"].clone(), saved["u"], saved["v"], int(saved["reuses"]),
                                   moved=moved.clone() if moved is not None else None)
         self._entries = entries
+        self._observed.clear()
         self.searches = int(state_dict.get("searches", 0))
 
 
