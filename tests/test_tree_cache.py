@@ -359,3 +359,61 @@ def test_a_passive_search_is_never_served_the_deaths_kept_for_another_cloud():
     with torch.no_grad():
         passive = trees.deaths_many({"fc": other}, passive=True)["fc"]
     assert torch.allclose(torch.sort(passive).values, h0_deaths(other))
+
+
+@pytest.mark.parametrize("one_node", [True, False])
+def test_lookups_under_inference_mode_keep_ordinary_tensors(one_node, monkeypatch, tmp_path):
+    """A penalty logged under `torch.inference_mode()` (a Lightning validation step's), an
+    optimizer's `update_scales` and an early-stopping check there: what the cache kept was
+    inference tensors, and the next training call (saving the tree for backward) or the next
+    search into the kept memory failed, or a sharing monitor silently logged nothing (a referee's
+    cases). Kept tensors are ordinary now."""
+    from topoopt import penalty_node
+    from topoopt.early_stopping import TopologyEarlyStopping
+
+    if not one_node:
+        monkeypatch.setattr(penalty_node, "handles", lambda *args: False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    trees = TreeCache()
+    penalty = TopoPenalty(model, metric="mean_lifetime", weight=0.1, trees=trees)
+    optimizer = TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, every=1, tree_every=3, trees=trees)
+    stopper = TopologyEarlyStopping(model)
+    with TopologyMonitor(model, log_dir=tmp_path, trees=trees) as monitor:
+        for step in range(3):
+            with torch.inference_mode():
+                penalty()
+                optimizer.update_scales()
+                stopper.update()
+            optimizer.zero_grad()
+            (model(torch.randn(4, 8)).pow(2).mean() + penalty()).backward()  # saves the kept tree for backward
+            optimizer.step()
+            stopper.update()
+            monitor.step(step)
+        assert monitor.skipped == {} and set(monitor.last) == {"0", "2"}
+    kept = [t for e in trees._entries.values() for t in (e.searched_on, e.u, e.v, e.moved) if t is not None]
+    kept += [t for observed in trees._observed.values() for t in observed]
+    assert kept and not any(t.is_inference() for t in kept)
+
+
+def test_a_cache_pickled_before_observed_trees_existed_still_works():
+    import pickle
+
+    trees = TreeCache()
+    trees.edges("fc", torch.randn(9, 3))
+    state = dict(trees.__dict__)
+    del state["_observed"]  # as pickled by the version before
+    old = TreeCache.__new__(TreeCache)
+    old.__dict__.update(state)
+    restored = pickle.loads(pickle.dumps(old))
+    restored.edges("fc", torch.randn(9, 3), passive=True)
+    assert len(restored._observed) == 1
+
+
+def test_an_observed_tree_taken_by_training_is_not_kept_twice():
+    trees = TreeCache()
+    cloud = torch.randn(10, 4)
+    trees.edges("fc", cloud, passive=True)
+    assert len(trees._observed) == 1 and trees.searches == 1
+    trees.edges("fc", cloud)  # training takes it, without a search
+    assert len(trees._observed) == 0 and trees.searches == 1 and torch.equal(trees._entries["fc"].searched_on, cloud)

@@ -81,6 +81,10 @@ class TreeCache:
         self._observed: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.searches = 0  # tree searches run so far (for tests and benchmarks)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_observed", {})  # a cache pickled before passive lookups kept trees
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -162,11 +166,14 @@ class TreeCache:
         """Keep a tree for `cloud`: an active lookup's as the key's entry (as if searched now, when
         it came from a passive lookup's search); a passive one's apart (`_observed`)."""
         self.searches += searched
+        u, v = _ordinary(u), _ordinary(v)
         if passive:
             if searched:
                 old = self._observed.get(key)
                 self._observed[key] = (_copy_into(old[0] if old else None, cloud), u, v)
             return
+        if not searched:  # an observed tree, taken: the entry holds it now
+            self._observed.pop(key, None)
         old = self._entries.get(key)
         # the old copies' memory, no new allocation
         self._entries[key] = _Entry(_copy_into(old.searched_on if old else None, cloud), u, v,
@@ -178,9 +185,10 @@ class TreeCache:
         else None."""
         entry = self._entries.get(key)
         if entry is not None and entry.searched_on.device != cloud.device:  # loaded on another device
-            moved = entry.moved.to(cloud.device) if entry.moved is not None else None
-            entry = _Entry(entry.searched_on.to(cloud.device), entry.u.to(cloud.device),
-                           entry.v.to(cloud.device), entry.reuses, moved=moved)
+            with torch.inference_mode(False):
+                moved = entry.moved.to(cloud.device) if entry.moved is not None else None
+                entry = _Entry(entry.searched_on.to(cloud.device), entry.u.to(cloud.device),
+                               entry.v.to(cloud.device), entry.reuses, moved=moved)
             self._entries[key] = entry
         if entry is not None and _same_layout(entry.searched_on, cloud):
             if _same_values(entry.searched_on, cloud):
@@ -300,10 +308,24 @@ def measure_layers(
 
 
 def _copy_into(buffer: torch.Tensor | None, cloud: torch.Tensor) -> torch.Tensor:
-    """A copy of `cloud`, written into `buffer` when its layout allows (no new allocation)."""
-    if buffer is not None and _same_layout(buffer, cloud) and buffer.stride() == cloud.stride():
-        return buffer.copy_(cloud)
-    return cloud.clone()
+    """A copy of `cloud`, written into `buffer` when its layout allows (no new allocation); an
+    ordinary tensor even under inference mode (see `_ordinary`)."""
+    with torch.inference_mode(False):
+        if (buffer is not None and not buffer.is_inference() and _same_layout(buffer, cloud)
+                and buffer.stride() == cloud.stride()):
+            return buffer.copy_(cloud)
+        return cloud.clone()
+
+
+def _ordinary(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or an ordinary copy of an inference tensor: what the cache keeps is written in
+    place and saved for backward later, outside inference mode, which inference tensors forbid
+    (a lookup under `torch.inference_mode()`, a Lightning validation step's, broke the next
+    training step)."""
+    if not tensor.is_inference():
+        return tensor
+    with torch.inference_mode(False):
+        return tensor.clone()
 
 
 def _same_values(searched_on: torch.Tensor, cloud: torch.Tensor) -> bool:
