@@ -281,7 +281,8 @@ def measure_layer(
     trees: TreeCache, name: str, module, include_bias: bool = False, tree_every: int = 1, passive: bool = False
 ) -> torch.Tensor | None:
     """A layer's H0 deaths (tree order) through `trees`; None for a layer with nothing to measure.
-    ``passive=True`` for an observer: the cache is left as it was (see the module's docstring).
+    ``passive=True`` for an observer: the trees training uses are left as they were (see the
+    module's docstring).
 
     Errors name the layer (NaN/Inf or meta weights, see `topoopt.cloud.layer_cloud`).
     """
