@@ -103,9 +103,12 @@ def test_invalid_arguments(kwargs, message):
         TopoPenalty(model(), **kwargs)
 
 
-def test_a_numpy_scalar_weight_is_a_number():
-    penalty = TopoPenalty(model(), weight=np.float32(0.25))
+def test_a_numpy_scalar_weight_or_target_is_a_number():
+    penalty = TopoPenalty(model(), weight=np.float32(0.25), target=np.float32(0.5))
     assert set(penalty.coefficients.values()) == {0.25} and all(type(c) is float for c in penalty.coefficients.values())
+    assert float(penalty().detach()) >= 0.0
+    with pytest.raises(ValueError, match="Invalid target: True"):
+        TopoPenalty(model(), target=True)
 
 
 def test_penalty_does_not_own_the_model_parameters():

@@ -104,8 +104,8 @@ class TopoPenalty(nn.Module):
         if direction not in ("minimize", "maximize"):
             raise ValueError(f"Invalid direction: {direction!r}. Valid values are 'minimize' and 'maximize'")
         if target is not None:
-            if not (isinstance(target, (int, float)) and math.isfinite(target)):
-                raise ValueError(f"Invalid target: {target!r}")
+            if isinstance(target, bool) or not (isinstance(target, numbers.Real) and math.isfinite(target)):
+                raise ValueError(f"Invalid target: {target!r}. It must be a finite number")
             if direction == "maximize":
                 raise ValueError("target and direction='maximize' exclude each other: "
                                  "a target is approached from both sides")
@@ -120,7 +120,7 @@ class TopoPenalty(nn.Module):
         self.coefficients = self._layer_coefficients(weight, chosen)
         self.metric = metric
         self.direction = direction
-        self.target = target
+        self.target = float(target) if target is not None else None
         self.every = every
         self.tree_every = tree_every
         self.include_bias = include_bias
