@@ -48,7 +48,7 @@ def make_block(spec: str, inner: str, variant: str, every: int, tree_every: int)
     x = torch.randn(128, int(spec.split(":")[1].split("-")[0]), generator=g)
     y = torch.randint(0, 10, (128,), generator=g)
 
-    floor = _compiled_floor(model, every, tree_every) if variant == "floor" else None
+    floor = _CompiledFloor(model, every, tree_every) if variant == "floor" else None
 
     def block():
         for _ in range(10):
@@ -68,7 +68,7 @@ def make_block(spec: str, inner: str, variant: str, every: int, tree_every: int)
     return block
 
 
-class _compiled_floor:
+class _CompiledFloor:
     """The compiled calls of an exact every-step penalty and wrapper, and nothing else (see the
     module's docstring); called around a plain optimizer's step."""
 

@@ -21,10 +21,16 @@ def check_positive_int(name: str, value: object) -> int:
 def all_finite(tensor: torch.Tensor) -> bool:
     """`finite_each` of one tensor, without building lists: a cloud is checked a few times a
     training step (one compiled pass for a CPU float32/float64 tensor)."""
-    if _native.engine is not None and tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64):
-        x = tensor.detach().contiguous()
-        return _native.engine.all_finite(x.numpy(), x.element_size())
-    return finite_each([tensor])[0]
+    flag = _compiled_all_finite(tensor)
+    return flag if flag is not None else finite_each([tensor])[0]
+
+
+def _compiled_all_finite(tensor: torch.Tensor) -> bool | None:
+    """The compiled read-only pass for a CPU float32/float64 tensor; None for the others."""
+    if _native.engine is None or tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.float64):
+        return None
+    x = tensor.detach().contiguous()
+    return _native.engine.all_finite(x.numpy(), x.element_size())
 
 
 def finite_each(tensors: Sequence[torch.Tensor]) -> list[bool]:
@@ -37,11 +43,8 @@ def finite_each(tensors: Sequence[torch.Tensor]) -> list[bool]:
     flags: list[bool | None] = [None] * len(tensors)
     rest = []
     for i, tensor in enumerate(tensors):
-        if (_native.engine is not None and tensor.device.type == "cpu"
-                and tensor.dtype in (torch.float32, torch.float64)):
-            x = tensor.detach().contiguous()
-            flags[i] = _native.engine.all_finite(x.numpy(), x.element_size())
-        else:
+        flags[i] = _compiled_all_finite(tensor)
+        if flags[i] is None:
             rest.append(i)
     if rest:
         zeros = torch._foreach_mul([tensors[i].detach() for i in rest], 0.0)

@@ -58,8 +58,8 @@ class TopoPenalty(nn.Module):
         between it is an exact zero with no graph. A call without a graph (under
         ``torch.no_grad()`` or inference mode: logging, evaluation) always computes the value
         and does not count, and is passive in the tree cache (no reuse counted, no tree training
-        uses changed), so it cannot shift the training schedule. Pass ``weight`` ≈ k·λ to keep the same average
-        pressure.
+        uses changed), so it cannot shift the training schedule. Pass ``weight`` ≈ k·λ to keep
+        the same average pressure.
     tree_every : int
         Search a layer's spanning tree at most every m-th time its weights changed and re-measure
         its edges in between: cheaper, exact only when m = 1 (see `topoopt.TreeCache`). A tree
@@ -175,16 +175,16 @@ class TopoPenalty(nn.Module):
         """
         first = next(iter(self._layers.values())).weight
         total = torch.zeros((), device=first.device, dtype=torch.float32)
-        if torch.is_grad_enabled():  # only calls that build a graph count (see `every`)
+        # A call without a graph (logging, evaluation) does not count for `every`, and is passive
+        # in the tree cache, so that it cannot change which trees training's calls get.
+        passive = not torch.is_grad_enabled()
+        if not passive:
             self._calls += 1
             if (self._calls - 1) % self.every:
                 return total
         measured = {name: module for name, module in self._layers.items() if self.coefficients[name] != 0.0}
         clouds = {name: cloud for name, module in measured.items()
                   if (cloud := layer_cloud(name, module, self.include_bias)) is not None}
-        # A call without a graph (logging, evaluation) is passive: it leaves the trees as training
-        # left them, so that it cannot change which trees training's calls get (`TreeCache`).
-        passive = not torch.is_grad_enabled()
         if penalty_node.handles(list(clouds.values()), self.metric):
             return self._one_node_total(clouds, passive)
         # All layers in one call: the small ones' tree searches and every edge measurement are
@@ -214,8 +214,9 @@ class TopoPenalty(nn.Module):
         terms = {name: penalty_node.LayerTerm(self.coefficients[name], sign, self.target) for name in clouds}
         total, deaths = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn,
                                                       self.last_values)
-        for name in searched if not passive else ():  # fresh arrays of the one node's own: kept without a copy
-            self.trees.remember_deaths(keys[name], deaths[name], trees[keys[name]][2], copy=False)
+        if not passive:
+            for name in searched:  # fresh arrays of the one node's own: kept without a copy
+                self.trees.remember_deaths(keys[name], deaths[name], trees[keys[name]][2], copy=False)
         return total
 
     def get_extra_state(self) -> dict:

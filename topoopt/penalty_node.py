@@ -29,7 +29,7 @@ from torch.autograd import forward_ad
 
 from topoopt import _native
 from topoopt.host_metrics import HOST_METRICS, METRIC_CODES
-from topoopt.persistence import _NUMPY_DTYPES, edge_lengths, native_edges_handle
+from topoopt.persistence import _NO_ORDER, _NUMPY_DTYPES, _int64, edge_lengths, native_edges_handle
 
 __all__ = ["handles", "LayerTerm", "one_node_penalty"]
 
@@ -133,14 +133,6 @@ def one_node_penalty(
 
 _FLOAT32_OVERFLOW = 3.4028235677973366e38  # above this a float64 rounds to a float32 infinity
 _NO_SLOPE = np.empty(0, dtype=np.float64)
-_NO_ORDER = np.empty(0, dtype=np.int64)
-
-
-def _int64(index: torch.Tensor) -> torch.Tensor:
-    """Tree endpoints as the engine reads them (a tree cache's already are)."""
-    if index.dtype == torch.int64 and index.is_contiguous():
-        return index
-    return index.to(torch.int64).contiguous()
 
 
 def _rounded(value: float, dtype: np.dtype) -> float:

@@ -83,8 +83,7 @@ class _EdgeLengths(torch.autograd.Function):
     def forward(ctx, points: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sort: bool) -> torch.Tensor:
         ctx.native = native_edges_handle(points)
         if ctx.native:
-            if u.dtype != torch.int64 or v.dtype != torch.int64 or not (u.is_contiguous() and v.is_contiguous()):
-                u, v = u.to(torch.int64).contiguous(), v.to(torch.int64).contiguous()
+            u, v = _int64(u), _int64(v)  # saved for `native_scatter`, which reads them as int64
             result, lengths, unit, order = native_measure(points.detach(), u, v, sort)
             ctx.save_for_backward(u, v, unit, lengths, order)
             ctx.points_shape = points.shape
@@ -151,18 +150,25 @@ def native_measure(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sort:
     if u.shape != v.shape or u.dim() != 1:
         raise ValueError(f"edge endpoints u and v must be two 1-D tensors of one length, got {tuple(u.shape)} "
                          f"and {tuple(v.shape)}")
-    count = u.shape[0]
-    dtype = _NUMPY_DTYPES[x.dtype]
-    lengths = np.empty(count, dtype=np.float64)
-    unit = np.empty((count, x.shape[1]), dtype=dtype)
-    order = np.empty(count if sort else 0, dtype=np.int64)
-    result = np.empty(count if sort else 0, dtype=dtype)
-    _native.engine.measure(x.numpy(), x.element_size(), x.shape[0], x.shape[1], _int64_view(u), _int64_view(v),
-                           unit, lengths, order, result)
+    result, lengths, unit, order = _measure_buffers(x.numpy(), _int64_view(u), _int64_view(v), sort)
     lengths_tensor = torch.from_numpy(lengths)
     if sort:
         return torch.from_numpy(result), lengths_tensor, torch.from_numpy(unit), torch.from_numpy(order)
     return lengths_tensor.to(points.dtype), lengths_tensor, torch.from_numpy(unit), None
+
+
+def _measure_buffers(points: np.ndarray, u: np.ndarray, v: np.ndarray, sort: bool
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`engine.measure` of a C-contiguous float32/float64 N×d array along int64 edges: (sorted
+    lengths in the points' dtype, lengths in edge order as float64, unit directions, order),
+    the first and last empty without `sort`."""
+    count, (n, d) = u.shape[0], points.shape
+    lengths = np.empty(count, dtype=np.float64)
+    unit = np.empty((count, d), dtype=points.dtype)
+    order = np.empty(count if sort else 0, dtype=np.int64)
+    result = np.empty(count if sort else 0, dtype=points.dtype)
+    _native.engine.measure(points, points.itemsize, n, d, u, v, unit, lengths, order, result)
+    return result, lengths, unit, order
 
 
 def native_scatter(unit: torch.Tensor, u: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
@@ -181,11 +187,16 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _NO_ORDER = np.empty(0, dtype=np.int64)
 
 
+def _int64(index: torch.Tensor) -> torch.Tensor:
+    """Edge endpoints as the engine reads them, int64 and contiguous (a tree's already are)."""
+    if index.dtype == torch.int64 and index.is_contiguous():
+        return index
+    return index.to(torch.int64).contiguous()
+
+
 def _int64_view(index: torch.Tensor) -> np.ndarray:
-    """A numpy view of int64 edge endpoints (converted first when they are not)."""
-    if index.dtype != torch.int64 or not index.is_contiguous():
-        index = index.to(torch.int64).contiguous()
-    return index.numpy()
+    """A numpy view of `_int64(index)`."""
+    return _int64(index).numpy()
 
 
 def _measure_edges(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,18 +261,15 @@ class _SmallCloudDeaths(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, points: torch.Tensor) -> torch.Tensor:
-        x = points.detach().contiguous()
-        n, d = x.shape
-        p = x.numpy()
+        p = points.detach().contiguous().numpy()
+        n = p.shape[0]
         edges = _compiled_tree(p, np.empty((n, n), dtype=np.float32))
         if edges is None:  # many near pairs: the general search, given the cloud in its own layout
             # as `euclidean_mst_edges` gives it (its float32 sums, and so near-tied trees, follow the layout)
             u, v = (_int64_view(index) for index in tree_without_the_compiled_search(points.detach()))
         else:
             u, v = edges[0], edges[1]
-        unit, lengths = np.empty((n - 1, d), dtype=np.float32), np.empty(n - 1, dtype=np.float64)
-        order, result = np.empty(n - 1, dtype=np.int64), np.empty(n - 1, dtype=np.float32)
-        _native.engine.measure(p, 4, n, d, u, v, unit, lengths, order, result)
+        result, lengths, unit, order = _measure_buffers(p, u, v, sort=True)
         ctx.save_for_backward(torch.from_numpy(u), torch.from_numpy(v), torch.from_numpy(unit),
                               torch.from_numpy(lengths), torch.from_numpy(order))
         ctx.native, ctx.points_shape = True, points.shape

@@ -167,8 +167,9 @@ VECTORISED static void gram_upper(const float *x, Py_ssize_t n, Py_ssize_t d, fl
  * Gram product under- or overflows), or with more than max_pairs such pairs (copies, clusters,
  * a cloud far from the origin), returns -1 before any is recomputed: the caller's general search
  * (rescaled, centred, clusters handled) takes it. So does a cloud with a NaN or infinite
- * coordinate (callers check first; a tree of one is never made). Otherwise the tree's edges go to u, v. Written here rather than around a BLAS product: half the
- * products (one triangle), and no thread pool to wake or stall (benchmarks/h0.py --small). */
+ * coordinate (callers check first; a tree of one is never made). Otherwise the tree's edges go
+ * to u, v. Written here rather than around a BLAS product: half the products (one triangle), and
+ * no thread pool to wake or stall (benchmarks/h0.py --small). */
 static PyObject *small_tree(PyObject *self, PyObject *args) {
     Py_buffer x, scratch, u, v;
     Py_ssize_t n, d, max_pairs;
@@ -544,14 +545,14 @@ static PyObject *measure_metric(PyObject *self, PyObject *args) {
                           &lengths, &deaths, &slope)) return NULL;
     PyObject *result = NULL;
     Py_ssize_t e = u.len / (Py_ssize_t)sizeof(int64_t);
-    double *rounded = NULL;
+    double *rounded = NULL;  /* float32 deaths as doubles, for the metric (float64 ones are the lengths) */
     if (!expect((itemsize == 4 || itemsize == 8) && d >= 1 && points.len == n * d * itemsize &&
                 v.len == u.len && lengths.len == e * (Py_ssize_t)sizeof(double) &&
                 unit.len == e * d * itemsize && deaths.len == e * itemsize &&
                 (slope.len == 0 || slope.len == lengths.len) && code >= 0 && code <= 5,
                 "measure_metric: buffer sizes do not match, or an unknown metric code") ||
         !edges_in_range((const int64_t *)u.buf, (const int64_t *)v.buf, e, n)) goto done;
-    if (!(rounded = malloc((size_t)(e ? e : 1) * sizeof(double)))) { PyErr_NoMemory(); goto done; }
+    if (itemsize == 4 && !(rounded = malloc((size_t)(e ? e : 1) * sizeof(double)))) { PyErr_NoMemory(); goto done; }
     double value, *raw = lengths.buf;
     Py_BEGIN_ALLOW_THREADS
     if (itemsize == 4) {
@@ -564,9 +565,8 @@ static PyObject *measure_metric(PyObject *self, PyObject *args) {
     } else {
         measure_double(points.buf, d, u.buf, v.buf, e, unit.buf, raw);
         memcpy(deaths.buf, raw, (size_t)e * sizeof(double));
-        memcpy(rounded, raw, (size_t)e * sizeof(double));
     }
-    value = metric_of(rounded, e, code, slope.len ? slope.buf : NULL);
+    value = metric_of(itemsize == 4 ? rounded : raw, e, code, slope.len ? slope.buf : NULL);
     Py_END_ALLOW_THREADS
     result = PyFloat_FromDouble(value);
 done:
