@@ -221,10 +221,11 @@ def test_the_wrappers_compiled_scaling_equals_its_torch_one(dtype, monkeypatch):
 
     compiled, optimizer = run(True)
     assert any(s != 1.0 for s in optimizer.scales.values())
-    # (float64: the compiled entropy sums in another order than numpy's pairwise sum, ~1e-16
-    # apart, which the contrast policy's scales carry into the weights at ~1e-12)
+    # (the compiled entropy sums in another order than numpy's pairwise sum, ~1e-16 apart in
+    # float64 and ~1e-8 from float32 deaths; the contrast policy divides those differences by its
+    # spread floor, 0.005, and carries them into the weights at ~1e-12 and ~3e-6)
     for a, b in zip(compiled, run(False)[0]):
-        torch.testing.assert_close(a, b, rtol=1e-6 if dtype == torch.float32 else 1e-11, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-11, atol=0)
     for compiled_path in (True, False):
         with pytest.raises(FloatingPointError, match=r"\['fc2'\]"):
             run(compiled_path, poison=True)

@@ -79,7 +79,7 @@ def test_error_inputs(kwargs, error, message):
 
 def test_rejects_non_optimizers_and_double_wrapping():
     net, _, _ = problem()
-    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got list"):
+    with pytest.raises(TypeError, match="inner, the optimizer class to build, is missing"):
         TopoOptimizer([], net)
     wrapped = TopoOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net)
     with pytest.raises(TypeError, match="already a TopoOptimizer"):

@@ -11,8 +11,16 @@ scikit-learn), sparse layers (`topoopt.sparse`), Lightning (`topoopt.lightning`)
 from importlib import import_module
 from typing import Any
 
-from topoopt.cloud import ParameterLayer, neuron_cloud
-from topoopt.layers import LayerTopology, layer_topology, select_layers, topological_layers
+from topoopt.cloud import NeuronSample, ParameterLayer, neuron_cloud, sample_neurons
+from topoopt.layers import (
+    Coverage,
+    LayerTopology,
+    TopologyCoverageWarning,
+    coverage,
+    layer_topology,
+    select_layers,
+    topological_layers,
+)
 from topoopt.many_clouds import h0_deaths_many
 from topoopt.metrics import (
     COMPLEXITY_METRICS,
@@ -28,6 +36,7 @@ from topoopt.metrics import (
     persistent_entropy,
     total_persistence,
 )
+from topoopt.neurons import LayerPart, register_layer
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
 from topoopt.persistence import edge_lengths, h0_deaths, h0_edges, h1_diagram
@@ -63,6 +72,13 @@ __all__ = [
     "__version__",
     "neuron_cloud",
     "ParameterLayer",
+    "LayerPart",
+    "NeuronSample",
+    "sample_neurons",
+    "register_layer",
+    "coverage",
+    "Coverage",
+    "TopologyCoverageWarning",
     "h0_deaths",
     "h0_deaths_many",
     "h0_edges",

@@ -9,11 +9,14 @@ import torch
 from torch import nn
 
 from topoopt import _native
+from topoopt.neurons import LayerPart, cloud_specs, weight_cloud
 from topoopt.persistence import _as_cloud
 
-__all__ = ["neuron_cloud", "layer_cloud", "weight_cloud", "cloud_norm", "ParameterLayer", "CLOUD_LAYER_TYPES"]
+__all__ = ["neuron_cloud", "layer_cloud", "weight_cloud", "cloud_norm", "ParameterLayer", "LayerPart",
+           "NeuronSample", "sample_neurons", "CLOUD_LAYER_TYPES"]
 
-# Layers whose neurons each own one weight vector (subclasses, e.g. masked layers, included).
+# The layers whose neurons are the rows of their weight (subclasses, e.g. masked layers, included);
+# every other known type is in `topoopt.neurons`' registry.
 CLOUD_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Conv1d,
@@ -35,25 +38,6 @@ def cloud_norm(cloud: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(cloud.detach(), dtype=torch.float64))
 
 
-def weight_cloud(weight: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
-    """The N×d cloud of a weight tensor of 2 or more dimensions, one row per output neuron.
-
-    A Linear or Conv weight is (out, in/groups, *kernel): row i is output unit i's weight,
-    flattened. A transposed convolution stores (in, out/groups, *kernel); its output channel j of
-    group g reads the slice ``weight[g-th block of inputs, j]``, which becomes one row.
-    """
-    if weight.dim() < 2:
-        raise ValueError(f"A neuron cloud needs a weight of 2 or more dimensions, got shape {tuple(weight.shape)}")
-    if not transposed:
-        if weight.dim() == 2:
-            return weight  # already N×d: no view, so no extra autograd node in a penalty's backward
-        return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))
-    in_channels, out_per_group, *kernel = weight.shape
-    grouped = weight.reshape(groups, in_channels // groups, out_per_group, *kernel).transpose(1, 2)
-    row_length = (in_channels // groups) * math.prod(kernel)
-    return grouped.reshape(groups * out_per_group, row_length)
-
-
 @dataclass(frozen=True, eq=False)
 class ParameterLayer:
     """A layer known only by its parameters (no module): neuron i is row i of ``weight``,
@@ -67,54 +51,83 @@ class ParameterLayer:
     bias: torch.Tensor | None = None
 
 
-def neuron_cloud(module: nn.Module | ParameterLayer, include_bias: bool = False) -> torch.Tensor:
+def neuron_cloud(module: nn.Module | ParameterLayer | LayerPart | NeuronSample,
+                 include_bias: bool = False) -> torch.Tensor:
     """The N×d cloud of a layer's neurons, keeping the autograd graph to its weight.
 
-    `nn.Linear`: row i of the weight, the incoming weights of output neuron i. `nn.Conv1d/2d/3d`
-    and `nn.ConvTranspose1d/2d/3d`: one flattened filter per output channel. With `include_bias`
-    a neuron's bias is appended as one more coordinate. A layer with an ``effective_weight``
-    (a masked layer) gives that instead of its raw weight; a parametrized weight (weight norm,
-    spectral norm, ...) is read as the layer uses it. Any other module is a `TypeError`.
+    What a neuron is, layer type by layer type, is `topoopt.neurons`' registry: row i of a
+    Linear weight, one flattened filter per Conv/ConvTranspose output channel, a column of HF's
+    Conv1D, ... A module with several clouds (attention's Q/K/V, an RNN's gates) is measured by
+    its parts (`LayerPart`, as `topological_layers` lists them). With `include_bias` each
+    neuron's bias is appended as one more coordinate. A layer with an ``effective_weight`` (a
+    masked layer) gives that instead of its raw weight; a parametrized weight (weight norm,
+    spectral norm, ...) is read as the layer uses it. A module of an unknown type is a
+    `TypeError` (see `topoopt.register_layer`).
     """
+    if isinstance(module, NeuronSample):
+        return neuron_cloud(module.layer, include_bias).index_select(0, module.rows.to(_device_of(module.layer)))
     if isinstance(module, ParameterLayer):
         cloud = weight_cloud(module.weight)
         return _with_bias(cloud, module.bias, "layer") if include_bias else cloud
-    if not isinstance(module, CLOUD_LAYER_TYPES):
-        supported = ", ".join(kind.__name__ for kind in CLOUD_LAYER_TYPES)
-        raise TypeError(f"neuron_cloud takes one of {supported}; got {type(module).__name__}")
-    weight = module.weight
-    if type(weight) is not nn.Parameter and isinstance(weight, nn.parameter.UninitializedParameter):
-        raise ValueError(
-            f"This {type(module).__name__} is not initialised yet: run one forward pass first"
-        )
-    # Masked layers (topoopt.sparse.SparseLinear) expose the weight they really use, so that a
-    # topological gradient never reaches a pruned connection. (Looked up only where it may be:
-    # a module's failed attribute lookup builds an error message, ~5 µs a layer and call.)
-    if _may_have(module, "effective_weight"):
-        weight = getattr(module, "effective_weight", weight)
-    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
-    cloud = weight_cloud(weight, transposed=transposed, groups=getattr(module, "groups", 1))
-    return _with_bias(cloud, module.bias, type(module).__name__) if include_bias else cloud
+    if isinstance(module, LayerPart):
+        spec, kind = module.spec, f"{module.kind}{module.part}"
+        module = module.module
+    else:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"neuron_cloud takes a layer (an nn.Module, ParameterLayer or LayerPart), "
+                            f"got {type(module).__name__}")
+        specs = cloud_specs(module)
+        if specs is None:
+            raise TypeError(f"neuron_cloud: {type(module).__name__} has no registered neuron cloud "
+                            f"(see topoopt.register_layer)")
+        if list(specs) != [""]:
+            raise TypeError(f"neuron_cloud: a {type(module).__name__} has several neuron clouds "
+                            f"({', '.join(specs)}): measure its parts, as topological_layers lists them")
+        spec, kind = specs[""], type(module).__name__
+    cloud = spec.rows(module)
+    return _with_bias(cloud, spec.bias(module), kind) if include_bias else cloud
 
 
-def _may_have(module: nn.Module, name: str) -> bool:
-    """Whether `getattr(module, name)` can succeed: the class, the instance or one of the
-    module's parameter, buffer or submodule tables has the name, or the class answers unknown
-    names itself (its own ``__getattr__``)."""
-    kind = type(module)
-    return (hasattr(kind, name) or name in module.__dict__ or name in module._parameters
-            or name in module._buffers or name in module._modules or kind.__getattr__ is not nn.Module.__getattr__)
+def _device_of(layer) -> torch.device:
+    return neuron_cloud(layer).device
+
+
+@dataclass(frozen=True, eq=False)
+class NeuronSample:
+    """A fixed subset of a layer's neurons, measured in its place (for vocabulary-sized layers).
+
+    ``rows`` are the kept neurons' indices, drawn once (see `sample_neurons`), so every
+    measurement of a run sees the same neurons. The subset's H0 is not the layer's: a subset's
+    nearest neighbours are farther apart, so its deaths are longer (mean lifetime biased upward,
+    roughly by (N/k)^(1/d_eff) for a cloud of intrinsic dimension d_eff), while a scale-free
+    metric such as normalized entropy moves much less.
+    """
+
+    layer: nn.Module | ParameterLayer | LayerPart
+    rows: torch.Tensor
+
+
+def sample_neurons(layer, size: int, seed: int = 0) -> NeuronSample:
+    """`size` neurons of `layer`, drawn uniformly without replacement by a generator seeded
+    with `seed` (sorted, so the subset keeps the layer's order)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+        raise ValueError(f"Invalid sample size: {size!r}. It must be an int ≥ 2")
+    n = neuron_cloud(layer).shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(n, generator=generator)[:size].sort().values
+    return NeuronSample(layer, rows)
 
 
 def _with_bias(cloud: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Tensor:
     if bias is None:
         raise ValueError(f"include_bias=True, but this {kind} has no bias")
-    if bias.dim() != 1 or cloud.shape[0] != bias.shape[0]:
+    if bias.dim() not in (1, 2) or cloud.shape[0] != bias.shape[0]:
         raise ValueError(
             f"include_bias=True needs one bias per neuron: {cloud.shape[0]} neurons, "
             f"bias of shape {tuple(bias.shape)}"
         )
-    return torch.cat([cloud, bias.unsqueeze(1)], dim=1)
+    # a GRU's candidate gate has two biases a neuron (N×2): both are appended
+    return torch.cat([cloud, bias.unsqueeze(1) if bias.dim() == 1 else bias], dim=1)
 
 
 def layer_cloud(name: str, module: nn.Module | ParameterLayer, include_bias: bool = False) -> torch.Tensor | None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from topoopt._validation import check_positive_int
+from topoopt.cloud import neuron_cloud
 from topoopt.layers import select_layers
 from topoopt.metrics import get_metric
 from topoopt.tree_cache import TreeCache, measure_layer
@@ -59,7 +60,7 @@ class TopologyEarlyStopping:
         check_positive_int("min_checks", min_checks)
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         self._metric_fns = {name: get_metric(name) for name in metrics}
-        self.layers = select_layers(model, layers)
+        self.layers = select_layers(model, layers, owner="TopologyEarlyStopping")
         self.tolerance, self.patience, self.min_checks = float(tolerance), patience, min_checks
         self.trees = TreeCache()
         self.history: list[dict[str, float]] = []
@@ -148,7 +149,7 @@ class NeuralPersistenceStopping:
         self.should_stop = False
 
     def update(self) -> bool:
-        value = sum(neural_persistence(module.weight) for module in self.layers.values()) / len(self.layers)
+        value = sum(neural_persistence(neuron_cloud(layer)) for layer in self.layers.values()) / len(self.layers)
         self.history.append(value)
         if value > self.best + self.min_delta:
             self.best, self.waited = value, 0

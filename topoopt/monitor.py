@@ -134,7 +134,7 @@ class TopologyMonitor:
         if isinstance(metrics, str):  # one metric's name, not its letters
             metrics = (metrics,)
         self._metric_fns = {name: get_metric(name) for name in metrics}
-        self.layers = select_layers(model, layers)
+        self.layers = select_layers(model, layers, owner="TopologyMonitor")
         self.every = every
         self.diagrams_every = diagrams_every
         self.optimizer = optimizer if isinstance(optimizer, TopoOptimizer) else None
@@ -194,7 +194,7 @@ class TopologyMonitor:
         for name, module in self.layers.items():
             try:
                 deaths = measure_layer(self.trees, name, module, passive=True)  # an observer: the cache as it was
-                deaths = module.weight.new_zeros(0) if deaths is None else deaths.detach()
+                deaths = torch.zeros(0) if deaths is None else deaths.detach()
                 values = {metric: float(fn(deaths)) for metric, fn in self._metric_fns.items()}
             except Exception as error:  # logging must never stop training
                 self._skip(name, f"{type(error).__name__}: {error}", global_step)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +30,7 @@ from torch import nn
 from topoopt import _native
 from topoopt._validation import check_positive_int, finite_each
 from topoopt.cloud import ParameterLayer, cloud_norm, layer_cloud
-from topoopt.layers import layer_parameters, select_layers
+from topoopt.layers import TopologyCoverageWarning, layer_parameters, select_layers
 from topoopt.metrics import COMPLEXITY_METRICS, complexity_of_measured
 from topoopt.policies import POLICIES, Policy, awaken_policy, calm_policy, contrast_policy
 from topoopt.tree_cache import TreeCache, cache_key
@@ -105,7 +107,7 @@ class TopoOptimizer(torch.optim.Optimizer):
     Two ways to build it:
 
     - ``TopoOptimizer(optimizer, model, ...)``: wrap an existing optimizer; the layers are the
-      model's Linear/Conv/ConvTranspose layers (or those named in ``layers``).
+      model's neuron clouds, as `topoopt.topological_layers` lists them (or those in ``layers``).
     - ``TopoOptimizer(params, inner=torch.optim.AdamW, lr=1e-3, ...)``: the torch.optim form,
       for frameworks that take an optimizer class and keyword arguments (skorch, ignite, config
       files). ``params`` is what the inner optimizer accepts: ``model.named_parameters()``,
@@ -120,7 +122,8 @@ class TopoOptimizer(torch.optim.Optimizer):
     optimizer : torch.optim.Optimizer or iterable
         The optimizer to wrap, or the parameters for ``inner``.
     model : nn.Module, optional
-        The model whose layers are measured (first form only).
+        The model whose layers are measured: required in the first form; in the second, it lets
+        each layer be read by its type (`topoopt.neurons`) instead of as rows of its weight.
     metric : str
         Complexity measure: ``"normalized_entropy"`` (in [0, 1]) or a lifetime metric
         (``"mean_lifetime"``, ``"total_persistence"``, ``"max_lifetime"``) divided by the layer's
@@ -155,8 +158,10 @@ class TopoOptimizer(torch.optim.Optimizer):
     Which parameters a scale moves: those that produce the layer's weight and bias (its own, and
     a parametrization's, such as ``weight_norm``'s ``original0``/``original1``). A parameter
     shared by several wrapped layers (tied weights) is moved once, by the mean of their scales.
-    Parameters outside the wrapped layers, and layers with fewer than 2 neurons or no inputs,
-    keep s = 1.
+    Parameters outside the wrapped layers, and layers with fewer than 3 neurons or no inputs,
+    keep s = 1 and stay out of the policy's statistics. A parameter holding several clouds
+    (attention's packed Q/K/V, an RNN layer's gates) is moved by the mean of their scales, as a
+    tied one is.
 
     Safety. After the inner step, the scaled tensors (already in hand) are checked: a NaN or Inf
     there raises ``FloatingPointError`` naming the layers, with the parameters left exactly as
@@ -207,12 +212,10 @@ class TopoOptimizer(torch.optim.Optimizer):
                                 "TopoOptimizer(params, inner=..., lr=...); got an optimizer instance")
             if model is None:
                 raise TypeError("TopoOptimizer(optimizer, model): the model whose layers to measure is missing")
-            base, chosen = optimizer, select_layers(model, layers)
+            base, chosen = optimizer, select_layers(model, layers, owner="TopoOptimizer")
             _check_layers_are_optimized(chosen, base)
         else:
-            if model is not None:
-                raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-            base, chosen = _build_from_parameters(optimizer, inner, inner_kwargs, layers)
+            base, chosen = _build_from_parameters(optimizer, inner, inner_kwargs, layers, model)
 
         # Optimizer.__init__ sets up the hooks and patches `step` for them; its own groups and
         # state are then replaced by the inner optimizer's *objects*, shared from here on.
@@ -293,12 +296,12 @@ class TopoOptimizer(torch.optim.Optimizer):
 
     # ---- measuring topology ----
     def _measure_all(self) -> dict[str, float]:
-        """Each wrapped layer's complexity (layers of fewer than 2 neurons left out), all layers
+        """Each wrapped layer's complexity (layers of fewer than 3 neurons left out), all layers
         measured in one call (`TreeCache.deaths_many`: batched searches, one edge measurement)."""
         clouds = {}
         for name, layer in self._layers.items():
             cloud = layer_cloud(name, layer, self.include_bias)
-            if cloud is not None and cloud.shape[0] >= 2:
+            if cloud is not None and cloud.shape[0] >= _FEWEST_NEURONS:
                 clouds[name] = cloud.detach()
         keys = {name: cache_key(name, self.include_bias) for name in clouds}
         all_deaths = self.trees.deaths_many({keys[name]: cloud for name, cloud in clouds.items()}, self.tree_every)
@@ -344,7 +347,8 @@ class TopoOptimizer(torch.optim.Optimizer):
             raw = float(scales.get(name, 1.0))
             if not math.isfinite(raw):
                 raise ValueError(f"The policy gave layer {name!r} a non-finite scale: {raw}")
-            topo.scales[name] = min(max(raw, low), high)
+            scale = min(max(raw, low), high)
+            topo.scales[name] = 1.0 if abs(scale - 1.0) <= SCALE_DEADBAND else scale
         topo.scaled = None
         return dict(topo.scales)
 
@@ -524,6 +528,16 @@ class TopoOptimizer(torch.optim.Optimizer):
             hook(self)
 
 
+# Scales this close to 1 are exactly 1: a step changed by at most 0.1% is not worth copying and
+# rescaling the layer's parameters on every step (on resnet18, 5–15% of a step at every=10, for
+# `calm`'s 0.99995 at initialisation).
+SCALE_DEADBAND = 1e-3
+
+# A layer of 2 neurons has one bar: its normalized entropy is 0 whatever its weights (a binary
+# classifier's head), so it would read as the simplest layer of any model and move every policy's
+# cross-layer statistics. Smaller layers keep s = 1 and stay out of them.
+_FEWEST_NEURONS = 3
+
 # torch.optim's optimizers that call the closure once, first, before changing anything: if it
 # raises, nothing has moved, so their closure steps need no copy (Lightning passes a closure on
 # every step). LBFGS, and any optimizer not listed, may call it again after moving parameters.
@@ -602,9 +616,10 @@ def _check_layers_are_optimized(chosen: Mapping[str, nn.Module], base: torch.opt
 
 def _build_from_parameters(
     params: Iterable[Any], inner: Callable[..., torch.optim.Optimizer] | None,
-    inner_kwargs: dict[str, Any], layers: Iterable[str] | None,
-) -> tuple[torch.optim.Optimizer, dict[str, ParameterLayer]]:
-    """The inner optimizer built from `params`, and a layer for each weight of 2+ dimensions."""
+    inner_kwargs: dict[str, Any], layers: Iterable[str] | None, model: nn.Module | None,
+) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
+    """The inner optimizer built from `params`, and its layers: with `model`, the model's
+    clouds that have a parameter among `params`; without, one per weight of 2+ dimensions."""
     if inner is None:
         raise TypeError("TopoOptimizer(params, inner=torch.optim.SGD, lr=...): inner, the optimizer "
                         "class to build, is missing (or pass an optimizer instance and the model)")
@@ -617,7 +632,24 @@ def _build_from_parameters(
     base = inner(params, **inner_kwargs)
     if not isinstance(base, torch.optim.Optimizer):
         raise TypeError(f"inner must build a torch.optim.Optimizer, got {type(base).__name__}")
-    available = _parameter_layers(_named_tensors(params))
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        chosen = select_layers(model, layers, owner="TopoOptimizer")
+        managed = {id(p) for group in base.param_groups for p in group["params"]}
+        chosen = {name: layer for name, layer in chosen.items()
+                  if any(id(p) in managed for p in layer_parameters(layer))}
+        if not chosen:
+            raise ValueError("TopoOptimizer: none of the model's measured layers has a parameter in params")
+        return base, chosen
+    named = _named_tensors(params)
+    suspects = [name for name, tensor in named if tensor.dim() >= 2 and name is not None and _NOT_ROWS.search(name)]
+    if suspects:
+        warnings.warn(f"TopoOptimizer(params, inner=...) without model= reads each weight as rows of neurons, "
+                      f"which is wrong for {suspects[:4]}{' and more' if len(suspects) > 4 else ''} (by their "
+                      f"names: embeddings, packed Q/K/V, RNN or HF Conv1D weights); pass model=your_model to read "
+                      f"each layer by its type, or layers= to leave them out", TopologyCoverageWarning, stacklevel=4)
+    available = _parameter_layers(named)
     if layers is None:
         chosen = available
     else:
@@ -630,6 +662,11 @@ def _build_from_parameters(
     if not chosen:
         raise ValueError("params hold no parameter of 2 or more dimensions, so no layer has a neuron cloud")
     return base, chosen
+
+
+# Parameter names whose rows are not a layer's neurons (the parameter form cannot see the module).
+_NOT_ROWS = re.compile(r"(^|\.)(in_proj_weight|[qkv]_proj_weight|weight_(ih|hh|hr)(_l\d+(_reverse)?)?|c_attn\.weight|"
+                       r"c_fc\.weight|c_proj\.weight|wte\.weight|wpe\.weight|[a-z_]*embed[a-z_]*\.weight)$")
 
 
 def _named_tensors(params: list[Any]) -> list[tuple[str | None, torch.Tensor]]:

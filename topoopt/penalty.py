@@ -13,7 +13,7 @@ from torch import nn
 
 from topoopt import penalty_node
 from topoopt._validation import check_positive_int
-from topoopt.cloud import layer_cloud
+from topoopt.cloud import layer_cloud, neuron_cloud
 from topoopt.layers import select_layers
 from topoopt.metrics import METRIC_SPECS, get_metric
 from topoopt.tree_cache import TreeCache, cache_key
@@ -113,9 +113,7 @@ class TopoPenalty(nn.Module):
         check_positive_int("tree_every", tree_every)
         if trees is not None and not isinstance(trees, TreeCache):
             raise TypeError(f"trees must be a topoopt.TreeCache, got {type(trees).__name__}")
-        chosen = select_layers(model, layers)
-        if not chosen:
-            raise ValueError("The model has no Linear/Conv layer to penalise")
+        chosen = select_layers(model, layers, owner="TopoPenalty")
         self._layers = chosen  # a plain dict: the model's parameters stay out of this module's
         self.coefficients = self._layer_coefficients(weight, chosen)
         self.metric = metric
@@ -173,7 +171,7 @@ class TopoPenalty(nn.Module):
         ValueError
             When a layer's metric is not finite (diverged weights).
         """
-        first = next(iter(self._layers.values())).weight
+        first = neuron_cloud(next(iter(self._layers.values())))
         total = torch.zeros((), device=first.device, dtype=torch.float32)
         # A call without a graph (logging, evaluation) does not count for `every`, and is passive
         # in the tree cache, so that it cannot change which trees training's calls get.

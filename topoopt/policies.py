@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Mapping
 
 __all__ = ["Policy", "POLICIES", "calm_policy", "awaken_policy", "contrast_policy", "collapse_policy",
-           "COLLAPSE_SPREAD"]
+           "COLLAPSE_SPREAD", "CONTRAST_MIN_SPREAD"]
 
 Policy = Callable[[Mapping[str, float], Mapping[str, float], float], dict[str, float]]
 
@@ -42,21 +42,31 @@ def awaken_policy(complexity: Mapping[str, float], change: Mapping[str, float], 
     return {name: 1.0 + strength * (1.0 - min(c, 1.0)) for name, c in complexity.items()}
 
 
-def contrast_policy(complexity: Mapping[str, float], change: Mapping[str, float], strength: float) -> dict[str, float]:
-    """Relative braking: s_l = exp(−strength · z_l), z_l = (c_l − c̄) / sd(c) across the layers.
+CONTRAST_MIN_SPREAD = 0.005
+"""`contrast_policy`'s floor on the spread it divides by. Below it, the layers' differences are
+noise, not a ranking: at PyTorch's default initialisation every layer's normalized entropy is
+0.9997–0.99999, and standardising those differences gave scales from 0.41 to the 4.0 bound. The
+small-data study's real differences (0.98–1.0, a spread near 0.007) stay above it."""
 
-    Added after the small-data study found normalized entropy within 0.98–1.0 in every layer, so
-    that `calm` and `awaken` scales stay within ~2% of 1. Standardising across layers makes the
-    policy act on the *ranking* of layers: the most complex layer is slowed, the least sped up,
-    by factors set by `strength` alone (the geometric mean of the scales is 1). All layers equal,
-    or a single layer: s = 1.
+
+def contrast_policy(complexity: Mapping[str, float], change: Mapping[str, float], strength: float,
+                    min_spread: float = CONTRAST_MIN_SPREAD) -> dict[str, float]:
+    """Relative braking: s_l = exp(−strength · z_l), z_l = (c_l − c̄) / max(sd(c), min_spread).
+
+    For layers whose complexities all sit close together (normalized entropy within 0.98–1.0
+    in every layer, where `calm` and `awaken` scales stay within ~2% of 1), standardising across
+    layers makes the policy act on the *ranking* of layers: the most complex layer is slowed,
+    the least sped up, by factors set by `strength` alone (the geometric mean of the scales is
+    1). Differences smaller than `min_spread` move the scales only in proportion to their size,
+    so noise is not promoted to a ranking. All layers equal, or a single layer: s = 1.
     """
+    if not min_spread > 0:
+        raise ValueError(f"Invalid min_spread: {min_spread}")
     values = list(complexity.values())
     mean = sum(values) / len(values)
-    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-    if spread == 0:
-        return {name: 1.0 for name in complexity}
-    return {name: math.exp(-strength * (c - mean) / spread) for name, c in complexity.items()}
+    spread = max(math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), min_spread)
+    # the exponent is clamped where exp would overflow; the optimizer's bounds clip far inside it
+    return {name: math.exp(min(max(-strength * (c - mean) / spread, -700.0), 700.0)) for name, c in complexity.items()}
 
 
 COLLAPSE_SPREAD = 0.5
