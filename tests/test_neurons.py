@@ -273,6 +273,8 @@ def test_parameter_form_with_the_model_reads_layers_by_type():
     assert optimizer.layer_names == ["0", "1"]
     shapes = [tuple(neuron_cloud(layer).shape) for layer in optimizer._layers.values()]
     assert shapes == [(8, 27), (12, 5)]
+    with pytest.warns(TopologyCoverageWarning, match=r"\['0.weight'\].*wrong for a ConvTranspose"):
+        TopoOptimizer(model.named_parameters(), inner=torch.optim.SGD, lr=0.1)
     with pytest.warns(TopologyCoverageWarning, match=r"\['attn.in_proj_weight'\]"):
         TopoOptimizer(nn.ModuleDict({"attn": nn.MultiheadAttention(4, 1)}).named_parameters(),
                       inner=torch.optim.SGD, lr=0.1)

@@ -40,7 +40,7 @@ from topoopt.neurons import LayerPart, register_layer
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
 from topoopt.persistence import edge_lengths, h0_deaths, h0_edges, h1_diagram
-from topoopt.policies import POLICIES, awaken_policy, calm_policy, contrast_policy
+from topoopt.policies import POLICIES, awaken_policy, calm_policy, collapse_policy, contrast_policy
 from topoopt.spanning_tree import MemoryBudgetError
 from topoopt.tree_cache import TreeCache, measure_layers
 
@@ -49,6 +49,7 @@ __version__ = "0.1.0"
 # Public names of the tools, imported on first use (PEP 562).
 _LAZY = {
     "TopologyMonitor": "topoopt.monitor",
+    "TopologyEarlyStopping": "topoopt.early_stopping",
     "DATASETS": "topoopt.data",
     "DatasetUnavailable": "topoopt.data",
     "load_dataset": "topoopt.data",
@@ -109,7 +110,9 @@ __all__ = [
     "calm_policy",
     "awaken_policy",
     "contrast_policy",
+    "collapse_policy",
     "TopologyMonitor",
+    "TopologyEarlyStopping",
     "DATASETS",
     "DatasetUnavailable",
     "load_dataset",

@@ -168,7 +168,7 @@ def _main_job(args: argparse.Namespace) -> int:
 
 
 def _run_main_job(args: argparse.Namespace) -> int:
-    """Issue #17's answer, small enough to run here: the quick steering study against matched
+    """The steering question, small enough to run here: the quick steering study against matched
     controls (its table), then quick learning graphs of steered runs beside the baselines."""
     import time
 

@@ -21,8 +21,8 @@ from torch import nn
 from topoopt._validation import check_positive_int
 from topoopt.cloud import neuron_cloud
 from topoopt.layers import select_layers
+from topoopt.measure import LayerMeter
 from topoopt.metrics import get_metric
-from topoopt.tree_cache import TreeCache, measure_layer
 
 __all__ = ["TopologyEarlyStopping", "NeuralPersistenceStopping", "neural_persistence"]
 
@@ -60,9 +60,9 @@ class TopologyEarlyStopping:
         check_positive_int("min_checks", min_checks)
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         self._metric_fns = {name: get_metric(name) for name in metrics}
-        self.layers = select_layers(model, layers, owner="TopologyEarlyStopping")
+        self.meter = LayerMeter(model, layers, owner="TopologyEarlyStopping")
+        self.layers = self.meter.layers
         self.tolerance, self.patience, self.min_checks = float(tolerance), patience, min_checks
-        self.trees = TreeCache()
         self.history: list[dict[str, float]] = []
         self.settled = 0
         self.should_stop = False
@@ -70,8 +70,7 @@ class TopologyEarlyStopping:
     @torch.no_grad()
     def _values(self) -> dict[str, float]:
         values = {}
-        for name, module in self.layers.items():
-            deaths = measure_layer(self.trees, name, module, passive=True)
+        for name, deaths in self.meter.measure(passive=True).items():
             for metric, fn in self._metric_fns.items():
                 values[f"{name}/{metric}"] = 0.0 if deaths is None else float(fn(deaths))
         return values

@@ -18,11 +18,11 @@ from torch import nn
 from topoopt._validation import check_positive_int
 from topoopt.cloud import layer_cloud, neuron_cloud
 from topoopt.groups import BranchingDetector, BranchingEvent, group_count, group_sizes, group_threshold
-from topoopt.layers import select_layers
+from topoopt.measure import LayerMeter
 from topoopt.metrics import get_metric
 from topoopt.optimizer import TopoOptimizer
 from topoopt.plotting import new_figure
-from topoopt.tree_cache import TreeCache, cache_key, measure_layer
+from topoopt.tree_cache import TreeCache
 
 __all__ = ["TopologyMonitor", "tag"]
 
@@ -134,12 +134,12 @@ class TopologyMonitor:
         if isinstance(metrics, str):  # one metric's name, not its letters
             metrics = (metrics,)
         self._metric_fns = {name: get_metric(name) for name in metrics}
-        self.layers = select_layers(model, layers, owner="TopologyMonitor")
+        self.meter = LayerMeter(model, layers, owner="TopologyMonitor", trees=trees)
+        self.layers = self.meter.layers
         self.every = every
         self.diagrams_every = diagrams_every
         self.optimizer = optimizer if isinstance(optimizer, TopoOptimizer) else None
         self.embeddings_at = set(embeddings_at)
-        self.trees = trees if trees is not None else TreeCache()
         if groups_ratio is not None:
             group_threshold(torch.zeros(0), groups_ratio)  # validates the ratio
         self.groups_ratio = groups_ratio
@@ -185,15 +185,23 @@ class TopologyMonitor:
             self.skipped[name] = reason
             self.writer.add_text(f"skipped/{name}", f"topology not computed: {reason}", step)
 
+    @property
+    def trees(self) -> TreeCache:
+        return self.meter.trees
+
     @torch.no_grad()
     def step(self, global_step: int) -> None:
         """Log what is due at `global_step`."""
         if not self._active or global_step % self.every:
             return
         diagrams = self.diagrams_every and global_step % self.diagrams_every == 0
+        try:  # every layer in one call; an observer, so the cache stays as training left it
+            measured = self.meter.measure(passive=True)
+        except Exception:  # measured one by one below, to name the layer that fails
+            measured = {}
         for name, module in self.layers.items():
             try:
-                deaths = measure_layer(self.trees, name, module, passive=True)  # an observer: the cache as it was
+                deaths = measured[name] if name in measured else self.meter.measure([name], passive=True)[name]
                 deaths = torch.zeros(0) if deaths is None else deaths.detach()
                 values = {metric: float(fn(deaths)) for metric, fn in self._metric_fns.items()}
             except Exception as error:  # logging must never stop training
@@ -235,7 +243,7 @@ class TopologyMonitor:
             return
         first_seen, before, after = rise
         cloud = layer_cloud(name, module)
-        u, v = self.trees.edges(cache_key(name, False), cloud, passive=True)  # the tree of the deaths just measured
+        u, v = self.meter.edges(name, cloud, passive=True)  # the tree of the deaths just measured
         sizes = group_sizes(deaths, u, v, cloud.shape[0], self.groups_ratio or 4.0, scale=scale)
         event = BranchingEvent(name, step, first_seen, before, after, tuple(sizes))
         self.events.append(event)

@@ -6,6 +6,10 @@ input, give that neuron's pre-activation. Each layer type says where those vecto
 - ``nn.Linear``, ``nn.Conv1d/2d/3d``: row i of the weight (flattened filter i).
 - ``nn.ConvTranspose1d/2d/3d``: the weight is (in, out/groups, *kernel); output channel j of
   group g reads ``weight[g-th block of inputs, j]``.
+- Grouped and depthwise convolutions: neuron j is its filter over its own group's channels
+  (in/groups · kernel numbers). Two equal depthwise filters read different channels, so they are
+  not redundant neurons: on a depthwise layer the cloud measures how varied the filters' shapes
+  are, not redundancy, and its lifetimes are not comparable with a full convolution's.
 - Hugging Face's ``Conv1D`` (GPT-2): weight (in, out), so neuron j is column j.
 - ``nn.Bilinear``: y_k = x1ᵀ A_k x2 + b_k; neuron k is A_k, flattened.
 - ``nn.MultiheadAttention``: its query, key and value projections are three clouds (``[q]``,

@@ -29,11 +29,12 @@ from torch import nn
 
 from topoopt import _native
 from topoopt._validation import check_positive_int, finite_each
-from topoopt.cloud import ParameterLayer, cloud_norm, layer_cloud
+from topoopt.cloud import ParameterLayer, cloud_norm
 from topoopt.layers import TopologyCoverageWarning, layer_parameters, select_layers
+from topoopt.measure import LayerMeter
 from topoopt.metrics import COMPLEXITY_METRICS, complexity_of_measured
 from topoopt.policies import POLICIES, Policy, awaken_policy, calm_policy, contrast_policy
-from topoopt.tree_cache import TreeCache, cache_key
+from topoopt.tree_cache import TreeCache
 
 __all__ = [
     "TopoOptimizer",
@@ -226,11 +227,10 @@ class TopoOptimizer(torch.optim.Optimizer):
         self.defaults = base.defaults
         self.metric, self.policy = settings["metric"], policy
         self.strength, self.every, self.ema = settings["strength"], every, settings["ema"]
-        self.bounds, self.tree_every = settings["bounds"], tree_every
-        self.include_bias = include_bias
-        self.trees = trees if trees is not None else TreeCache()
+        self.bounds = settings["bounds"]
+        self.meter = LayerMeter(model, chosen, owner="TopoOptimizer", include_bias=include_bias,
+                                tree_every=tree_every, trees=trees)
         self.check_finite = bool(check_finite)
-        self._layers = chosen
         self._topo = _WrapperState(scales={name: 1.0 for name in chosen})
         self._copies: list[torch.Tensor] = []  # the scaled parameters before the inner step
         self._copy_views: list | None = None  # their numpy views, for the compiled scaling
@@ -259,7 +259,27 @@ class TopoOptimizer(torch.optim.Optimizer):
 
     @property
     def layer_names(self) -> list[str]:
-        return list(self._layers)
+        return list(self.meter.layers)
+
+    @property
+    def _layers(self) -> dict[str, Any]:
+        return self.meter.layers
+
+    @property
+    def trees(self) -> TreeCache:
+        return self.meter.trees
+
+    @trees.setter
+    def trees(self, trees: TreeCache) -> None:
+        self.meter.trees = trees
+
+    @property
+    def tree_every(self) -> int:
+        return self.meter.tree_every
+
+    @property
+    def include_bias(self) -> bool:
+        return self.meter.include_bias
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -298,16 +318,11 @@ class TopoOptimizer(torch.optim.Optimizer):
     def _measure_all(self) -> dict[str, float]:
         """Each wrapped layer's complexity (layers of fewer than 3 neurons left out), all layers
         measured in one call (`TreeCache.deaths_many`: batched searches, one edge measurement)."""
-        clouds = {}
-        for name, layer in self._layers.items():
-            cloud = layer_cloud(name, layer, self.include_bias)
-            if cloud is not None and cloud.shape[0] >= _FEWEST_NEURONS:
-                clouds[name] = cloud.detach()
-        keys = {name: cache_key(name, self.include_bias) for name in clouds}
-        all_deaths = self.trees.deaths_many({keys[name]: cloud for name, cloud in clouds.items()}, self.tree_every)
+        clouds = {name: cloud.detach() for name, cloud in self.meter.clouds(fewest=_FEWEST_NEURONS).items()}
+        all_deaths = self.meter.deaths(clouds)
         values = {}
         for name, cloud in clouds.items():
-            deaths = all_deaths[keys[name]]
+            deaths = all_deaths[name]
             rms_norm = cloud_norm(cloud) / math.sqrt(cloud.shape[0])
             value = complexity_of_measured(self.metric, deaths, rms_norm)
             if not math.isfinite(value):
@@ -643,12 +658,14 @@ def _build_from_parameters(
             raise ValueError("TopoOptimizer: none of the model's measured layers has a parameter in params")
         return base, chosen
     named = _named_tensors(params)
-    suspects = [name for name, tensor in named if tensor.dim() >= 2 and name is not None and _NOT_ROWS.search(name)]
+    suspects = [name or f"param{index}" for index, (name, tensor) in enumerate(named)
+                if tensor.dim() >= 3 or (tensor.dim() == 2 and name is not None and _NOT_ROWS.search(name))]
     if suspects:
         warnings.warn(f"TopoOptimizer(params, inner=...) without model= reads each weight as rows of neurons, "
-                      f"which is wrong for {suspects[:4]}{' and more' if len(suspects) > 4 else ''} (by their "
-                      f"names: embeddings, packed Q/K/V, RNN or HF Conv1D weights); pass model=your_model to read "
-                      f"each layer by its type, or layers= to leave them out", TopologyCoverageWarning, stacklevel=4)
+                      f"which may be wrong for {suspects[:4]}{' and more' if len(suspects) > 4 else ''} (by their "
+                      f"names embeddings, packed Q/K/V, RNN or HF Conv1D weights; 3+-D weights are read as Conv, "
+                      f"wrong for a ConvTranspose); pass model=your_model to read each layer by its type",
+                      TopologyCoverageWarning, stacklevel=4)
     available = _parameter_layers(named)
     if layers is None:
         chosen = available

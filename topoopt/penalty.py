@@ -13,10 +13,10 @@ from torch import nn
 
 from topoopt import penalty_node
 from topoopt._validation import check_positive_int
-from topoopt.cloud import layer_cloud, neuron_cloud
-from topoopt.layers import select_layers
+from topoopt.cloud import neuron_cloud
+from topoopt.measure import LayerMeter
 from topoopt.metrics import METRIC_SPECS, get_metric
-from topoopt.tree_cache import TreeCache, cache_key
+from topoopt.tree_cache import TreeCache
 
 __all__ = ["TopoPenalty", "PENALTY_METRICS"]
 
@@ -110,20 +110,16 @@ class TopoPenalty(nn.Module):
                 raise ValueError("target and direction='maximize' exclude each other: "
                                  "a target is approached from both sides")
         check_positive_int("every", every)
-        check_positive_int("tree_every", tree_every)
-        if trees is not None and not isinstance(trees, TreeCache):
-            raise TypeError(f"trees must be a topoopt.TreeCache, got {type(trees).__name__}")
-        chosen = select_layers(model, layers, owner="TopoPenalty")
-        self._layers = chosen  # a plain dict: the model's parameters stay out of this module's
+        # a plain object holding the layers: the model's parameters stay out of this module's
+        self.meter = LayerMeter(model, layers, owner="TopoPenalty", include_bias=include_bias, tree_every=tree_every,
+                                trees=trees)
+        chosen = self.meter.layers
         self.coefficients = self._layer_coefficients(weight, chosen)
         self.metric = metric
         self.direction = direction
         self.target = float(target) if target is not None else None
         self.every = every
-        self.tree_every = tree_every
-        self.include_bias = include_bias
         self._metric_fn = get_metric(metric)
-        self.trees = trees if trees is not None else TreeCache()
         self._calls = 0
         self.last_values: dict[str, float] = {}
 
@@ -148,7 +144,23 @@ class TopoPenalty(nn.Module):
 
     @property
     def layer_names(self) -> list[str]:
-        return list(self._layers)
+        return list(self.meter.layers)
+
+    @property
+    def trees(self) -> TreeCache:
+        return self.meter.trees
+
+    @trees.setter
+    def trees(self, trees: TreeCache) -> None:
+        self.meter.trees = trees
+
+    @property
+    def tree_every(self) -> int:
+        return self.meter.tree_every
+
+    @property
+    def include_bias(self) -> bool:
+        return self.meter.include_bias
 
     def _term(self, value: torch.Tensor) -> torch.Tensor:
         if self.target is not None:
@@ -171,7 +183,7 @@ class TopoPenalty(nn.Module):
         ValueError
             When a layer's metric is not finite (diverged weights).
         """
-        first = neuron_cloud(next(iter(self._layers.values())))
+        first = neuron_cloud(next(iter(self.meter.layers.values())))
         total = torch.zeros((), device=first.device, dtype=torch.float32)
         # A call without a graph (logging, evaluation) does not count for `every`, and is passive
         # in the tree cache, so that it cannot change which trees training's calls get.
@@ -180,18 +192,14 @@ class TopoPenalty(nn.Module):
             self._calls += 1
             if (self._calls - 1) % self.every:
                 return total
-        measured = {name: module for name, module in self._layers.items() if self.coefficients[name] != 0.0}
-        clouds = {name: cloud for name, module in measured.items()
-                  if (cloud := layer_cloud(name, module, self.include_bias)) is not None}
+        clouds = self.meter.clouds([name for name in self.meter.layers if self.coefficients[name] != 0.0])
         if penalty_node.handles(list(clouds.values()), self.metric):
             return self._one_node_total(clouds, passive)
         # All layers in one call: the small ones' tree searches and every edge measurement are
         # batched (benchmarks/all_layers.py), with the deaths of one-layer calls.
-        keys = {name: cache_key(name, self.include_bias) for name in clouds}
-        all_deaths = self.trees.deaths_many({keys[name]: cloud for name, cloud in clouds.items()}, self.tree_every,
-                                            passive)
+        all_deaths = self.meter.deaths(clouds, passive)
         for name in clouds:
-            deaths = all_deaths[keys[name]]
+            deaths = all_deaths[name]
             value = self._metric_fn(deaths)
             self.last_values[name] = float(value.detach())
             if not math.isfinite(self.last_values[name]):
@@ -203,18 +211,17 @@ class TopoPenalty(nn.Module):
     def _one_node_total(self, clouds: dict[str, torch.Tensor], passive: bool) -> torch.Tensor:
         """`forward` for CPU layers the compiled engine measures: one autograd node
         (`topoopt.penalty_node`), the same trees and values."""
-        keys = {name: cache_key(name, self.include_bias) for name in clouds}
         searched = {name: cloud for name, cloud in clouds.items() if cloud.shape[0] >= 2}
-        trees = self.trees.trees_for({keys[name]: cloud for name, cloud in searched.items()}, self.tree_every, passive)
+        trees = self.meter.trees_for(searched, passive)
         no_edge = torch.empty(0, dtype=torch.int64)
-        edges = {name: trees[keys[name]][:2] if name in searched else (no_edge, no_edge) for name in clouds}
+        edges = {name: trees[name][:2] if name in searched else (no_edge, no_edge) for name in clouds}
         sign = -1.0 if self.direction == "maximize" else 1.0
         terms = {name: penalty_node.LayerTerm(self.coefficients[name], sign, self.target) for name in clouds}
         total, deaths = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn,
                                                       self.last_values)
         if not passive:
             for name in searched:  # fresh arrays of the one node's own: kept without a copy
-                self.trees.remember_deaths(keys[name], deaths[name], trees[keys[name]][2], copy=False)
+                self.meter.remember_deaths(name, deaths[name], trees[name][2], copy=False)
         return total
 
     def get_extra_state(self) -> dict:

@@ -53,7 +53,7 @@ def h0_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Endpoints (u, v) of the N−1 minimum-spanning-tree edges whose lengths are the H0 deaths.
 
     Found without autograd. Re-gathering `‖points[u] − points[v]‖` later gives the deaths of a
-    slightly moved cloud without searching the tree again (see `topoopt.TopoPenalty`'s `reuse`).
+    slightly moved cloud without searching the tree again (see `topoopt.TreeCache` and ``tree_every``).
     """
     return euclidean_mst_edges(_as_cloud(points))
 

@@ -38,7 +38,7 @@ from topoopt.loop import (
     Progress,
     StopOnInterrupt,
     accuracy,
-    fit,  # re-exported: the studies' loops, formerly here
+    fit,  # re-exported for the studies
     fit_steps,
     make_optimizer,
     run_loop,

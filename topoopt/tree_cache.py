@@ -10,7 +10,7 @@ keeps, for each layer, the tree and a copy of the cloud it was searched on:
   lookups of moved weights re-measure the old tree's edges before the next search. The entry
   keeps the cloud it was *searched on*, so a later exact lookup (``tree_every=1``) of moved
   weights always searches again: an approximate tree can never reach an exact caller.
-  Measured on this project's machines (shared/PERF_NOTES.md): a tree from 1 SGD step earlier
+  Measured on this project's machines: a tree from 1 SGD step earlier
   gave a worst sorted-death error of 0.3%, from 10 steps earlier 2.4%.
 
 Owner and sharing rule: `TopoPenalty`, `TopoOptimizer` and `TopologyMonitor` each create their
@@ -29,7 +29,7 @@ keeps that tree apart, with a copy of its cloud, for exact reuse only: a later l
 cloud that would have searched (training's next step, after a monitor logged the new weights)
 takes it instead, as found by the same deterministic search, and carries on as if it had searched
 itself. So logging or monitoring through a shared cache never changes which trees training gets
-(a new user found that it did with ``tree_every > 1``: the trajectory moved), and a monitor still
+(with ``tree_every > 1`` a counted reuse would move the trajectory), and a monitor still
 saves training a search.
 """
 

@@ -46,7 +46,7 @@ class MapperSettings:
     pca_dims: int = 20
 
 
-# The authors' per-layer settings (issue #5): first hidden, second hidden, output layer.
+# The authors' per-layer settings: first hidden, second hidden, output layer.
 PAPER_SETTINGS = {
     "first": MapperSettings(intervals=30, eps=0.1),
     "second": MapperSettings(intervals=25, eps=0.2),

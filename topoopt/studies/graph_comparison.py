@@ -1,4 +1,4 @@
-"""The design card's comparison (issue #17, item 1): learning graphs of steered runs beside the
+"""The design card's comparison: learning graphs of steered runs beside the
 plain baseline's, with the numbers that say how they differ.
 
 For each (ε, seed) of a setting, `compare` reads the finished runs (`topoopt learning-graphs

@@ -1,4 +1,4 @@
-"""Steered learning-graph runs (issue #17, item 1): the trainings whose learning graphs stand
+"""Steered learning-graph runs: the trainings whose learning graphs stand
 beside the plain baselines of Gabella et al.'s tree and surface settings.
 
 Every steered run starts from the baseline's initial weights, sees the same batches and runs at
@@ -17,7 +17,7 @@ the same learning rate (the paper's 0.05); only the steering differs:
   strength 7, every 10 steps: up to × 8 while a layer's neurons nearly coincide relative to
   their norm, × 1 once spread (`topoopt.policies.collapse_policy`).
 - ``topo-awaken``: `TopoOptimizer`, policy ``awaken`` on the same metric, strength 4 (the
-  pilot of #17: in effect a global × 4 on the plateau).
+  steering study's pilot: in effect a global × 4 on the plateau).
 - ``collapse-matched``: the matched control of ``topo-collapse``: plain SGD with a constant
   per-layer learning rate 0.05 × that layer's mean scale in the ``topo-collapse`` run of the
   same setting, ε and seed (so it needs that run first).

@@ -146,7 +146,7 @@ class _Steer(Callback):
 
 
 class _LiveGroups(Callback):
-    """Live topology (#14): each step of the `TopologyMonitor` (the groups of neurons and the online
+    """Live topology: each step of the `TopologyMonitor` (the groups of neurons and the online
     branching events that a user sees in TensorBoard), and every `every` steps the same online
     detector at the smaller gap ratios and at the absolute scale of each layer's Mapper clustering
     (DBSCAN's eps in the paper's settings), on the same cached deaths: the validation compares each
@@ -173,10 +173,7 @@ class _LiveGroups(Callback):
 
     @torch.no_grad()
     def _other_groups(self, step: int) -> None:
-        from topoopt.tree_cache import measure_layer
-
-        for name, module in self.monitor.layers.items():
-            deaths = measure_layer(self.monitor.trees, name, module, passive=True)
+        for name, deaths in self.monitor.meter.measure(passive=True).items():
             if deaths is None:
                 continue
             for ratio, detectors in self.detectors.items():

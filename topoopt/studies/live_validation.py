@@ -1,4 +1,4 @@
-"""Validation of live topology (issue #14): do the branching events that `TopologyMonitor` detects
+"""Validation of live topology: do the branching events that `TopologyMonitor` detects
 while training runs agree with the learning graph's events found after training, and do they
 come before or after the jumps in test accuracy?
 

@@ -1,4 +1,4 @@
-"""Study (issue #17): does topology-steered training beat matched controls where topology should
+"""Study: does topology-steered training beat matched controls where topology should
 matter, on the surface network of Gabella et al. (784-100-100-10, sigmoid, no bias, N(0, 1e-6²)
 initialisation, SGD, batch 100, mnist5k)?
 
@@ -23,7 +23,7 @@ Primary measure: steps to 80% test accuracy; secondary: steps to 20%, accuracy a
 fraction diverged. Paired Wilcoxon signed-rank tests (exact, ties included) of each steered
 configuration against the best control (the control with the fewest median steps to 80%), Holm
 over the steered configurations.
-The pre-registration is in experiments/RESULTS.md ("Steering against matched controls (#17)").
+The pre-registration is in experiments/RESULTS.md ("Steering against matched controls").
 
     topoopt steer --quick        # a few minutes
     topoopt steer                # the pre-registered study (resumable: re-run to continue)

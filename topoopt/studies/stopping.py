@@ -1,4 +1,4 @@
-"""Study (issue #14, part 3): does stopping on topology, without a validation split, and so
+"""Study: does stopping on topology, without a validation split, and so
 training on 25% more examples, give test accuracy equal to or better than validation-loss early
 stopping on small data?
 

@@ -1,0 +1,102 @@
+"""The one measuring seam: which clouds a tool measures, and how.
+
+`TopoPenalty`, `TopoOptimizer`, `TopologyMonitor`, `TopologyEarlyStopping` and `layer_topology`
+each hold a `LayerMeter`. It owns the layers (chosen once, with the coverage warning), whether a
+neuron's bias is part of its point, how often trees are searched (``tree_every``), the tree cache
+and its keys, and the passive rule (observers never change the trees training uses; see
+`topoopt.TreeCache`). The tools decide only what to do with the deaths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from topoopt._validation import check_positive_int
+from topoopt.cloud import layer_cloud
+from topoopt.layers import select_layers
+from topoopt.tree_cache import TreeCache, cache_key
+
+__all__ = ["LayerMeter"]
+
+
+class LayerMeter:
+    """The layers one tool measures, with its bias rule, tree reuse and tree cache.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model whose neuron clouds are measured.
+    layers : list of names or mapping, optional
+        As `topoopt.select_layers` takes them (all clouds by default).
+    owner : str
+        The tool's name, for the coverage warning and errors.
+    include_bias : bool
+        Append each neuron's bias to its point.
+    tree_every : int
+        Search each tree at most every m-th measurement (1: exact).
+    trees : TreeCache, optional
+        Where trees are kept (a new cache by default); share one between tools of one model.
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[str] | Mapping[str, Any] | None = None, *,
+                 owner: str, include_bias: bool = False, tree_every: int = 1,
+                 trees: TreeCache | None = None) -> None:
+        check_positive_int("tree_every", tree_every)
+        if trees is not None and not isinstance(trees, TreeCache):
+            raise TypeError(f"trees must be a topoopt.TreeCache, got {type(trees).__name__}")
+        self.layers = select_layers(model, layers, owner=owner)
+        self.include_bias = bool(include_bias)
+        self.tree_every = tree_every
+        self.trees = trees if trees is not None else TreeCache()
+
+    def __repr__(self) -> str:
+        return (f"LayerMeter(layers={list(self.layers)}, include_bias={self.include_bias}, "
+                f"tree_every={self.tree_every})")
+
+    def key(self, name: str) -> str:
+        """The tree cache's entry of a layer's cloud."""
+        return cache_key(name, self.include_bias)
+
+    def clouds(self, names: Iterable[str] | None = None, fewest: int = 1) -> dict[str, torch.Tensor]:
+        """The checked clouds of the named layers (all by default), keeping their graphs;
+        layers with no geometry (no neurons or no inputs) or fewer than `fewest` neurons are
+        left out. Errors name the layer."""
+        found = {}
+        for name in self.layers if names is None else names:
+            cloud = layer_cloud(name, self.layers[name], self.include_bias)
+            if cloud is not None and cloud.shape[0] >= fewest:
+                found[name] = cloud
+        return found
+
+    def deaths(self, clouds: Mapping[str, torch.Tensor], passive: bool = False) -> dict[str, torch.Tensor]:
+        """Each cloud's H0 deaths in tree order, all searched and measured in one call (the
+        small clouds batched); ``passive`` for an observer."""
+        keyed = self.trees.deaths_many({self.key(name): cloud for name, cloud in clouds.items()}, self.tree_every,
+                                       passive)
+        return {name: keyed[self.key(name)] for name in clouds}
+
+    def measure(self, names: Iterable[str] | None = None, passive: bool = False) -> dict[str, torch.Tensor | None]:
+        """`deaths` of the named layers' clouds (all by default); None for a layer with no
+        geometry to measure."""
+        chosen = list(self.layers) if names is None else list(names)
+        clouds = self.clouds(chosen)
+        deaths = self.deaths(clouds, passive)
+        return {name: deaths.get(name) for name in chosen}
+
+    def trees_for(self, clouds: Mapping[str, torch.Tensor], passive: bool = False) -> dict[str, tuple]:
+        """Each cloud's tree as (u, v, exact), for a caller that measures the edges itself and
+        hands the deaths back with `remember_deaths`."""
+        keyed = self.trees.trees_for({self.key(name): cloud for name, cloud in clouds.items()}, self.tree_every,
+                                     passive)
+        return {name: keyed[self.key(name)] for name in clouds}
+
+    def remember_deaths(self, name: str, deaths: torch.Tensor, exact: bool, copy: bool = True) -> None:
+        self.trees.remember_deaths(self.key(name), deaths, exact, copy=copy)
+
+    def edges(self, name: str, cloud: torch.Tensor, passive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tree (u, v) of one cloud, as `measure` would use it."""
+        return self.trees.edges(self.key(name), cloud, self.tree_every, passive)
