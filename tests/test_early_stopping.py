@@ -56,3 +56,20 @@ def test_neural_persistence_stopping_stops_when_it_stops_rising():
 def test_invalid_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TopologyEarlyStopping(build_mlp("mlp:6-3"), **kwargs)
+
+
+def test_a_run_stuck_at_its_first_loss_is_not_settled():
+    """A tiny-initialised network at chance: its topology does not move, and neither does its
+    loss (ln 10). With the loss given, the checks do not count as settled until it falls."""
+    model = build_mlp("mlp:6-10-3")
+    stopper = TopologyEarlyStopping(model, tolerance=0.01, patience=2, min_loss_drop=0.1)
+    chance = math.log(10)
+    assert [stopper.update(chance) for _ in range(5)] == [False] * 5
+    assert stopper.settled == 0 and stopper.reason.startswith("stuck: training loss 2.303")
+    assert [stopper.update(0.85 * chance) for _ in range(2)] == [False, True]  # 15% lower: settled twice
+    assert "settled for 2 checks" in stopper.reason
+    restored = TopologyEarlyStopping(model, tolerance=0.01, patience=2)
+    restored.load_state_dict(stopper.state_dict())
+    assert restored.first_loss == pytest.approx(chance)
+    with pytest.raises(ValueError, match="Invalid min_loss_drop"):
+        TopologyEarlyStopping(model, min_loss_drop=1.0)

@@ -108,8 +108,9 @@ def test_tensorboard_serves_the_scalars_and_layout(tmp_path):
         assert tags and "topology/fc1/mean_lifetime" in tags["run"]
         with urllib.request.urlopen(f"{base}/data/plugin/custom_scalars/layout", timeout=5) as response:
             layout = json.load(response)
-        titles = {chart["title"] for category in layout["category"] for chart in category["chart"]}
-        assert {"normalized_entropy", "mean_lifetime", "lr_scale"} <= titles
+        charts = {category["title"]: [chart["title"] for chart in category["chart"]] for category in layout["category"]}
+        assert {"normalized_entropy", "mean_lifetime", "spread", "entropy_deficit", "lr_change_pct"} <= set(charts)
+        assert charts["mean_lifetime"] == ["fc1", "fc2", "fc3"]
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -147,3 +148,40 @@ def test_overflowing_deaths_are_skipped_with_a_reason_not_raised(tmp_path):
     monitor.step(0)
     monitor.close()
     assert "fc1" in monitor.skipped and "fc2" in monitor.last
+
+
+def test_signals_that_move_on_a_default_network_and_a_verdict_at_the_end(tmp_path, caplog):
+    """On PyTorch's default initialisation the entropy reads ~0.9999; spread (mean lifetime over
+    RMS neuron norm) and the entropy deficit are logged beside it, checked here against their
+    definitions, and close() writes a verdict that says the entropy was saturated."""
+    import logging
+    import math
+
+    from topoopt import h0_deaths, mean_lifetime, neuron_cloud, normalized_persistent_entropy
+
+    caplog.set_level(logging.INFO, logger="topoopt")
+    model, monitor = run_monitor(tmp_path)
+    acc = events(tmp_path)
+    cloud = neuron_cloud(model.fc1).detach()
+    deaths = h0_deaths(cloud)
+    rms = float(cloud.double().pow(2).sum().sqrt()) / math.sqrt(cloud.shape[0])
+    assert acc.Scalars("topology/fc1/spread")[-1].value == pytest.approx(float(mean_lifetime(deaths)) / rms, rel=1e-5)
+    assert acc.Scalars("topology/fc1/entropy_deficit")[-1].value == pytest.approx(
+        1 - float(normalized_persistent_entropy(deaths)), rel=1e-3, abs=1e-7)
+    assert "optim/fc1/lr_change_pct" in acc.Tags()["scalars"]
+    text = monitor.verdict()
+    assert "fc1: spread" in text and "TopoOptimizer" in text
+    assert any("topology over steps 0–3" in record.getMessage() for record in caplog.records)
+    assert "verdict" in "".join(acc.Tags()["tensors"])
+
+
+def test_custom_scalars_has_one_chart_per_layer_and_series(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    run_monitor(tmp_path)
+    acc = events(tmp_path)
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    categories = {category.title: [chart.title for chart in category.chart] for category in layout.category}
+    assert set(categories) == {"normalized_entropy", "mean_lifetime", "spread", "entropy_deficit", "lr_change_pct"}
+    assert categories["spread"] == ["fc1", "fc2", "fc3"]

@@ -390,3 +390,16 @@ def test_contrast_policy_ranks_layers_by_standardised_complexity():
     assert scales["a"] > 1.0 > scales["c"] and scales["b"] == pytest.approx(1.0)
     assert scales["a"] * scales["c"] == pytest.approx(1.0)
     assert contrast_policy({"a": 0.3, "b": 0.3}, {}, 2.0) == {"a": 1.0, "b": 1.0}
+
+
+def test_state_dict_carries_the_settings_and_a_resume_with_others_is_refused():
+    net, _, _ = problem()
+    saved = TopoOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net, policy="contrast", every=5).state_dict()
+    assert saved["topoopt"]["settings"]["policy"] == "contrast" and saved["topoopt"]["settings"]["every"] == 5
+    same = TopoOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net, policy="contrast", every=5)
+    same.load_state_dict(saved)
+    other = TopoOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net, policy="calm", every=5)
+    with pytest.raises(ValueError, match=r"settings differ from the saved ones \(policy 'contrast' → 'calm'\)"):
+        other.load_state_dict(saved)
+    del saved["topoopt"]["settings"]  # the explicit way to resume with new settings
+    other.load_state_dict(saved)

@@ -14,14 +14,13 @@ from typing import Any
 from topoopt.cloud import NeuronSample, ParameterLayer, neuron_cloud, sample_neurons
 from topoopt.layers import (
     Coverage,
-    LayerTopology,
     TopologyCoverageWarning,
     coverage,
-    layer_topology,
     select_layers,
     topological_layers,
 )
 from topoopt.many_clouds import h0_deaths_many
+from topoopt.measure import LayerMeter, LayerTopology, layer_topology
 from topoopt.metrics import (
     COMPLEXITY_METRICS,
     METRIC_SPECS,
@@ -100,6 +99,7 @@ __all__ = [
     "topological_layers",
     "select_layers",
     "layer_topology",
+    "LayerMeter",
     "LayerTopology",
     "MemoryBudgetError",
     "TreeCache",

@@ -47,15 +47,24 @@ class TopologyEarlyStopping:
         not have moved yet).
     layers : list of str, optional
         Only these layers.
+    min_loss_drop : float
+        With ``update(loss)``, a check counts as settled only once the training loss has fallen
+        by this fraction below the first loss seen: a network stuck at chance (tiny
+        initialisation, dead units) has a topology that does not move either, and is stuck, not
+        settled.
 
-    ``update()`` returns ``should_stop``. ``history`` holds each check's values.
+    ``update()`` returns ``should_stop``. ``history`` holds each check's values; ``reason`` says
+    why the last check did not count as settled, or why it stopped.
     """
 
     def __init__(self, model: nn.Module, metrics: str | Sequence[str] = ("normalized_entropy", "mean_lifetime"),
                  tolerance: float = 0.01, patience: int = 3, min_checks: int = 1,
-                 layers: Iterable[str] | None = None) -> None:
+                 layers: Iterable[str] | None = None, min_loss_drop: float = 0.1) -> None:
         if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
             raise ValueError(f"Invalid tolerance: {tolerance!r}")
+        if isinstance(min_loss_drop, bool) or not (isinstance(min_loss_drop, (int, float))
+                                                  and 0 <= min_loss_drop < 1):
+            raise ValueError(f"Invalid min_loss_drop: {min_loss_drop!r}. It must be in [0, 1)")
         check_positive_int("patience", patience)
         check_positive_int("min_checks", min_checks)
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
@@ -66,6 +75,9 @@ class TopologyEarlyStopping:
         self.history: list[dict[str, float]] = []
         self.settled = 0
         self.should_stop = False
+        self.min_loss_drop = float(min_loss_drop)
+        self.first_loss: float | None = None
+        self.reason = ""
 
     @torch.no_grad()
     def _values(self) -> dict[str, float]:
@@ -75,22 +87,36 @@ class TopologyEarlyStopping:
                 values[f"{name}/{metric}"] = 0.0 if deaths is None else float(fn(deaths))
         return values
 
-    def update(self) -> bool:
+    def update(self, loss: float | None = None) -> bool:
+        """One check (after an epoch); `loss`, the epoch's training loss, guards against calling
+        a run stuck at its first loss settled (see ``min_loss_drop``)."""
         values = self._values()
+        stuck = False
+        if loss is not None:
+            loss = float(loss)
+            if self.first_loss is None and math.isfinite(loss):
+                self.first_loss = loss
+            stuck = self.first_loss is not None and not loss <= (1 - self.min_loss_drop) * self.first_loss
         if self.history:
             previous = self.history[-1]
             moved = any(abs(values[k] - previous[k]) > self.tolerance * abs(previous[k]) for k in values)
-            self.settled = 0 if moved else self.settled + 1
+            self.settled = 0 if moved or stuck else self.settled + 1
+            self.reason = ("topology still moving" if moved else
+                           f"stuck: training loss {loss:.4g} not {self.min_loss_drop:.0%} below its first, "
+                           f"{self.first_loss:.4g}" if stuck else f"settled for {self.settled} check(s)")
         self.history.append(values)
         self.should_stop = len(self.history) >= self.min_checks and self.settled >= self.patience
+        if self.should_stop:
+            self.reason = f"every layer's topology settled for {self.settled} checks in a row"
         return self.should_stop
 
     def state_dict(self) -> dict:
-        return {"history": [dict(h) for h in self.history], "settled": self.settled}
+        return {"history": [dict(h) for h in self.history], "settled": self.settled, "first_loss": self.first_loss}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [dict(h) for h in state["history"]]
         self.settled = int(state["settled"])
+        self.first_loss = state.get("first_loss")
         self.should_stop = len(self.history) >= self.min_checks and self.settled >= self.patience
 
 

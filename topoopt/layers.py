@@ -1,7 +1,8 @@
-"""Which layers of a model have a neuron cloud, and a per-layer topology report."""
+"""Which neuron clouds a model has, what is left out and why, and the parameters behind each cloud."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -10,18 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from topoopt.cloud import NeuronSample, ParameterLayer, layer_cloud, neuron_cloud
-from topoopt.metrics import (
-    max_lifetime,
-    mean_lifetime,
-    normalized_persistent_entropy,
-    persistent_entropy,
-    total_persistence,
-)
+from topoopt.cloud import NeuronSample, ParameterLayer
 from topoopt.neurons import FUSED_QKV_CHOICES, LayerPart, check_spec, cloud_specs, not_a_cloud_reason
-from topoopt.persistence import h0_deaths
 
-__all__ = ["topological_layers", "select_layers", "layer_parameters", "LayerTopology", "layer_topology", "coverage",
+__all__ = ["topological_layers", "select_layers", "layer_parameters", "coverage",
            "Coverage", "MeasuredCloud", "SkippedParameter", "TopologyCoverageWarning", "DEFAULT_MAX_NEURONS"]
 
 
@@ -246,7 +239,17 @@ def _speak(owner: str, report: Coverage) -> None:
         parts.append(f"layers above max_neurons={report.max_neurons}, {sizes}: name them in layers= to "
                      f"measure them, or pass a topoopt.sample_neurons of them")
     if parts:
-        warnings.warn(f"{owner} does not measure " + "; and ".join(parts), TopologyCoverageWarning, stacklevel=3)
+        warnings.warn(f"{owner} does not measure " + "; and ".join(parts), TopologyCoverageWarning,
+                      stacklevel=user_stacklevel())
+
+
+def user_stacklevel() -> int:
+    """The `warnings.warn` stacklevel of the first caller outside topoopt, so that a warning
+    points at the user's line, however deep in the package it was raised."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "topoopt":
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def layer_parameters(module: nn.Module | ParameterLayer | LayerPart | NeuronSample) -> list[torch.Tensor]:
@@ -271,50 +274,3 @@ def layer_parameters(module: nn.Module | ParameterLayer | LayerPart | NeuronSamp
     if isinstance(parametrizations, nn.Module):
         found.update((id(p), p) for p in parametrizations.parameters())
     return list(found.values())
-
-
-@dataclass(frozen=True)
-class LayerTopology:
-    """H0 summary of one layer's neuron cloud (plain floats, detached from autograd)."""
-
-    n_neurons: int
-    dim: int
-    normalized_entropy: float
-    entropy: float
-    mean_lifetime: float
-    total_persistence: float
-    max_lifetime: float
-    zero_bars: int
-    weight_norm: float
-    deaths: torch.Tensor
-
-
-@torch.no_grad()
-def layer_topology(
-    model: nn.Module, layers: Iterable[str] | Mapping[str, Any] | None = None, include_bias: bool = False
-) -> dict[str, LayerTopology]:
-    """H0 deaths and metrics of every neuron cloud of `model` (or of those in `layers`, as
-    `select_layers` takes them); what it leaves out is said once, as a warning."""
-    report = {}
-    for name, module in select_layers(model, layers, owner="layer_topology").items():
-        cloud = layer_cloud(name, module, include_bias)
-        if cloud is None:  # no neurons or no inputs: an empty diagram
-            shape = neuron_cloud(module, include_bias=include_bias).shape
-            cloud = torch.zeros(shape)
-            deaths = cloud.new_zeros(0)
-        else:
-            cloud = cloud.detach()
-            deaths = h0_deaths(cloud)
-        report[name] = LayerTopology(
-            n_neurons=cloud.shape[0],
-            dim=cloud.shape[1],
-            normalized_entropy=float(normalized_persistent_entropy(deaths)),
-            entropy=float(persistent_entropy(deaths)),
-            mean_lifetime=float(mean_lifetime(deaths)),
-            total_persistence=float(total_persistence(deaths)),
-            max_lifetime=float(max_lifetime(deaths)),
-            zero_bars=int((deaths == 0).sum()),
-            weight_norm=float(torch.linalg.vector_norm(cloud.double())),
-            deaths=deaths.cpu(),
-        )
-    return report

@@ -4,23 +4,32 @@
 each hold a `LayerMeter`. It owns the layers (chosen once, with the coverage warning), whether a
 neuron's bias is part of its point, how often trees are searched (``tree_every``), the tree cache
 and its keys, and the passive rule (observers never change the trees training uses; see
-`topoopt.TreeCache`). The tools decide only what to do with the deaths.
+`topoopt.TreeCache`). The tools decide only what to do with the deaths. `layer_topology`, the
+one-shot report, is a meter's measurement summarised.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from topoopt._validation import check_positive_int
-from topoopt.cloud import layer_cloud
+from topoopt.cloud import layer_cloud, neuron_cloud
 from topoopt.layers import select_layers
+from topoopt.metrics import (
+    max_lifetime,
+    mean_lifetime,
+    normalized_persistent_entropy,
+    persistent_entropy,
+    total_persistence,
+)
 from topoopt.tree_cache import TreeCache, cache_key
 
-__all__ = ["LayerMeter"]
+__all__ = ["LayerMeter", "LayerTopology", "layer_topology"]
 
 
 class LayerMeter:
@@ -100,3 +109,52 @@ class LayerMeter:
     def edges(self, name: str, cloud: torch.Tensor, passive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The tree (u, v) of one cloud, as `measure` would use it."""
         return self.trees.edges(self.key(name), cloud, self.tree_every, passive)
+
+
+@dataclass(frozen=True)
+class LayerTopology:
+    """H0 summary of one layer's neuron cloud (plain floats, detached from autograd)."""
+
+    n_neurons: int
+    dim: int
+    normalized_entropy: float
+    entropy: float
+    mean_lifetime: float
+    total_persistence: float
+    max_lifetime: float
+    zero_bars: int
+    weight_norm: float
+    deaths: torch.Tensor
+
+
+@torch.no_grad()
+def layer_topology(
+    model: nn.Module, layers: Iterable[str] | Mapping[str, Any] | None = None, include_bias: bool = False
+) -> dict[str, LayerTopology]:
+    """H0 deaths and metrics of every neuron cloud of `model` (or of those in `layers`, as
+    `select_layers` takes them), all measured in one call; what it leaves out is said once, as a
+    warning."""
+    meter = LayerMeter(model, layers, owner="layer_topology", include_bias=include_bias)
+    measured = meter.measure(passive=True)
+    report = {}
+    for name, layer in meter.layers.items():
+        deaths = measured[name]
+        if deaths is None:  # no neurons or no inputs: an empty diagram
+            cloud = torch.zeros(neuron_cloud(layer, include_bias=include_bias).shape)
+            deaths = cloud.new_zeros(0)
+        else:
+            cloud = layer_cloud(name, layer, include_bias).detach()
+            deaths = deaths.detach().sort().values
+        report[name] = LayerTopology(
+            n_neurons=cloud.shape[0],
+            dim=cloud.shape[1],
+            normalized_entropy=float(normalized_persistent_entropy(deaths)),
+            entropy=float(persistent_entropy(deaths)),
+            mean_lifetime=float(mean_lifetime(deaths)),
+            total_persistence=float(total_persistence(deaths)),
+            max_lifetime=float(max_lifetime(deaths)),
+            zero_bars=int((deaths == 0).sum()),
+            weight_norm=float(torch.linalg.vector_norm(cloud.double())),
+            deaths=deaths.cpu(),
+        )
+    return report

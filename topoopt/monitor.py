@@ -8,7 +8,9 @@ figures. Dots in module names become ``/``.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -16,12 +18,13 @@ import torch
 from torch import nn
 
 from topoopt._validation import check_positive_int
-from topoopt.cloud import layer_cloud, neuron_cloud
+from topoopt.cloud import cloud_norm, layer_cloud, neuron_cloud
 from topoopt.groups import BranchingDetector, BranchingEvent, group_count, group_sizes, group_threshold
 from topoopt.measure import LayerMeter
-from topoopt.metrics import get_metric
+from topoopt.metrics import get_metric, mean_lifetime, normalized_persistent_entropy
 from topoopt.optimizer import TopoOptimizer
 from topoopt.plotting import new_figure
+from topoopt.run_history import RunHistory
 from topoopt.tree_cache import TreeCache
 
 __all__ = ["TopologyMonitor", "tag"]
@@ -31,6 +34,29 @@ def tag(group: str, layer: str, metric: str | None = None) -> str:
     """The TensorBoard tag of a layer's series: ``group/<layer with / for .>[/metric]``."""
     parts = [group, layer.replace(".", "/") or "model"]
     return "/".join(parts + ([metric] if metric else []))
+
+
+SIGNALS = ("spread", "entropy_deficit")
+
+
+def _signals(cloud: torch.Tensor | None, deaths: torch.Tensor) -> dict[str, float]:
+    """`SIGNALS` of one layer: spread (mean lifetime / RMS neuron norm) and entropy deficit."""
+    if cloud is None or deaths.numel() == 0:
+        return {"spread": 0.0, "entropy_deficit": 0.0}
+    rms = cloud_norm(cloud) / math.sqrt(cloud.shape[0])
+    spread = float(mean_lifetime(deaths)) / rms if rms > 0 else 0.0
+    return {"spread": spread, "entropy_deficit": 1.0 - float(normalized_persistent_entropy(deaths))}
+
+
+def _label(name: str, layer) -> str:
+    """A chart title: the layer's name, with its type and size where the name is a bare index."""
+    if name and not name.split(".")[-1].split("[")[0].isdigit():
+        return name
+    try:
+        n, d = neuron_cloud(layer).shape
+        return f"{name or 'model'} ({getattr(layer, 'kind', type(layer).__name__)} {n}×{d})"
+    except Exception:  # a lazy layer: no shape yet
+        return name or "model"
 
 
 def _is_writer_rank() -> bool:
@@ -73,6 +99,12 @@ class TopologyMonitor:
         Log at the steps divisible by ``every``.
     metrics : str or sequence of str
         Metric names of `topoopt.METRIC_SPECS`.
+    signals : bool
+        Also log the signals that move on ordinary networks (`SIGNALS`): ``spread``, the mean
+        lifetime over the RMS neuron norm (scale free: it falls when neurons collapse together,
+        whatever the weights' size), and ``entropy_deficit``, 1 − normalized entropy (near 0 on a
+        random cloud, where the entropy itself reads 0.9999: plot it on a log axis); with a
+        `TopoOptimizer`, ``optim/<layer>/lr_change_pct``, (s − 1) in percent.
     diagrams_every : int
         Also log death histograms and persistence-diagram and barcode figures at the steps
         divisible by this (0: never).
@@ -116,6 +148,7 @@ class TopologyMonitor:
         writer=None,
         every: int = 1,
         metrics: Sequence[str] = ("normalized_entropy", "mean_lifetime"),
+        signals: bool = True,
         diagrams_every: int = 0,
         optimizer: torch.optim.Optimizer | None = None,
         layers: Iterable[str] | None = None,
@@ -134,6 +167,8 @@ class TopologyMonitor:
         if isinstance(metrics, str):  # one metric's name, not its letters
             metrics = (metrics,)
         self._metric_fns = {name: get_metric(name) for name in metrics}
+        self.signals = bool(signals)
+        self.history = RunHistory()
         self.meter = LayerMeter(model, layers, owner="TopologyMonitor", trees=trees)
         self.layers = self.meter.layers
         self.every = every
@@ -173,12 +208,18 @@ class TopologyMonitor:
         return {name: float(value) for name, value in scales.items()}
 
     def _write_layout(self) -> None:
-        charts = {
-            metric: ["Multiline", [f"^topology/.*/{metric}$"]] for metric in self._metric_fns
-        }
+        """Custom Scalars: one category per series, one chart per layer in it, so that every
+        chart has one line per run and a layer's lines are never drawn over another's."""
+        series = [("topology", metric) for metric in self._metric_fns]
+        if self.signals:
+            series += [("topology", signal) for signal in SIGNALS]
         if self.optimizer is not None:
-            charts["lr_scale"] = ["Multiline", [r"^optim/.*/lr_scale$"]]
-        self.writer.add_custom_scalars({"topology": charts})
+            series += [("optim", "lr_change_pct")]
+        layout = {}
+        for group, metric in series:
+            layout[metric] = {_label(name, layer): ["Multiline", [f"^{re.escape(tag(group, name, metric))}$"]]
+                              for name, layer in self.layers.items()}
+        self.writer.add_custom_scalars(layout)
 
     def _skip(self, name: str, reason: str, step: int) -> None:
         if name not in self.skipped:
@@ -207,7 +248,13 @@ class TopologyMonitor:
             except Exception as error:  # logging must never stop training
                 self._skip(name, f"{type(error).__name__}: {error}", global_step)
                 continue
+            if self.signals:
+                try:
+                    values.update(_signals(layer_cloud(name, module), deaths))
+                except Exception as error:  # a signal that cannot be computed never stops the others
+                    self._skip(name, f"{type(error).__name__}: {error}", global_step)
             self.last[name] = values
+            self.history.record(name, values, global_step)
             for metric, value in values.items():
                 self.writer.add_scalar(tag("topology", name, metric), value, global_step)
             try:
@@ -223,6 +270,8 @@ class TopologyMonitor:
         if self.optimizer is not None:
             for name, scale in self.optimizer.scales.items():
                 self.writer.add_scalar(tag("optim", name, "lr_scale"), scale, global_step)
+                self.writer.add_scalar(tag("optim", name, "lr_change_pct"), 100.0 * (scale - 1.0), global_step)
+                self.history.record_scale(name, scale)
                 if name in self.optimizer.complexity:
                     self.writer.add_scalar(tag("optim", name, "complexity"), self.optimizer.complexity[name],
                                            global_step)
@@ -264,11 +313,21 @@ class TopologyMonitor:
         if self._active:
             self.writer.flush()
 
+    def verdict(self) -> str:
+        """What the run's topology did, in a few lines: each layer's signals from first to last
+        measurement, how far the optimizer's scales moved, the alerts raised, what was skipped."""
+        return self.history.verdict(self.events, self.skipped, self.optimizer is not None)
+
     def close(self, hparams: Mapping[str, object] | None = None, final: Mapping[str, float] | None = None) -> None:
-        """Write the hparams entry (booleans as strings, final metrics) and close an owned writer."""
+        """Write the verdict (a text entry, and the ``topoopt`` logger at INFO), the hparams entry
+        (booleans as strings, final metrics), and close an owned writer."""
         if not self._active or self.writer is None:
             return
         try:
+            if self.history.steps:
+                text = self.verdict()
+                logging.getLogger("topoopt").info("%s", text)
+                self.writer.add_text("verdict", text.replace("\n", "  \n"), self.history.steps[-1])
             if hparams is not None:
                 plain = {k: (str(v) if isinstance(v, bool) or v is None else v) for k, v in hparams.items()}
                 plain = {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in plain.items()}

@@ -30,7 +30,7 @@ from torch import nn
 from topoopt import _native
 from topoopt._validation import check_positive_int, finite_each
 from topoopt.cloud import ParameterLayer, cloud_norm
-from topoopt.layers import TopologyCoverageWarning, layer_parameters, select_layers
+from topoopt.layers import TopologyCoverageWarning, layer_parameters, select_layers, user_stacklevel
 from topoopt.measure import LayerMeter
 from topoopt.metrics import COMPLEXITY_METRICS, complexity_of_measured
 from topoopt.policies import POLICIES, Policy, awaken_policy, calm_policy, contrast_policy
@@ -178,8 +178,10 @@ class TopoOptimizer(torch.optim.Optimizer):
     Without a closure, the parameters are as the inner optimizer left them.
 
     ``scales`` (layer → s_l) and ``complexity`` (layer → last measured value) are readable for
-    monitoring. ``state_dict()`` holds the inner optimizer's state and the wrapper's own, as
-    plain data that loads with ``torch.load(weights_only=True)``; the state-dict, load and step
+    monitoring. ``state_dict()`` holds the inner optimizer's state and the wrapper's own (its
+    moving averages and its settings), as plain data that loads with
+    ``torch.load(weights_only=True)``; loading it into a wrapper built with other settings (another
+    policy, strength, every, ...) is a ``ValueError`` naming them. The state-dict, load and step
     hooks of ``torch.optim.Optimizer`` fire as on a bare optimizer (global step hooks once per
     step). Under DistributedDataParallel the weights are identical on every rank, and the
     measurement is deterministic, so every rank computes the same scales without communicating.
@@ -500,11 +502,20 @@ class TopoOptimizer(torch.optim.Optimizer):
         return loss
 
     # ---- checkpointing ----
+    def _settings(self) -> dict[str, Any]:
+        """The wrapper's own hyper-parameters, as plain data (a callable policy by its name)."""
+        policy = self.policy if isinstance(self.policy, str) else (
+            f"callable {getattr(self.policy, '__module__', '?')}.{getattr(self.policy, '__qualname__', '?')}")
+        return {"metric": self.metric, "policy": policy, "strength": self.strength, "every": self.every,
+                "ema": self.ema, "bounds": list(self.bounds), "tree_every": self.tree_every,
+                "include_bias": self.include_bias}
+
     def state_dict(self) -> dict[str, Any]:
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state = self.base_optimizer.state_dict()
         state["topoopt"] = self._topo.as_dict(list(self._layers))
+        state["topoopt"]["settings"] = self._settings()
         if self.tree_every > 1:  # approximate trees: the resumed run must reuse the same ones
             state["topoopt"]["trees"] = self.trees.state_dict()
         for hook in self._optimizer_state_dict_post_hooks.values():
@@ -524,6 +535,14 @@ class TopoOptimizer(torch.optim.Optimizer):
             raise KeyError("This state_dict has no 'topoopt' entry: it was not saved by a TopoOptimizer")
         if list(own["layers"]) != list(self._layers):
             raise ValueError(f"The saved layers {list(own['layers'])} differ from this wrapper's {list(self._layers)}")
+        if "settings" in own:
+            mine = self._settings()
+            changed = [f"{key} {own['settings'].get(key)!r} → {value!r}" for key, value in mine.items()
+                       if own["settings"].get(key) != value]
+            if changed:
+                raise ValueError(f"This TopoOptimizer's settings differ from the saved ones ({'; '.join(changed)}): "
+                                 f"build it with the saved settings, or delete state_dict['topoopt']['settings'] "
+                                 f"to resume with the new ones")
         base = self.base_optimizer
         groups, state = self.param_groups, self.state
         base.load_state_dict(state_dict)
@@ -665,7 +684,7 @@ def _build_from_parameters(
                       f"which may be wrong for {suspects[:4]}{' and more' if len(suspects) > 4 else ''} (by their "
                       f"names embeddings, packed Q/K/V, RNN or HF Conv1D weights; 3+-D weights are read as Conv, "
                       f"wrong for a ConvTranspose); pass model=your_model to read each layer by its type",
-                      TopologyCoverageWarning, stacklevel=4)
+                      TopologyCoverageWarning, stacklevel=user_stacklevel())
     available = _parameter_layers(named)
     if layers is None:
         chosen = available

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from topoopt.layers import LayerTopology
+from topoopt.measure import LayerTopology
 
 __all__ = ["format_table", "topology_table"]
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from topoopt.data import DATASETS, Dataset, default_model, load_dataset, stratified_subset
-from topoopt.layers import layer_topology
 from topoopt.loop import (
     OPTIMIZERS,
     Callback,
@@ -43,6 +42,7 @@ from topoopt.loop import (
     make_optimizer,
     run_loop,
 )
+from topoopt.measure import layer_topology
 from topoopt.models import ACTIVATIONS, build_mlp, initialise, parse_model_spec
 from topoopt.monitor import TopologyMonitor
 from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES, TopoOptimizer

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from topoopt.data import load_dataset, stratified_subset
-from topoopt.layers import layer_topology
 from topoopt.loop import fit_steps, make_optimizer
+from topoopt.measure import layer_topology
 from topoopt.models import build_mlp
 from topoopt.plotting import new_figure, save_png
 from topoopt.studies.options import add_sweep_options, apply_overrides, output_folders

@@ -1,0 +1,75 @@
+"""What a monitored run's topology did, kept small: first and last values per layer, the scales'
+range, and the verdict written at the end of a run."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["RunHistory", "SATURATED_ENTROPY"]
+
+SATURATED_ENTROPY = 0.999
+"""Normalized entropy above which a layer reads as a random, even cloud: a penalty maximising it
+has almost nothing left to gain (PyTorch's default initialisation gives 0.9997–0.99999)."""
+
+
+@dataclass
+class RunHistory:
+    """First and last logged values of each layer's series, and each layer's scale range."""
+
+    first: dict[str, dict[str, float]] = field(default_factory=dict)
+    last: dict[str, dict[str, float]] = field(default_factory=dict)
+    lowest: dict[str, dict[str, float]] = field(default_factory=dict)
+    scales: dict[str, tuple[float, float]] = field(default_factory=dict)
+    steps: list[int] = field(default_factory=list)
+
+    def record(self, layer: str, values: Mapping[str, float], step: int) -> None:
+        if not self.steps or self.steps[-1] != step:
+            self.steps.append(step)
+        self.first.setdefault(layer, dict(values))
+        self.last[layer] = dict(values)
+        low = self.lowest.setdefault(layer, dict(values))
+        for key, value in values.items():
+            low[key] = min(low.get(key, value), value)
+
+    def record_scale(self, layer: str, scale: float) -> None:
+        low, high = self.scales.get(layer, (scale, scale))
+        self.scales[layer] = (min(low, scale), max(high, scale))
+
+    def verdict(self, events: Sequence = (), skipped: Mapping[str, str] | None = None,
+                has_optimizer: bool = False) -> str:
+        """A few plain lines: per layer its signals from first to last measurement, then what
+        the optimizer did, the events raised and the layers skipped."""
+        lines = [f"topology over steps {self.steps[0]}–{self.steps[-1]} ({len(self.steps)} measurements):"]
+        for layer, first in self.first.items():
+            last = self.last[layer]
+            parts = []
+            if "spread" in first:
+                parts.append(f"spread {first['spread']:.3g} → {last['spread']:.3g}")
+            if "entropy_deficit" in first:
+                parts.append(f"entropy deficit {first['entropy_deficit']:.2g} → {last['entropy_deficit']:.2g}")
+            elif "normalized_entropy" in first:
+                parts.append(f"normalized entropy {first['normalized_entropy']:.4f} → {last['normalized_entropy']:.4f}")
+            if "groups" in last:
+                parts.append(f"groups {first.get('groups', 1):.0f} → {last['groups']:.0f}")
+            lines.append(f"  {layer or 'model'}: " + ", ".join(parts))
+        entropies = [v["normalized_entropy"] for v in self.lowest.values() if "normalized_entropy" in v]
+        if entropies and min(entropies) > SATURATED_ENTROPY:
+            lines.append(f"normalized entropy stayed above {SATURATED_ENTROPY} in every layer: a penalty maximising "
+                         f"it was saturated (nothing to gain), and entropy-based scales sat at 1; watch spread")
+        if has_optimizer:
+            if self.scales:
+                worst = max(self.scales, key=lambda k: max(abs(self.scales[k][0] - 1), abs(self.scales[k][1] - 1)))
+                low, high = self.scales[worst]
+                change = 100 * max(abs(low - 1), abs(high - 1))
+                lines.append("TopoOptimizer did not change any step (every scale 1)" if change == 0 else
+                             f"TopoOptimizer changed steps by at most {change:.2g}% (layer {worst}: scales "
+                             f"{low:.4g}–{high:.4g})")
+        if events:
+            shown = ", ".join(f"{e.layer}@{e.step} ({e.groups_before}→{e.groups})" for e in list(events)[:5])
+            lines.append(f"branching events: {len(events)}: {shown}{' …' if len(events) > 5 else ''}")
+        else:
+            lines.append("no branching event")
+        for layer, reason in (skipped or {}).items():
+            lines.append(f"skipped {layer}: {reason}")
+        return "\n".join(lines)
