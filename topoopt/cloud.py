@@ -67,8 +67,8 @@ def neuron_cloud(module: nn.Module | ParameterLayer | LayerPart | NeuronSample,
     if isinstance(module, NeuronSample):
         return neuron_cloud(module.layer, include_bias).index_select(0, module.rows.to(_device_of(module.layer)))
     if isinstance(module, ParameterLayer):
-        cloud = weight_cloud(module.weight)
-        return _with_bias(cloud, module.bias, "layer") if include_bias else cloud
+        cloud = whole(weight_cloud(module.weight))
+        return _with_bias(cloud, whole(module.bias), "layer") if include_bias else cloud
     if isinstance(module, LayerPart):
         spec, kind = module.spec, f"{module.kind}{module.part}"
         module = module.module
@@ -84,8 +84,19 @@ def neuron_cloud(module: nn.Module | ParameterLayer | LayerPart | NeuronSample,
             raise TypeError(f"neuron_cloud: a {type(module).__name__} has several neuron clouds "
                             f"({', '.join(specs)}): measure its parts, as topological_layers lists them")
         spec, kind = specs[""], type(module).__name__
-    cloud = spec.rows(module)
-    return _with_bias(cloud, spec.bias(module), kind) if include_bias else cloud
+    cloud = whole(spec.rows(module))
+    return _with_bias(cloud, whole(spec.bias(module)), kind) if include_bias else cloud
+
+
+def whole(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A sharded tensor (a DTensor: FSDP2's parameters, tensor parallelism) gathered whole on
+    every rank, differentiably (its gradient goes back to each rank's shard); any other tensor
+    as it is. A layer's H0 needs all its neurons: a shard's tree is not the layer's. Gathering is
+    a collective, so every rank must measure the same layers in the same order, as the tools do."""
+    if tensor is not None and type(tensor) is not torch.Tensor and hasattr(tensor, "full_tensor") \
+            and hasattr(tensor, "placements"):
+        return tensor.full_tensor()
+    return tensor
 
 
 def _device_of(layer) -> torch.device:
@@ -130,15 +141,20 @@ def _with_bias(cloud: torch.Tensor, bias: torch.Tensor | None, kind: str) -> tor
     return torch.cat([cloud, bias.unsqueeze(1) if bias.dim() == 1 else bias], dim=1)
 
 
-def layer_cloud(name: str, module: nn.Module | ParameterLayer, include_bias: bool = False) -> torch.Tensor | None:
+def layer_cloud(name: str, module: nn.Module | ParameterLayer, include_bias: bool = False,
+                copy: bool = False) -> torch.Tensor | None:
     """The layer's cloud checked for measuring, or None when it has no geometry to measure.
 
     None for a layer with no neurons or no incoming weights (``Linear(5, 0)``, ``Linear(0, 5)``):
     its diagram is empty. Errors name the layer: NaN/Inf weights, weights on the ``meta`` device.
-    float16/bfloat16 weights come back as float32.
+    float16/bfloat16 weights come back as float32. With `copy`, the cloud is a differentiable copy
+    that shares no memory with the weights: the compiled engine's host views of a tensor make its
+    storage unresizable for good, which FSDP2 needs for the gathered weights it lends a layer.
     """
     try:
         cloud = neuron_cloud(module, include_bias=include_bias)
+        if copy:
+            cloud = cloud.clone()
         if cloud.device.type == "meta":
             raise ValueError("its weights are on the 'meta' device (not materialised): call "
                              "model.to_empty(device=...) and initialise them before measuring")

@@ -19,7 +19,7 @@ from torch import nn
 
 from topoopt._validation import check_positive_int
 from topoopt.cloud import layer_cloud, neuron_cloud
-from topoopt.layers import select_layers
+from topoopt.layers import layer_parameters, select_layers
 from topoopt.metrics import (
     max_lifetime,
     mean_lifetime,
@@ -30,6 +30,20 @@ from topoopt.metrics import (
 from topoopt.tree_cache import TreeCache, cache_key
 
 __all__ = ["LayerMeter", "LayerTopology", "layer_topology"]
+
+
+def _sharded(model: nn.Module | None, layers: Mapping[str, Any]) -> bool:
+    """Whether the weights are sharded across ranks (FSDP2 or DTensors): their clouds are then
+    gathered, and between forward and backward FSDP may lend a layer a gathered weight that it
+    frees during backward, so nothing may keep a host view of it."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        FSDPModule = ()  # noqa: N806
+    if isinstance(model, nn.Module) and FSDPModule and any(isinstance(m, FSDPModule) for m in model.modules()):
+        return True
+    return any(type(p) is not torch.Tensor and hasattr(p, "placements")
+               for layer in layers.values() for p in layer_parameters(layer))
 
 
 class LayerMeter:
@@ -58,6 +72,7 @@ class LayerMeter:
         if trees is not None and not isinstance(trees, TreeCache):
             raise TypeError(f"trees must be a topoopt.TreeCache, got {type(trees).__name__}")
         self.layers = select_layers(model, layers, owner=owner)
+        self.sharded = _sharded(model, self.layers)
         self.include_bias = bool(include_bias)
         self.tree_every = tree_every
         self.trees = trees if trees is not None else TreeCache()
@@ -76,10 +91,14 @@ class LayerMeter:
         left out. Errors name the layer."""
         found = {}
         for name in self.layers if names is None else names:
-            cloud = layer_cloud(name, self.layers[name], self.include_bias)
+            cloud = self.cloud(name)
             if cloud is not None and cloud.shape[0] >= fewest:
                 found[name] = cloud
         return found
+
+    def cloud(self, name: str) -> torch.Tensor | None:
+        """One layer's checked cloud (`topoopt.cloud.layer_cloud`), a copy when sharded."""
+        return layer_cloud(name, self.layers[name], self.include_bias, copy=self.sharded)
 
     def deaths(self, clouds: Mapping[str, torch.Tensor], passive: bool = False) -> dict[str, torch.Tensor]:
         """Each cloud's H0 deaths in tree order, all searched and measured in one call (the

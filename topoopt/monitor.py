@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 
 from topoopt._validation import check_positive_int
-from topoopt.cloud import cloud_norm, layer_cloud, neuron_cloud
+from topoopt.cloud import cloud_norm, neuron_cloud
 from topoopt.groups import BranchingDetector, BranchingEvent, group_count, group_sizes, group_threshold
+from topoopt.layers import layer_parameters, user_stacklevel
 from topoopt.measure import LayerMeter
 from topoopt.metrics import get_metric, mean_lifetime, normalized_persistent_entropy
 from topoopt.optimizer import TopoOptimizer
@@ -52,11 +54,25 @@ def _label(name: str, layer) -> str:
     """A chart title: the layer's name, with its type and size where the name is a bare index."""
     if name and not name.split(".")[-1].split("[")[0].isdigit():
         return name
+    kind = getattr(layer, "kind", type(layer).__name__)
+    if any(_is_sharded(p) for p in layer_parameters(layer)):  # its shape would cost a gather on rank 0 alone
+        return f"{name or 'model'} ({kind})"
     try:
         n, d = neuron_cloud(layer).shape
-        return f"{name or 'model'} ({getattr(layer, 'kind', type(layer).__name__)} {n}×{d})"
+        return f"{name or 'model'} ({kind} {n}×{d})"
     except Exception:  # a lazy layer: no shape yet
         return name or "model"
+
+
+class _NoWriter:
+    """What ranks other than 0 write through: nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    return type(tensor) is not torch.Tensor and hasattr(tensor, "placements")
 
 
 def _is_writer_rank() -> bool:
@@ -138,7 +154,9 @@ class TopologyMonitor:
     text entry naming the layer, the step and the sizes of the groups, and kept in ``events``.
 
     A layer whose topology cannot be computed is logged once as skipped, with the reason, and
-    training goes on. Under DDP only rank 0 writes. Tags: see `tag`.
+    training goes on; it also warns once, naming the layer. Under DDP only rank 0 measures and
+    writes; with sharded weights (FSDP2) every rank measures (gathering a layer's shards is a
+    collective: call ``step`` on every rank) and rank 0 writes. Tags: see `tag`.
     """
 
     def __init__(
@@ -185,8 +203,12 @@ class TopologyMonitor:
         self.skipped: dict[str, str] = {}
         self.last: dict[str, dict[str, float]] = {}
         self._active = _is_writer_rank()
+        # Sharded weights (FSDP2) are gathered to be measured, a collective: then every rank
+        # measures, in the same order, and only rank 0 writes.
+        self._measures = self._active or any(_is_sharded(p) for layer in self.layers.values()
+                                             for p in layer_parameters(layer))
         self._owns_writer = writer is None
-        self.writer = None
+        self.writer = None if self._active else _NoWriter()
         if self._active:
             if writer is None:
                 from torch.utils.tensorboard import SummaryWriter
@@ -224,6 +246,8 @@ class TopologyMonitor:
     def _skip(self, name: str, reason: str, step: int) -> None:
         if name not in self.skipped:
             self.skipped[name] = reason
+            warnings.warn(f"TopologyMonitor skips layer {name!r} from step {step} on: {reason}", RuntimeWarning,
+                          stacklevel=user_stacklevel())
             self.writer.add_text(f"skipped/{name}", f"topology not computed: {reason}", step)
 
     @property
@@ -233,7 +257,7 @@ class TopologyMonitor:
     @torch.no_grad()
     def step(self, global_step: int) -> None:
         """Log what is due at `global_step`."""
-        if not self._active or global_step % self.every:
+        if not self._measures or global_step % self.every:
             return
         diagrams = self.diagrams_every and global_step % self.diagrams_every == 0
         try:  # every layer in one call; an observer, so the cache stays as training left it
@@ -250,7 +274,7 @@ class TopologyMonitor:
                 continue
             if self.signals:
                 try:
-                    values.update(_signals(layer_cloud(name, module), deaths))
+                    values.update(_signals(self.meter.cloud(name), deaths))
                 except Exception as error:  # a signal that cannot be computed never stops the others
                     self._skip(name, f"{type(error).__name__}: {error}", global_step)
             self.last[name] = values
@@ -291,7 +315,7 @@ class TopologyMonitor:
         if rise is None:
             return
         first_seen, before, after = rise
-        cloud = layer_cloud(name, module)
+        cloud = self.meter.cloud(name)
         u, v = self.meter.edges(name, cloud, passive=True)  # the tree of the deaths just measured
         sizes = group_sizes(deaths, u, v, cloud.shape[0], self.groups_ratio or 4.0, scale=scale)
         event = BranchingEvent(name, step, first_seen, before, after, tuple(sizes))
@@ -322,6 +346,7 @@ class TopologyMonitor:
         """Write the verdict (a text entry, and the ``topoopt`` logger at INFO), the hparams entry
         (booleans as strings, final metrics), and close an owned writer."""
         if not self._active or self.writer is None:
+            self.writer = None
             return
         try:
             if self.history.steps:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -62,6 +63,27 @@ def _check_number(name: str, value: Any, low: float, high: float, *, low_open: b
     if value < low or value > high or (low_open and value == low):
         raise ValueError(f"Invalid {name}: {value}")
     return float(value)
+
+
+def _local_shards(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+    """Each parameter's tensor on this rank: a sharded one's (a DTensor under FSDP2) local shard,
+    which the elementwise scaling p_old + s·(p_new − p_old) may treat alone; and whether any was
+    sharded."""
+    local = [p.to_local() if type(p) is not torch.Tensor and hasattr(p, "to_local") else p for p in params]
+    return local, any(a is not b for a, b in zip(local, params))
+
+
+def _agreed(finite: list[bool]) -> list[bool]:
+    """`finite` as every rank sees it: a tensor is finite only if its shard is on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return finite
+    flags = torch.tensor([int(ok) for ok in finite], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        flags = flags.cuda()
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [bool(flag) for flag in flags.tolist()]
 
 
 def _host_views(tensors: list[torch.Tensor]) -> list | None:
@@ -400,7 +422,7 @@ class TopoOptimizer(torch.optim.Optimizer):
             self.update_scales()
         if topo.scaled is None:
             topo.scaled = self._scaled_parameters()
-        plan["before"], plan["views"] = self._copy_of(topo.scaled[0])
+        plan["before"], plan["views"] = self._copy_of(_local_shards(topo.scaled[0])[0])
         if closure is not None and _may_evaluate_closure_again(self.base_optimizer):
             all_params = [p for group in self.param_groups for p in group["params"]]
             plan["rollback"] = (all_params, [p.detach().clone() for p in all_params],
@@ -426,6 +448,12 @@ class TopoOptimizer(torch.optim.Optimizer):
         topo.topo_step += 1  # the inner step was taken
         params, factors, owners = topo.scaled
         if not params:
+            return
+        params, sharded = _local_shards(params)
+        if sharded:  # each rank scales its own shards; all of them must agree before any raises
+            finite = finite_each(params) if self.check_finite else [True] * len(params)
+            self._raise_if_not_finite(_agreed(finite), owners)
+            torch._foreach_lerp_(params, plan["before"], [1.0 - factor for factor in factors])
             return
         params_now, before_now = self._param_views(params), plan["views"]
         if params_now is not None and before_now is not None:  # one compiled call: check, then scale
@@ -654,6 +682,10 @@ def _build_from_parameters(
 ) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
     """The inner optimizer built from `params`, and its layers: with `model`, the model's
     clouds that have a parameter among `params`; without, one per weight of 2+ dimensions."""
+    if _built_by_zero():
+        raise TypeError("TopoOptimizer cannot be ZeroRedundancyOptimizer's optimizer_class: each rank would measure "
+                        "only the layers in its shard and scale them differently; wrap ZeRO instead: "
+                        "TopoOptimizer(ZeroRedundancyOptimizer(model.parameters(), optimizer_class=...), model)")
     if inner is None:
         raise TypeError("TopoOptimizer(params, inner=torch.optim.SGD, lr=...): inner, the optimizer "
                         "class to build, is missing (or pass an optimizer instance and the model)")
@@ -698,6 +730,20 @@ def _build_from_parameters(
     if not chosen:
         raise ValueError("params hold no parameter of 2 or more dimensions, so no layer has a neuron cloud")
     return base, chosen
+
+
+def _built_by_zero() -> bool:
+    """Whether this construction is ZeroRedundancyOptimizer building its per-rank optimizer."""
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:  # a torch without distributed
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), ZeroRedundancyOptimizer):
+            return True
+        frame = frame.f_back
+    return False
 
 
 # Parameter names whose rows are not a layer's neurons (the parameter form cannot see the module).

@@ -13,7 +13,7 @@ from torch import nn
 
 from topoopt import penalty_node
 from topoopt._validation import check_positive_int
-from topoopt.cloud import neuron_cloud
+from topoopt.layers import layer_parameters
 from topoopt.measure import LayerMeter
 from topoopt.metrics import METRIC_SPECS, get_metric
 from topoopt.tree_cache import TreeCache
@@ -183,8 +183,10 @@ class TopoPenalty(nn.Module):
         ValueError
             When a layer's metric is not finite (diverged weights).
         """
-        first = neuron_cloud(next(iter(self.meter.layers.values())))
-        total = torch.zeros((), device=first.device, dtype=torch.float32)
+        # on the last layer's device: where the output, and so the loss, lives when layers are
+        # spread over devices (model parallel); each term is moved there
+        device = layer_parameters(list(self.meter.layers.values())[-1])[0].device
+        total = torch.zeros((), device=device, dtype=torch.float32)
         # A call without a graph (logging, evaluation) does not count for `every`, and is passive
         # in the tree cache, so that it cannot change which trees training's calls get.
         passive = not torch.is_grad_enabled()
@@ -205,7 +207,7 @@ class TopoPenalty(nn.Module):
             if not math.isfinite(self.last_values[name]):
                 raise ValueError(f"Layer {name!r}: its {self.metric} is {self.last_values[name]}, "
                                  f"not finite (longest bar {float(deaths.detach().max()):.3g})")
-            total = total + self.coefficients[name] * self._term(value)
+            total = total + (self.coefficients[name] * self._term(value)).to(device)
         return total
 
     def _one_node_total(self, clouds: dict[str, torch.Tensor], passive: bool) -> torch.Tensor:
