@@ -295,3 +295,98 @@ def test_attention_and_lstm_train_under_penalty_and_optimizer():
     assert set(optimizer.scales) == {"attn[q]", "attn[k]", "attn[v]", "attn.out_proj"} | {
         f"lstm[l0.{g}]" for g in "ifgo"}
     assert model["attn"].in_proj_weight.grad.abs().sum() > 0
+
+
+def test_timm_fused_qkv_is_split_only_where_its_layout_is_known():
+    """EfficientFormer lays its qkv out by head: measured whole, never cut into wrong thirds."""
+    import timm
+
+    names = list(topological_layers(timm.create_model("efficientformer_l1", pretrained=False)))
+    assert "stages.3.blocks.4.token_mixer.qkv" in names
+    assert not any(name.startswith("stages.3.blocks.4.token_mixer.qkv[") for name in names)
+
+
+def test_eva_separate_q_and_v_biases_are_the_split_clouds_biases():
+    from timm.models.eva import EvaAttention
+
+    attention = EvaAttention(8, num_heads=2, qkv_bias=True, scale_norm=False)
+    with torch.no_grad():
+        attention.q_bias.normal_()
+        attention.v_bias.normal_()
+    layers = topological_layers(nn.ModuleDict({"attn": attention}))
+    biases = [layer_cloud("x", layers[f"attn.qkv[{p}]"], include_bias=True)[:, -1] for p in "qkv"]
+    torch.testing.assert_close(torch.cat(biases), torch.cat([attention.q_bias, attention.k_bias, attention.v_bias]))
+    assert {id(attention.q_bias), id(attention.v_bias)} <= {id(p) for p in layer_parameters(layers["attn.qkv[q]"])}
+
+
+class Lora(nn.Module):
+    """A LoRA-style layer: its weight lives in three child Linears."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.base_layer = nn.Linear(n_in, n_out)
+        self.lora_A = nn.Linear(n_in, 2, bias=False)
+        self.lora_B = nn.Linear(2, n_out, bias=False)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+def test_a_registered_layer_stands_for_its_subtree_and_moves_all_its_parameters():
+    topoopt.register_layer(Lora, lambda m: m.base_layer.weight + m.lora_B.weight @ m.lora_A.weight)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), Lora(6, 5))
+    assert list(coverage(model).measured) == ["0", "2"]  # the children are not measured again
+    torch.testing.assert_close(neuron_cloud(model[2]), jacrev(model[2])(torch.randn(6)))
+    assert len(layer_parameters(model[2])) == 4
+    TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+
+
+def test_registrations_and_mappings_that_cannot_work_are_refused_by_name():
+    class Detached(Mirror):
+        pass
+
+    topoopt.register_layer(Detached, lambda m: m.w.detach())
+    with pytest.raises(ValueError, match=r"Layer '0' \(Detached\): its registered cloud has no autograd graph"):
+        TopoPenalty(nn.Sequential(Detached(3, 4)))
+
+    class Raising(Mirror):
+        pass
+
+    topoopt.register_layer(Raising, lambda m: m.nonexistent)
+    with pytest.raises(ValueError, match=r"Layer '0' \(Raising\): its neuron-cloud definition raised AttributeError"):
+        coverage(nn.Sequential(Raising(3, 4)))
+    with pytest.raises(ValueError, match="parts is empty"):
+        topoopt.register_layer(Raising, parts={})
+    with pytest.raises(TypeError, match="part names must be strings"):
+        topoopt.register_layer(Raising, parts={1: lambda m: m.w})
+    with pytest.raises(TypeError, match="example must be a Raising instance"):
+        topoopt.register_layer(Raising, lambda m: m.w, example=nn.Linear(2, 2))
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    with pytest.raises(TypeError, match=r"layers\['a'\]: a ReLU has no neuron cloud"):
+        TopoPenalty(model, layers={"a": model[1]})
+    with pytest.raises(TypeError, match=r"layers\['attn'\]: a MultiheadAttention has several clouds"):
+        TopoPenalty(model, layers={"attn": nn.MultiheadAttention(4, 1)})
+
+
+def test_known_parameters_that_are_not_clouds_are_not_warned_about():
+    report = coverage(nn.Sequential(nn.MultiheadAttention(8, 2, add_bias_kv=True)))
+    assert report.unknown_types == [] and {p.name for p in report.skipped} == {"0.bias_k", "0.bias_v"}
+    whole = coverage(nn.Linear(2, 30_001))
+    assert list(whole.oversized) == [""] and all("left out for its size" in p.reason for p in whole.skipped)
+    assert "left out for size: <model>" in str(whole)
+
+
+def test_lstm_projection_has_a_zero_bias_and_samples_are_validated():
+    penalty = TopoPenalty(nn.LSTM(4, 3, proj_size=2), include_bias=True)
+    assert math.isfinite(float(penalty()))
+    with pytest.raises(ValueError, match="more than the layer's 5 neurons"):
+        topoopt.sample_neurons(nn.Linear(3, 5), 10)
+    import numpy as np
+
+    assert topoopt.sample_neurons(nn.Linear(3, 50), np.int64(10)).rows.shape == (10,)
+
+
+def test_the_coverage_warning_of_layer_topology_points_at_the_callers_line():
+    with pytest.warns(TopologyCoverageWarning) as caught:
+        topoopt.layer_topology(nn.Sequential(nn.Linear(3, 3), Mirror(3, 3)))
+    assert caught[0].filename == __file__

@@ -403,3 +403,23 @@ def test_state_dict_carries_the_settings_and_a_resume_with_others_is_refused():
         other.load_state_dict(saved)
     del saved["topoopt"]["settings"]  # the explicit way to resume with new settings
     other.load_state_dict(saved)
+
+
+def test_a_policy_returning_nonsense_is_named():
+    net, _, _ = problem()
+    for policy, message in [(lambda c, ch, s: None, "must return a mapping"),
+                            (lambda c, ch, s: dict.fromkeys(c, "x"), r"the scale 'x': expected a number"),
+                            (lambda c, ch, s: dict.fromkeys(c), "the scale None: expected a number")]:
+        optimizer = TopoOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net, policy=policy)
+        with pytest.raises(TypeError, match=message):
+            optimizer.update_scales()
+
+
+def test_fine_tuning_measures_only_the_layers_it_steps():
+    net, _, _ = problem()
+    for p in net.fc1.parameters():
+        p.requires_grad_(False)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    with pytest.warns(UserWarning, match=r"leaves out 1 layer\(s\) whose parameters the optimizer does not step.*fc1"):
+        optimizer = TopoOptimizer(torch.optim.SGD(trainable, lr=0.1), net)
+    assert optimizer.layer_names == ["fc2", "fc3"]

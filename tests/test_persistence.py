@@ -305,3 +305,11 @@ def test_a_cloud_near_float32_s_largest_keeps_its_tree_where_denormals_flush():
     finally:
         torch.set_flush_denormal(False)
     torch.testing.assert_close(flushed.double(), h0_deaths(base).double() * 2.0**127, rtol=1e-6, atol=0)
+
+
+def test_points_of_no_coordinates_coincide():
+    points = torch.zeros(5, 0, requires_grad=True)
+    deaths = h0_deaths(points)
+    assert torch.equal(deaths, torch.zeros(4))
+    deaths.sum().backward()
+    assert points.grad.shape == (5, 0)

@@ -12,17 +12,11 @@ from pathlib import Path
 from topoopt.data import DATASETS, DatasetUnavailable
 from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES
 from topoopt.penalty import PENALTY_METRICS
-from topoopt.studies.options import positive_int
+from topoopt.run_lock import RunFolderBusy
+from topoopt.studies.options import CommandParser, HelpFormatter, positive_int
 from topoopt.training import CHANGEABLE_ON_RESUME
 
 __all__ = ["main", "build_parser"]
-
-
-class _Parser(argparse.ArgumentParser):
-    """Errors in one line (the option and what is wrong), exit status 2, no usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_float(text: str) -> float:
@@ -132,7 +126,7 @@ def _config(args: argparse.Namespace, given: set[str]):
 
 def _given_options(argv: Sequence[str]) -> set[str]:
     """The train options named on the command line (not left at their defaults)."""
-    probe = _Parser(prog="topoopt train")
+    probe = CommandParser(prog="topoopt train")
     _add_train_options(probe, defaults=None)
     return set(vars(probe.parse_args(argv)))
 
@@ -142,6 +136,7 @@ def _train(args: argparse.Namespace) -> int:
 
     summary = train(_config(args, _given_options(args.argv[1:])), resume=args.resume, progress=not args.quiet)
     print(f"test accuracy {summary['test_accuracy']:.4f}; run folder {summary['run_dir']}")
+    print(f"look at it: tensorboard --logdir {summary['run_dir']}")
     return 0
 
 
@@ -211,12 +206,14 @@ def _run_main_job(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="topoopt", description=__doc__)
+    parser = CommandParser(prog="topoopt", description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train one model with optional topology-aware optimizer and penalty")
+    train = commands.add_parser("train", formatter_class=HelpFormatter,
+                                help="train one model with optional topology-aware optimizer and penalty")
     _add_train_options(train, _defaults())
     train.set_defaults(handler=_train)
-    main_job = commands.add_parser("main", help="the main job behind `make run` (offline, mnist5k)")
+    main_job = commands.add_parser("main", formatter_class=HelpFormatter,
+                                   help="the main job behind `make run` (offline, mnist5k)")
     main_job.add_argument("--steps", type=positive_int, default=3000,
                           help="step budget of each run of the quick steering study (default 3000)")
     main_job.add_argument("--seeds", type=positive_int, default=2, help="seeds of the quick steering study")
@@ -261,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetUnavailable as error:
         print(f"topoopt: {error}", file=sys.stderr)
         return 2
-    except (FileExistsError, ValueError) as error:  # bad options or files, diverged training, ...
+    except (FileExistsError, ValueError, RunFolderBusy) as error:  # bad options or files, a busy folder, ...
         print(f"topoopt {command}: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a folder or file that cannot be written or read: errno, text and path

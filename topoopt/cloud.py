@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -121,9 +122,14 @@ class NeuronSample:
 def sample_neurons(layer, size: int, seed: int = 0) -> NeuronSample:
     """`size` neurons of `layer`, drawn uniformly without replacement by a generator seeded
     with `seed` (sorted, so the subset keeps the layer's order)."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 2:
         raise ValueError(f"Invalid sample size: {size!r}. It must be an int ≥ 2")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"Invalid seed: {seed!r}. It must be an int")
     n = neuron_cloud(layer).shape[0]
+    if size > n:
+        raise ValueError(f"Invalid sample size: {size} is more than the layer's {n} neurons (measure it whole)")
+    size, seed = int(size), int(seed)
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randperm(n, generator=generator)[:size].sort().values
     return NeuronSample(layer, rows)

@@ -95,7 +95,7 @@ class Coverage:
         total = sum(c.gram_gflop for c in self.measured.values())
         lines.append(f"{len(self.measured)} clouds, {total:.3f} GFLOP per full measurement")
         for name, cloud in self.oversized.items():
-            lines.append(f"left out for size: {name} ({cloud.layer_type}, {cloud.neurons} × {cloud.dim} > "
+            lines.append(f"left out for size: {name or '<model>'} ({cloud.layer_type}, {cloud.neurons} × {cloud.dim} > "
                          f"max_neurons={self.max_neurons}, {cloud.gram_gflop:.1f} GFLOP)")
         groups: dict[tuple[str, str], list[str]] = {}
         for skipped in self.skipped:
@@ -127,6 +127,7 @@ def _discover(model: nn.Module, fused_qkv: str, max_neurons: int | None) -> tupl
     oversized: dict[str, MeasuredCloud] = {}
     stood_for: set[int] = set()  # submodules an ancestor's clouds stand for (a fused QKV child)
     used: set[int] = set()
+    too_big: set[int] = set()  # parameters of the layers left out for their size
     for name, module in root.named_modules():
         if id(module) in stood_for:
             continue
@@ -135,8 +136,13 @@ def _discover(model: nn.Module, fused_qkv: str, max_neurons: int | None) -> tupl
             continue
         for suffix, spec in specs.items():
             full = _join(name, suffix)
+            if full in layers or full in oversized:
+                raise ValueError(f"Two neuron clouds of the model are both named {full!r}: rename the module "
+                                 f"whose name ends in '[...]'")
             if spec.child:
                 stood_for.add(id(module.get_submodule(spec.child)))
+            if spec.checked:  # a registered layer stands for its whole subtree
+                stood_for.update(id(m) for m in module.modules() if m is not module)
             layer = module if suffix == "" else LayerPart(module, suffix, spec)
             params = layer_parameters(layer)
             if any(isinstance(p, nn.parameter.UninitializedParameter) for p in params):
@@ -146,6 +152,7 @@ def _discover(model: nn.Module, fused_qkv: str, max_neurons: int | None) -> tupl
             cloud = MeasuredCloud(type(module).__name__ + suffix, *shape)
             if max_neurons is not None and shape[0] > max_neurons:
                 oversized[full] = cloud
+                too_big.update(id(p) for p in params)
                 continue
             used.update(id(p) for p in params)
             layers[full] = layer
@@ -158,7 +165,7 @@ def _discover(model: nn.Module, fused_qkv: str, max_neurons: int | None) -> tupl
             seen.add(id(parameter))
             reason = not_a_cloud_reason(module, pname.rsplit(".", 1)[-1], parameter)
             known = reason is not None
-            if any(pname.startswith(f"{big}.") or pname.startswith(f"{big.split('[')[0]}.") for big in oversized):
+            if id(parameter) in too_big:
                 reason, known = "its layer is left out for its size (max_neurons)", True
             skipped.append(SkippedParameter(pname, type(module).__name__, tuple(parameter.shape),
                                             reason or f"no neuron cloud is defined for {type(module).__name__} "
@@ -200,9 +207,17 @@ def select_layers(model: nn.Module, layers: Iterable[str] | Mapping[str, Any] | 
     if isinstance(layers, Mapping):
         chosen = dict(layers)
         for name, layer in chosen.items():
+            if not isinstance(name, str):
+                raise TypeError(f"layers: layer names must be strings, got {name!r}")
             if not isinstance(layer, (nn.Module, ParameterLayer, LayerPart, NeuronSample)):
                 raise TypeError(f"layers[{name!r}] is a {type(layer).__name__}, not a layer "
                                 f"(an nn.Module, LayerPart, ParameterLayer or NeuronSample)")
+            if isinstance(layer, nn.Module):
+                specs = cloud_specs(layer)
+                if specs is None or list(specs) != [""]:
+                    what = "has no neuron cloud" if specs is None else f"has several clouds ({', '.join(specs)})"
+                    raise TypeError(f"layers[{name!r}]: a {type(layer).__name__} {what}; give a layer, or "
+                                    f"the parts topological_layers lists")
         if not chosen and owner is not None:
             raise ValueError(f"{owner}: layers is empty, so there is nothing to measure")
         return chosen
@@ -247,9 +262,14 @@ def user_stacklevel() -> int:
     """The `warnings.warn` stacklevel of the first caller outside topoopt, so that a warning
     points at the user's line, however deep in the package it was raised."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "topoopt":
+    while frame is not None and (frame.f_globals.get("__name__", "").split(".")[0] == "topoopt"
+                                 or frame.f_globals.get("__name__") == "torch.utils._contextlib"):  # no_grad
         frame, level = frame.f_back, level + 1
     return level
+
+
+_PLAIN_WEIGHT_LAYERS = frozenset({nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                  nn.ConvTranspose3d})
 
 
 def layer_parameters(module: nn.Module | ParameterLayer | LayerPart | NeuronSample) -> list[torch.Tensor]:
@@ -267,6 +287,10 @@ def layer_parameters(module: nn.Module | ParameterLayer | LayerPart | NeuronSamp
         if module.spec.parameters is not None:
             return list(module.spec.parameters(module.module))
         module = module.module
+    elif type(module) not in _PLAIN_WEIGHT_LAYERS:  # a registered type may say which parameters make it
+        spec = (cloud_specs(module) or {}).get("")
+        if spec is not None and spec.parameters is not None:
+            return list(spec.parameters(module))
     # what ``module.parameters(recurse=False)`` gives (its own, once, no None), without the
     # generator machinery: the optimizer asks on each measuring step
     found = {id(p): p for p in module._parameters.values() if p is not None}

@@ -278,7 +278,6 @@ class TopologyMonitor:
                 except Exception as error:  # a signal that cannot be computed never stops the others
                     self._skip(name, f"{type(error).__name__}: {error}", global_step)
             self.last[name] = values
-            self.history.record(name, values, global_step)
             for metric, value in values.items():
                 self.writer.add_scalar(tag("topology", name, metric), value, global_step)
             try:
@@ -291,6 +290,7 @@ class TopologyMonitor:
                     self.writer.add_embedding(cloud, tag=tag("cloud", name).replace("/", "_"), global_step=global_step)
             except Exception as error:  # a figure or histogram that cannot be made (overflowing deaths, say)
                 self._skip(name, f"{type(error).__name__}: {error}", global_step)
+            self.history.record(name, self.last[name], global_step)
         if self.optimizer is not None:
             for name, scale in self.optimizer.scales.items():
                 self.writer.add_scalar(tag("optim", name, "lr_scale"), scale, global_step)

@@ -57,6 +57,7 @@ class CloudSpec:
     bias: Callable[[nn.Module], torch.Tensor | None] = lambda module: None
     parameters: Callable[[nn.Module], list[torch.Tensor]] | None = None
     child: str = ""
+    checked: bool = False  # a user's definition: checked for a graph to the parameters when listed
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,7 +101,11 @@ def register_layer(
     if (rows is None) == (parts is None):
         raise TypeError("register_layer takes rows=... (one cloud) or parts={...} (several), exactly one")
     functions = {"": rows} if rows is not None else dict(parts)
+    if not functions:
+        raise ValueError("register_layer: parts is empty; give at least one part")
     for part, function in functions.items():
+        if not isinstance(part, str):
+            raise TypeError(f"register_layer: part names must be strings, got {part!r}")
         if not callable(function):
             raise TypeError(f"register_layer: the cloud of part {part!r} must be a callable module -> tensor")
         if part and not all(c.isalnum() or c in "._-" for c in part):
@@ -109,7 +114,10 @@ def register_layer(
         raise TypeError("register_layer: bias must be a callable module -> tensor or None")
 
     def definition(module: nn.Module, fused_qkv: str) -> dict[str, CloudSpec]:
-        return {(f"[{part}]" if part else ""): CloudSpec(function, bias or (lambda m: None))
+        # a registered layer stands for its whole subtree (a LoRA layer's base and adapters):
+        # its children are not measured again, and a step on it moves all their parameters
+        return {(f"[{part}]" if part else ""): CloudSpec(function, bias or (lambda m: None), _all_parameters,
+                                                        checked=True)
                 for part, function in functions.items()}
 
     if isinstance(layer_type, str):
@@ -121,18 +129,34 @@ def register_layer(
     else:
         raise TypeError(f"register_layer: layer_type must be an nn.Module subclass, got {layer_type!r}")
     if example is not None:
+        if not isinstance(example, layer_type if isinstance(layer_type, type) else nn.Module):
+            raise TypeError(f"register_layer: example must be a {name} instance, got {type(example).__name__}")
         for suffix, spec in definition(example, "split").items():
             check_spec(f"{name}{suffix}", example, spec, include_bias=bias is not None)
 
 
+def _all_parameters(module: nn.Module) -> list[torch.Tensor]:
+    return list(module.parameters())
+
+
 def check_spec(name: str, module: nn.Module, spec: CloudSpec, include_bias: bool = False) -> torch.Tensor:
     """The spec's cloud of `module`, or a `ValueError` naming the layer when it is not N×d (or its
-    bias does not have one entry per neuron)."""
-    cloud = spec.rows(module)
+    bias does not have one entry per neuron, or a user's definition raises or gives a cloud with
+    no autograd graph to the layer's trainable parameters)."""
+    try:
+        cloud = spec.rows(module)
+    except Exception as error:
+        raise ValueError(f"Layer {name!r} ({type(module).__name__}): its neuron-cloud definition raised "
+                         f"{type(error).__name__}: {error}") from None
     if not isinstance(cloud, torch.Tensor) or cloud.dim() != 2:
         shape = tuple(cloud.shape) if isinstance(cloud, torch.Tensor) else type(cloud).__name__
         raise ValueError(f"Layer {name!r} ({type(module).__name__}): its neuron cloud must be a 2-D tensor "
                          f"(one row per neuron), the registered definition gave {shape}")
+    if (spec.checked and torch.is_grad_enabled() and not cloud.requires_grad
+            and any(p.requires_grad for p in module.parameters())):
+        raise ValueError(f"Layer {name!r} ({type(module).__name__}): its registered cloud has no autograd graph "
+                         f"to the layer's parameters (detached, or built from new tensors): a penalty could not "
+                         f"reach them")
     if include_bias:
         bias = spec.bias(module)
         if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape[:1] != cloud.shape[:1]):
@@ -286,17 +310,36 @@ def _gpt2_attention(module: nn.Module, fused_qkv: str) -> dict[str, CloudSpec] |
 _BY_NAME["transformers.models.gpt2.modeling_gpt2.GPT2Attention"] = _gpt2_attention
 
 
+# timm's attention classes whose fused ``qkv`` output is reshaped as (3, heads, head_dim): rows in
+# three consecutive blocks, Q then K then V (checked against each class's forward). Others lay it
+# out by head (EfficientFormer, TinyViT, MaxxViT with head_first): their ``qkv`` stays one cloud.
+_TIMM_CONSECUTIVE_QKV = {"timm.layers.attention.Attention", "timm.models.vision_transformer.Attention",
+                         "timm.models.eva.EvaAttention", "timm.models.beit.Attention",
+                         "timm.models.swin_transformer.WindowAttention", "timm.models.maxxvit.AttentionCl"}
+
+
+def _qkv_bias(m: nn.Module) -> torch.Tensor | None:
+    """A fused QKV's bias: the Linear's, or EVA's and BEiT's separate q_bias, k_bias, v_bias."""
+    if getattr(m, "q_bias", None) is not None:
+        k_bias = getattr(m, "k_bias", None)
+        return torch.cat([m.q_bias, torch.zeros_like(m.q_bias) if k_bias is None else k_bias, m.v_bias])
+    return m.qkv.bias
+
+
 def _timm_fused_qkv(module: nn.Module, fused_qkv: str) -> dict[str, CloudSpec] | None:
-    """timm's attention blocks with a fused ``qkv`` Linear, reshaped as (3, heads, head_dim):
-    rows in three consecutive blocks, Q then K then V."""
-    if fused_qkv == "whole" or not type(module).__module__.startswith("timm."):
+    kind = type(module)
+    if fused_qkv == "whole" or f"{kind.__module__}.{kind.__qualname__}" not in _TIMM_CONSECUTIVE_QKV:
         return None
     qkv = module._modules.get("qkv")
-    if not isinstance(qkv, nn.Linear) or qkv.out_features % 3 or not hasattr(module, "num_heads"):
+    if not isinstance(qkv, nn.Linear) or qkv.out_features % 3 or getattr(module, "head_first", False):
         return None
     e = qkv.out_features // 3
-    return _blocks(lambda m: m.qkv.weight, lambda m: m.qkv.bias, ["q", "k", "v"], [e, e, e], "qkv",
-                   _child_params("qkv"))
+
+    def parameters(m: nn.Module) -> list[torch.Tensor]:
+        extra = [p for p in (getattr(m, "q_bias", None), getattr(m, "v_bias", None)) if isinstance(p, nn.Parameter)]
+        return list(m.qkv.parameters()) + extra
+
+    return _blocks(lambda m: m.qkv.weight, _qkv_bias, ["q", "k", "v"], [e, e, e], "qkv", parameters)
 
 
 _STRUCTURAL: list[Callable[[nn.Module, str], Mapping[str, CloudSpec] | None]] = [_timm_fused_qkv]
@@ -342,8 +385,10 @@ def _recurrent(module: nn.Module, fused_qkv: str) -> dict[str, CloudSpec]:
             name = f"{label}.{gate}" if gate else label
             specs[f"[{name}]"] = _gate_spec(suffix, index, module.hidden_size, mode == "GRU" and gate == "n")
         if getattr(module, "proj_size", 0):
-            specs[f"[{label}.proj]"] = CloudSpec(lambda m, s=suffix: getattr(m, f"weight_hr{s}"), lambda m: None,
-                                                 lambda m, s=suffix: [getattr(m, f"weight_hr{s}")])
+            specs[f"[{label}.proj]"] = CloudSpec(  # a projection has no bias: its neurons' bias is 0
+                lambda m, s=suffix: getattr(m, f"weight_hr{s}"),
+                lambda m, s=suffix: getattr(m, f"weight_hr{s}").new_zeros(getattr(m, f"weight_hr{s}").shape[0]),
+                lambda m, s=suffix: [getattr(m, f"weight_hr{s}")])
     return specs
 
 
@@ -365,6 +410,11 @@ if hasattr(nn, "RMSNorm"):
 def not_a_cloud_reason(module: nn.Module, name: str, parameter: torch.Tensor) -> str | None:
     """Why parameter `name` of `module`, which no cloud uses, is left out by design, or None
     when the package does not know this layer type (the case it warns about)."""
+    lowered = name.lower()
+    if "relative_position" in lowered or "rel_pos" in lowered or "relative_attention_bias" in lowered:
+        return "a relative-position bias table of an attention layer, not neurons' incoming weights"
+    if isinstance(module, nn.MultiheadAttention) and name in ("bias_k", "bias_v"):
+        return "attention's learned key/value bias token (add_bias_kv), not neurons' incoming weights"
     for kind, reason in _NOT_A_CLOUD.items():
         if isinstance(module, kind):
             return reason

@@ -238,7 +238,7 @@ class TopoOptimizer(torch.optim.Optimizer):
             if model is None:
                 raise TypeError("TopoOptimizer(optimizer, model): the model whose layers to measure is missing")
             base, chosen = optimizer, select_layers(model, layers, owner="TopoOptimizer")
-            _check_layers_are_optimized(chosen, base)
+            chosen = _layers_it_steps(chosen, base, named=layers is not None)
         else:
             base, chosen = _build_from_parameters(optimizer, inner, inner_kwargs, layers, model)
 
@@ -380,10 +380,15 @@ class TopoOptimizer(torch.optim.Optimizer):
                 jump = abs(topo.smoothed[name] - previous)
                 topo.change[name] = self.ema * topo.change[name] + (1 - self.ema) * jump
             measured[name] = topo.smoothed[name]
-        scales = dict(self._policy_fn(measured, topo.change, self.strength)) if measured else {}
+        scales = self._policy_fn(measured, topo.change, self.strength) if measured else {}
+        if not isinstance(scales, Mapping):
+            raise TypeError(f"The policy must return a mapping of layer name to scale, got {type(scales).__name__}")
         low, high = self.bounds
         for name in self._layers:
-            raw = float(scales.get(name, 1.0))
+            raw = scales.get(name, 1.0)
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+                raise TypeError(f"The policy gave layer {name!r} the scale {raw!r}: expected a number")
+            raw = float(raw)
             if not math.isfinite(raw):
                 raise ValueError(f"The policy gave layer {name!r} a non-finite scale: {raw}")
             scale = min(max(raw, low), high)
@@ -562,7 +567,12 @@ class TopoOptimizer(torch.optim.Optimizer):
         if own is None:
             raise KeyError("This state_dict has no 'topoopt' entry: it was not saved by a TopoOptimizer")
         if list(own["layers"]) != list(self._layers):
-            raise ValueError(f"The saved layers {list(own['layers'])} differ from this wrapper's {list(self._layers)}")
+            saved, mine = list(own["layers"]), list(self._layers)
+            only_saved, only_mine = [n for n in saved if n not in mine], [n for n in mine if n not in saved]
+            difference = (f"saved only: {only_saved[:5]}{' …' if len(only_saved) > 5 else ''}; "
+                          f"this wrapper's only: {only_mine[:5]}{' …' if len(only_mine) > 5 else ''}"
+                          if only_saved or only_mine else "the same layers in another order")
+            raise ValueError(f"The saved layers differ from this wrapper's ({difference})")
         if "settings" in own:
             mine = self._settings()
             changed = [f"{key} {own['settings'].get(key)!r} → {value!r}" for key, value in mine.items()
@@ -669,11 +679,23 @@ def _check_settings(metric, strength, every, ema, bounds, tree_every, trees) -> 
     return {"metric": metric, "strength": strength, "ema": ema, "bounds": (low, high)}
 
 
-def _check_layers_are_optimized(chosen: Mapping[str, nn.Module], base: torch.optim.Optimizer) -> None:
+def _layers_it_steps(chosen: dict[str, Any], base: torch.optim.Optimizer, named: bool) -> dict[str, Any]:
+    """The chosen layers with a parameter in the optimizer. Layers the user named must all be
+    there; of the model's layers found by default (fine-tuning: an optimizer over the trainable
+    parameters), the frozen ones are left out, with one warning naming them."""
     managed = {id(p) for group in base.param_groups for p in group["params"]}
-    for name, module in chosen.items():
-        if not any(id(p) in managed for p in layer_parameters(module)):
-            raise ValueError(f"Layer {name!r} has no parameter in the optimizer's param_groups")
+    stepped = {name: layer for name, layer in chosen.items() if any(id(p) in managed for p in layer_parameters(layer))}
+    frozen = [name for name in chosen if name not in stepped]
+    if named and frozen:
+        raise ValueError(f"Layer {frozen[0]!r} has no parameter in the optimizer's param_groups: leave it out of "
+                         f"layers=, or give its parameters to the optimizer")
+    if not stepped:
+        raise ValueError("TopoOptimizer: none of the model's layers has a parameter in the optimizer's param_groups")
+    if frozen:
+        warnings.warn(f"TopoOptimizer leaves out {len(frozen)} layer(s) whose parameters the optimizer does not step "
+                      f"(frozen, as in fine-tuning): {frozen[:5]}{' …' if len(frozen) > 5 else ''}",
+                      TopologyCoverageWarning, stacklevel=user_stacklevel())
+    return stepped
 
 
 def _build_from_parameters(

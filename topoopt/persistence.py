@@ -247,6 +247,8 @@ def h0_deaths(points: torch.Tensor) -> torch.Tensor:
     cloud = _as_cloud(points)
     if cloud.shape[0] < 2:
         return cloud.reshape(-1)[:0]
+    if cloud.shape[1] == 0:  # N points of no coordinates all coincide: N − 1 zero deaths
+        return cloud.sum(dim=1)[1:]
     if native_small_tree_handles(cloud) and native_edges_handle(cloud):
         return _SmallCloudDeaths.apply(cloud)
     u, v = euclidean_mst_edges(cloud.detach())

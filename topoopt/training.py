@@ -48,6 +48,7 @@ from topoopt.monitor import TopologyMonitor
 from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES, TopoOptimizer
 from topoopt.penalty import PENALTY_METRICS, TopoPenalty
 from topoopt.progress import Ticker
+from topoopt.run_lock import LOCK_FILE, run_lock
 from topoopt.tree_cache import TreeCache
 
 __all__ = ["CHANGEABLE_ON_RESUME", "TrainConfig", "saved_config", "train", "fit", "fit_steps"]
@@ -254,7 +255,7 @@ def _refuse_changes(saved: TrainConfig, config: TrainConfig, run_dir: Path) -> N
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--log-dir {run_dir}: exists and is not a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not resume:
+    if run_dir.is_dir() and any(entry.name != LOCK_FILE for entry in run_dir.iterdir()) and not resume:
         raise FileExistsError(f"Run folder {run_dir} is not empty: pass --resume to continue it, or another --log-dir")
 
 
@@ -497,6 +498,8 @@ class _EpochRecord(Callback):
             row[f"{name}/normalized_entropy"] = topo.normalized_entropy
             row[f"{name}/mean_lifetime"] = topo.mean_lifetime
             row[f"{name}/weight_norm"] = topo.weight_norm
+            rms = topo.weight_norm / math.sqrt(topo.n_neurons) if topo.n_neurons else 0.0
+            row[f"{name}/spread"] = topo.mean_lifetime / rms if rms > 0 else 0.0
         run.rows.append(row)
         self.monitor.log_scalars({"train/loss": row["loss"], "train/accuracy": row["train_accuracy"],
                                   "test/accuracy": row["test_accuracy"]}, state.step)
@@ -504,22 +507,26 @@ class _EpochRecord(Callback):
         run.checkpoint(self.elapsed(), at_epoch_end=True)
         _write_metrics(run.rows, run.run_dir)
         if self.progress:
+            spreads = [(key.removesuffix("/spread"), value) for key, value in row.items() if key.endswith("/spread")]
+            shown = ", ".join(f"{name} {value:.3g}" for name, value in spreads[:4]) + (" …" if len(spreads) > 4 else "")
             print(f"{run.config.name()} epoch {state.epoch + 1}: loss {row['loss']:.4f}, "
-                  f"test accuracy {row['test_accuracy']:.3f}", flush=True)
+                  f"test accuracy {row['test_accuracy']:.3f}; spread {shown}", flush=True)
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train one run and return its summary (also written to ``summary.json``).
 
-    With `resume`, a run folder that holds a run continues it from its last intact checkpoint,
+    The run folder is claimed for the run (`topoopt.run_lock`): a second run started into it is
+    refused. With `resume`, a run folder that holds a run continues it from its last intact checkpoint,
     with its saved configuration (see `CHANGEABLE_ON_RESUME`); an empty or missing folder starts
     a new run. ``summary["seconds"]`` is the training time summed over all resumed segments.
     """
-    run = _prepare(config, resume, progress)
-    _open_run_dir(run.run_dir, run.config)
-    if run.finished():
-        return _finish(run.config, run.run_dir, run.rows, run.seconds_before)
-    return _train_epochs(run, progress)
+    with run_lock(config.resolved().run_dir()):  # one run per folder, claimed before anything is checked
+        run = _prepare(config, resume, progress)
+        _open_run_dir(run.run_dir, run.config)
+        if run.finished():
+            return _finish(run.config, run.run_dir, run.rows, run.seconds_before)
+        return _train_epochs(run, progress)
 
 
 def _train_epochs(run: _Run, progress: bool) -> dict:
@@ -560,6 +567,8 @@ def _train_epochs(run: _Run, progress: bool) -> dict:
         final = {k: v for k, v in summary.items() if k in ("test_accuracy", "train_accuracy", "loss")}
         monitor.close(hparams={k: v for k, v in dataclasses.asdict(config).items() if k != "topo_bounds"},
                       final=final)
+    if progress and summary and monitor.history.steps:
+        print(monitor.verdict(), flush=True)
     return summary
 
 

@@ -17,7 +17,6 @@ TensorBoard hparams to ``--tensorboard`` (default tensorboard_logs/ablate[_quick
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import defaultdict
@@ -33,7 +32,7 @@ from topoopt.models import build_mlp
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
 from topoopt.report import format_table
-from topoopt.studies.options import add_sweep_options, apply_overrides, output_folders
+from topoopt.studies.options import add_sweep_options, apply_overrides, command_parser, output_folders
 from topoopt.studies.statistics import holm, paired_t_minimum_effect, wilcoxon_minimum_p
 from topoopt.sweep import COMPACT_RESULTS, restore_from_compact, run_cells, save_compact
 
@@ -305,7 +304,7 @@ def run_study(config: AblationConfig, out: Path, tensorboard: Path | None = None
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("ablate", __doc__)
     add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT})",
                       tensorboard_help=f"TensorBoard folder (default {DEFAULT_TENSORBOARD})")
     parser.add_argument("--datasets", nargs="+", default=None, help=f"from {list(DATASETS)}")

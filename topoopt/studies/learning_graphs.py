@@ -16,7 +16,6 @@ per-layer settings (`topoopt.learning_graphs.PAPER_SETTINGS`).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -519,9 +518,9 @@ def _online_events(folder: Path) -> list[dict] | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from topoopt.studies.options import positive_int
+    from topoopt.studies.options import command_parser, positive_int
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("learning-graphs", __doc__)
     parser.add_argument("--setting", choices=["tree", "surface"], default="tree")
     parser.add_argument("--quick", action="store_true",
                         help=f"4,000 steps (tree) or 12,000 steps at lr {QUICK_SURFACE_LR} (surface), "

@@ -28,11 +28,12 @@ the means over the offsets.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
+
+from topoopt.studies.options import command_parser
 
 __all__ = ["match_events", "accuracy_jumps", "validate"]
 
@@ -144,7 +145,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("live-validation", __doc__)
     parser.add_argument("folder", help="a learning-graphs output folder, e.g. experiments/results/learning_graphs/full")
     parser.add_argument("--window", type=float, default=300)
     parser.add_argument("--jump", type=float, default=0.05)

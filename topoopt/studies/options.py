@@ -3,9 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
-__all__ = ["add_sweep_options", "apply_overrides", "output_folders", "positive_int"]
+__all__ = ["CommandParser", "HelpFormatter", "add_sweep_options", "apply_overrides", "command_parser",
+           "output_folders", "positive_int"]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and every option's default in its help (argparse's own
+    defaults formatter shows them only where an option already has a help text)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        shows = (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                 and not (action.help and "default" in action.help))
+        if shows:
+            action = copy.copy(action)
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+        return super()._format_action(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Errors in one line (the option and what is wrong), exit status 2, no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def command_parser(command: str, description: str | None) -> CommandParser:
+    """The parser of ``topoopt <command>``: its own name in usage lines, defaults in its help."""
+    return CommandParser(prog=f"topoopt {command}", description=description, formatter_class=HelpFormatter)
 
 
 def positive_int(text: str) -> int:

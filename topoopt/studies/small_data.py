@@ -25,7 +25,6 @@ tensorboard_logs/small_data[_quick]).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import defaultdict
@@ -40,7 +39,7 @@ from topoopt.loop import fit_steps, make_optimizer
 from topoopt.measure import layer_topology
 from topoopt.models import build_mlp
 from topoopt.plotting import new_figure, save_png
-from topoopt.studies.options import add_sweep_options, apply_overrides, output_folders
+from topoopt.studies.options import add_sweep_options, apply_overrides, command_parser, output_folders
 from topoopt.studies.statistics import holm, partial_spearman
 from topoopt.sweep import COMPACT_RESULTS, restore_from_compact, run_cells, save_compact
 
@@ -243,7 +242,7 @@ def run_study(config: SmallDataConfig, out: Path, tensorboard: Path | None = Non
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("small-data", __doc__)
     add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT})",
                       tensorboard_help=f"TensorBoard folder (default {DEFAULT_TENSORBOARD})")
     parser.add_argument("--datasets", nargs="+", default=None)

@@ -26,7 +26,6 @@ tensorboard_logs/sparse_topologies[_quick]).
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,7 @@ from topoopt.data import load_dataset
 from topoopt.loop import fit, make_optimizer
 from topoopt.plotting import new_figure, save_png
 from topoopt.sparse import SparseLinear, block_diagonal, family_seed, graph_measures, make_mask, mask_fingerprint
-from topoopt.studies.options import add_sweep_options, apply_overrides, output_folders
+from topoopt.studies.options import add_sweep_options, apply_overrides, command_parser, output_folders
 from topoopt.studies.statistics import partial_spearman
 from topoopt.sweep import COMPACT_RESULTS, restore_from_compact, run_cells, save_compact
 
@@ -326,7 +325,7 @@ def run_study(config: StudyConfig, out: Path, tensorboard: Path | None = None, j
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("sparse", __doc__)
     add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT}); the dataset's folder is made in it",
                       tensorboard_help=f"TensorBoard folder (default {DEFAULT_TENSORBOARD}); likewise")
     parser.add_argument("--dataset", choices=["digits", "mnist5k"], default="digits")

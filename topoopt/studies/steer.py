@@ -34,7 +34,6 @@ TensorBoard runs to ``--tensorboard`` (default: none).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -53,7 +52,7 @@ from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
 from topoopt.persistence import h0_deaths
 from topoopt.policies import collapse_policy
-from topoopt.studies.options import add_sweep_options, apply_overrides, positive_int
+from topoopt.studies.options import add_sweep_options, apply_overrides, command_parser, positive_int
 from topoopt.studies.statistics import holm, paired_t_minimum_effect
 from topoopt.sweep import load_compact, load_results, rounded, run_cells, save_compact
 
@@ -567,8 +566,7 @@ def run_study(config: SteerConfig, out: Path, tensorboard: Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="topoopt steer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("steer", __doc__)
     add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT}; {DEFAULT_OUT / 'quick'} with --quick)",
                       tensorboard_help="folder for TensorBoard runs (default: none)")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None)

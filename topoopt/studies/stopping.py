@@ -34,7 +34,6 @@ without a validation split (#14)").
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -51,7 +50,7 @@ from topoopt.data import Dataset, load_dataset, stratified_subset
 from topoopt.early_stopping import NeuralPersistenceStopping, TopologyEarlyStopping
 from topoopt.loop import make_optimizer
 from topoopt.models import build_mlp
-from topoopt.studies.options import add_sweep_options, apply_overrides, positive_int
+from topoopt.studies.options import add_sweep_options, apply_overrides, command_parser, positive_int
 from topoopt.studies.statistics import holm, paired_t_minimum_effect
 from topoopt.sweep import load_compact, load_results, rounded, run_cells, save_compact
 
@@ -478,8 +477,7 @@ def run_study(config: StoppingConfig, out: Path, progress: bool = True, jobs: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="topoopt stopping", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("stopping", __doc__)
     add_sweep_options(parser, out_help=f"results folder (default {RESULTS_DIR}; {RESULTS_DIR / 'quick'} with --quick)",
                       tensorboard_help="not used by this study")
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=None)
