@@ -55,6 +55,9 @@ def test_each_dataset_default_model_fits(tmp_path, capsys):
     (["--subset", "1340"], "--subset"),
     (["--subset", "1346"], "--subset"),
     (["--epochs", "0"], "--epochs"),
+    (["--model", "mlp:64-100000000-10"], "--model"),
+    (["--seed", str(2**70)], "--seed"),
+    (["--seed", "-1"], "--seed"),
 ])
 def test_bad_option_is_one_line_and_leaves_no_run_folder(tmp_path, capsys, extra, option):
     run = tmp_path / "run"
@@ -126,6 +129,17 @@ def test_diverging_training_stops_in_one_line(tmp_path, capsys):
     assert "diverged" in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("bad,named", [(["--lr", "1e30"], "--lr 1e+30"),
+                                       (["--init", "normal", "--init-std", "1e30"], "--init-std 1e+30")])
+def test_a_start_that_diverges_names_its_cause_and_leaves_nothing_blocking_the_rerun(tmp_path, capsys, bad, named):
+    run = tmp_path / "run"
+    assert run_cli(TINY + bad + ["--log-dir", str(run)]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert named in err and "no checkpoint was written" in err and "last good checkpoint" not in err
+    assert not run.exists() or not any(run.iterdir())
+    assert run_cli(TINY + ["--log-dir", str(run)]) == 0  # the corrected command just works
+
+
 # ---- damaged checkpoints ----
 def _damage(path, how: str) -> None:
     data = bytearray(path.read_bytes())
@@ -168,6 +182,28 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(runs, tmp_path, capsy
     a = torch.load(runs / "straight" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # epoch 2 redone from epoch 1's checkpoint
+
+
+@pytest.mark.parametrize("field,value,named", [("epoch", "two", "'epoch' is 'two', not an integer"),
+                                               ("epoch", -5, "'epoch' is -5, not an integer ≥ 0"),
+                                               ("epoch", 10**6, "'epoch' is 1000000 but 'rows' holds 2"),
+                                               ("rows", 5, "'rows' is 5, not a list"),
+                                               ("seconds", "abc", "'seconds' is 'abc', not a finite number")])
+def test_a_checkpoint_with_impossible_fields_is_damaged_and_the_previous_one_used(runs, tmp_path, capsys, field,
+                                                                                  value, named):
+    """Valid checksums, impossible contents (edited by hand): one line naming the field and the
+    file, then the previous checkpoint, as for a corrupt one."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "two", run)
+    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    payload[field] = value
+    torch.save(payload, run / "checkpoint.pt")
+    assert main(_epochs(3) + ["--log-dir", str(run), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoint.pt'} is damaged" in err and named in err
+    a = torch.load(runs / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("how", ["truncated", "random", "empty", "flipped"])
@@ -286,3 +322,13 @@ def test_ticker_prints_during_a_long_call_only_when_not_a_terminal():
         with Ticker(lambda: "still working", interval=0.01, stream=stream):
             time.sleep(0.1)
     assert log.text.startswith("still working\n") and terminal.text == ""
+
+
+def test_an_idx_file_of_no_images_is_named(tmp_path, capsys):
+    folder = tmp_path / "data"
+    _write_fashion(folder)
+    images = folder / "train-images-idx3-ubyte.gz"
+    with gzip.open(images, "wb") as handle:
+        handle.write(b"\x00\x00\x08\x03" + (0).to_bytes(4, "big") + (28).to_bytes(4, "big") + (28).to_bytes(4, "big"))
+    with pytest.raises(DatasetUnavailable, match=r"train-images-idx3-ubyte.gz: holds no examples"):
+        load_dataset("fashion-mnist", str(folder))

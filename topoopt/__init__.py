@@ -21,6 +21,7 @@ from topoopt.layers import (
 )
 from topoopt.many_clouds import h0_deaths_many
 from topoopt.measure import LayerMeter, LayerTopology, layer_topology
+from topoopt.merging import MergePenalty, MergeReport, merge_neurons
 from topoopt.metrics import (
     COMPLEXITY_METRICS,
     METRIC_SPECS,
@@ -111,6 +112,9 @@ __all__ = [
     "awaken_policy",
     "contrast_policy",
     "collapse_policy",
+    "merge_neurons",
+    "MergePenalty",
+    "MergeReport",
     "TopologyMonitor",
     "TopologyEarlyStopping",
     "DATASETS",

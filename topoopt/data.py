@@ -88,6 +88,8 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _check_pair(images: np.ndarray, labels: np.ndarray, image_path: Path, label_path: Path) -> None:
+    if len(images) == 0 or len(labels) == 0:
+        raise DatasetUnavailable(f"{image_path if len(images) == 0 else label_path}: holds no examples")
     if images.ndim != 3 or labels.ndim != 1:
         raise DatasetUnavailable(f"{image_path} / {label_path}: expected images × rows × columns and a vector of "
                                  f"labels, got shapes {images.shape} and {labels.shape}")

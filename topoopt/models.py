@@ -32,7 +32,14 @@ def parse_model_spec(spec: str) -> list[int]:
         raise ValueError(f"Invalid model spec {spec!r}: widths must be integers") from None
     if len(sizes) < 2 or min(sizes) < 1:
         raise ValueError(f"Invalid model spec {spec!r}: needs at least two positive widths")
+    weights = sum(a * b for a, b in zip(sizes, sizes[1:]))
+    if weights > MAX_MLP_WEIGHTS:
+        raise ValueError(f"Invalid model spec {spec!r}: {weights:,} weights, more than the {MAX_MLP_WEIGHTS:,} "
+                         f"(4 GB of float32) this command line builds")
     return sizes
+
+
+MAX_MLP_WEIGHTS = 10**9
 
 
 def initialise(model: nn.Module, init: InitName = "default", std: float = 1e-6,

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import zipfile
@@ -181,7 +182,8 @@ def _check_config(config: TrainConfig) -> None:
     _require("penalty_weight", config.penalty_weight, _is_number(config.penalty_weight) and config.penalty_weight >= 0,
              "a finite number ≥ 0 (--penalty-direction chooses the sign)")
     _check_choice("penalty_direction", config.penalty_direction, ("minimize", "maximize"))
-    _require("seed", config.seed, isinstance(config.seed, int) and not isinstance(config.seed, bool), "an integer")
+    _require("seed", config.seed, isinstance(config.seed, int) and not isinstance(config.seed, bool)
+             and 0 <= config.seed < 2**63, "an integer in [0, 2**63)")
     _check_choice("device", config.device, ("auto", "cpu", "cuda"))
 
 
@@ -214,6 +216,10 @@ def _load_data(config: TrainConfig):
     if widths[0] != data.n_features or widths[-1] != data.n_classes:
         raise ValueError(f"--model {config.model} maps {widths[0]} inputs to {widths[-1]} classes, but "
                          f"{config.dataset} has {data.n_features} features and {data.n_classes} classes")
+    classes = torch.unique(data.y_train)
+    if classes.numel() < 2:
+        print(f"topoopt: warning: every training label of {config.dataset} is class {int(classes[0])} "
+              f"({len(data.y_train)} examples): the model can only learn to predict it", file=sys.stderr)
     return data
 
 
@@ -305,7 +311,35 @@ def _read_checkpoint(path: Path) -> dict:
     missing = [key for key in _CHECKPOINT_KEYS if not isinstance(payload, dict) or key not in payload]
     if missing:
         raise _DamagedCheckpoint(f"entries {missing} are missing")
+    _check_fields(payload)
     return payload
+
+
+def _check_fields(payload: dict) -> None:
+    """Each entry of a checkpoint has its type and a possible value (one per finished epoch in
+    ``rows``); a checkpoint whose checksums hold but whose fields do not is damaged too."""
+    def natural(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def seconds(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+    checks = {
+        "epoch": (natural, "an integer ≥ 0"),
+        "global_step": (natural, "an integer ≥ 0"),
+        "seconds": (seconds, "a finite number of seconds ≥ 0"),
+        "rows": (lambda rows: isinstance(rows, list) and all(isinstance(row, dict) for row in rows),
+                 "a list of metrics rows"),
+        "partial": (lambda value: value is None or isinstance(value, dict), "None or a dict"),
+        "model": (lambda value: isinstance(value, dict), "a state dict"),
+        "optimizer": (lambda value: isinstance(value, dict), "a state dict"),
+    }
+    for field, (valid, expected) in checks.items():
+        if field in payload and not valid(payload[field]):
+            raise _DamagedCheckpoint(f"its field {field!r} is {payload[field]!r:.60}, not {expected}")
+    if len(payload["rows"]) != payload["epoch"]:
+        raise _DamagedCheckpoint(f"its field 'epoch' is {payload['epoch']} but 'rows' holds "
+                                 f"{len(payload['rows'])} finished epochs")
 
 
 def _load_checkpoint(run_dir: Path) -> dict | None:
@@ -362,15 +396,29 @@ class TrainingDiverged(ValueError):
     """The loss or the weights became NaN or infinite; the message names the step."""
 
 
-def _diverged(error: Exception, model: torch.nn.Module, step: int, run_dir: Path) -> TrainingDiverged | None:
+def _diverged(error: Exception, model: torch.nn.Module, step: int, run_dir: Path,
+              config: TrainConfig) -> TrainingDiverged | None:
     """A `TrainingDiverged` that says so when `error` was raised because the weights diverged (not
     finite, or so large that their squares, and so the distances between neurons, overflow in
     float32): measuring such weights fails in several ways. None when the weights are sound."""
     if all(bool(torch.isfinite(p.detach().float().square().sum())) for p in model.parameters()):
         return None
     return TrainingDiverged(f"training diverged at step {step}: the weights overflow "
-                            f"({type(error).__name__}); try a smaller --lr. The last good checkpoint "
-                            f"is in {run_dir}")
+                            f"({type(error).__name__}); {_divergence_advice(config, run_dir)}")
+
+
+def _divergence_advice(config: TrainConfig, run_dir: Path) -> str:
+    """Which options to lower (the initial weights' scale when they alone overflow, the penalty's
+    weight when it is large, else the learning rate), and the last checkpoint when there is one."""
+    causes = []
+    if config.init == "normal" and config.init_std is not None and config.init_std > 1e3:
+        causes.append(f"--init-std {config.init_std:g} (the initial weights alone are that large)")
+    if config.penalty is not None and config.penalty_weight > 1e3:
+        causes.append(f"--penalty-weight {config.penalty_weight:g}")
+    causes.append(f"--lr {config.lr:g}")
+    where = (f"; the last good checkpoint is in {run_dir}" if (run_dir / CHECKPOINT).exists()
+             else "; no checkpoint was written, so the run folder was cleared for the rerun")
+    return f"lower {' or '.join(causes)}{where}"
 
 
 @dataclass
@@ -464,13 +512,13 @@ def _restore(saved: dict, run: _Run) -> None:
 
 
 class _FiniteLoss(Callback):
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, config: TrainConfig) -> None:
+        self.run_dir, self.config = run_dir, config
 
     def after_step(self, state: LoopState) -> None:
         if not math.isfinite(state.loss):
             raise TrainingDiverged(f"training diverged at step {state.step} (loss {state.loss}); "
-                                   f"try a smaller --lr. The last good checkpoint is in {self.run_dir}")
+                                   f"{_divergence_advice(self.config, self.run_dir)}")
 
 
 class _MonitorSteps(Callback):
@@ -521,12 +569,21 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     with its saved configuration (see `CHANGEABLE_ON_RESUME`); an empty or missing folder starts
     a new run. ``summary["seconds"]`` is the training time summed over all resumed segments.
     """
-    with run_lock(config.resolved().run_dir()):  # one run per folder, claimed before anything is checked
-        run = _prepare(config, resume, progress)
-        _open_run_dir(run.run_dir, run.config)
-        if run.finished():
-            return _finish(run.config, run.run_dir, run.rows, run.seconds_before)
-        return _train_epochs(run, progress)
+    run_dir = config.resolved().run_dir()
+    with run_lock(run_dir):  # one run per folder, claimed before anything is checked
+        fresh = not any(entry.name != LOCK_FILE for entry in run_dir.iterdir())
+        try:
+            run = _prepare(config, resume, progress)
+            _open_run_dir(run.run_dir, run.config)
+            if run.finished():
+                return _finish(run.config, run.run_dir, run.rows, run.seconds_before)
+            return _train_epochs(run, progress)
+        except BaseException:
+            if fresh and not (run_dir / CHECKPOINT).exists():  # a failed start: nothing may block the rerun
+                for entry in run_dir.iterdir():
+                    if entry.name != LOCK_FILE:
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            raise
 
 
 def _train_epochs(run: _Run, progress: bool) -> dict:
@@ -544,7 +601,7 @@ def _train_epochs(run: _Run, progress: bool) -> dict:
     summary: dict = {}
     try:
         with StopOnInterrupt() as stop:
-            callbacks = [_FiniteLoss(run.run_dir), _MonitorSteps(monitor),
+            callbacks = [_FiniteLoss(run.run_dir, config), _MonitorSteps(monitor),
                          Progress(lambda s: f"{config.name()} epoch {s.epoch + 1}/{config.epochs}", enabled=progress),
                          _EpochRecord(run, monitor, elapsed, progress), stop]
             try:
@@ -554,7 +611,7 @@ def _train_epochs(run: _Run, progress: bool) -> dict:
             except TrainingDiverged:
                 raise
             except (ValueError, FloatingPointError) as error:
-                diverged = _diverged(error, run.model, state.step, run.run_dir)
+                diverged = _diverged(error, run.model, state.step, run.run_dir, config)
                 if diverged is None:
                     raise
                 raise diverged from None
