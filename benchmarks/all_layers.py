@@ -19,8 +19,8 @@ import time
 import torch
 
 from topoopt import TreeCache, normalized_persistent_entropy
+from topoopt.lab.models import build_mlp
 from topoopt.layers import select_layers
-from topoopt.models import build_mlp
 from topoopt.tree_cache import measure_layer, measure_layers
 
 DEFAULT_MODELS = ["mlp:784-100-100-10", "mlp:64-" + "-".join(["32"] * 16) + "-10"]

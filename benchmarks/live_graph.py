@@ -43,9 +43,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from topoopt.data import load_dataset
+from topoopt.lab.data import load_dataset
+from topoopt.lab.models import build_mlp
 from topoopt.live_graph import LiveLearningGraph
-from topoopt.models import build_mlp
 from topoopt.monitor import TopologyMonitor
 
 

@@ -31,7 +31,7 @@ from topoopt import TopoOptimizer, TopoPenalty, TreeCache, coverage
 
 
 def _mlp():
-    from topoopt.models import build_mlp
+    from topoopt.lab.models import build_mlp
 
     model = build_mlp("mlp:784-1000-1000-10")
     x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from topoopt import TopoOptimizer, TopoPenalty, TreeCache, _native
-from topoopt.models import build_mlp
+from topoopt.lab.models import build_mlp
 from topoopt.spanning_tree import euclidean_mst_edges
 
 INNER = {"sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), "adam": lambda p: torch.optim.Adam(p, lr=1e-3)}

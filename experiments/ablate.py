@@ -1,8 +1,8 @@
-"""See topoopt.studies.ablate (also: topoopt ablate --help)."""
+"""See topoopt.lab.studies.ablate (also: topoopt ablate --help)."""
 
 import sys
 
-from topoopt.studies.ablate import main
+from topoopt.lab.studies.ablate import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

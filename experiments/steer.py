@@ -1,8 +1,8 @@
-"""See topoopt.studies.steer (also: topoopt steer --help)."""
+"""See topoopt.lab.studies.steer (also: topoopt steer --help)."""
 
 import sys
 
-from topoopt.studies.steer import main
+from topoopt.lab.studies.steer import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

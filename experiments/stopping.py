@@ -1,8 +1,8 @@
-"""See topoopt.studies.stopping (also: topoopt stopping --help)."""
+"""See topoopt.lab.studies.stopping (also: topoopt stopping --help)."""
 
 import sys
 
-from topoopt.studies.stopping import main
+from topoopt.lab.studies.stopping import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from topoopt.lab.studies.learning_graphs import RunConfig, local_pca_dimension, two_nn_dimension
 from topoopt.learning_graphs import (
     PAPER_SETTINGS,
     MapperSettings,
@@ -48,7 +49,6 @@ from topoopt.learning_graphs import (
     learning_graph,
     load_trajectory,
 )
-from topoopt.studies.learning_graphs import RunConfig, local_pca_dimension, two_nn_dimension
 
 DEFAULT_OUT = Path("experiments") / "results" / "learning_graphs" / "surface_window"
 DEFAULT_COMMITTED = Path("experiments") / "results" / "learning_graphs" / "full"
@@ -105,10 +105,10 @@ def record_run(config: RunConfig, folder: Path) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from topoopt.data import load_dataset
+    from topoopt.lab.data import load_dataset
+    from topoopt.lab.loop import make_optimizer
+    from topoopt.lab.studies.learning_graphs import _initialised_model
     from topoopt.learning_graphs import TrajectoryRecorder
-    from topoopt.loop import make_optimizer
-    from topoopt.studies.learning_graphs import _initialised_model
 
     data = load_dataset(config.dataset, config.data_dir)
     model = _initialised_model(config, data.n_features)  # the study's own initialisation
@@ -282,8 +282,8 @@ def plateau_escape(data, seed: int, max_steps: int, every: int = 300) -> list[di
     import torch
     import torch.nn.functional as F
 
-    from topoopt.loop import make_optimizer
-    from topoopt.studies.learning_graphs import _initialised_model
+    from topoopt.lab.loop import make_optimizer
+    from topoopt.lab.studies.learning_graphs import _initialised_model
 
     config = surface_config(seed)
     model = _initialised_model(config, data.n_features)
@@ -325,7 +325,7 @@ def _balanced_sample(y: np.ndarray, per_class, rng: np.random.Generator) -> np.n
 def imbalance(seeds: list[int], max_steps: int, validate: bool, folders: Folders) -> dict:
     """Plateau length with full MNIST's class proportions (a subset of mnist5k's training split:
     each class keeps its share of MNIST's counts relative to "1", which keeps all 400)."""
-    from topoopt.data import Dataset, load_dataset
+    from topoopt.lab.data import Dataset, load_dataset
 
     full = load_dataset("mnist5k")
     y = full.y_train.numpy()

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from topoopt import DatasetUnavailable, load_dataset, stratified_subset
-from topoopt.cli import main
-from topoopt.models import build_mlp
+from topoopt.lab.cli import main
+from topoopt.lab.data import DatasetUnavailable, load_dataset, stratified_subset
+from topoopt.lab.models import build_mlp
 
 TINY = ["train", "--dataset", "digits", "--model", "mlp:64-16-10", "--epochs", "2", "--batch-size", "128",
         "--quiet", "--monitor-every", "2", "--diagrams-every", "5"]

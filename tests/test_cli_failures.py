@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from topoopt import DatasetUnavailable, load_dataset, stratified_subset
-from topoopt.cli import main
-from topoopt.progress import Heartbeat
-from topoopt.sweep import load_results, run_cells
+from topoopt.lab.cli import main
+from topoopt.lab.data import DatasetUnavailable, load_dataset, stratified_subset
+from topoopt.lab.progress import Heartbeat
+from topoopt.lab.sweep import load_results, run_cells
 
 TINY = ["train", "--dataset", "digits", "--model", "mlp:64-16-10", "--epochs", "1", "--batch-size", "128",
         "--quiet", "--monitor-every", "2", "--diagrams-every", "5"]
@@ -315,7 +315,7 @@ def test_heartbeat_prints_only_when_not_a_terminal():
 def test_ticker_prints_during_a_long_call_only_when_not_a_terminal():
     import time
 
-    from topoopt.progress import Ticker
+    from topoopt.lab.progress import Ticker
 
     log, terminal = _Stream(False), _Stream(True)
     for stream in (log, terminal):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from topoopt.early_stopping import NeuralPersistenceStopping, TopologyEarlyStopping, neural_persistence
-from topoopt.models import build_mlp
+from topoopt.lab.models import build_mlp
 
 
 def test_neural_persistence_of_a_two_by_two_layer_by_hand():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from topoopt.studies.statistics import holm
-from topoopt.sweep import load_results, run_cells
+from topoopt.lab.studies.statistics import holm
+from topoopt.lab.sweep import load_results, run_cells
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
@@ -48,7 +48,7 @@ def test_sweep_rejects_duplicate_ids(tmp_path):
 
 
 def test_sparse_topologies_tiny_grid(tmp_path):
-    from topoopt.studies import sparse_topologies
+    from topoopt.lab.studies import sparse_topologies
 
     args = ["--quick", "--seeds", "1", "--epochs", "2", "--out", str(tmp_path / "out"),
             "--tensorboard", str(tmp_path / "tb"), "--no-progress"]
@@ -69,7 +69,7 @@ def test_sparse_topologies_tiny_grid(tmp_path):
 
 
 def test_small_data_tiny_grid(tmp_path):
-    from topoopt.studies import small_data
+    from topoopt.lab.studies import small_data
 
     analysis = small_data.main(["--quick", "--datasets", "digits", "--seeds", "3", "--steps", "20",
                                 "--out", str(tmp_path / "out"), "--tensorboard", str(tmp_path / "tb"), "--no-progress"])
@@ -83,13 +83,13 @@ def test_small_data_tiny_grid(tmp_path):
 
 
 def test_holm_adjustment_matches_the_definition():
-    from topoopt.studies.statistics import holm
+    from topoopt.lab.studies.statistics import holm
 
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
 def test_ablate_tiny_grid_through_the_cli(tmp_path, capsys):
-    from topoopt.cli import main
+    from topoopt.lab.cli import main
 
     assert main(["ablate", "--datasets", "digits", "--variants", "opt-calm-4", "pen-entropy-max-0.1",
                  "--optimizers", "adam", "--seeds", "2", "--steps", "30", "--out", str(tmp_path / "out"),
@@ -104,7 +104,7 @@ def test_ablate_tiny_grid_through_the_cli(tmp_path, capsys):
 def test_study_folders_are_the_options_or_the_defaults_kept_apart_for_quick_grids():
     from argparse import Namespace
 
-    from topoopt.studies.options import output_folders
+    from topoopt.lab.studies.options import output_folders
 
     defaults = (Path("results") / "study", Path("logs") / "study")
     assert output_folders(Namespace(quick=False, out=None, tensorboard=None), *defaults) == defaults
@@ -114,7 +114,7 @@ def test_study_folders_are_the_options_or_the_defaults_kept_apart_for_quick_grid
 
 
 def test_compact_results_round_trip_and_restore_a_missing_resume_file(tmp_path):
-    from topoopt.sweep import load_compact, restore_from_compact, save_compact
+    from topoopt.lab.sweep import load_compact, restore_from_compact, save_compact
 
     records = [{"id": "a", "x": 0.1 + 0.2, "curve": [[1, 1 / 3]], "nan": float("nan")}, {"id": "b", "x": 1e-300}]
     save_compact(records, tmp_path / "c.gz")

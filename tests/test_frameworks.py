@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from topoopt import TopoOptimizer
-from topoopt.models import build_mlp
+from topoopt.lab.models import build_mlp
 
 pl = pytest.importorskip("lightning.pytorch", reason="test extra: pip install -e '.[test]'")
 

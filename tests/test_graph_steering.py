@@ -1,5 +1,5 @@
 """Steered learning-graph runs, their comparison with the baseline, and the live-topology
-validation's matching (topoopt.studies.graph_steering, graph_comparison, live_validation)."""
+validation's matching (topoopt.lab.studies.graph_steering, graph_comparison, live_validation)."""
 
 import json
 
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from topoopt.lab.models import build_mlp
+from topoopt.lab.studies import learning_graphs
+from topoopt.lab.studies.graph_comparison import first_step_above
+from topoopt.lab.studies.graph_steering import STEERINGS, build_steering
+from topoopt.lab.studies.live_validation import accuracy_jumps, match_events
 from topoopt.learning_graphs import load_trajectory
-from topoopt.models import build_mlp
-from topoopt.studies import learning_graphs
-from topoopt.studies.graph_comparison import first_step_above
-from topoopt.studies.graph_steering import STEERINGS, build_steering
-from topoopt.studies.live_validation import accuracy_jumps, match_events
 
 
 def test_match_events_pairs_closest_first_one_to_one():
@@ -76,7 +76,7 @@ def test_steered_runs_start_like_the_baseline_and_are_compared(tmp_path):
 
 
 def test_validate_counts_matches_and_what_chance_would_give(tmp_path):
-    from topoopt.studies.live_validation import validate
+    from topoopt.lab.studies.live_validation import validate
 
     run = tmp_path / "tree_x"
     run.mkdir()

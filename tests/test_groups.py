@@ -6,7 +6,7 @@ from torch import nn
 
 from topoopt import TreeCache
 from topoopt.groups import BranchingDetector, group_count, group_sizes, group_threshold
-from topoopt.models import build_mlp
+from topoopt.lab.models import build_mlp
 from topoopt.monitor import TopologyMonitor
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from topoopt import h0_deaths, layer_topology, neuron_cloud, select_layers, topological_layers
-from topoopt.models import build_mlp
+from topoopt.lab.models import build_mlp
 
 
 def test_linear_cloud_is_the_weight_rows_and_keeps_the_graph():

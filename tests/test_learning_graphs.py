@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from topoopt.lab.models import build_mlp
 from topoopt.learning_graphs import (
     KMAPPER_OLD_OVERLAP_AS_GAIN,
     MapperSettings,
@@ -17,7 +18,6 @@ from topoopt.learning_graphs import (
     load_trajectory,
     terminal_leaves,
 )
-from topoopt.models import build_mlp
 
 
 def train_steps(model, steps, recorder, start=0):
@@ -122,7 +122,7 @@ def test_unknown_lens_lists_valid_ones():
 
 
 def test_exact_zero_groups_finds_identical_neurons():
-    from topoopt.studies.learning_graphs import exact_zero_groups
+    from topoopt.lab.studies.learning_graphs import exact_zero_groups
 
     weight = torch.zeros(6, 3)
     weight[4:] = 1.0
@@ -130,7 +130,7 @@ def test_exact_zero_groups_finds_identical_neurons():
 
 
 def test_tree_study_quick_smoke(tmp_path):
-    from topoopt.studies.learning_graphs import main
+    from topoopt.lab.studies.learning_graphs import main
 
     result = main(["--setting", "tree", "--dataset", "digits", "--epochs", "2", "--epsilons", "0.001", "--seeds", "0",
                    "--out", str(tmp_path), "--tensorboard", str(tmp_path / "tb")])
@@ -142,7 +142,7 @@ def test_tree_study_quick_smoke(tmp_path):
 
 def test_local_pca_dimension_of_a_noisy_plane_and_line():
     """Points near a 2-D plane (a line) in R^20 have local dimension 2 (1)."""
-    from topoopt.studies.learning_graphs import local_pca_dimension
+    from topoopt.lab.studies.learning_graphs import local_pca_dimension
 
     rng = np.random.default_rng(0)
     rotation = np.linalg.qr(rng.normal(size=(20, 20)))[0]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from topoopt.lab.models import build_mlp
 from topoopt.learning_graphs import MapperSettings, learning_graph
 from topoopt.live_graph import LiveLearningGraph
-from topoopt.models import build_mlp
 
 pytest.importorskip("gudhi")
 

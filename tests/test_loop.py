@@ -1,12 +1,12 @@
-"""topoopt.loop: the one optimizer factory and the one training loop."""
+"""topoopt.lab.loop: the one optimizer factory and the one training loop."""
 
 import math
 
 import pytest
 import torch
 
-from topoopt.loop import make_optimizer
-from topoopt.models import build_mlp
+from topoopt.lab.loop import make_optimizer
+from topoopt.lab.models import build_mlp
 from topoopt.optimizer import TopoOptimizer
 
 
@@ -47,7 +47,7 @@ def test_make_optimizer_rejects_unknown_names_and_momentum_outside_sgd():
 
 # ---- the loop ----
 def _data(n_train=50, n_test=20, seed=0):
-    from topoopt.data import Dataset
+    from topoopt.lab.data import Dataset
 
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n_train + n_test, 6, generator=generator)
@@ -83,7 +83,7 @@ def _same_weights(a, b) -> bool:
 
 
 def test_fit_matches_a_hand_written_loop_and_reports_each_epoch():
-    from topoopt.loop import accuracy, fit
+    from topoopt.lab.loop import accuracy, fit
 
     data, model, reference = _data(), _model(), _model()
     history = fit(model, data, epochs=2, batch_size=16, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), seed=4)
@@ -96,7 +96,7 @@ def test_fit_matches_a_hand_written_loop_and_reports_each_epoch():
 
 
 def test_fit_steps_evaluates_at_evenly_spaced_steps_with_the_mean_loss_since_the_last():
-    from topoopt.loop import fit_steps
+    from topoopt.lab.loop import fit_steps
 
     data, model, reference = _data(), _model(), _model()
     seen = []
@@ -115,7 +115,7 @@ def test_fit_steps_evaluates_at_evenly_spaced_steps_with_the_mean_loss_since_the
 def test_a_stopped_loop_resumes_bit_identically_from_its_checkpointed_state():
     """Stop inside the second epoch, save the state as a checkpoint would (plain data), rebuild
     everything and continue: the weights equal those of a run that never stopped."""
-    from topoopt.loop import Callback, LoopState, run_loop
+    from topoopt.lab.loop import Callback, LoopState, run_loop
 
     data = _data()
 
@@ -150,7 +150,7 @@ def test_a_stopped_loop_resumes_bit_identically_from_its_checkpointed_state():
 
 
 def test_callbacks_are_called_in_the_documented_order():
-    from topoopt.loop import Callback, run_loop
+    from topoopt.lab.loop import Callback, run_loop
 
     calls = []
 
@@ -192,7 +192,7 @@ def test_a_non_finite_loss_stops_the_loop_before_the_step_updates_anything():
     """The third batch's inputs are poisoned with NaN: `StopOnNonFiniteLoss` abandons step 3 in
     ``before_backward``, so the weights are those after step 2, ``state.step`` is 2 and no
     ``after_step`` sees step 3."""
-    from topoopt.loop import Callback, StopOnNonFiniteLoss, run_loop
+    from topoopt.lab.loop import Callback, StopOnNonFiniteLoss, run_loop
 
     data = _data()
     order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(0))

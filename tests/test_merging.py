@@ -8,8 +8,8 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from torch import nn
 
+from topoopt.lab.models import build_mlp
 from topoopt.merging import merge_neurons, tree_clusters
-from topoopt.models import build_mlp
 
 torch.manual_seed(0)
 

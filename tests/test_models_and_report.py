@@ -1,4 +1,4 @@
-"""Model specs and initialisation (topoopt.models), text tables (topoopt.report) and the H1
+"""Model specs and initialisation (topoopt.lab.models), text tables (topoopt.lab.report) and the H1
 diagram (topoopt.h1_diagram, against ripser)."""
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from topoopt import h1_diagram, layer_topology
-from topoopt.models import build_mlp, initialise, parse_model_spec
-from topoopt.report import format_table, topology_table
+from topoopt.lab.models import build_mlp, initialise, parse_model_spec
+from topoopt.lab.report import format_table, topology_table
 
 
 @pytest.mark.parametrize("spec,widths", [("mlp:784-100-10", [784, 100, 10]), ("mlp:4-3", [4, 3])])

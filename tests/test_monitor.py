@@ -12,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from topoopt import TopoOptimizer
-from topoopt.models import build_mlp
+from topoopt.lab.models import build_mlp
 from topoopt.monitor import TopologyMonitor, tag
 
 
@@ -139,7 +139,7 @@ def test_figures_leave_the_users_matplotlib_backend_alone():
 
 def test_overflowing_deaths_are_skipped_with_a_reason_not_raised(tmp_path):
     from topoopt import TopologyMonitor
-    from topoopt.models import build_mlp
+    from topoopt.lab.models import build_mlp
 
     model = build_mlp("mlp:4-6-2")
     with torch.no_grad():
@@ -185,3 +185,24 @@ def test_custom_scalars_has_one_chart_per_layer_and_series(tmp_path):
     categories = {category.title: [chart.title for chart in category.chart] for category in layout.category}
     assert set(categories) == {"normalized_entropy", "mean_lifetime", "spread", "entropy_deficit", "lr_change_pct"}
     assert categories["spread"] == ["fc1", "fc2", "fc3"]
+
+
+def test_alerts_for_coinciding_and_collapsing_neurons(tmp_path):
+    """Copies are reported at once; a layer drawn towards one point (its spread falling tenfold)
+    is reported once, as a text entry, a callback and in the verdict."""
+    model = build_mlp("mlp:12-8-6-3")
+    with torch.no_grad():
+        model.fc2.weight[3:].copy_(model.fc2.weight[:3])  # 3 copies
+    seen = []
+    with TopologyMonitor(model, log_dir=tmp_path, on_alert=seen.append) as monitor:
+        centre = model.fc1.weight.detach().mean(dim=0, keepdim=True)
+        for step in range(6):
+            with torch.no_grad():  # fc1's neurons drawn towards their centre, 2.5× closer per step
+                model.fc1.weight.copy_(centre + (model.fc1.weight - centre) / 2.5)
+            monitor.step(step)
+        text = monitor.verdict()
+    kinds = [(alert.kind, alert.layer) for alert in seen]
+    assert ("coincident", "fc2") in kinds and kinds.count(("collapse", "fc1")) == 1
+    assert ("coincident", "fc1") not in kinds and ("collapse", "fc2") not in kinds
+    assert "3 of its 6 neurons coincide" in text and "layer fc1 is collapsing" in text
+    assert {"alerts/fc1", "alerts/fc2"} <= {t.split("/text_summary")[0] for t in events(tmp_path).Tags()["tensors"]}

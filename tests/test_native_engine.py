@@ -200,7 +200,7 @@ def test_the_wrappers_compiled_scaling_equals_its_torch_one(dtype, monkeypatch):
     """TopoOptimizer's step scaling (copy, check, lerp back) compiled and in torch: the same
     weights after several steps, and the same error for a non-finite step."""
     from topoopt import TopoOptimizer
-    from topoopt.models import build_mlp
+    from topoopt.lab.models import build_mlp
 
     def run(compiled: bool, poison: bool = False):
         if not compiled:
@@ -291,7 +291,7 @@ def test_the_wrappers_kept_views_follow_replaced_parameter_memory():
     """The compiled scaling keeps numpy views of the parameters between steps; a parameter given
     new memory (``p.data = ...``) must be scaled in that memory, not in the old one."""
     from topoopt import TopoOptimizer
-    from topoopt.models import build_mlp
+    from topoopt.lab.models import build_mlp
 
     def run(replace: bool):
         torch.manual_seed(0)

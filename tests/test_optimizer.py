@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from topoopt import TopoOptimizer
-from topoopt.models import build_mlp
+from topoopt.lab.models import build_mlp
 
 
 def problem(dtype=torch.float64, seed=0):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from topoopt import TopoOptimizer
-from topoopt.models import build_mlp
+from topoopt.lab.models import build_mlp
 
 
 def batch(seed=0, n=32):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from topoopt import TopoPenalty, h0_deaths, mean_lifetime, normalized_persistent_entropy
-from topoopt.models import build_mlp, initialise
+from topoopt.lab.models import build_mlp, initialise
 
 
 def model():

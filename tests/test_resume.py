@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from topoopt.cli import main
+from topoopt.lab.cli import main
 
 TINY = ["train", "--dataset", "digits", "--model", "mlp:64-16-10", "--epochs", "2", "--batch-size", "128",
         "--quiet", "--monitor-every", "5", "--diagrams-every", "1000"]  # 11 batches an epoch
@@ -99,7 +99,7 @@ def test_resume_may_extend_a_run_but_not_shorten_it(tmp_path, capsys):
 
 
 def test_main_job_resumes_and_reports_honestly(tmp_path, monkeypatch, capsys):
-    from topoopt.studies import steer
+    from topoopt.lab.studies import steer
 
     argv = ["main", "--steps", "100", "--seeds", "1", "--skip-learning-graphs", "--quiet",
             "--log-root", str(tmp_path / "tb"), "--results", str(tmp_path / "results")]
@@ -124,8 +124,8 @@ def test_main_job_resumes_and_reports_honestly(tmp_path, monkeypatch, capsys):
 
 
 def test_learning_graph_training_resumes_where_it_stopped(tmp_path, monkeypatch):
+    from topoopt.lab.studies import learning_graphs
     from topoopt.learning_graphs import load_trajectory
-    from topoopt.studies import learning_graphs
 
     config = learning_graphs.RunConfig(setting="tree", dataset="digits", epsilon=1e-3, epochs=6, snapshots=21,
                                        tensorboard=str(tmp_path / "tb"))

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from topoopt.cli import main
-from topoopt.run_lock import LOCK_FILE, RunFolderBusy, run_lock
+from topoopt.lab.cli import main
+from topoopt.lab.run_lock import LOCK_FILE, RunFolderBusy, run_lock
 
 ROUNDS = 10
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from topoopt import TopoOptimizer, TopoPenalty, h0_deaths, layer_topology, neuron_cloud, topological_layers
-from topoopt.models import build_mlp
+from topoopt.lab.models import build_mlp
 
 
 def fixed_scales(scales):

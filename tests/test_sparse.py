@@ -171,7 +171,7 @@ def test_mask_fingerprint_detects_identical_wirings():
 
 
 def test_study_drops_duplicate_networks_and_refuses_to_analyse_them():
-    from topoopt.studies.sparse_topologies import StudyConfig, analyse, make_cells, unique_specs
+    from topoopt.lab.studies.sparse_topologies import StudyConfig, analyse, make_cells, unique_specs
 
     spec = {"family": "biregular", "degree": 4, "mask_seed": 0, "p": 0.0}
     kept, duplicates = unique_specs([spec, dict(spec, family="rewired", p=0.3), dict(spec)], 64, 64, 3)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from topoopt.data import load_dataset
-from topoopt.studies import steer
-from topoopt.studies.steer import (
+from topoopt.lab.data import load_dataset
+from topoopt.lab.studies import steer
+from topoopt.lab.studies.steer import (
     SteerConfig,
     censored_median,
     first_step_at,

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from scipy import stats
 
 from topoopt.early_stopping import NeuralPersistenceStopping, TopologyEarlyStopping
-from topoopt.models import build_mlp
-from topoopt.studies import stopping
-from topoopt.studies.statistics import holm, paired_t_minimum_effect
-from topoopt.studies.steer import signed_rank_p
-from topoopt.studies.stopping import (
+from topoopt.lab.models import build_mlp
+from topoopt.lab.studies import stopping
+from topoopt.lab.studies.statistics import holm, paired_t_minimum_effect
+from topoopt.lab.studies.steer import signed_rank_p
+from topoopt.lab.studies.stopping import (
     StoppingConfig,
     paired_comparison,
     read_compact,
@@ -28,7 +28,7 @@ from topoopt.studies.stopping import (
     validation_split,
     wilcoxon_exact,
 )
-from topoopt.sweep import load_results
+from topoopt.lab.sweep import load_results
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from topoopt.studies.statistics import holm, paired_t_minimum_effect, wilcoxon_minimum_p
+from topoopt.lab.studies.statistics import holm, paired_t_minimum_effect, wilcoxon_minimum_p
 
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 
@@ -26,7 +26,7 @@ def _ablation_records(datasets=("a", "b"), variants=("plain", "v1", "v2"), seeds
 
 def test_ablation_holm_family_is_the_comparisons_made():
     """Plain against itself is no test: 2 datasets × 2 variants = 4 comparisons, not 6 rows."""
-    from topoopt.studies.ablate import analyse
+    from topoopt.lab.studies.ablate import analyse
 
     table = analyse(_ablation_records())
     tested = [row for row in table if "paired_t_p" in row]
@@ -47,7 +47,7 @@ def test_exact_wilcoxon_on_five_pairs_cannot_reach_five_percent():
 
 
 def test_ablation_summary_flags_the_wilcoxon_floor_and_counts_harms():
-    from topoopt.studies.ablate import analyse, summarise
+    from topoopt.lab.studies.ablate import analyse, summarise
 
     summary = summarise(analyse(_ablation_records(shift=-0.05)))
     assert summary["comparisons"] == 4
@@ -92,8 +92,8 @@ def test_committed_small_data_analysis_matches_its_holm_families():
 def test_committed_compact_runs_reproduce_the_committed_tables():
     """The gzipped copies of runs.jsonl are lossless: analysing them gives the committed tables
     (to the last bits of a least-squares fit, which depend on the BLAS)."""
-    from topoopt.studies import ablate, small_data
-    from topoopt.sweep import COMPACT_RESULTS, load_compact
+    from topoopt.lab.studies import ablate, small_data
+    from topoopt.lab.sweep import COMPACT_RESULTS, load_compact
 
     table = ablate.analyse(load_compact(RESULTS / "ablate" / COMPACT_RESULTS))
     assert {"table": table, "best": ablate.best_per_dataset(table), "summary": ablate.summarise(table)} == \

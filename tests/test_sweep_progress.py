@@ -1,8 +1,8 @@
-"""The sweeps' progress line when the output is not a terminal (topoopt.sweep.run_cells)."""
+"""The sweeps' progress line when the output is not a terminal (topoopt.lab.sweep.run_cells)."""
 
 import io
 
-from topoopt import progress, sweep
+from topoopt.lab import progress, sweep
 
 
 def test_progress_line_counts_the_cells_done_when_the_bar_is_off(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from topoopt import TopologyMonitor, TopoOptimizer, TopoPenalty, TreeCache, h0_deaths, mean_lifetime, measure_layers
-from topoopt.models import build_mlp
+from topoopt.lab.models import build_mlp
 from topoopt.persistence import edge_lengths
 from topoopt.tree_cache import measure_layer
 

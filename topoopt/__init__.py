@@ -1,11 +1,11 @@
 """topoopt: topology of neural-network weights, measured and steered during training.
 
-The core (clouds, persistence, metrics, penalty, optimizer wrapper, tree cache) needs only torch
-and numpy. The tools on it import their own dependencies when first used: the dataset loaders
-(`topoopt.data`: scikit-learn, mlxtend, torchvision), TensorBoard monitoring
-(`topoopt.monitor`: tensorboard, matplotlib), learning graphs (`topoopt.learning_graphs`: gudhi,
-scikit-learn), sparse layers (`topoopt.sparse`), Lightning (`topoopt.lightning`) and the studies
-(`topoopt.studies`). Their names below are resolved lazily, so ``import topoopt`` stays light.
+The core (clouds, persistence, metrics, penalty, optimizer wrapper, tree cache, merging) needs
+only torch and numpy. The tools on it import their own dependencies when first used: TensorBoard
+monitoring (`topoopt.monitor`: tensorboard, matplotlib), learning graphs (`topoopt.learning_graphs`:
+gudhi, scikit-learn), sparse layers (`topoopt.sparse`) and Lightning (`topoopt.lightning`); their
+names below are resolved lazily, so ``import topoopt`` stays light. The research harness (command
+line, training runs, datasets, studies) is `topoopt.lab`, which the library never imports.
 """
 
 from importlib import import_module
@@ -50,10 +50,6 @@ __version__ = "0.1.0"
 _LAZY = {
     "TopologyMonitor": "topoopt.monitor",
     "TopologyEarlyStopping": "topoopt.early_stopping",
-    "DATASETS": "topoopt.data",
-    "DatasetUnavailable": "topoopt.data",
-    "load_dataset": "topoopt.data",
-    "stratified_subset": "topoopt.data",
 }
 
 
@@ -117,8 +113,4 @@ __all__ = [
     "MergeReport",
     "TopologyMonitor",
     "TopologyEarlyStopping",
-    "DATASETS",
-    "DatasetUnavailable",
-    "load_dataset",
-    "stratified_subset",
 ]

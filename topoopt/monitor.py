@@ -26,7 +26,7 @@ from topoopt.measure import LayerMeter
 from topoopt.metrics import get_metric, mean_lifetime, normalized_persistent_entropy
 from topoopt.optimizer import TopoOptimizer
 from topoopt.plotting import new_figure
-from topoopt.run_history import RunHistory
+from topoopt.run_history import Alert, AlertWatch, RunHistory
 from topoopt.tree_cache import TreeCache
 
 __all__ = ["TopologyMonitor", "tag"]
@@ -149,6 +149,12 @@ class TopologyMonitor:
         consecutive logged measurements (hysteresis).
     on_branching : callable, optional
         Called as ``on_branching(layer, step, group_sizes)`` at each branching event.
+    on_alert : callable, optional
+        Called with each `Alert` (with ``signals``): a layer's spread fell tenfold below its first
+        value (its neurons collapsing together), or neurons that coincide with another appeared
+        (or grew by a tenth of the layer). Each alert is also a text entry ``alerts/<layer>``, a
+        warning on the ``topoopt`` logger, and kept in ``alerts``. Their thresholds are stated in
+        `topoopt.run_history`; how often they fire on healthy and failing runs is not yet measured.
 
     Each branching event is also logged as a scalar ``branching/<layer>`` (the new count) and a
     text entry naming the layer, the step and the sizes of the groups, and kept in ``events``.
@@ -176,6 +182,7 @@ class TopologyMonitor:
         groups_scale: float | Mapping[str, float] | None = None,
         branching_patience: int = 3,
         on_branching: Callable[[str, int, list[int]], None] | None = None,
+        on_alert: Callable[[Alert], None] | None = None,
     ) -> None:
         if (log_dir is None) == (writer is None):
             raise ValueError("Pass exactly one of log_dir and writer")
@@ -198,6 +205,9 @@ class TopologyMonitor:
         self.groups_ratio = groups_ratio
         self.groups_scale = self._scales(groups_scale)
         self.on_branching = on_branching
+        self.on_alert = on_alert
+        self.alerts: list[Alert] = []
+        self._watch = {name: AlertWatch() for name in self.layers}
         self.detectors = {name: BranchingDetector(branching_patience) for name in self.layers}
         self.events: list[BranchingEvent] = []
         self.skipped: dict[str, str] = {}
@@ -291,6 +301,9 @@ class TopologyMonitor:
             except Exception as error:  # a figure or histogram that cannot be made (overflowing deaths, say)
                 self._skip(name, f"{type(error).__name__}: {error}", global_step)
             self.history.record(name, self.last[name], global_step)
+            if self.signals:
+                for alert in self._watch[name].update(name, global_step, self.last[name], deaths):
+                    self._raise_alert(alert)
         if self.optimizer is not None:
             for name, scale in self.optimizer.scales.items():
                 self.writer.add_scalar(tag("optim", name, "lr_scale"), scale, global_step)
@@ -305,6 +318,13 @@ class TopologyMonitor:
         diagram, barcode = _figures(name, deaths)
         self.writer.add_figure(tag("diagram", name), diagram, step)
         self.writer.add_figure(tag("barcode", name), barcode, step)
+
+    def _raise_alert(self, alert: Alert) -> None:
+        self.alerts.append(alert)
+        self.writer.add_text(tag("alerts", alert.layer), alert.message, alert.step)
+        logging.getLogger("topoopt").warning("%s", alert.message)
+        if self.on_alert is not None:
+            self.on_alert(alert)
 
     def _log_groups(self, name: str, module: nn.Module, deaths: torch.Tensor, step: int) -> None:
         scale = self.groups_scale.get(name)
@@ -340,7 +360,7 @@ class TopologyMonitor:
     def verdict(self) -> str:
         """What the run's topology did, in a few lines: each layer's signals from first to last
         measurement, how far the optimizer's scales moved, the alerts raised, what was skipped."""
-        return self.history.verdict(self.events, self.skipped, self.optimizer is not None)
+        return self.history.verdict(self.events, self.skipped, self.optimizer is not None, self.alerts)
 
     def close(self, hparams: Mapping[str, object] | None = None, final: Mapping[str, float] | None = None) -> None:
         """Write the verdict (a text entry, and the ``topoopt`` logger at INFO), the hparams entry

@@ -6,11 +6,66 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["RunHistory", "SATURATED_ENTROPY"]
+__all__ = ["RunHistory", "SATURATED_ENTROPY", "Alert", "AlertWatch", "COLLAPSE_FALL", "COINCIDENT"]
 
 SATURATED_ENTROPY = 0.999
 """Normalized entropy above which a layer reads as a random, even cloud: a penalty maximising it
 has almost nothing left to gain (PyTorch's default initialisation gives 0.9997–0.99999)."""
+
+
+COLLAPSE_FALL = 0.1
+"""A collapse alert fires when a layer's spread falls below this fraction of its first logged value
+(an order of magnitude: the drift of a tiny initialisation's plateau, dying neurons pulled together)."""
+
+COINCIDENT = 1e-6
+"""Neurons closer than this fraction of the layer's RMS neuron norm coincide (copies, or neurons
+that never separated after zero initialisation)."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert about one layer."""
+
+    kind: str  # "collapse" or "coincident"
+    layer: str
+    step: int
+    message: str
+
+
+@dataclass
+class AlertWatch:
+    """One layer's alert state: each alert fires once, and again only after its cause went away
+    (collapse) or grew by a tenth of the layer (coincident neurons)."""
+
+    first_spread: float | None = None
+    collapsed: bool = False
+    coincident: int = 0
+
+    def update(self, layer: str, step: int, values: Mapping[str, float], deaths) -> list[Alert]:
+        alerts = []
+        spread = values.get("spread")
+        if spread is not None:
+            if self.first_spread is None:
+                self.first_spread = spread
+            elif self.first_spread > 0:
+                if not self.collapsed and spread < COLLAPSE_FALL * self.first_spread:
+                    self.collapsed = True
+                    alerts.append(Alert("collapse", layer, step,
+                                        f"step {step}: layer {layer or 'model'} is collapsing: its spread fell from "
+                                        f"{self.first_spread:.3g} to {spread:.3g} (neurons drawing together)"))
+                elif self.collapsed and spread > 0.5 * self.first_spread:
+                    self.collapsed = False
+        n = deaths.numel() + 1
+        if spread is not None and deaths.numel():
+            mean = float(deaths.double().mean())
+            rms = mean / spread if spread > 0 else 0.0
+            count = int((deaths.double() <= COINCIDENT * rms).sum()) if rms > 0 else deaths.numel()
+            if count > self.coincident and (self.coincident == 0 or count - self.coincident >= 0.1 * n):
+                alerts.append(Alert("coincident", layer, step,
+                                    f"step {step}: layer {layer or 'model'}: {count} of its {n} neurons coincide "
+                                    f"with another (copies, or never separated)"))
+                self.coincident = count
+        return alerts
 
 
 @dataclass
@@ -37,7 +92,7 @@ class RunHistory:
         self.scales[layer] = (min(low, scale), max(high, scale))
 
     def verdict(self, events: Sequence = (), skipped: Mapping[str, str] | None = None,
-                has_optimizer: bool = False) -> str:
+                has_optimizer: bool = False, alerts: Sequence[Alert] = ()) -> str:
         """A few plain lines: per layer its signals from first to last measurement, then what
         the optimizer did, the events raised and the layers skipped."""
         lines = [f"topology over steps {self.steps[0]}–{self.steps[-1]} ({len(self.steps)} measurements):"]
@@ -70,6 +125,10 @@ class RunHistory:
             lines.append(f"branching events: {len(events)}: {shown}{' …' if len(events) > 5 else ''}")
         else:
             lines.append("no branching event")
+        for alert in list(alerts)[:5]:
+            lines.append(f"alert: {alert.message}")
+        if len(alerts) > 5:
+            lines.append(f"… and {len(alerts) - 5} more alerts")
         for layer, reason in (skipped or {}).items():
             lines.append(f"skipped {layer}: {reason}")
         return "\n".join(lines)

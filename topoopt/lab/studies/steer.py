@@ -44,17 +44,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from topoopt.data import load_dataset
-from topoopt.loop import Callback, LoopState, StopOnNonFiniteLoss, make_optimizer, run_loop
+from topoopt.lab.data import load_dataset
+from topoopt.lab.loop import Callback, LoopState, StopOnNonFiniteLoss, make_optimizer, run_loop
+from topoopt.lab.models import build_mlp
+from topoopt.lab.studies.options import add_sweep_options, apply_overrides, command_parser, positive_int
+from topoopt.lab.studies.statistics import holm, paired_t_minimum_effect
+from topoopt.lab.sweep import load_compact, load_results, rounded, run_cells, save_compact
 from topoopt.metrics import mean_lifetime
-from topoopt.models import build_mlp
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
 from topoopt.persistence import h0_deaths
 from topoopt.policies import collapse_policy
-from topoopt.studies.options import add_sweep_options, apply_overrides, command_parser, positive_int
-from topoopt.studies.statistics import holm, paired_t_minimum_effect
-from topoopt.sweep import load_compact, load_results, rounded, run_cells, save_compact
 
 __all__ = ["CONFIGS", "SteerConfig", "make_cells", "run_cell", "summarise", "main", "first_step_at",
            "censored_median", "signed_rank_p", "write_compact", "read_compact"]

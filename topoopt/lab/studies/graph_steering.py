@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from topoopt.loop import make_optimizer
+from topoopt.lab.loop import make_optimizer
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
 from topoopt.policies import awaken_policy, collapse_policy

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from topoopt.progress import Heartbeat
+from topoopt.lab.progress import Heartbeat
 
 # A study's committed copy of its runs.jsonl (see `save_compact`), in the same folder.
 COMPACT_RESULTS = "runs_compact.jsonl.gz"

@@ -46,20 +46,20 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from topoopt.data import Dataset, load_dataset, stratified_subset
 from topoopt.early_stopping import NeuralPersistenceStopping, TopologyEarlyStopping
-from topoopt.loop import make_optimizer
-from topoopt.models import build_mlp
-from topoopt.studies.options import add_sweep_options, apply_overrides, command_parser, positive_int
-from topoopt.studies.statistics import holm, paired_t_minimum_effect
-from topoopt.sweep import load_compact, load_results, rounded, run_cells, save_compact
+from topoopt.lab.data import Dataset, load_dataset, stratified_subset
+from topoopt.lab.loop import make_optimizer
+from topoopt.lab.models import build_mlp
+from topoopt.lab.studies.options import add_sweep_options, apply_overrides, command_parser, positive_int
+from topoopt.lab.studies.statistics import holm, paired_t_minimum_effect
+from topoopt.lab.sweep import load_compact, load_results, rounded, run_cells, save_compact
 
 __all__ = ["DATASETS", "RULES", "StoppingConfig", "make_cells", "run_cell", "subset", "validation_split",
            "rule_records", "paired_comparison", "exploratory", "wilcoxon_exact", "sign_test", "summarise",
            "format_table", "write_compact", "read_compact", "run_study", "main"]
 
 RESULTS_DIR = Path("experiments") / "results" / "stopping"
-# key → (dataset of topoopt.data, training-subset size; None: the whole training split)
+# key → (dataset of topoopt.lab.data, training-subset size; None: the whole training split)
 DATASETS: dict[str, tuple[str, int | None]] = {
     "digits": ("digits", None),
     "mnist5k-500": ("mnist5k", 500),

@@ -29,8 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from topoopt.data import load_dataset
 from topoopt.groups import BranchingDetector, BranchingEvent, group_count
+from topoopt.lab.data import load_dataset
+from topoopt.lab.loop import Callback, LoopState, StopOnInterrupt, run_loop
+from topoopt.lab.models import build_mlp
+from topoopt.lab.progress import Heartbeat, Ticker
+from topoopt.lab.studies.graph_steering import STEERINGS, Steering
 from topoopt.learning_graphs import (
     PAPER_SETTINGS,
     TrajectoryRecorder,
@@ -41,11 +45,7 @@ from topoopt.learning_graphs import (
     terminal_leaves,
 )
 from topoopt.learning_graphs.mapper import pca_reduce
-from topoopt.loop import Callback, LoopState, StopOnInterrupt, run_loop
-from topoopt.models import build_mlp
 from topoopt.plotting import new_figure
-from topoopt.progress import Heartbeat, Ticker
-from topoopt.studies.graph_steering import STEERINGS, Steering
 
 RESULTS_DIR = Path("experiments") / "results" / "learning_graphs"
 TRAINING_CHECKPOINT = "training_checkpoint.pt"
@@ -73,7 +73,7 @@ class RunConfig:
     lr: float = PAPER_LR
     batch_size: int = 100
     tensorboard: str | None = None  # a folder for TensorBoard runs; None: <run folder>/tensorboard
-    steer: str = "none"            # a `topoopt.studies.graph_steering.STEERINGS` name
+    steer: str = "none"            # a `topoopt.lab.studies.graph_steering.STEERINGS` name
     groups_every: int = 30         # the live TopologyMonitor's cadence (groups, branching events)
 
     @property
@@ -258,9 +258,9 @@ def train_and_record(config: RunConfig, folder: Path, progress: bool = True) -> 
     every 30 s at an epoch's end and on Ctrl-C (at the end of the epoch in progress), and a rerun
     continues from there.
     """
+    from topoopt.lab.studies.graph_steering import SCALES_FILE, build_steering, mean_scales
     from topoopt.learning_graphs.trajectory import load_snapshots
     from topoopt.monitor import TopologyMonitor
-    from topoopt.studies.graph_steering import SCALES_FILE, build_steering, mean_scales
 
     data = load_dataset(config.dataset, config.data_dir)
     model = _initialised_model(config, data.n_features)
@@ -518,7 +518,7 @@ def _online_events(folder: Path) -> list[dict] | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from topoopt.studies.options import command_parser, positive_int
+    from topoopt.lab.studies.options import command_parser, positive_int
 
     parser = command_parser("learning-graphs", __doc__)
     parser.add_argument("--setting", choices=["tree", "surface"], default="tree")
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "validation's sweep")
     parser.add_argument("--tensorboard", default="tensorboard_logs/learning_graphs")
     parser.add_argument("--steer", nargs="+", default=["none"], choices=list(STEERINGS), metavar="STEERING",
-                        help="train each run with these steerings too (see topoopt.studies.graph_steering): "
+                        help="train each run with these steerings too (see topoopt.lab.studies.graph_steering): "
                              + "; ".join(f"{k}: {v}" for k, v in STEERINGS.items()))
     parser.add_argument("--compare", action="store_true",
                         help="after the runs, draw each steered run's learning graphs beside its baseline's "
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(line)
     _merge_summaries(out / f"{args.setting}_summary.json", results)
     if args.compare:
-        from topoopt.studies.graph_comparison import compare
+        from topoopt.lab.studies.graph_comparison import compare
 
         compare(out, args.setting, epsilons, seeds, [s for s in steerings if s != "none"], args.tensorboard)
     return {"runs": results}

@@ -9,12 +9,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from topoopt.data import DATASETS, DatasetUnavailable
+from topoopt.lab.data import DATASETS, DatasetUnavailable
+from topoopt.lab.run_lock import RunFolderBusy
+from topoopt.lab.studies.options import CommandParser, HelpFormatter, positive_int
+from topoopt.lab.training import CHANGEABLE_ON_RESUME
 from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES
 from topoopt.penalty import PENALTY_METRICS
-from topoopt.run_lock import RunFolderBusy
-from topoopt.studies.options import CommandParser, HelpFormatter, positive_int
-from topoopt.training import CHANGEABLE_ON_RESUME
 
 __all__ = ["main", "build_parser"]
 
@@ -41,7 +41,7 @@ def _float(text: str) -> float:
 
 
 def _model_spec(text: str) -> str:
-    from topoopt.models import parse_model_spec
+    from topoopt.lab.models import parse_model_spec
 
     try:
         parse_model_spec(text)
@@ -105,7 +105,7 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults) -> None:
 
 
 def _defaults():
-    from topoopt.training import TrainConfig
+    from topoopt.lab.training import TrainConfig
 
     return TrainConfig()
 
@@ -113,7 +113,7 @@ def _defaults():
 def _config(args: argparse.Namespace, given: set[str]):
     """The run's configuration; on --resume, the saved one with the options given on top (the
     training refuses those that may not change)."""
-    from topoopt.training import TrainConfig, saved_config
+    from topoopt.lab.training import TrainConfig, saved_config
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
@@ -132,7 +132,7 @@ def _given_options(argv: Sequence[str]) -> set[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from topoopt.training import train
+    from topoopt.lab.training import train
 
     summary = train(_config(args, _given_options(args.argv[1:])), resume=args.resume, progress=not args.quiet)
     print(f"test accuracy {summary['test_accuracy']:.4f}; run folder {summary['run_dir']}")
@@ -167,7 +167,7 @@ def _run_main_job(args: argparse.Namespace) -> int:
     controls (its table), then quick learning graphs of steered runs beside the baselines."""
     import time
 
-    from topoopt.studies import learning_graphs, steer
+    from topoopt.lab.studies import learning_graphs, steer
 
     started = time.perf_counter()
     results, logs = Path(args.results), Path(args.log_root)
@@ -232,12 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Studies parse their own options: `topoopt sparse --help`.
 STUDIES = {
-    "sparse": "topoopt.studies.sparse_topologies",
-    "small-data": "topoopt.studies.small_data",
-    "ablate": "topoopt.studies.ablate",
-    "learning-graphs": "topoopt.studies.learning_graphs",
-    "steer": "topoopt.studies.steer",
-    "stopping": "topoopt.studies.stopping",
+    "sparse": "topoopt.lab.studies.sparse_topologies",
+    "small-data": "topoopt.lab.studies.small_data",
+    "ablate": "topoopt.lab.studies.ablate",
+    "learning-graphs": "topoopt.lab.studies.learning_graphs",
+    "steer": "topoopt.lab.studies.steer",
+    "stopping": "topoopt.lab.studies.stopping",
 }
 
 

@@ -35,13 +35,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from topoopt.data import load_dataset
-from topoopt.loop import fit, make_optimizer
+from topoopt.lab.data import load_dataset
+from topoopt.lab.loop import fit, make_optimizer
+from topoopt.lab.studies.options import add_sweep_options, apply_overrides, command_parser, output_folders
+from topoopt.lab.studies.statistics import partial_spearman
+from topoopt.lab.sweep import COMPACT_RESULTS, restore_from_compact, run_cells, save_compact
 from topoopt.plotting import new_figure, save_png
 from topoopt.sparse import SparseLinear, block_diagonal, family_seed, graph_measures, make_mask, mask_fingerprint
-from topoopt.studies.options import add_sweep_options, apply_overrides, command_parser, output_folders
-from topoopt.studies.statistics import partial_spearman
-from topoopt.sweep import COMPACT_RESULTS, restore_from_compact, run_cells, save_compact
 
 # The command line's defaults (relative to the current folder); `run_study` takes its folders.
 DEFAULT_OUT = Path("experiments") / "results" / "sparse_topologies"

@@ -106,7 +106,7 @@ def _markdown(rows: list[dict]) -> str:
 def compare(out: Path, setting: str, epsilons: list[float], seeds: list[int], steerings: list[str],
             tensorboard: str | None = None) -> dict:
     """Figures and tables of each (ε, seed)'s steered runs beside its baseline (module docstring)."""
-    from topoopt.studies.learning_graphs import RunConfig
+    from topoopt.lab.studies.learning_graphs import RunConfig
 
     runs = {RunConfig(**r["config"]).name(): r["config"]
             for r in json.loads((out / f"{setting}_summary.json").read_text())}

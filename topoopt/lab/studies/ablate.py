@@ -26,15 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from topoopt.data import load_dataset, stratified_subset
-from topoopt.loop import fit_steps, make_optimizer
-from topoopt.models import build_mlp
+from topoopt.lab.data import load_dataset, stratified_subset
+from topoopt.lab.loop import fit_steps, make_optimizer
+from topoopt.lab.models import build_mlp
+from topoopt.lab.report import format_table
+from topoopt.lab.studies.options import add_sweep_options, apply_overrides, command_parser, output_folders
+from topoopt.lab.studies.statistics import holm, paired_t_minimum_effect, wilcoxon_minimum_p
+from topoopt.lab.sweep import COMPACT_RESULTS, restore_from_compact, run_cells, save_compact
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
-from topoopt.report import format_table
-from topoopt.studies.options import add_sweep_options, apply_overrides, command_parser, output_folders
-from topoopt.studies.statistics import holm, paired_t_minimum_effect, wilcoxon_minimum_p
-from topoopt.sweep import COMPACT_RESULTS, restore_from_compact, run_cells, save_compact
 
 # The command line's defaults (relative to the current folder); `run_study` takes its folders.
 DEFAULT_OUT = Path("experiments") / "results" / "ablate"

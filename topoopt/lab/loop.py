@@ -3,7 +3,7 @@
 `run_loop` trains a classifier on in-memory tensors with minibatches in a seeded random order,
 and calls its callbacks at fixed points; everything else a run does (evaluation, logging,
 checkpoints, progress, stopping) is a callback. `fit` and `fit_steps` (the studies' loops),
-`topoopt.training.train` (the CLI's runs, with checkpoints and resume), the steering study's
+`topoopt.lab.training.train` (the CLI's runs, with checkpoints and resume), the steering study's
 `run_cell` and the learning-graph study's `train_and_record` are thin wrappers over it.
 
 One step, in order::
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from topoopt.lab.progress import Heartbeat
 from topoopt.optimizer import TopoOptimizer
-from topoopt.progress import Heartbeat
 from topoopt.tree_cache import TreeCache
 
 __all__ = ["OPTIMIZERS", "Callback", "LoopState", "Progress", "StopOnInterrupt", "StopOnNonFiniteLoss", "accuracy",
@@ -361,7 +361,7 @@ class StopOnNonFiniteLoss(Callback):
 
 class Progress(Callback):
     """A progress bar per epoch on a terminal (running loss and accuracy), and a heartbeat line
-    at least every 30 s when the output is a log file (`topoopt.progress.Heartbeat`).
+    at least every 30 s when the output is a log file (`topoopt.lab.progress.Heartbeat`).
 
     `describe(state)` names the epoch in both, e.g. ``"run epoch 2/5"``.
     """

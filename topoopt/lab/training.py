@@ -10,7 +10,7 @@ before it. Ctrl-C finishes the step in progress, saves a checkpoint (mid-epoch, 
 batch order) and stops; ``resume=True`` continues bit-identically, with the saved configuration:
 only the options in `CHANGEABLE_ON_RESUME` may differ.
 
-The epochs run on `topoopt.loop.run_loop`; what a run adds to it (the divergence check, the
+The epochs run on `topoopt.lab.loop.run_loop`; what a run adds to it (the divergence check, the
 monitor, progress, the epoch's metrics row and checkpoint, Ctrl-C) is a list of its callbacks.
 """
 
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from topoopt.data import DATASETS, Dataset, default_model, load_dataset, stratified_subset
-from topoopt.loop import (
+from topoopt.lab.data import DATASETS, Dataset, default_model, load_dataset, stratified_subset
+from topoopt.lab.loop import (
     OPTIMIZERS,
     Callback,
     LoopState,
@@ -43,13 +43,13 @@ from topoopt.loop import (
     make_optimizer,
     run_loop,
 )
+from topoopt.lab.models import ACTIVATIONS, build_mlp, initialise, parse_model_spec
+from topoopt.lab.progress import Ticker
+from topoopt.lab.run_lock import LOCK_FILE, run_lock
 from topoopt.measure import layer_topology
-from topoopt.models import ACTIVATIONS, build_mlp, initialise, parse_model_spec
 from topoopt.monitor import TopologyMonitor
 from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES, TopoOptimizer
 from topoopt.penalty import PENALTY_METRICS, TopoPenalty
-from topoopt.progress import Ticker
-from topoopt.run_lock import LOCK_FILE, run_lock
 from topoopt.tree_cache import TreeCache
 
 __all__ = ["CHANGEABLE_ON_RESUME", "TrainConfig", "saved_config", "train", "fit", "fit_steps"]
@@ -69,7 +69,7 @@ class TrainConfig:
     dataset: str = "mnist5k"
     data_dir: str | None = None
     subset: int | None = None
-    model: str | None = None          # None: the dataset's default, `topoopt.data.default_model`
+    model: str | None = None          # None: the dataset's default, `topoopt.lab.data.default_model`
     activation: str = "relu"
     bias: bool = True
     init: str = "default"
@@ -564,7 +564,7 @@ class _EpochRecord(Callback):
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train one run and return its summary (also written to ``summary.json``).
 
-    The run folder is claimed for the run (`topoopt.run_lock`): a second run started into it is
+    The run folder is claimed for the run (`topoopt.lab.run_lock`): a second run started into it is
     refused. With `resume`, a run folder that holds a run continues it from its last intact checkpoint,
     with its saved configuration (see `CHANGEABLE_ON_RESUME`); an empty or missing folder starts
     a new run. ``summary["seconds"]`` is the training time summed over all resumed segments.

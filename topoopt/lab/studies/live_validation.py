@@ -23,7 +23,7 @@ online events shifted in time by a uniform random offset (circularly over the ru
 offsets, seeded): "matched by chance" and "jumps with an event within the window by chance" are
 the means over the offsets.
 
-    python -m topoopt.studies.live_validation experiments/results/learning_graphs/full
+    python -m topoopt.lab.studies.live_validation experiments/results/learning_graphs/full
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from topoopt.studies.options import command_parser
+from topoopt.lab.studies.options import command_parser
 
 __all__ = ["match_events", "accuracy_jumps", "validate"]
 
@@ -67,7 +67,7 @@ def validate(folder: Path, window: float = 300, jump: float = 0.05, shuffles: in
             continue
         curve = [(n["step"], n["accuracy"]) for n in json.loads((summary_path.parent / "nines.json").read_text())]
         runs.append((summary, curve))
-    from topoopt.studies.learning_graphs import LIVE_RATIOS, MAPPER_EPS
+    from topoopt.lab.studies.learning_graphs import LIVE_RATIOS, MAPPER_EPS
 
     ratios = sorted({e["ratio"] for summary, _ in runs for e in summary["online_events"]} | {*LIVE_RATIOS, MAPPER_EPS})
     report: dict = {"window": window, "jump": jump, "runs": [s["config"] for s, _ in runs], "ratios": {}}
