@@ -112,3 +112,20 @@ def test_the_merge_penalty_gathers_neurons_so_that_merging_changes_little():
     after = merge_neurons(model, {"fc1": 6})[0]
     with torch.no_grad():
         assert float((after(x) - model(x)).abs().mean()) < 0.3 * change_before  # measured: 0.027 against 0.151
+
+
+def test_keep_is_validated_alike_and_unmergeable_layers_are_refused():
+    from topoopt.merging import MergePenalty
+    from topoopt.sparse import SparseLinear
+
+    model = build_mlp("mlp:4-6-3")
+    for bad in (-0.5, float("nan"), "2", True):
+        with pytest.raises(ValueError, match="keep"):
+            MergePenalty(model, keep=bad)
+    with pytest.raises(KeyError, match="fc9"):
+        MergePenalty(model, keep={"fc9": 2})
+    assert MergePenalty(model, keep=np.int64(2)).merged_edges == {"fc1": 4}
+    assert merge_neurons(model, {"fc1": np.int64(2)})[1].layers[0].neurons_after == 2
+    masked = nn.Sequential(SparseLinear(4, 6, torch.ones(6, 4)), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match="only plain Linear and ConvNd layers are merged"):
+        merge_neurons(masked, {"0": 3})

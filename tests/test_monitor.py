@@ -204,5 +204,5 @@ def test_alerts_for_coinciding_and_collapsing_neurons(tmp_path):
     kinds = [(alert.kind, alert.layer) for alert in seen]
     assert ("coincident", "fc2") in kinds and kinds.count(("collapse", "fc1")) == 1
     assert ("coincident", "fc1") not in kinds and ("collapse", "fc2") not in kinds
-    assert "3 of its 6 neurons coincide" in text and "layer fc1 is collapsing" in text
+    assert "3 of its 6 neurons duplicate another" in text and "layer fc1 is collapsing" in text
     assert {"alerts/fc1", "alerts/fc2"} <= {t.split("/text_summary")[0] for t in events(tmp_path).Tags()["tensors"]}

@@ -420,6 +420,12 @@ def test_fine_tuning_measures_only_the_layers_it_steps():
     for p in net.fc1.parameters():
         p.requires_grad_(False)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    with pytest.warns(UserWarning, match=r"leaves out 1 layer\(s\) whose parameters the optimizer does not step.*fc1"):
-        optimizer = TopoOptimizer(torch.optim.SGD(trainable, lr=0.1), net)
-    assert optimizer.layer_names == ["fc2", "fc3"]
+    with pytest.warns(UserWarning, match=r"does not measure 1 layer\(s\) whose parameters the optimizer does not.*fc1"):
+        optimizer = TopoOptimizer(torch.optim.SGD(trainable, lr=0.1), net, every=1)
+    optimizer.update_scales()
+    assert set(optimizer.complexity) == {"fc2", "fc3"} and optimizer.scales["fc1"] == 1.0
+    for p in net.fc1.parameters():  # gradual unfreezing: measured from the next measuring step on
+        p.requires_grad_(True)
+    optimizer.add_param_group({"params": list(net.fc1.parameters())})
+    optimizer.update_scales()
+    assert set(optimizer.complexity) == {"fc1", "fc2", "fc3"}

@@ -26,7 +26,7 @@ def _contend(folder, barrier, results):
 
 
 def test_of_two_runs_started_together_exactly_one_proceeds(tmp_path):
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     for round_ in range(ROUNDS):
         folder = tmp_path / f"run{round_}"
         barrier, results = context.Barrier(2), context.Queue()

@@ -14,19 +14,7 @@ from topoopt.neurons import LayerPart, cloud_specs, weight_cloud
 from topoopt.persistence import _as_cloud
 
 __all__ = ["neuron_cloud", "layer_cloud", "weight_cloud", "cloud_norm", "ParameterLayer", "LayerPart",
-           "NeuronSample", "sample_neurons", "CLOUD_LAYER_TYPES"]
-
-# The layers whose neurons are the rows of their weight (subclasses, e.g. masked layers, included);
-# every other known type is in `topoopt.neurons`' registry.
-CLOUD_LAYER_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
+           "NeuronSample", "sample_neurons"]
 
 
 def cloud_norm(cloud: torch.Tensor) -> float:
@@ -66,7 +54,8 @@ def neuron_cloud(module: nn.Module | ParameterLayer | LayerPart | NeuronSample,
     `TypeError` (see `topoopt.register_layer`).
     """
     if isinstance(module, NeuronSample):
-        return neuron_cloud(module.layer, include_bias).index_select(0, module.rows.to(_device_of(module.layer)))
+        cloud = neuron_cloud(module.layer, include_bias)
+        return cloud.index_select(0, module.rows.to(cloud.device))
     if isinstance(module, ParameterLayer):
         cloud = whole(weight_cloud(module.weight))
         return _with_bias(cloud, whole(module.bias), "layer") if include_bias else cloud
@@ -98,10 +87,6 @@ def whole(tensor: torch.Tensor | None) -> torch.Tensor | None:
             and hasattr(tensor, "placements"):
         return tensor.full_tensor()
     return tensor
-
-
-def _device_of(layer) -> torch.device:
-    return neuron_cloud(layer).device
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,4 +153,5 @@ def layer_cloud(name: str, module: nn.Module | ParameterLayer, include_bias: boo
             return None
         return _as_cloud(cloud, argument="weights")
     except (TypeError, ValueError) as error:
-        raise type(error)(f"Layer {name!r}: {error}") from None
+        kind = TypeError if isinstance(error, TypeError) else ValueError  # a subclass may not take one message
+        raise kind(f"Layer {name!r}: {error}") from None

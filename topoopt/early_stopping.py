@@ -33,7 +33,7 @@ class TopologyEarlyStopping:
     Parameters
     ----------
     model : nn.Module
-        The model whose Linear/Conv layers are watched.
+        The model whose neuron clouds are watched (`topoopt.topological_layers`).
     metrics : str or sequence of str
         Names of `topoopt.METRIC_SPECS`.
     tolerance : float
@@ -70,7 +70,6 @@ class TopologyEarlyStopping:
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         self._metric_fns = {name: get_metric(name) for name in metrics}
         self.meter = LayerMeter(model, layers, owner="TopologyEarlyStopping")
-        self.layers = self.meter.layers
         self.tolerance, self.patience, self.min_checks = float(tolerance), patience, min_checks
         self.history: list[dict[str, float]] = []
         self.settled = 0
@@ -78,6 +77,11 @@ class TopologyEarlyStopping:
         self.min_loss_drop = float(min_loss_drop)
         self.first_loss: float | None = None
         self.reason = ""
+
+    @property
+    def layers(self) -> dict:
+        """The watched layers by name (the meter's)."""
+        return self.meter.layers
 
     @torch.no_grad()
     def _values(self) -> dict[str, float]:

@@ -226,6 +226,8 @@ def select_layers(model: nn.Module, layers: Iterable[str] | Mapping[str, Any] | 
     if layers is not None:
         available = topological_layers(model, max_neurons=None, fused_qkv=fused_qkv)
         chosen_names = list(layers)
+        if not chosen_names and owner is not None:
+            raise ValueError(f"{owner}: layers is empty, so there is nothing to measure")
         unknown = [name for name in chosen_names if name not in available]
         if unknown:
             raise KeyError(f"Unknown layer name(s) {unknown}. Layers with a neuron cloud: {list(available)}")

@@ -42,7 +42,7 @@ class TopologyCallback(pl.Callback):
         the scales moved, the branching events) through Lightning's rank-zero info.
     **monitor_options
         The rest of `TopologyMonitor`'s options: ``signals``, ``groups_ratio``, ``groups_scale``,
-        ``branching_patience``, ``on_branching``, ``embeddings_at``.
+        ``branching_patience``, ``on_branching``, ``on_alert``, ``embeddings_at``.
 
     The trainer needs a `TensorBoardLogger` (Lightning's default when tensorboard is
     installed); without one, ``fit`` stops at the start with a ``ValueError`` saying so.
@@ -54,7 +54,8 @@ class TopologyCallback(pl.Callback):
                  **monitor_options) -> None:
         super().__init__()
         check_positive_int("every", every)
-        known = {"signals", "groups_ratio", "groups_scale", "branching_patience", "on_branching", "embeddings_at"}
+        known = {"signals", "groups_ratio", "groups_scale", "branching_patience", "on_branching", "on_alert",
+                 "embeddings_at"}
         unknown = sorted(set(monitor_options) - known)
         if unknown:
             raise TypeError(f"TopologyCallback got unknown option(s) {unknown}; valid: {sorted(known)}")
@@ -119,7 +120,9 @@ class TopologyEarlyStoppingCallback(pl.Callback):
         if self.stopper is None:
             return
         logged = trainer.callback_metrics.get(self.loss_key)
-        if self.stopper.update(None if logged is None else float(logged)):
+        stop = self.stopper.update(None if logged is None else float(logged))
+        # the loss may differ between ranks: every rank must take the same decision, or some wait forever
+        if trainer.strategy.reduce_boolean_decision(stop, all=False):
             self.stopped_epoch = trainer.current_epoch
             trainer.should_stop = True
             if self.verbose:

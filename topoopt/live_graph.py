@@ -100,7 +100,7 @@ class LiveLearningGraph:
     max_neurons, max_snapshots : int
         The memory bound.
     layers : list of str, optional
-        Only these layers (all Linear/Conv layers by default).
+        Only these layers (every neuron cloud by default).
     settings : dict, optional
         Layer name → `topoopt.learning_graphs.MapperSettings` (the default settings otherwise).
 
@@ -123,7 +123,7 @@ class LiveLearningGraph:
     goes on, and the next build starts a new worker if the old one died.
     """
 
-    def __init__(self, model: nn.Module, folder: str | Path, writer=None, every: int = 500, record_every: int = 10,
+    def __init__(self, model: nn.Module, folder: str | Path, *, writer=None, every: int = 500, record_every: int = 10,
                  max_neurons: int = 100, max_snapshots: int = 200, layers=None, settings: dict | None = None,
                  seed: int = 0, worker_share: float | None = 0.25) -> None:
         for name, value in (("every", every), ("record_every", record_every), ("max_neurons", max_neurons)):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -149,6 +150,10 @@ def _pairs(chain: dict[str, nn.Module]) -> dict[str, tuple[str, nn.Module] | str
         layer = chain[name]
         if not isinstance(layer, _MERGEABLE):
             continue
+        if type(layer) not in _MERGEABLE or hasattr(layer, "parametrizations"):
+            pairs[name] = (f"a {type(layer).__name__} (a subclass, a masked or a parametrized layer) computes its "
+                           f"weight in its own way; only plain Linear and ConvNd layers are merged")
+            continue
         reason = "it is the last layer (its neurons are the outputs)"
         for later in names[index + 1:]:
             module = chain[later]
@@ -169,8 +174,10 @@ def _pairs(chain: dict[str, nn.Module]) -> dict[str, tuple[str, nn.Module] | str
 
 
 def _compatible(layer: nn.Module, next_layer: nn.Module) -> bool:
+    if type(next_layer) not in _MERGEABLE or hasattr(next_layer, "parametrizations"):
+        return False
     if isinstance(layer, nn.Linear):
-        return type(next_layer) is nn.Linear or isinstance(next_layer, nn.Linear)
+        return type(next_layer) is nn.Linear
     return (type(next_layer) is type(layer) and layer.groups == 1 and next_layer.groups == 1
             and isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed and not next_layer.transposed)
 
@@ -187,20 +194,21 @@ def _targets(keep, pairs, chain) -> dict[str, int]:
         wanted = dict(keep)
     else:
         wanted = dict.fromkeys(mergeable, keep)
-    targets = {}
-    for name, amount in wanted.items():
-        n = neuron_cloud(chain[name]).shape[0]
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
-            raise ValueError(f"merge_neurons: keep for layer {name!r} is {amount!r}; give an int ≥ 1 or a "
-                             f"fraction in (0, 1]")
-        if isinstance(amount, float):
-            if not 0 < amount <= 1:
-                raise ValueError(f"merge_neurons: keep fraction for layer {name!r} is {amount}; it must be in (0, 1]")
-            amount = max(1, round(amount * n))
-        if not 1 <= amount <= n:
-            raise ValueError(f"merge_neurons: layer {name!r} has {n} neurons; cannot keep {amount}")
-        targets[name] = int(amount)
-    return targets
+    return {name: _keep_count("merge_neurons", name, amount, neuron_cloud(chain[name]).shape[0])
+            for name, amount in wanted.items()}
+
+
+def _keep_count(owner: str, name: str, amount, n: int) -> int:
+    """How many of a layer's n neurons to keep: an int ≥ 1, or a fraction in (0, 1] (rounded, ≥ 1)."""
+    if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or not math.isfinite(amount):
+        raise ValueError(f"{owner}: keep for layer {name!r} is {amount!r}; give an int ≥ 1 or a fraction in (0, 1]")
+    if not isinstance(amount, numbers.Integral):
+        if not 0 < amount <= 1:
+            raise ValueError(f"{owner}: keep fraction for layer {name!r} is {amount}; it must be in (0, 1]")
+        amount = max(1, round(float(amount) * n))
+    if not 1 <= amount <= n:
+        raise ValueError(f"{owner}: layer {name!r} has {n} neurons; cannot keep {amount}")
+    return int(amount)
 
 
 @torch.no_grad()
@@ -246,7 +254,7 @@ class MergePenalty(nn.Module):
         layer's neurons are the outputs).
     """
 
-    def __init__(self, model: nn.Module, keep: float | int | Mapping[str, float | int] = 0.5, weight: float = 1.0,
+    def __init__(self, model: nn.Module, keep: float | int | Mapping[str, float | int] = 0.5, *, weight: float = 1.0,
                  layers: list[str] | None = None) -> None:
         super().__init__()
         from topoopt.layers import topological_layers
@@ -254,6 +262,12 @@ class MergePenalty(nn.Module):
 
         if layers is None:
             layers = list(topological_layers(model))[:-1]
+        if not layers:
+            raise ValueError("MergePenalty: no layer to pull into groups (the output layer is never merged)")
+        if isinstance(keep, Mapping):
+            unknown = [name for name in keep if name not in layers]
+            if unknown:
+                raise KeyError(f"MergePenalty: keep names layer(s) {unknown} that it does not pull; layers: {layers}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"Invalid weight: {weight!r}. It must be a finite number ≥ 0")
         self.meter = LayerMeter(model, layers, owner="MergePenalty")
@@ -262,10 +276,7 @@ class MergePenalty(nn.Module):
         for name, layer in self.meter.layers.items():
             n = neuron_cloud(layer).shape[0]
             amount = keep.get(name, n) if isinstance(keep, Mapping) else keep
-            k = max(1, round(amount * n)) if isinstance(amount, float) else int(amount)
-            if not 1 <= k <= n:
-                raise ValueError(f"MergePenalty: layer {name!r} has {n} neurons; cannot keep {k}")
-            self.merged_edges[name] = n - k
+            self.merged_edges[name] = n - _keep_count("MergePenalty", name, amount, n)
         self.last_values: dict[str, float] = {}
 
     def forward(self) -> torch.Tensor:

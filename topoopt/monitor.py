@@ -106,7 +106,7 @@ class TopologyMonitor:
     Parameters
     ----------
     model : nn.Module
-        The model whose Linear/Conv/ConvTranspose layers are logged.
+        The model whose neuron clouds are logged (`topoopt.topological_layers`).
     log_dir : str or Path, optional
         Create and own a `SummaryWriter` there (exactly one of ``log_dir`` and ``writer``).
     writer : SummaryWriter, optional
@@ -169,6 +169,7 @@ class TopologyMonitor:
         self,
         model: nn.Module,
         log_dir: str | Path | None = None,
+        *,
         writer=None,
         every: int = 1,
         metrics: Sequence[str] = ("normalized_entropy", "mean_lifetime"),
@@ -195,7 +196,6 @@ class TopologyMonitor:
         self.signals = bool(signals)
         self.history = RunHistory()
         self.meter = LayerMeter(model, layers, owner="TopologyMonitor", trees=trees)
-        self.layers = self.meter.layers
         self.every = every
         self.diagrams_every = diagrams_every
         self.optimizer = optimizer if isinstance(optimizer, TopoOptimizer) else None
@@ -256,13 +256,23 @@ class TopologyMonitor:
     def _skip(self, name: str, reason: str, step: int) -> None:
         if name not in self.skipped:
             self.skipped[name] = reason
-            warnings.warn(f"TopologyMonitor skips layer {name!r} from step {step} on: {reason}", RuntimeWarning,
-                          stacklevel=user_stacklevel())
+            if self._active:
+                warnings.warn(f"TopologyMonitor could not log layer {name!r} at step {step} (it tries again at each "
+                              f"step, and says this once): {reason}", RuntimeWarning, stacklevel=user_stacklevel())
             self.writer.add_text(f"skipped/{name}", f"topology not computed: {reason}", step)
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        """The monitored layers by name (the meter's)."""
+        return self.meter.layers
 
     @property
     def trees(self) -> TreeCache:
         return self.meter.trees
+
+    @trees.setter
+    def trees(self, trees: TreeCache) -> None:
+        self.meter.trees = trees
 
     @torch.no_grad()
     def step(self, global_step: int) -> None:
@@ -270,13 +280,20 @@ class TopologyMonitor:
         if not self._measures or global_step % self.every:
             return
         diagrams = self.diagrams_every and global_step % self.diagrams_every == 0
-        try:  # every layer in one call; an observer, so the cache stays as training left it
-            measured = self.meter.measure(passive=True)
-        except Exception:  # measured one by one below, to name the layer that fails
-            measured = {}
+        # Every cloud read once and every layer measured in one call (an observer: the cache stays
+        # as training left it); when that fails, layer by layer below, to name the one that fails.
+        try:
+            clouds = self.meter.clouds()
+            measured = self.meter.deaths(clouds, passive=True)
+        except Exception:
+            clouds, measured = {}, None
         for name, module in self.layers.items():
             try:
-                deaths = measured[name] if name in measured else self.meter.measure([name], passive=True)[name]
+                if measured is None:
+                    cloud = self.meter.cloud(name)
+                    deaths = None if cloud is None else self.meter.deaths({name: cloud}, passive=True)[name]
+                else:
+                    cloud, deaths = clouds.get(name), measured.get(name)
                 deaths = torch.zeros(0) if deaths is None else deaths.detach()
                 values = {metric: float(fn(deaths)) for metric, fn in self._metric_fns.items()}
             except Exception as error:  # logging must never stop training
@@ -284,7 +301,7 @@ class TopologyMonitor:
                 continue
             if self.signals:
                 try:
-                    values.update(_signals(self.meter.cloud(name), deaths))
+                    values.update(_signals(cloud, deaths))
                 except Exception as error:  # a signal that cannot be computed never stops the others
                     self._skip(name, f"{type(error).__name__}: {error}", global_step)
             self.last[name] = values
@@ -321,6 +338,8 @@ class TopologyMonitor:
 
     def _raise_alert(self, alert: Alert) -> None:
         self.alerts.append(alert)
+        if not self._active:  # under sharding every rank measures; rank 0 speaks
+            return
         self.writer.add_text(tag("alerts", alert.layer), alert.message, alert.step)
         logging.getLogger("topoopt").warning("%s", alert.message)
         if self.on_alert is not None:
@@ -344,7 +363,7 @@ class TopologyMonitor:
         self.writer.add_text(tag("branching", name),
                              f"step {step}: layer {name} branched from {before} to {after} groups "
                              f"(first seen at step {first_seen}); group sizes {sizes}", step)
-        if self.on_branching is not None:
+        if self.on_branching is not None and self._active:
             self.on_branching(name, step, sizes)
 
     def log_scalars(self, values: Mapping[str, float], global_step: int) -> None:

@@ -96,7 +96,8 @@ def register_layer(
     ``bias(module)`` gives each neuron's bias, appended with ``include_bias=True``. With
     ``example`` (an instance), the definition is checked now: a cloud that is not a 2-D tensor,
     or a bias of the wrong length, is a `ValueError` naming the layer type; otherwise the check
-    runs when a model's layers are first listed. The parameters a step moves are the module's own.
+    runs when a model's layers are first listed. A registered layer stands for its whole subtree:
+    its children are not measured on their own, and a step on it moves all their parameters.
     """
     if (rows is None) == (parts is None):
         raise TypeError("register_layer takes rows=... (one cloud) or parts={...} (several), exactly one")
@@ -121,18 +122,20 @@ def register_layer(
                 for part, function in functions.items()}
 
     if isinstance(layer_type, str):
-        _BY_NAME[layer_type] = definition
         name = layer_type
     elif isinstance(layer_type, type) and issubclass(layer_type, nn.Module):
-        _BY_TYPE[layer_type] = definition
         name = layer_type.__name__
     else:
         raise TypeError(f"register_layer: layer_type must be an nn.Module subclass, got {layer_type!r}")
-    if example is not None:
+    if example is not None:  # checked before it is registered: a bad definition never replaces a good one
         if not isinstance(example, layer_type if isinstance(layer_type, type) else nn.Module):
             raise TypeError(f"register_layer: example must be a {name} instance, got {type(example).__name__}")
         for suffix, spec in definition(example, "split").items():
             check_spec(f"{name}{suffix}", example, spec, include_bias=bias is not None)
+    if isinstance(layer_type, str):
+        _BY_NAME[layer_type] = definition
+    else:
+        _BY_TYPE[layer_type] = definition
 
 
 def _all_parameters(module: nn.Module) -> list[torch.Tensor]:

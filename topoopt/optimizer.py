@@ -9,9 +9,10 @@ the wrapper. The wrapper *is* a ``torch.optim.Optimizer`` and shares the inner o
 gradient clipping and checkpointing accept it.
 
 Framework proxies (Lightning's ``LightningOptimizer``) subclass the wrapper's class and forward
-unknown attributes to it. So the class defines no property that hides an attribute, and every
-mutable piece of the wrapper's own state lives in one object (`_WrapperState`) that the proxy
-reaches by forwarding, never in attributes a method would re-bind on the proxy.
+unknown attributes to it. So every mutable piece of the wrapper's own state lives in two objects
+the proxy shares (`_WrapperState`, and the `LayerMeter` that holds the layers, trees and tree
+settings), which the properties read and write through, never in attributes a method would
+re-bind on the proxy.
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ class TopoOptimizer(torch.optim.Optimizer):
         self,
         optimizer: torch.optim.Optimizer | Iterable[Any],
         model: nn.Module | None = None,
+        *,
         metric: str = "normalized_entropy",
         policy: str | Policy = "calm",
         strength: float = 1.0,
@@ -301,9 +303,18 @@ class TopoOptimizer(torch.optim.Optimizer):
     def tree_every(self) -> int:
         return self.meter.tree_every
 
+    @tree_every.setter
+    def tree_every(self, tree_every: int) -> None:
+        check_positive_int("tree_every", tree_every)
+        self.meter.tree_every = tree_every
+
     @property
     def include_bias(self) -> bool:
         return self.meter.include_bias
+
+    @include_bias.setter
+    def include_bias(self, include_bias: bool) -> None:
+        self.meter.include_bias = bool(include_bias)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -317,6 +328,7 @@ class TopoOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)
         else:
             base.add_param_group(param_group)
+            self._topo.scaled = None  # the new parameters may belong to wrapped layers (unfreezing)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -340,9 +352,13 @@ class TopoOptimizer(torch.optim.Optimizer):
 
     # ---- measuring topology ----
     def _measure_all(self) -> dict[str, float]:
-        """Each wrapped layer's complexity (layers of fewer than 3 neurons left out), all layers
+        """Each wrapped layer's complexity (layers of fewer than 3 neurons, and layers with no
+        parameter in the optimizer's groups, left out), all layers
         measured in one call (`TreeCache.deaths_many`: batched searches, one edge measurement)."""
-        clouds = {name: cloud.detach() for name, cloud in self.meter.clouds(fewest=_FEWEST_NEURONS).items()}
+        managed = {id(p) for group in self.param_groups for p in group["params"]}
+        stepped = [name for name, layer in self._layers.items()  # frozen layers: measured once unfrozen
+                   if any(id(p) in managed for p in layer_parameters(layer))]
+        clouds = {name: cloud.detach() for name, cloud in self.meter.clouds(stepped, fewest=_FEWEST_NEURONS).items()}
         all_deaths = self.meter.deaths(clouds)
         values = {}
         for name, cloud in clouds.items():
@@ -456,8 +472,8 @@ class TopoOptimizer(torch.optim.Optimizer):
             return
         params, sharded = _local_shards(params)
         if sharded:  # each rank scales its own shards; all of them must agree before any raises
-            finite = finite_each(params) if self.check_finite else [True] * len(params)
-            self._raise_if_not_finite(_agreed(finite), owners)
+            if self.check_finite:
+                self._raise_if_not_finite(_agreed(finite_each(params)), owners)
             torch._foreach_lerp_(params, plan["before"], [1.0 - factor for factor in factors])
             return
         params_now, before_now = self._param_views(params), plan["views"]
@@ -680,9 +696,10 @@ def _check_settings(metric, strength, every, ema, bounds, tree_every, trees) -> 
 
 
 def _layers_it_steps(chosen: dict[str, Any], base: torch.optim.Optimizer, named: bool) -> dict[str, Any]:
-    """The chosen layers with a parameter in the optimizer. Layers the user named must all be
-    there; of the model's layers found by default (fine-tuning: an optimizer over the trainable
-    parameters), the frozen ones are left out, with one warning naming them."""
+    """The chosen layers, checked against the optimizer. Layers the user named must each have a
+    parameter there; of the model's layers found by default (fine-tuning: an optimizer over the
+    trainable parameters), the frozen ones are kept but not measured until their parameters join
+    the optimizer (``add_param_group``, gradual unfreezing), with one warning naming them."""
     managed = {id(p) for group in base.param_groups for p in group["params"]}
     stepped = {name: layer for name, layer in chosen.items() if any(id(p) in managed for p in layer_parameters(layer))}
     frozen = [name for name in chosen if name not in stepped]
@@ -692,10 +709,10 @@ def _layers_it_steps(chosen: dict[str, Any], base: torch.optim.Optimizer, named:
     if not stepped:
         raise ValueError("TopoOptimizer: none of the model's layers has a parameter in the optimizer's param_groups")
     if frozen:
-        warnings.warn(f"TopoOptimizer leaves out {len(frozen)} layer(s) whose parameters the optimizer does not step "
-                      f"(frozen, as in fine-tuning): {frozen[:5]}{' …' if len(frozen) > 5 else ''}",
-                      TopologyCoverageWarning, stacklevel=user_stacklevel())
-    return stepped
+        warnings.warn(f"TopoOptimizer does not measure {len(frozen)} layer(s) whose parameters the optimizer does not "
+                      f"step (frozen, as in fine-tuning) until they join it: {frozen[:5]}"
+                      f"{' …' if len(frozen) > 5 else ''}", TopologyCoverageWarning, stacklevel=user_stacklevel())
+    return chosen
 
 
 def _build_from_parameters(
@@ -724,12 +741,7 @@ def _build_from_parameters(
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         chosen = select_layers(model, layers, owner="TopoOptimizer")
-        managed = {id(p) for group in base.param_groups for p in group["params"]}
-        chosen = {name: layer for name, layer in chosen.items()
-                  if any(id(p) in managed for p in layer_parameters(layer))}
-        if not chosen:
-            raise ValueError("TopoOptimizer: none of the model's measured layers has a parameter in params")
-        return base, chosen
+        return base, _layers_it_steps(chosen, base, named=layers is not None)
     named = _named_tensors(params)
     suspects = [name or f"param{index}" for index, (name, tensor) in enumerate(named)
                 if tensor.dim() >= 3 or (tensor.dim() == 2 and name is not None and _NOT_ROWS.search(name))]

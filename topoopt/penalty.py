@@ -40,7 +40,7 @@ class TopoPenalty(nn.Module):
     Parameters
     ----------
     model : nn.Module
-        The model whose Linear/Conv/ConvTranspose layers are penalised.
+        The model whose neuron clouds are penalised (`topoopt.topological_layers`).
     metric : str
         A name of `topoopt.METRIC_SPECS`.
     weight : float or dict
@@ -89,6 +89,7 @@ class TopoPenalty(nn.Module):
         self,
         model: nn.Module,
         metric: str = "normalized_entropy",
+        *,
         weight: float | Mapping[str, float] = 1.0,
         layers: Iterable[str] | None = None,
         direction: Literal["minimize", "maximize"] = "minimize",
@@ -158,9 +159,18 @@ class TopoPenalty(nn.Module):
     def tree_every(self) -> int:
         return self.meter.tree_every
 
+    @tree_every.setter
+    def tree_every(self, tree_every: int) -> None:
+        check_positive_int("tree_every", tree_every)
+        self.meter.tree_every = tree_every
+
     @property
     def include_bias(self) -> bool:
         return self.meter.include_bias
+
+    @include_bias.setter
+    def include_bias(self, include_bias: bool) -> None:
+        self.meter.include_bias = bool(include_bias)
 
     def _term(self, value: torch.Tensor) -> torch.Tensor:
         if self.target is not None:

@@ -62,8 +62,8 @@ class AlertWatch:
             count = int((deaths.double() <= COINCIDENT * rms).sum()) if rms > 0 else deaths.numel()
             if count > self.coincident and (self.coincident == 0 or count - self.coincident >= 0.1 * n):
                 alerts.append(Alert("coincident", layer, step,
-                                    f"step {step}: layer {layer or 'model'}: {count} of its {n} neurons coincide "
-                                    f"with another (copies, or never separated)"))
+                                    f"step {step}: layer {layer or 'model'}: {count} of its {n} neurons duplicate "
+                                    f"another (copies, or neurons that never separated)"))
                 self.coincident = count
         return alerts
 
@@ -99,11 +99,11 @@ class RunHistory:
         for layer, first in self.first.items():
             last = self.last[layer]
             parts = []
-            if "spread" in first:
+            if "spread" in first and "spread" in last:
                 parts.append(f"spread {first['spread']:.3g} → {last['spread']:.3g}")
-            if "entropy_deficit" in first:
+            if "entropy_deficit" in first and "entropy_deficit" in last:
                 parts.append(f"entropy deficit {first['entropy_deficit']:.2g} → {last['entropy_deficit']:.2g}")
-            elif "normalized_entropy" in first:
+            elif "normalized_entropy" in first and "normalized_entropy" in last:
                 parts.append(f"normalized entropy {first['normalized_entropy']:.4f} → {last['normalized_entropy']:.4f}")
             if "groups" in last:
                 parts.append(f"groups {first.get('groups', 1):.0f} → {last['groups']:.0f}")

@@ -1,24 +1,29 @@
 """One run per folder: an exclusive claim on a run folder, held for the run, released on exit.
 
-The claim is a lock file created with ``O_CREAT | O_EXCL`` (atomic on every local file system):
-of two runs started together into one folder, exactly one gets it and the other is refused in one
-line. The file holds the owner's process id and host; a claim whose process no longer runs on
-this host (a killed run) is stale and taken over.
+The claim is an advisory lock (``flock``) on a lock file in the folder: the kernel grants it to
+one process at a time and releases it when that process ends, however it ends, so of two runs
+started together into one folder exactly one gets it, and a killed run's claim is gone with it.
+The file also holds the owner's process id, for the message a refused run prints. Where
+``flock`` does not exist (Windows), the file is created with ``O_EXCL`` instead, and a claim whose
+process no longer runs is taken over.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 __all__ = ["LOCK_FILE", "RunFolderBusy", "run_lock"]
 
 LOCK_FILE = ".topoopt.lock"
-_UNWRITTEN_GRACE_S = 10.0  # an empty lock file younger than this is a claim being written, not a stale one
 
 
 class RunFolderBusy(RuntimeError):
@@ -36,14 +41,11 @@ def run_lock(run_dir: Path, option: str = "--log-dir") -> Iterator[None]:
     except OSError as error:
         raise ValueError(f"{option} {run_dir}: cannot create it ({error.strerror or error})") from None
     path = run_dir / LOCK_FILE
-    _claim(path, run_dir, option)
+    release = _claim(path, run_dir, option) if fcntl is not None else _claim_exclusively(path, run_dir, option)
     try:
         yield
     finally:
-        try:
-            path.unlink()
-        except OSError:
-            pass
+        release()
         if created:
             try:
                 run_dir.rmdir()  # only when empty: a start that failed leaves nothing behind
@@ -51,46 +53,71 @@ def run_lock(run_dir: Path, option: str = "--log-dir") -> Iterator[None]:
                 pass
 
 
-def _claim(path: Path, run_dir: Path, option: str) -> None:
+def _busy(path: Path, run_dir: Path, option: str) -> RunFolderBusy:
+    try:
+        owner = path.read_text().split()
+    except OSError:
+        owner = []
+    who = f"process {owner[0]}" if owner and owner[0].isdigit() else "another process"
+    return RunFolderBusy(f"{option} {run_dir}: another topoopt run ({who}) is using this folder; wait for it to "
+                         f"finish, or choose another {option}")
+
+
+def _claim(path: Path, run_dir: Path, option: str):
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as error:
+        raise ValueError(f"{option} {run_dir}: cannot write there ({error.strerror or error})") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        raise _busy(path, run_dir, option) from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"{os.getpid()} {socket.gethostname()}\n".encode())
+
+    def release() -> None:
+        try:  # unlinked while still held, so nobody can lock this file after us
+            path.unlink()
+        except OSError:
+            pass
+        os.close(descriptor)
+
+    return release
+
+
+def _claim_exclusively(path: Path, run_dir: Path, option: str):
     for _ in range(2):
         try:
             descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            owner = _owner(path)
-            if owner is None:  # stale: taken over once
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
-                continue
-            raise RunFolderBusy(f"{option} {run_dir}: another topoopt run ({owner}) is using this folder; wait for "
-                                f"it to finish, or choose another {option}") from None
+            if _alive(path):
+                raise _busy(path, run_dir, option) from None
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            continue
         except OSError as error:
             raise ValueError(f"{option} {run_dir}: cannot write there ({error.strerror or error})") from None
         with os.fdopen(descriptor, "w") as handle:
             handle.write(f"{os.getpid()} {socket.gethostname()}\n")
-        return
+        return lambda: path.unlink(missing_ok=True)
     raise RunFolderBusy(f"{option} {run_dir}: another run claimed this folder at the same moment; choose another "
                         f"{option}")
 
 
-def _owner(path: Path) -> str | None:
-    """Who holds the claim ("process 123 on host"), or None when it is stale."""
+def _alive(path: Path) -> bool:
     try:
-        text = path.read_text()
-        age = time.time() - path.stat().st_mtime
+        parts = path.read_text().split()
     except FileNotFoundError:
-        return None  # released meanwhile
-    parts = text.split()
+        return False
     if len(parts) < 2 or not parts[0].isdigit():
-        return "a run starting now" if age < _UNWRITTEN_GRACE_S else None
-    pid, host = int(parts[0]), parts[1]
-    if host != socket.gethostname():
-        return f"process {pid} on {host}"  # another machine's process cannot be checked: never stale
+        return True  # being written now
     try:
-        os.kill(pid, 0)
+        os.kill(int(parts[0]), 0)
     except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, another user's
+        return False
+    except PermissionError:
         pass
-    return f"process {pid}"
+    return True

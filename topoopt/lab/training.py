@@ -417,7 +417,7 @@ def _divergence_advice(config: TrainConfig, run_dir: Path) -> str:
         causes.append(f"--penalty-weight {config.penalty_weight:g}")
     causes.append(f"--lr {config.lr:g}")
     where = (f"; the last good checkpoint is in {run_dir}" if (run_dir / CHECKPOINT).exists()
-             else "; no checkpoint was written, so the run folder was cleared for the rerun")
+             else "; no checkpoint was written: rerun with the corrected option")
     return f"lower {' or '.join(causes)}{where}"
 
 

@@ -145,7 +145,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = command_parser("live-validation", __doc__)
+    parser = command_parser("", __doc__, module="topoopt.lab.studies.live_validation")
     parser.add_argument("folder", help="a learning-graphs output folder, e.g. experiments/results/learning_graphs/full")
     parser.add_argument("--window", type=float, default=300)
     parser.add_argument("--jump", type=float, default=0.05)

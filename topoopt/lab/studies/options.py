@@ -30,9 +30,11 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def command_parser(command: str, description: str | None) -> CommandParser:
-    """The parser of ``topoopt <command>``: its own name in usage lines, defaults in its help."""
-    return CommandParser(prog=f"topoopt {command}", description=description, formatter_class=HelpFormatter)
+def command_parser(command: str, description: str | None, module: str | None = None) -> CommandParser:
+    """The parser of ``topoopt <command>`` (or, without a command, of ``python -m <module>``): its
+    own name in usage lines, defaults in its help."""
+    prog = f"topoopt {command}" if command else f"python -m {module}"
+    return CommandParser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
 def positive_int(text: str) -> int:
