@@ -23,8 +23,14 @@ def cloud_norm(cloud: torch.Tensor) -> float:
     `torch.linalg.vector_norm` with a float64 dtype), torch elsewhere."""
     if _native.engine is not None and cloud.device.type == "cpu" and cloud.dtype in (torch.float32, torch.float64):
         x = cloud.detach().contiguous()
-        return math.sqrt(_native.engine.sum_of_squares(x.numpy(), x.element_size()))
-    return float(torch.linalg.vector_norm(cloud.detach(), dtype=torch.float64))
+        norm = math.sqrt(_native.engine.sum_of_squares(x.numpy(), x.element_size()))
+    else:
+        norm = float(torch.linalg.vector_norm(cloud.detach(), dtype=torch.float64))
+    if math.isinf(norm) or (norm < 1e-150 and cloud.numel()):  # float64 squares beyond or below the range
+        largest = float(cloud.detach().abs().max())
+        if largest > 0:
+            return largest * float(torch.linalg.vector_norm(cloud.detach().double() / largest))
+    return norm
 
 
 @dataclass(frozen=True, eq=False)

@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from topoopt import spanning_tree
+from topoopt._range import needs_rescaling
 from topoopt._threads import caller_threads, engine_threads
 from topoopt.persistence import (
     _as_cloud,
     _measure_edges,
     _twice_guarded,
+    h0_deaths,
     native_edges_handle,
     native_measure,
     native_scatter,
@@ -43,8 +45,14 @@ def h0_deaths_many(clouds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     small clouds: the shared overhead is paid once. Clouds may differ in shape, dtype and device.
     """
     clouds = [_as_cloud(cloud, f"clouds[{i}]") for i, cloud in enumerate(clouds)]
-    edges = trees_of_many([cloud.detach() for cloud in clouds])
-    return edge_lengths_many(clouds, edges, sort=True)
+    try:
+        edges = trees_of_many([cloud.detach() for cloud in clouds])
+    except OverflowError:  # a cloud at the end of its dtype's range: each measured on its own, rescaled
+        return [h0_deaths(cloud) for cloud in clouds]
+    deaths = edge_lengths_many(clouds, edges, sort=True)
+    # a cloud whose deaths left the exact range is measured again, rescaled (see topoopt._range)
+    return [h0_deaths(cloud) if d.numel() and needs_rescaling(float(d.detach().max()), cloud.dtype) else d
+            for cloud, d in zip(clouds, deaths)]
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from topoopt._range import ldexp, needs_rescaling, rescale_exponent
 from topoopt._validation import check_positive_int
 from topoopt.cloud import layer_cloud, neuron_cloud
 from topoopt.layers import layer_parameters, select_layers
@@ -102,10 +103,37 @@ class LayerMeter:
 
     def deaths(self, clouds: Mapping[str, torch.Tensor], passive: bool = False) -> dict[str, torch.Tensor]:
         """Each cloud's H0 deaths in tree order, all searched and measured in one call (the
-        small clouds batched); ``passive`` for an observer."""
-        keyed = self.trees.deaths_many({self.key(name): cloud for name, cloud in clouds.items()}, self.tree_every,
-                                       passive)
-        return {name: keyed[self.key(name)] for name in clouds}
+        small clouds batched); ``passive`` for an observer. A cloud at the end of its dtype's
+        range is measured rescaled by a power of two, exactly (`topoopt._range`)."""
+        try:
+            keyed = self.trees.deaths_many({self.key(name): cloud for name, cloud in clouds.items()},
+                                           self.tree_every, passive)
+            found = {name: keyed[self.key(name)] for name in clouds}
+        except OverflowError:  # some cloud's search overflowed: each on its own below
+            found = {}
+        for name, cloud in clouds.items():
+            deaths = found.get(name)
+            if deaths is not None and (deaths.numel() == 0
+                                       or not needs_rescaling(float(deaths.detach().max()), cloud.dtype)):
+                continue
+            found[name] = self._rescaled_deaths(name, cloud, deaths, passive)
+        return found
+
+    def _rescaled_deaths(self, name: str, cloud: torch.Tensor, deaths: torch.Tensor | None,
+                         passive: bool) -> torch.Tensor:
+        """The deaths of one cloud measured at a scale where the engine is exact, scaled back."""
+        k = rescale_exponent(cloud)
+        if k == 0:  # of ordinary size: its first deaths stand (tiny ones are near-duplicates)
+            if deaths is not None:
+                return deaths
+            key = self.key(name)
+            try:
+                return self.trees.deaths_many({key: cloud}, self.tree_every, passive)[key]
+            except OverflowError:
+                raise ValueError(f"Layer {name!r}: its squared distances overflow {cloud.dtype}") from None
+        key = f"{self.key(name)}@2^{k}"  # its own tree entry, so that exact reuse still applies
+        scaled = self.trees.deaths_many({key: ldexp(cloud, k)}, self.tree_every, passive)[key]
+        return ldexp(scaled, -k)
 
     def measure(self, names: Iterable[str] | None = None, passive: bool = False) -> dict[str, torch.Tensor | None]:
         """`deaths` of the named layers' clouds (all by default); None for a layer with no

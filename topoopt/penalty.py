@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from topoopt import penalty_node
+from topoopt._range import needs_rescaling
 from topoopt._validation import check_positive_int
 from topoopt.layers import layer_parameters
 from topoopt.measure import LayerMeter
@@ -206,7 +207,12 @@ class TopoPenalty(nn.Module):
                 return total
         clouds = self.meter.clouds([name for name in self.meter.layers if self.coefficients[name] != 0.0])
         if penalty_node.handles(list(clouds.values()), self.metric):
-            return self._one_node_total(clouds, passive)
+            try:
+                node_total = self._one_node_total(clouds, passive)
+            except (OverflowError, ValueError):  # finite weights, non-finite lengths: a cloud at the end of
+                node_total = None                 # its dtype's range, which the general path rescales
+            if node_total is not None:
+                return node_total
         # All layers in one call: the small ones' tree searches and every edge measurement are
         # batched (benchmarks/all_layers.py), with the deaths of one-layer calls.
         all_deaths = self.meter.deaths(clouds, passive)
@@ -220,9 +226,10 @@ class TopoPenalty(nn.Module):
             total = total + (self.coefficients[name] * self._term(value)).to(device)
         return total
 
-    def _one_node_total(self, clouds: dict[str, torch.Tensor], passive: bool) -> torch.Tensor:
+    def _one_node_total(self, clouds: dict[str, torch.Tensor], passive: bool) -> torch.Tensor | None:
         """`forward` for CPU layers the compiled engine measures: one autograd node
-        (`topoopt.penalty_node`), the same trees and values."""
+        (`topoopt.penalty_node`), the same trees and values; None when a cloud's deaths left the
+        range where the engine is exact."""
         searched = {name: cloud for name, cloud in clouds.items() if cloud.shape[0] >= 2}
         trees = self.meter.trees_for(searched, passive)
         no_edge = torch.empty(0, dtype=torch.int64)
@@ -231,6 +238,8 @@ class TopoPenalty(nn.Module):
         terms = {name: penalty_node.LayerTerm(self.coefficients[name], sign, self.target) for name in clouds}
         total, deaths = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn,
                                                       self.last_values)
+        if any(d.numel() and needs_rescaling(float(d.max()), clouds[name].dtype) for name, d in deaths.items()):
+            return None  # deaths at the end of the dtype's range: measured again, rescaled, by the general path
         if not passive:
             for name in searched:  # fresh arrays of the one node's own: kept without a copy
                 self.meter.remember_deaths(name, deaths[name], trees[name][2], copy=False)

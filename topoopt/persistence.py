@@ -16,6 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from topoopt import _native
+from topoopt._range import ldexp, needs_rescaling, rescale_exponent
 from topoopt._threads import PARALLEL_MIN_ELEMENTS, caller_threads, engine_threads
 from topoopt._validation import all_finite
 from topoopt.spanning_tree import (
@@ -249,6 +250,21 @@ def h0_deaths(points: torch.Tensor) -> torch.Tensor:
         return cloud.reshape(-1)[:0]
     if cloud.shape[1] == 0:  # N points of no coordinates all coincide: N − 1 zero deaths
         return cloud.sum(dim=1)[1:]
+    try:
+        deaths = _deaths_of(cloud)
+        if not needs_rescaling(float(deaths.detach().max()), cloud.dtype):
+            return deaths
+    except OverflowError:  # a search's scale factors beyond the dtype: measured rescaled below
+        deaths = None
+    k = rescale_exponent(cloud)
+    if k == 0:
+        if deaths is None:
+            raise ValueError("points: their squared distances overflow the dtype") from None
+        return deaths
+    return ldexp(_deaths_of(ldexp(cloud, k)), -k)  # exact: see topoopt._range
+
+
+def _deaths_of(cloud: torch.Tensor) -> torch.Tensor:
     if native_small_tree_handles(cloud) and native_edges_handle(cloud):
         return _SmallCloudDeaths.apply(cloud)
     u, v = euclidean_mst_edges(cloud.detach())
