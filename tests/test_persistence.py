@@ -313,3 +313,14 @@ def test_points_of_no_coordinates_coincide():
     assert torch.equal(deaths, torch.zeros(4))
     deaths.sum().backward()
     assert points.grad.shape == (5, 0)
+
+
+def test_torch_func_transforms_are_refused_in_one_line_and_metrics_still_take_them():
+    import topoopt
+
+    w = torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="cannot run inside a torch.func transform"):
+        torch.func.grad(lambda w: topoopt.mean_lifetime(h0_deaths(w)))(w)
+    deaths = h0_deaths(w)
+    gradient = torch.func.grad(lambda d: topoopt.normalized_persistent_entropy(d))(deaths)
+    assert torch.isfinite(gradient).all()

@@ -52,3 +52,8 @@ def finite_each(tensors: Sequence[torch.Tensor]) -> list[bool]:
         for i, flag in zip(rest, probes):
             flags[i] = flag
     return flags  # type: ignore[return-value]
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running."""
+    return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()

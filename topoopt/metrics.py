@@ -20,6 +20,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from topoopt._validation import functorch_active
 from topoopt.host_metrics import entropy_parts, metric_and_slope
 
 __all__ = [
@@ -57,8 +58,7 @@ def _on_host(deaths: torch.Tensor) -> bool:
     for other devices and dtypes and under torch.func; tests check that the two agree, values
     and gradients (except where the "total" normalization is ill-conditioned, Σl near 1: log Σl
     → 0 there, and float32 and float64 sums can give arbitrarily different values)."""
-    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
-    return deaths.device.type == "cpu" and deaths.dtype in (torch.float32, torch.float64) and not functorch_active
+    return deaths.device.type == "cpu" and deaths.dtype in (torch.float32, torch.float64) and not functorch_active()
 
 
 def _entropy(deaths: torch.Tensor, normalization: str | None) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 from torch.autograd import forward_ad
 
 from topoopt import _native
+from topoopt._validation import functorch_active
 from topoopt.host_metrics import HOST_METRICS, METRIC_CODES
 from topoopt.persistence import _NO_ORDER, _NUMPY_DTYPES, _int64, edge_lengths, native_edges_handle
 
@@ -39,9 +40,8 @@ def handles(clouds: Sequence[torch.Tensor], metric: str) -> bool:
     measures every one (CPU, float32/float64, small enough for one thread), the metric has a
     host slope, and neither a torch.func transform nor forward-mode AD is active (they need the
     per-layer graph)."""
-    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
     forward_ad_active = getattr(forward_ad, "_current_level", -1) >= 0  # dual tensors: no tangent here
-    return (bool(clouds) and metric in HOST_METRICS and not functorch_active and not forward_ad_active
+    return (bool(clouds) and metric in HOST_METRICS and not functorch_active() and not forward_ad_active
             and all(native_edges_handle(cloud) for cloud in clouds))
 
 

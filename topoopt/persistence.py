@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from topoopt import _native
 from topoopt._range import ldexp, needs_rescaling, rescale_exponent
 from topoopt._threads import PARALLEL_MIN_ELEMENTS, caller_threads, engine_threads
-from topoopt._validation import all_finite
+from topoopt._validation import all_finite, functorch_active
 from topoopt.spanning_tree import (
     _compiled_tree,
     euclidean_mst_edges,
@@ -33,6 +33,10 @@ _SMALLEST_SAFE_LENGTH = 2.0**-60
 
 
 def _as_cloud(points: torch.Tensor, argument: str = "points") -> torch.Tensor:
+    if functorch_active():
+        raise RuntimeError("topoopt's H0 cannot run inside a torch.func transform (grad, vmap, jacrev, "
+                           "functional_call under them): its tree search needs the values themselves; compute the "
+                           "deaths outside the transform (the metrics accept torch.func), or use torch.autograd")
     if not isinstance(points, torch.Tensor):
         raise TypeError(f"{argument} must be a torch.Tensor, got {type(points).__name__}")
     if points.dim() != 2:
