@@ -238,6 +238,7 @@ STUDIES = {
     "learning-graphs": "topoopt.lab.studies.learning_graphs",
     "steer": "topoopt.lab.studies.steer",
     "stopping": "topoopt.lab.studies.stopping",
+    "merging": "topoopt.lab.studies.merging",
 }
 
 
