@@ -211,15 +211,14 @@ def report(summary: dict) -> str:
         if seeds >= 6:
             line += f", p {test['p']:.3g} (Holm {test['holm_p']:.3g})"
         lines.append(line)
-    lines.append("seeds where penalty + H0 merge beats every other combination (no fine-tuning): "
-                 + ", ".join(f"{float(r):.0%} removed {n}/{seeds}" for r, n in summary["seeds_beating_every_other"].items()))
+    counts = ", ".join(f"{float(r):.0%} removed {n}/{seeds}" for r, n in summary["seeds_beating_every_other"].items())
+    lines.append(f"seeds where penalty + H0 merge beats every other combination (no fine-tuning): {counts}")
     if seeds < 6:
         lines.append(f"verdict: {seeds} seed(s) cannot tell; run the pre-registered study (10 seeds)")
     else:
         held = [k for k in ("H1", "H2") if summary["tests"][k]["holm_p"] < 0.05]
-        lines.append("verdict: penalty + H0 merge beats the best other combination at "
-                     + (", ".join(f"{summary['tests'][k]['removal']:.0%}" for k in held) if held else "no removal fraction")
-                     + " (Holm p < 0.05)")
+        where = ", ".join(f"{summary['tests'][k]['removal']:.0%}" for k in held) if held else "no removal fraction"
+        lines.append(f"verdict: penalty + H0 merge beats the best other combination at {where} (Holm p < 0.05)")
     return "\n".join(lines)
 
 
@@ -228,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="2 seeds, 2 epochs, the pilot skipped (weight 1e-2)")
     parser.add_argument("--seeds", type=positive_int, default=10)
     parser.add_argument("--epochs", type=positive_int, default=8)
-    parser.add_argument("--out", default=None, help=f"results folder (default {RESULTS}; {RESULTS / 'quick'} with --quick)")
+    parser.add_argument("--out", default=None,
+                        help=f"results folder (default {RESULTS}; {RESULTS / 'quick'} with --quick)")
     args = parser.parse_args(argv)
     seeds, epochs = (2, 2) if args.quick else (args.seeds, args.epochs)
     folder = Path(args.out) if args.out else RESULTS / "quick" if args.quick else RESULTS
