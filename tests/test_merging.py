@@ -129,3 +129,26 @@ def test_keep_is_validated_alike_and_unmergeable_layers_are_refused():
     masked = nn.Sequential(SparseLinear(4, 6, torch.ones(6, 4)), nn.ReLU(), nn.Linear(6, 2))
     with pytest.raises(ValueError, match="only plain Linear and ConvNd layers are merged"):
         merge_neurons(masked, {"0": 3})
+
+
+def test_the_merging_study_runs_quick_and_resumes(tmp_path, capsys):
+    from topoopt.lab.studies import merging as study
+
+    summary = study.main(["--quick", "--out", str(tmp_path)])
+    assert summary["seeds"] == [0, 1] and (tmp_path / "table.md").exists()
+    assert "2 seed(s) cannot tell" in capsys.readouterr().out
+    first = (tmp_path / "seed0.json").read_text()
+    study.main(["--quick", "--out", str(tmp_path)])  # finished seeds are read back, not rerun
+    assert (tmp_path / "seed0.json").read_text() == first
+
+
+def test_the_one_sided_signed_rank_test_is_scipys_exact_one():
+    from scipy.stats import wilcoxon
+
+    from topoopt.lab.studies.merging import signed_rank_greater, signed_rank_two_sided
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        d = (rng.normal(0.3, 1, 9)).tolist()
+        assert signed_rank_greater(d) == pytest.approx(wilcoxon(d, alternative="greater", method="exact").pvalue)
+        assert signed_rank_two_sided(d) == pytest.approx(wilcoxon(d, method="exact").pvalue)
