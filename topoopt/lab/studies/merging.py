@@ -125,7 +125,7 @@ def choose_weight(epochs: int, data, folder: Path) -> float:
     path = folder / "pilot.json"
     if path.exists():
         return json.loads(path.read_text())["chosen"]
-    rows = {}
+    rows, runs = {}, []
     for weight in PILOT_WEIGHTS:
         gaps = []
         for seed in PILOT_SEEDS:
@@ -138,10 +138,12 @@ def choose_weight(epochs: int, data, folder: Path) -> float:
                 train(model, data, epochs, seed, penalty)
                 accuracies[network] = accuracy(model, data)
             gaps.append(accuracies["plain"] - accuracies["penalty"])
+            runs.append({"weight": weight, "seed": seed, **accuracies})
         rows[str(weight)] = float(np.mean(gaps))
     allowed = [w for w in PILOT_WEIGHTS if rows[str(w)] <= 0.01]
     chosen = max(allowed) if allowed else min(PILOT_WEIGHTS)
-    path.write_text(json.dumps({"mean_accuracy_loss": rows, "chosen": chosen}, indent=2))
+    path.write_text(json.dumps({"seeds": list(PILOT_SEEDS), "runs": runs, "mean_accuracy_loss": rows,
+                                "chosen": chosen}, indent=2))
     return chosen
 
 
