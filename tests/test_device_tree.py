@@ -138,3 +138,23 @@ def test_a_tf32_setting_does_not_change_the_tree():
     finally:
         matmul.fp32_precision = saved
     np.testing.assert_allclose(positive(deaths), gudhi_h0_deaths(x.double().numpy()), rtol=1e-5)
+
+
+def test_a_device_search_keeps_the_callers_cpu_threads(monkeypatch):
+    """The single-thread switch is for CPU work only: a search on the device runs with the
+    caller's thread count (emulated: CPU clouds sent down the device path)."""
+    from topoopt import device_tree as device_module
+    from topoopt import spanning_tree
+
+    seen = []
+    original = device_module.device_tree
+    monkeypatch.setattr(spanning_tree, "DEVICE_SEARCH_TYPES", frozenset({"cpu"}))
+    monkeypatch.setattr(device_module, "device_tree", lambda points: (seen.append(torch.get_num_threads()),
+                                                                       original(points))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        spanning_tree.tree_without_the_compiled_search(torch.randn(300, 8))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]

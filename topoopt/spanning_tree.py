@@ -75,7 +75,9 @@ def distance_matrix_bytes(n_points: int) -> int:
 def _available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        # blocks PyTorch's caching allocator holds but does not use are free to this search too
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free) + max(0, int(cached))
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -353,11 +355,11 @@ def tree_without_the_compiled_search(points: torch.Tensor) -> tuple[torch.Tensor
     """`euclidean_mst_edges` of a cloud of 2 or more points, for one that `native_small_tree`
     declined (many near pairs) or does not take: the general searches."""
     n, device = points.shape[0], points.device
-    with engine_threads():
-        if device.type in DEVICE_SEARCH_TYPES:
-            from topoopt.device_tree import device_tree  # imports this module
+    if device.type in DEVICE_SEARCH_TYPES:  # on the device: the caller's CPU threads are left alone
+        from topoopt.device_tree import device_tree  # imports this module
 
-            return device_tree(points)
+        return device_tree(points)
+    with engine_threads():
         edges = _small_cloud_tree(points) if n <= _BLOCK_ROWS else None
         if edges is None:
             edges = _tree_of_distinct_points(points)
