@@ -27,6 +27,7 @@ A CUDA cloud takes none of these steps: its tree is searched on the GPU (`topoop
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ _MAX_DEPTH = 16
 # copying a GPU's N×N matrix to the host for Prim costs more than the search. Tests add "cpu"
 # to run that code without a GPU.
 DEVICE_SEARCH_TYPES = frozenset({"cuda"})
+_WARNED_HOST_SEARCH: set[str] = set()  # accelerator types already told their search runs on the host
 
 # Rows per Gram block: 256 rows × N columns keeps the float32 block at 20 MiB for N = 20,000.
 _BLOCK_ROWS = 256
@@ -359,6 +361,11 @@ def tree_without_the_compiled_search(points: torch.Tensor) -> tuple[torch.Tensor
         from topoopt.device_tree import device_tree  # imports this module
 
         return device_tree(points)
+    if device.type != "cpu" and device.type not in _WARNED_HOST_SEARCH:
+        _WARNED_HOST_SEARCH.add(device.type)
+        warnings.warn(f"topoopt searches the spanning trees of {device.type} clouds on the host (only CUDA "
+                      f"has an on-device search): their distances are copied to the CPU block by block",
+                      RuntimeWarning, stacklevel=2)
     with engine_threads():
         edges = _small_cloud_tree(points) if n <= _BLOCK_ROWS else None
         if edges is None:
