@@ -1,5 +1,8 @@
 """Learning graphs built while training runs, in a worker process (topoopt.live_graph)."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -161,3 +164,31 @@ def test_worker_share_spaces_the_builds_out(tmp_path, monkeypatch):
         live.close()
     with pytest.raises(ValueError, match="Invalid worker_share: 0"):
         LiveLearningGraph(model, tmp_path, worker_share=0)
+
+
+def test_a_script_without_a_main_guard_gets_its_graphs_and_a_final_one_at_close(tmp_path):
+    """Written as the README's examples are, at the top level of a script: the spawned worker must
+    not run the script again (it died of that), and close() builds the last snapshots' graph."""
+    script = tmp_path / "train.py"
+    script.write_text(f"""
+import torch
+from topoopt.lab.models import build_mlp
+from topoopt.live_graph import LiveLearningGraph
+
+torch.manual_seed(0)
+model = build_mlp("mlp:8-12-3")
+optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+live = LiveLearningGraph(model, {str(tmp_path / 'graphs')!r}, every=10**6, record_every=1, max_neurons=6,
+                         worker_share=None)
+x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+for step in range(12):
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    live.step(step)
+live.close()
+print("built", sorted({{name for name, *_ in live.built}}), "errors", live.errors)
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "built ['fc1', 'fc2'] errors []" in done.stdout, done.stdout + done.stderr[-2000:]

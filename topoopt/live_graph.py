@@ -48,7 +48,9 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -176,7 +178,8 @@ class LiveLearningGraph:
         nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10) if hasattr(os, "getpriority") else None
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start,
                                          initargs=(self._copied, nice))
-        self._pool.submit(_warm_up, self._encode_in_worker)  # spawns it now; imports off the first build
+        with _main_not_reimported():
+            self._pool.submit(_warm_up, self._encode_in_worker)  # spawns it now; imports off the first build
         # Lower its priority at once, so that its start (importing torch, before the initializer runs)
         # is niced too (`_processes` is private: best effort; the initializer does it in any case).
         for pid in getattr(self._pool, "_processes", None) or {}:
@@ -308,14 +311,42 @@ class LiveLearningGraph:
         self._pool = None
 
     def close(self) -> None:
+        """Wait for the build in progress, build the last recorded snapshots' graph if no build saw
+        them yet, and release the worker and the trajectory files."""
         if self._running is not None:
             self._collect()
+        last = max((t.steps[-1] for t in self._trajectories.values() if t.steps), default=None)
+        built = max((step for _, step, *_ in self.built), default=None)
+        if last is not None and last != built and self._pool is not None:
+            self._submit(last)  # the final graph, whatever the share the worker had
+            if self._running is not None:
+                self._collect()
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
         for trajectory in self._trajectories.values():
             trajectory.buffer = None
         shutil.rmtree(self._buffers, ignore_errors=True)
+
+
+@contextmanager
+def _main_not_reimported() -> Iterator[None]:
+    """While the worker spawns, hide the main script from it. A spawned process re-imports the
+    parent's ``__main__`` file, and a script without an ``if __name__ == "__main__":`` guard would
+    then run its training again in the worker, which dies of it (a BrokenProcessPool was the only
+    sign). The worker needs nothing from the script: its code is all in this module."""
+    main = sys.modules.get("__main__")
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if main is not None and key in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__spec__ = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+            if "__spec__" not in saved:
+                main.__dict__.pop("__spec__", None)
 
 
 _COPIED = None  # in the worker: the event set once a build's points are copied
