@@ -546,8 +546,11 @@ def log_tensorboard(records: list[dict], folder: Path) -> None:
                     for key, value in row.get(layer, {}).items():
                         if value is not None and math.isfinite(value):
                             writer.add_scalar(f"topology/{layer}/{key}", value, row["step"])
-            writer.add_hparams({"config": record["config"], "seed": record["seed"], "lr": record["settings"]["lr"]},
-                               {"hparam/final_accuracy": record["final_accuracy"],
+            settings = {key: value for key, value in record["settings"].items()
+                         if isinstance(value, (int, float, str)) and not isinstance(value, bool)}
+            # the one accuracy name of every entry point's HParams (topoopt train's too)
+            writer.add_hparams({"config": record["config"], "seed": record["seed"], **settings},
+                               {"hparam/test_accuracy": record["final_accuracy"],
                                 "hparam/steps_to_80": float(record["steps_to_80"] or math.nan)}, run_name=".")
         finally:
             writer.close()
