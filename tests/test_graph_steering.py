@@ -59,7 +59,7 @@ def test_steered_runs_start_like_the_baseline_and_are_compared(tmp_path):
     learning_graphs.main(["--setting", "tree", "--quick", "--epochs", "2", "--dataset", "digits",
                           "--epsilons", "1e-3", "--seeds", "0", "--steer", "topo-collapse", "collapse-matched",
                           "--compare", "--out", str(out), "--tensorboard", str(tmp_path / "tb")])
-    runs = out / "quick"
+    runs = out
     base, steered = runs / "tree_digits_eps0.001_s0_e2", runs / "tree_digits_eps0.001_s0_e2_topo-collapse"
     matched = runs / "tree_digits_eps0.001_s0_e2_collapse-matched"
     for layer in ("fc1", "fc2"):  # the same initial weights

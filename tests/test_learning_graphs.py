@@ -136,7 +136,7 @@ def test_tree_study_quick_smoke(tmp_path):
                    "--out", str(tmp_path), "--tensorboard", str(tmp_path / "tb")])
     (run,) = result["runs"]
     assert set(run["layers"]) == {"fc1", "fc2"}
-    folder = next((tmp_path / "full").glob("tree_digits_*"))
+    folder = next(tmp_path.glob("tree_digits_*"))
     assert (folder / "fc2_graph.png").exists() and (folder / "fc1_graph.html").exists()
 
 

@@ -185,7 +185,7 @@ def _run_main_job(args: argparse.Namespace) -> int:
               "topo-collapse and its matched per-layer lr; the surface (784-100-100-10, N(0, 1e-6²)) at lr "
               f"{learning_graphs.QUICK_SURFACE_LR} for 12,000 steps (its plateau lasts 1/lr), plain and pen-spread.",
               flush=True)
-        graphs = results / "learning_graphs"
+        graphs = results / "learning_graphs" / "quick"
         # --light: each layer's graph, statistics and events; not the PCA-3 graph of thousands of
         # cycles, the HTML or the PCA plots, which took most of the job's time
         common = ["--quick", "--light", "--epsilons", "1e-6", "--compare", "--out", str(graphs),
@@ -193,7 +193,7 @@ def _run_main_job(args: argparse.Namespace) -> int:
         learning_graphs.main(["--setting", "tree", *common, "--steer", "pen-spread", "topo-collapse",
                               "collapse-matched"])
         learning_graphs.main(["--setting", "surface", *common, "--steer", "pen-spread"])
-        comparison = graphs / "quick" / "comparison"
+        comparison = graphs / "comparison"
         for table in sorted(comparison.glob("*_comparison.md")):
             print(f"\n{table.stem}:\n{table.read_text()}")
         print(f"Side-by-side learning graphs: {comparison}/*_graphs.png; the full-length ones and the 10-seed "

@@ -534,7 +534,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=None,
                         help=f"SGD learning rate (default {PAPER_LR}, the paper's; "
                              f"{QUICK_SURFACE_LR} for --quick --setting surface)")
-    parser.add_argument("--out", default=str(RESULTS_DIR))
+    parser.add_argument("--out", default=None, help=f"results folder, used as given (default {RESULTS_DIR}/full; "
+                                                     f"{RESULTS_DIR}/quick with --quick), as every study's --out")
     parser.add_argument("--reanalyse", action="store_true", help="rebuild the graphs from the recorded trajectories")
     parser.add_argument("--light", action="store_true",
                         help="analyse each layer's learning graph, its statistics and branching events only (no "
@@ -569,7 +570,7 @@ def main(argv: list[str] | None = None) -> dict:
         seeds = seeds[:1]
     if args.quick and args.epsilons is None and tree:
         epsilons = [0.0, 1e-3]
-    out = Path(args.out) / ("quick" if args.quick else "full")
+    out = Path(args.out) if args.out is not None else RESULTS_DIR / ("quick" if args.quick else "full")
     results = []
     # the baseline first, and a matched control after the run it is matched to
     steerings = sorted(set(args.steer) | {"none"}, key=lambda name: (name != "none", name == "collapse-matched", name))
