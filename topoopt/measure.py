@@ -30,7 +30,7 @@ from topoopt.metrics import (
 )
 from topoopt.tree_cache import TreeCache, cache_key
 
-__all__ = ["LayerMeter", "LayerTopology", "layer_topology"]
+__all__ = ["LayerMeter", "MeterSettings", "LayerTopology", "layer_topology"]
 
 
 def _sharded(model: nn.Module | None, layers: Mapping[str, Any]) -> bool:
@@ -156,6 +156,41 @@ class LayerMeter:
     def edges(self, name: str, cloud: torch.Tensor, passive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The tree (u, v) of one cloud, as `measure` would use it."""
         return self.trees.edges(self.key(name), cloud, self.tree_every, passive)
+
+
+
+class MeterSettings:
+    """The measuring settings a tool keeps in its `LayerMeter` (``self.meter``), readable and
+    settable on the tool itself: its tree cache, ``tree_every`` and ``include_bias``."""
+
+    meter: LayerMeter
+
+    @property
+    def trees(self) -> TreeCache:
+        return self.meter.trees
+
+    @trees.setter
+    def trees(self, trees: TreeCache) -> None:
+        if not isinstance(trees, TreeCache):
+            raise TypeError(f"trees must be a topoopt.TreeCache, got {type(trees).__name__}")
+        self.meter.trees = trees
+
+    @property
+    def tree_every(self) -> int:
+        return self.meter.tree_every
+
+    @tree_every.setter
+    def tree_every(self, tree_every: int) -> None:
+        check_positive_int("tree_every", tree_every)
+        self.meter.tree_every = tree_every
+
+    @property
+    def include_bias(self) -> bool:
+        return self.meter.include_bias
+
+    @include_bias.setter
+    def include_bias(self, include_bias: bool) -> None:
+        self.meter.include_bias = bool(include_bias)
 
 
 @dataclass(frozen=True)

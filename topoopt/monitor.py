@@ -22,7 +22,7 @@ from topoopt._validation import check_positive_int
 from topoopt.cloud import cloud_norm, neuron_cloud
 from topoopt.groups import BranchingDetector, BranchingEvent, group_count, group_sizes, group_threshold
 from topoopt.layers import layer_parameters, user_stacklevel
-from topoopt.measure import LayerMeter
+from topoopt.measure import LayerMeter, MeterSettings
 from topoopt.metrics import get_metric, mean_lifetime, normalized_persistent_entropy
 from topoopt.optimizer import TopoOptimizer
 from topoopt.plotting import new_figure
@@ -97,7 +97,7 @@ def _figures(name: str, deaths: torch.Tensor):
     return diagram, barcode
 
 
-class TopologyMonitor:
+class TopologyMonitor(MeterSettings):
     """Logs each layer's topology to TensorBoard every ``every`` steps; never breaks training.
 
     Call ``step(global_step)`` after each optimizer step, ``flush()`` each epoch, and
@@ -266,13 +266,6 @@ class TopologyMonitor:
         """The monitored layers by name (the meter's)."""
         return self.meter.layers
 
-    @property
-    def trees(self) -> TreeCache:
-        return self.meter.trees
-
-    @trees.setter
-    def trees(self, trees: TreeCache) -> None:
-        self.meter.trees = trees
 
     @torch.no_grad()
     def step(self, global_step: int) -> None:

@@ -33,7 +33,7 @@ from topoopt import _native
 from topoopt._validation import check_positive_int, finite_each
 from topoopt.cloud import ParameterLayer, cloud_norm
 from topoopt.layers import TopologyCoverageWarning, layer_parameters, select_layers, user_stacklevel
-from topoopt.measure import LayerMeter
+from topoopt.measure import LayerMeter, MeterSettings
 from topoopt.metrics import COMPLEXITY_METRICS, complexity_of_measured
 from topoopt.policies import POLICIES, Policy, awaken_policy, calm_policy, contrast_policy
 from topoopt.tree_cache import TreeCache
@@ -125,7 +125,7 @@ class _WrapperState:
         self.scaled = None
 
 
-class TopoOptimizer(torch.optim.Optimizer):
+class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
     """Wraps any ``torch.optim.Optimizer``; layer l's step becomes s_l times the inner step.
 
     Two ways to build it:
@@ -291,30 +291,6 @@ class TopoOptimizer(torch.optim.Optimizer):
     def _layers(self) -> dict[str, Any]:
         return self.meter.layers
 
-    @property
-    def trees(self) -> TreeCache:
-        return self.meter.trees
-
-    @trees.setter
-    def trees(self, trees: TreeCache) -> None:
-        self.meter.trees = trees
-
-    @property
-    def tree_every(self) -> int:
-        return self.meter.tree_every
-
-    @tree_every.setter
-    def tree_every(self, tree_every: int) -> None:
-        check_positive_int("tree_every", tree_every)
-        self.meter.tree_every = tree_every
-
-    @property
-    def include_bias(self) -> bool:
-        return self.meter.include_bias
-
-    @include_bias.setter
-    def include_bias(self, include_bias: bool) -> None:
-        self.meter.include_bias = bool(include_bias)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

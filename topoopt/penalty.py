@@ -15,7 +15,7 @@ from topoopt import penalty_node
 from topoopt._range import needs_rescaling
 from topoopt._validation import check_positive_int
 from topoopt.layers import layer_parameters
-from topoopt.measure import LayerMeter
+from topoopt.measure import LayerMeter, MeterSettings
 from topoopt.metrics import METRIC_SPECS, get_metric
 from topoopt.tree_cache import TreeCache
 
@@ -24,7 +24,7 @@ __all__ = ["TopoPenalty", "PENALTY_METRICS"]
 PENALTY_METRICS: tuple[str, ...] = tuple(METRIC_SPECS)
 
 
-class TopoPenalty(nn.Module):
+class TopoPenalty(MeterSettings, nn.Module):
     """Weighted sum over layers of an H0 metric of each layer's neuron cloud, to add to a loss.
 
     What each setting does to the weight cloud, through the gradient of the H0 deaths:
@@ -148,30 +148,6 @@ class TopoPenalty(nn.Module):
     def layer_names(self) -> list[str]:
         return list(self.meter.layers)
 
-    @property
-    def trees(self) -> TreeCache:
-        return self.meter.trees
-
-    @trees.setter
-    def trees(self, trees: TreeCache) -> None:
-        self.meter.trees = trees
-
-    @property
-    def tree_every(self) -> int:
-        return self.meter.tree_every
-
-    @tree_every.setter
-    def tree_every(self, tree_every: int) -> None:
-        check_positive_int("tree_every", tree_every)
-        self.meter.tree_every = tree_every
-
-    @property
-    def include_bias(self) -> bool:
-        return self.meter.include_bias
-
-    @include_bias.setter
-    def include_bias(self, include_bias: bool) -> None:
-        self.meter.include_bias = bool(include_bias)
 
     def _term(self, value: torch.Tensor) -> torch.Tensor:
         if self.target is not None:
