@@ -84,12 +84,12 @@ def _is_writer_rank() -> bool:
 def _figures(name: str, deaths: torch.Tensor):
     values = deaths.detach().cpu().double().numpy()
     top = float(values.max()) if values.size else 1.0
-    diagram = new_figure(figsize=(4, 4))
+    diagram = new_figure(figsize=(4.5, 4.5), layout="constrained")  # labels inside the image
     axes = diagram.subplots()
     axes.scatter([0.0] * len(values), values, s=8)
     axes.plot([0, top * 1.05], [0, top * 1.05], color="grey", linewidth=0.8)
     axes.set(xlabel="birth", ylabel="death", title=f"H0 diagram: {name}")
-    barcode = new_figure(figsize=(5, 3))
+    barcode = new_figure(figsize=(6, 3.6), layout="constrained")
     axes = barcode.subplots()
     ordered = sorted(values, reverse=True)
     axes.hlines(range(len(ordered)), 0, ordered, linewidth=1.0)
