@@ -22,7 +22,7 @@ import math
 
 import torch
 
-__all__ = ["SAFE_EXPONENTS", "needs_rescaling", "rescale_exponent", "ldexp"]
+__all__ = ["SAFE_EXPONENTS", "needs_rescaling", "rescale_exponent", "ldexp", "rescaled_deaths"]
 
 # |x| and deaths within [2^low, 2^high] are measured exactly as they are. float32 is exact up to
 # its largest value already (its lengths are summed in float64): only its subnormals are rescaled.
@@ -58,3 +58,11 @@ def ldexp(tensor: torch.Tensor, k: int) -> torch.Tensor:
         tensor = tensor * (2.0**part)
         k -= part
     return tensor
+
+
+def rescaled_deaths(measure, cloud: torch.Tensor, k: int) -> torch.Tensor:
+    """``measure(cloud)`` taken as 2⁻ᵏ · measure(2ᵏ · cloud). A float32 cloud is measured in float64
+    (exact: its values and the power of two fit), so that each death is rounded to float32 once,
+    at the end: rounding at scale 1 and again into the subnormals could be one unit off."""
+    wide = cloud.double() if cloud.dtype == torch.float32 else cloud
+    return ldexp(measure(ldexp(wide, k)), -k).to(cloud.dtype)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from topoopt._range import ldexp, needs_rescaling, rescale_exponent
+from topoopt._range import needs_rescaling, rescale_exponent, rescaled_deaths
 from topoopt._validation import check_positive_int
 from topoopt.cloud import layer_cloud, neuron_cloud
 from topoopt.layers import layer_parameters, select_layers
@@ -132,8 +132,8 @@ class LayerMeter:
             except OverflowError:
                 raise ValueError(f"Layer {name!r}: its squared distances overflow {cloud.dtype}") from None
         key = f"{self.key(name)}@2^{k}"  # its own tree entry, so that exact reuse still applies
-        scaled = self.trees.deaths_many({key: ldexp(cloud, k)}, self.tree_every, passive)[key]
-        return ldexp(scaled, -k)
+        return rescaled_deaths(lambda scaled: self.trees.deaths_many({key: scaled}, self.tree_every, passive)[key],
+                               cloud, k)
 
     def measure(self, names: Iterable[str] | None = None, passive: bool = False) -> dict[str, torch.Tensor | None]:
         """`deaths` of the named layers' clouds (all by default); None for a layer with no

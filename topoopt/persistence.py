@@ -16,7 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from topoopt import _native
-from topoopt._range import ldexp, needs_rescaling, rescale_exponent
+from topoopt._range import needs_rescaling, rescale_exponent, rescaled_deaths
 from topoopt._threads import PARALLEL_MIN_ELEMENTS, caller_threads, engine_threads
 from topoopt._validation import all_finite, functorch_active
 from topoopt.spanning_tree import (
@@ -265,7 +265,7 @@ def h0_deaths(points: torch.Tensor) -> torch.Tensor:
         if deaths is None:
             raise ValueError("points: their squared distances overflow the dtype") from None
         return deaths
-    return ldexp(_deaths_of(ldexp(cloud, k)), -k)  # exact: see topoopt._range
+    return rescaled_deaths(_deaths_of, cloud, k)
 
 
 def _deaths_of(cloud: torch.Tensor) -> torch.Tensor:
