@@ -197,6 +197,28 @@ def summarise(records: list[dict]) -> dict:
             "table": table, "tests": tests, "seeds_beating_every_other": goal}
 
 
+def plot_curves(summary: dict, path: Path) -> None:
+    """Median test accuracy against the fraction of hidden neurons removed: one line per network ×
+    method, as is (left) and after one epoch of fine-tuning (right)."""
+    from topoopt.plotting import new_figure, save_png
+
+    figure = new_figure(figsize=(11, 4.2), layout="constrained")
+    axes = figure.subplots(1, 2, sharey=True)
+    colours = {"l1": "tab:grey", "cosine": "tab:blue", "h0": "tab:red"}
+    for ax, key, title in zip(axes, ("accuracy", "fine_tuned"), ("as is", "after one epoch of fine-tuning")):
+        for network, method in itertools.product(("plain", "penalty"), METHODS):
+            values = [summary["unmerged"][network]] + [summary["table"][f"{network}/{method}/{r:g}"][key]
+                                                       for r in REMOVALS]
+            ax.plot([0, *REMOVALS], values, marker="o", color=colours[method],
+                    linestyle="-" if network == "penalty" else "--", label=f"{network}, {'H0' if method == 'h0' else method} merge"
+                    if method != "l1" else f"{network}, L1 pruning")
+        ax.set(title=title, xlabel="fraction of hidden neurons removed", xticks=[0, *REMOVALS])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"median test accuracy ({len(summary['seeds'])} seeds)")
+    axes[1].legend(loc="lower left", fontsize=8)
+    save_png(figure, path)
+
+
 def report(summary: dict) -> str:
     lines = [f"MergePenalty weight {summary['weight']:g}; unmerged median accuracy: plain "
              f"{summary['unmerged']['plain']:.4f}, penalty {summary['unmerged']['penalty']:.4f}",
@@ -252,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     text = report(summary)
     (folder / "table.md").write_text(text + "\n")
+    plot_curves(summary, folder / "curves.png")
     print(text)
     print(f"results in {folder}")
     return summary
