@@ -209,9 +209,9 @@ def plot_curves(summary: dict, path: Path) -> None:
         for network, method in itertools.product(("plain", "penalty"), METHODS):
             values = [summary["unmerged"][network]] + [summary["table"][f"{network}/{method}/{r:g}"][key]
                                                        for r in REMOVALS]
+            name = {"l1": "L1 pruning", "cosine": "cosine merge", "h0": "H0 merge"}[method]
             ax.plot([0, *REMOVALS], values, marker="o", color=colours[method],
-                    linestyle="-" if network == "penalty" else "--", label=f"{network}, {'H0' if method == 'h0' else method} merge"
-                    if method != "l1" else f"{network}, L1 pruning")
+                    linestyle="-" if network == "penalty" else "--", label=f"{network}, {name}")
         ax.set(title=title, xlabel="fraction of hidden neurons removed", xticks=[0, *REMOVALS])
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"median test accuracy ({len(summary['seeds'])} seeds)")
