@@ -208,6 +208,8 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
     hooks of ``torch.optim.Optimizer`` fire as on a bare optimizer (global step hooks once per
     step). Under DistributedDataParallel the weights are identical on every rank, and the
     measurement is deterministic, so every rank computes the same scales without communicating.
+    Under FSDP2 each sharded weight is gathered to be measured (a collective: step on every rank),
+    every rank computes the same scales, and each scales its own shards.
     """
 
     def __init__(

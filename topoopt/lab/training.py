@@ -512,10 +512,13 @@ def _restore(saved: dict, run: _Run) -> None:
 
 
 class _FiniteLoss(Callback):
+    """A NaN or ±Inf loss stops the run before its step updates anything, as the studies' loop
+    does (`topoopt.lab.loop.StopOnNonFiniteLoss`): the weights stay the last good ones."""
+
     def __init__(self, run_dir: Path, config: TrainConfig) -> None:
         self.run_dir, self.config = run_dir, config
 
-    def after_step(self, state: LoopState) -> None:
+    def before_backward(self, state: LoopState) -> None:
         if not math.isfinite(state.loss):
             raise TrainingDiverged(f"training diverged at step {state.step} (loss {state.loss}); "
                                    f"{_divergence_advice(self.config, self.run_dir)}")
