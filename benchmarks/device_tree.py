@@ -1,6 +1,6 @@
 """The tree search on the GPU (`topoopt.device_tree`, Borůvka): forward + backward of a layer's H0.
 
-Target (issue #15): a 4096×4096 layer (N = 4096 neurons of d = 4096 inputs) in ≤ 10 ms on one
+Target: a 4096×4096 layer (N = 4096 neurons of d = 4096 inputs) in ≤ 10 ms on one
 H100. Times, in the same run and on the same CUDA cloud: the device search (the engine's path
 for CUDA clouds), the previous path (float32 Gram blocks copied to the host, compiled Prim), and
 the float32 Gram product alone (IEEE float32, as the engine uses it). Medians, with

@@ -1,4 +1,4 @@
-"""How much a live learning graph slows training (issue #14's target: at most 5% at K = 500).
+"""How much a live learning graph slows training (target: at most 5% at K = 500).
 
 784-100-100-10 on mnist5k, SGD lr 0.05, batch 100, one training thread; every variant logs
 topology with TopologyMonitor(every=10). "live" adds LiveLearningGraph(every=500), whose Mapper

@@ -1,6 +1,6 @@
 """Small layers: `h0_deaths` forward + backward against the float32 Gram product of the same cloud.
 
-The target of issue #15: at N = 100, d = 784, forward + backward within 2.5× the Gram product
+The target: at N = 100, d = 784, forward + backward within 2.5× the Gram product
 ``x @ x.T`` (torch, the caller's thread count). Each repeat times, back to back and in turn:
 the Gram product, topoopt with its compiled engine, and topoopt without it (the numpy/torch
 path a machine without a C compiler takes), so drift hits all three alike; the table gives

@@ -38,8 +38,7 @@ def finite_each(tensors: Sequence[torch.Tensor]) -> list[bool]:
 
     CPU float32/float64 tensors: one compiled read-only pass each (no allocation, no thread
     count to switch). The others: each tensor's minimum and maximum (NaN propagates into both,
-    an Inf is one of them; no temporary the size of the tensor, which 0·t made every step), all
-    read back with one host sync.
+    an Inf is one of them; no temporary the size of the tensor), all read back with one host sync.
     """
     flags: list[bool | None] = [None] * len(tensors)
     rest = []

@@ -333,8 +333,8 @@ class LiveLearningGraph:
 def _main_not_reimported() -> Iterator[None]:
     """While the worker spawns, hide the main script from it. A spawned process re-imports the
     parent's ``__main__`` file, and a script without an ``if __name__ == "__main__":`` guard would
-    then run its training again in the worker, which dies of it (a BrokenProcessPool was the only
-    sign). The worker needs nothing from the script: its code is all in this module."""
+    then run its training again in the worker, which would die of it. The worker needs nothing
+    from the script: its code is all in this module."""
     main = sys.modules.get("__main__")
     saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if main is not None and key in main.__dict__}
     try:

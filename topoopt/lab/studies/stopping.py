@@ -26,7 +26,7 @@ used, wall time. Paired comparisons per dataset: topology − validation and NP 
 family of 2 × (number of datasets) non-inferiority tests (one-sided paired t against the margin,
 Holm), with paired-t 95% CIs, exact sign and Wilcoxon signed-rank tests, and the effect each
 test detects with 80% power. The pre-registration is in experiments/RESULTS.md ("Early stopping
-without a validation split (#14)").
+without a validation split").
 
     topoopt stopping --quick        # a few seconds (digits and mnist5k-500, tiny network)
     topoopt stopping                # the pre-registered study (resumable: re-run to continue)
