@@ -47,6 +47,17 @@ def _sharded(model: nn.Module | None, layers: Mapping[str, Any]) -> bool:
                for layer in layers.values() for p in layer_parameters(layer))
 
 
+def _longest(deaths: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Each non-empty diagram's longest death, with one host sync for them all (not one a layer)."""
+    named = [(name, d) for name, d in deaths.items() if d.numel()]
+    if not named:
+        return {}
+    device = named[0][1].device
+    wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    values = torch.stack([d.detach().max().to(device, wide) for _, d in named]).tolist()
+    return {name: value for (name, _), value in zip(named, values)}
+
+
 class LayerMeter:
     """The layers one tool measures, with its bias rule, tree reuse and tree cache.
 
@@ -111,10 +122,10 @@ class LayerMeter:
             found = {name: keyed[self.key(name)] for name in clouds}
         except OverflowError:  # some cloud's search overflowed: each on its own below
             found = {}
+        longest = _longest(found)  # every layer's longest death, read back at once
         for name, cloud in clouds.items():
             deaths = found.get(name)
-            if deaths is not None and (deaths.numel() == 0
-                                       or not needs_rescaling(float(deaths.detach().max()), cloud.dtype)):
+            if deaths is not None and (deaths.numel() == 0 or not needs_rescaling(longest[name], cloud.dtype)):
                 continue
             found[name] = self._rescaled_deaths(name, cloud, deaths, passive)
         return found

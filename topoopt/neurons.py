@@ -78,6 +78,7 @@ class LayerPart:
 Definition = Callable[[nn.Module, str], Mapping[str, CloudSpec]]
 _BY_TYPE: dict[type, Definition] = {}
 _BY_NAME: dict[str, Definition] = {}  # "module.QualName" of types from packages imported lazily
+_RESOLVED: dict[type, Definition | None] = {}  # each type's lookup through its bases, cleared on registration
 
 
 def register_layer(
@@ -136,6 +137,7 @@ def register_layer(
         _BY_NAME[layer_type] = definition
     else:
         _BY_TYPE[layer_type] = definition
+    _RESOLVED.clear()
 
 
 def _all_parameters(module: nn.Module) -> list[torch.Tensor]:
@@ -171,17 +173,27 @@ def check_spec(name: str, module: nn.Module, spec: CloudSpec, include_bias: bool
 def cloud_specs(module: nn.Module, fused_qkv: str = "split") -> Mapping[str, CloudSpec] | None:
     """The clouds of `module` by name suffix (``""``: the module itself), or None when its type
     has no registered definition (its own or a base class's)."""
-    for kind in type(module).__mro__:
-        definition = _BY_TYPE.get(kind) or _BY_NAME.get(f"{kind.__module__}.{kind.__qualname__}")
-        if definition is not None:
-            return definition(module, fused_qkv)
-        if kind is nn.Module:
-            break
+    definition = _definition_of(type(module))
+    if definition is not None:
+        return definition(module, fused_qkv)
     for rule in _STRUCTURAL:
         found = rule(module, fused_qkv)
         if found is not None:
             return found
     return None
+
+
+def _definition_of(kind: type) -> Definition | None:
+    """The registered definition of a type, its own or its nearest base class's, looked up once a
+    type (every measurement asks for every layer's clouds)."""
+    if kind not in _RESOLVED:
+        found = None
+        for base in kind.__mro__:
+            found = _BY_TYPE.get(base) or _BY_NAME.get(f"{base.__module__}.{base.__qualname__}")
+            if found is not None or base is nn.Module:
+                break
+        _RESOLVED[kind] = found
+    return _RESOLVED[kind]
 
 
 def weight_cloud(weight: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:

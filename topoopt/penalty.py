@@ -172,7 +172,7 @@ class TopoPenalty(MeterSettings, nn.Module):
         """
         # on the last layer's device: where the output, and so the loss, lives when layers are
         # spread over devices (model parallel); each term is moved there
-        device = layer_parameters(list(self.meter.layers.values())[-1])[0].device
+        device = layer_parameters(next(reversed(self.meter.layers.values())))[0].device
         total = torch.zeros((), device=device, dtype=torch.float32)
         # A call without a graph (logging, evaluation) does not count for `every`, and is passive
         # in the tree cache, so that it cannot change which trees training's calls get.
