@@ -239,6 +239,7 @@ STUDIES = {
     "steer": "topoopt.lab.studies.steer",
     "stopping": "topoopt.lab.studies.stopping",
     "merging": "topoopt.lab.studies.merging",
+    "failures": "topoopt.lab.studies.failures",
 }
 
 
