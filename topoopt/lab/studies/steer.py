@@ -89,12 +89,19 @@ CONFIGS: dict[str, dict] = {
     "pen-entropy-lr0.05": {"kind": "steered", "lr_mult": 1, "penalty": "normalized_entropy", "pilot": True},
     "topo-collapse": {"kind": "steered", "lr_mult": "steered", "collapse": True},
     "topo-collapse-matched": {"kind": "control", "lr_mult": "steered", "matched": "topo-collapse"},
+    # Open-loop replays of topo-collapse's per-layer scales s_l(t) as a plain per-layer lr schedule
+    # that reads no topology: the run's own (fidelity), the next seed's, the mean of the other seeds'.
+    "replay-own": {"kind": "replay", "lr_mult": "steered", "replay": "own"},
+    "replay-other": {"kind": "replay", "lr_mult": "steered", "replay": "other"},
+    "replay-mean": {"kind": "replay", "lr_mult": "steered", "replay": "mean"},
 }
+REPLAYS = ("replay-own", "replay-other", "replay-mean")
 
 
 @dataclass
 class SteerConfig:
-    configs: list[str] = field(default_factory=lambda: [n for n, spec in CONFIGS.items() if not spec.get("pilot")])
+    configs: list[str] = field(default_factory=lambda: [n for n, spec in CONFIGS.items()
+                                                        if not spec.get("pilot") and not spec.get("replay")])
     seeds: int = 10
     first_seed: int = 0
     dataset: str = "mnist5k"
@@ -219,14 +226,64 @@ class _Lars(Callback):
 
 
 class _ScaleSums(Callback):
-    """Adds each layer's TopoOptimizer step scale after every step into `sums`."""
+    """Adds each layer's TopoOptimizer step scale after every step into `sums`, and keeps the
+    schedule: per layer, [scale, steps] runs of the scale each step was taken with."""
 
     def __init__(self, topo: TopoOptimizer, sums: dict[str, float]) -> None:
         self.topo, self.sums = topo, sums
+        self.schedule: dict[str, list[list]] = {name: [] for name in sums}
 
     def after_step(self, state: LoopState) -> None:
         for name in self.sums:
-            self.sums[name] += self.topo.scales[name]
+            scale = self.topo.scales[name]
+            self.sums[name] += scale
+            runs = self.schedule[name]
+            if runs and runs[-1][0] == scale:
+                runs[-1][1] += 1
+            else:
+                runs.append([scale, 1])
+
+
+def expand_schedule(runs: list[list], steps: int) -> np.ndarray:
+    """A layer's per-step scales from its [scale, steps] runs; a schedule that ended early (its
+    run diverged) keeps its last scale."""
+    scales = np.concatenate([np.full(int(count), float(scale)) for scale, count in runs]) if runs else np.ones(0)
+    if len(scales) < steps:
+        scales = np.concatenate([scales, np.full(steps - len(scales), scales[-1] if len(scales) else 1.0)])
+    return scales[:steps]
+
+
+def replay_schedule(kind: str, seed: int, steered: dict[int, dict], steps: int) -> dict[str, np.ndarray]:
+    """The per-layer, per-step scales a replay of seed `seed` follows: the steered run's own
+    (``own``), the next seed's in the study (``other``, cyclic), or the step-by-step mean of every
+    other seed's (``mean``)."""
+    seeds = sorted(steered)
+    if kind == "own":
+        sources = [seed]
+    elif len(seeds) < 2:
+        raise ValueError(f"A {kind!r} replay needs topo-collapse runs of at least two seeds, got {seeds}")
+    elif kind == "other":
+        sources = [seeds[(seeds.index(seed) + 1) % len(seeds)]]
+    elif kind == "mean":
+        sources = [s for s in seeds if s != seed]
+    else:
+        raise ValueError(f"Invalid replay {kind!r}")
+    layers = steered[seed]["schedule"]
+    return {name: np.mean([expand_schedule(steered[s]["schedule"][name], steps) for s in sources], axis=0)
+            for name in layers}
+
+
+class _Replay(Callback):
+    """Sets each layer's learning rate to lr × its scheduled scale before every update."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, names: list[str], lr: float,
+                 schedule: dict[str, np.ndarray]) -> None:
+        self.groups = dict(zip(names, optimizer.param_groups))
+        self.lr, self.schedule = lr, schedule
+
+    def before_step(self, state: LoopState) -> None:
+        for name, group in self.groups.items():
+            group["lr"] = self.lr * float(self.schedule[name][state.step - 1])
 
 
 class _SwitchOff(Callback):
@@ -244,7 +301,8 @@ class _SwitchOff(Callback):
                 self.steps[name] = state.step
 
 
-def run_cell(cell: dict, matched_scales: dict[str, float] | None = None) -> dict:
+def run_cell(cell: dict, matched_scales: dict[str, float] | None = None,
+             schedule: dict[str, np.ndarray] | None = None) -> dict:
     """Train one configuration at one seed for the step budget; its record (see the module doc)."""
     config = SteerConfig(**cell["config"])
     spec, seed = CONFIGS[cell["name"]], cell["seed"]
@@ -257,6 +315,10 @@ def run_cell(cell: dict, matched_scales: dict[str, float] | None = None) -> dict
         if matched_scales is None:
             raise ValueError(f"{cell['id']}: a matched control needs the steered run's mean scales")
         groups = [{"params": [layers[name].weight], "lr": lr * matched_scales[name]} for name in layers]
+    if spec.get("replay"):
+        if schedule is None:
+            raise ValueError(f"{cell['id']}: a replay needs the steered runs' schedules")
+        groups = [{"params": [layers[name].weight], "lr": lr} for name in layers]
     topo_options = None
     if spec.get("collapse"):
         topo_options = {"metric": "mean_lifetime", "policy": partial(collapse_policy, spread=config.collapse_spread),
@@ -273,8 +335,11 @@ def run_cell(cell: dict, matched_scales: dict[str, float] | None = None) -> dict
     callbacks: list[Callback] = [diverging]
     if spec.get("lars"):
         callbacks.append(_Lars(layers, config.lars_eta, scale_sums))
-    if topo is not None:
-        callbacks.append(_ScaleSums(topo, scale_sums))
+    sums = _ScaleSums(topo, scale_sums) if topo is not None else None
+    if sums is not None:
+        callbacks.append(sums)
+    if spec.get("replay"):
+        callbacks.append(_Replay(optimizer, list(layers), lr, schedule))
     switch_off = _SwitchOff(penalty, config.penalty_target) if spec.get("penalty") is True else None
     if switch_off is not None:
         callbacks.append(switch_off)
@@ -294,6 +359,8 @@ def run_cell(cell: dict, matched_scales: dict[str, float] | None = None) -> dict
         mean_scales = {name: scale_sums[name] / max(1, step) for name in layers}
     elif spec.get("matched"):
         mean_scales = dict(matched_scales)
+    elif spec.get("replay"):
+        mean_scales = {name: float(np.mean(schedule[name][:max(1, step)])) for name in layers}
     else:
         mean_scales = dict.fromkeys(layers, 1.0)
     settings = {"lr": lr, "init": spec.get("init", TINY_STD)}
@@ -310,6 +377,7 @@ def run_cell(cell: dict, matched_scales: dict[str, float] | None = None) -> dict
             "steps_to_20": first_step_at(curve, ESCAPE, strict=True), "steps_to_80": first_step_at(curve, TARGET),
             "final_accuracy": curve[-1]["accuracy"], "mean_scales": mean_scales,
             "penalty_off_step": (switch_off.steps if switch_off is not None else None) or None,
+            **({"schedule": sums.schedule} if sums is not None else {}),
             "seconds": time.perf_counter() - started, "curve": curve}
 
 
@@ -412,6 +480,13 @@ def summarise(records: list[dict]) -> dict:
     controls = [n for n, row in table.items() if row["kind"] == "control"]
     steered = [n for n, row in table.items() if row["kind"] == "steered"]
     summary: dict = {"table": table, "best_control": None, "tests": {}, "pareto": {}}
+    replays = {name: _paired(by_config["topo-collapse"], by_config[name]) for name in REPLAYS
+               if name in by_config and "topo-collapse" in by_config}
+    if replays:
+        tested = [name for name in ("replay-other", "replay-mean") if name in replays]
+        for name, p in zip(tested, holm([replays[n]["wilcoxon_p_steps_to_80"] for n in tested])):
+            replays[name]["holm_p_steps_to_80"] = p
+        summary["collapse_vs_replays"] = replays
     if not controls:
         return summary
     best = min(controls, key=lambda n: (table[n]["median_steps_to_80"], -table[n]["median_final_accuracy"]))
@@ -481,6 +556,13 @@ def comparison_lines(summary: dict) -> str:
                      f"(Holm {test['holm_p_steps_to_80']:.3g})")
             if test["holm_p_steps_to_80"] < 0.05 and test["median_diff_steps_to_80"] < 0:
                 winners.append(name)
+        lines.append(line)
+    for name, test in summary.get("collapse_vs_replays", {}).items():
+        line = (f"topo-collapse vs {name} (its scales replayed as a per-layer lr schedule, reading no topology): "
+                f"median Δ steps to 80% {test['median_diff_steps_to_80']:+,.0f} (closed loop faster on "
+                f"{test['steered_faster_to_80']}, replay on {test['control_faster_to_80']} of {test['n_pairs']})")
+        if seeds >= MIN_SEEDS_FOR_TESTS and "holm_p_steps_to_80" in test:
+            line += f"; Wilcoxon p {test['wilcoxon_p_steps_to_80']:.3g} (Holm {test['holm_p_steps_to_80']:.3g})"
         lines.append(line)
     if seeds < MIN_SEEDS_FOR_TESTS:
         lines.append(f"verdict: {seeds} seed(s) cannot tell (paired tests need ≥ {MIN_SEEDS_FOR_TESTS} to reach "
@@ -578,7 +660,7 @@ def run_study(config: SteerConfig, out: Path, tensorboard: Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
     cells = make_cells(config)
-    first = [c for c in cells if not CONFIGS[c["name"]].get("matched")]
+    first = [c for c in cells if not CONFIGS[c["name"]].get("matched") and not CONFIGS[c["name"]].get("replay")]
     run_cells(first, run_cell, path, progress=progress, desc="steer")
     done = load_results(path)
     second = []
@@ -591,6 +673,17 @@ def run_study(config: SteerConfig, out: Path, tensorboard: Path | None = None,
             second.append({**cell, "scales": steered["mean_scales"]})
     run_cells(second, lambda cell: run_cell(cell, cell["scales"]), path, progress=progress, desc="steer (matched)")
     done = load_results(path)
+    replays = [c for c in cells if CONFIGS[c["name"]].get("replay")]
+    if replays:
+        steered = {c["seed"]: done.get(f"topo-collapse/s{c['seed']}") for c in cells}
+        missing = [seed for seed, record in steered.items() if record is None or "schedule" not in record]
+        if missing:
+            raise ValueError(f"The replays need topo-collapse runs with their schedules at seeds {missing} in the "
+                             f"same results folder (add topo-collapse to --configs)")
+        run_cells(replays, lambda cell: run_cell(cell, schedule=replay_schedule(
+            CONFIGS[cell["name"]]["replay"], cell["seed"], steered, config.steps)), path, progress=progress,
+            desc="steer (replays)")
+        done = load_results(path)
     records = [done[c["id"]] for c in cells]
     summary = summarise(records)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
