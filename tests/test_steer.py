@@ -146,3 +146,41 @@ def test_make_cells_rejects_unknown_configurations():
     cells = make_cells(SteerConfig(configs=["sgd-x1"], seeds=2, first_seed=100))
     assert [c["id"] for c in cells] == ["sgd-x1/s100", "sgd-x1/s101"]
     json.dumps(cells)  # plain data
+
+
+def test_schedules_expand_and_replays_take_the_own_the_next_or_the_mean_of_the_others():
+    assert steer.expand_schedule([[2.0, 3], [1.0, 2]], 7).tolist() == [2, 2, 2, 1, 1, 1, 1]  # ended early: last kept
+    assert steer.expand_schedule([[2.0, 3], [1.0, 2]], 4).tolist() == [2, 2, 2, 1]
+    steered = {s: {"schedule": {"fc1": [[float(s + 1), 4]]}} for s in (0, 1, 2)}
+    assert steer.replay_schedule("own", 1, steered, 4)["fc1"].tolist() == [2.0] * 4
+    assert steer.replay_schedule("other", 2, steered, 4)["fc1"].tolist() == [1.0] * 4  # cyclic: 2 → 0
+    assert steer.replay_schedule("mean", 0, steered, 4)["fc1"].tolist() == [2.5] * 4  # mean of seeds 1 and 2
+    with pytest.raises(ValueError, match="at least two seeds"):
+        steer.replay_schedule("mean", 0, {0: steered[0]}, 4)
+    with pytest.raises(ValueError, match="Invalid replay"):
+        steer.replay_schedule("shuffled", 0, steered, 4)
+
+
+def test_replays_follow_the_closed_loops_schedule_and_need_its_runs(tmp_path):
+    # A wide spread target, so that the policy moves the scales within the tiny run's 60 steps.
+    config = _tiny(["topo-collapse", "replay-own", "replay-other", "replay-mean"], collapse_strength=3.0,
+                   collapse_spread=1.5)
+    records, summary = steer.run_study(config, tmp_path, progress=False)
+    by_id = {f"{r['config']}/s{r['seed']}": r for r in records}
+    for seed in (0, 1):
+        closed = by_id[f"topo-collapse/s{seed}"]
+        runs = closed["schedule"]["fc1"]
+        assert sum(count for _, count in runs) == closed["steps_run"]
+        assert len({scale for scale, _ in runs}) > 1  # the policy moved the scale on the tiny init's drift
+        own = by_id[f"replay-own/s{seed}"]
+        assert own["mean_scales"] == pytest.approx(closed["mean_scales"], rel=1e-12)
+        # Scaling SGD's lr or its update is the same step up to rounding: the curves agree.
+        for a, b in zip(own["curve"], closed["curve"]):
+            assert a["accuracy"] == pytest.approx(b["accuracy"], abs=0.02)
+        assert by_id[f"replay-other/s{seed}"]["mean_scales"] == pytest.approx(
+            by_id[f"topo-collapse/s{1 - seed}"]["mean_scales"], rel=1e-12)
+    assert set(summary["collapse_vs_replays"]) == {"replay-own", "replay-other", "replay-mean"}
+    assert "holm_p_steps_to_80" in summary["collapse_vs_replays"]["replay-mean"]
+    assert "replay-other" in steer.comparison_lines(summary)
+    with pytest.raises(ValueError, match="add topo-collapse"):
+        steer.run_study(_tiny(["replay-own"]), tmp_path / "alone", progress=False)

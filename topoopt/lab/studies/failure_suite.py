@@ -50,7 +50,7 @@ FAILURES = {
     "high-lr": ("mlp", {"lr": 1.0}),                    # ×20: ReLUs die or the loss diverges
     "frozen": ("mlp", {"frozen": "fc1"}),               # fc1 left at its initialisation by mistake
     "label-noise": ("mlp", {"label_noise": 0.5}),       # half the training labels random: memorised
-    "saturated": ("mlp-sigmoid", {"init_scale": 10.0}),  # ×10 default init: sigmoids saturate
+    "saturated": ("mlp-sigmoid", {"init_scale": 50.0}),  # ×50 default init: sigmoids saturate
     "vanishing": ("deep-relu", {"activation": "sigmoid"}),  # 8 sigmoid hidden layers: vanishing gradients
     "cnn-high-lr": ("cnn", {"lr": 0.5}),                # ×10 on the CNN
     "cnn-symmetric": ("cnn", {"init": "symmetric"}),    # every filter a copy of the first
