@@ -25,7 +25,8 @@ def _gudhi_lifetimes(weight: torch.Tensor) -> np.ndarray:
         for j in range(inputs):
             tree.insert([i, outputs + j], filtration=1.0 - normalised[i, j])
     tree.compute_persistence()
-    return np.sort([death for dim, (_, death) in tree.persistence(min_persistence=-1) if dim == 0 and math.isfinite(death)])
+    pairs = tree.persistence(min_persistence=-1)  # zero-length bars too
+    return np.sort([death for dim, (_, death) in pairs if dim == 0 and math.isfinite(death)])
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (8, 2), (20, 30)])

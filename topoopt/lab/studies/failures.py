@@ -97,7 +97,8 @@ def summarise(records: list[dict], failures: tuple[str, ...], pilots: tuple[int,
             found = [fd.detection_step(flags(detector, r), r["steps"]) for r in runs]
             leads = [e - d for e, d in zip(evident, found) if e is not None and d is not None]
             rows[detector] = {"steps": found, "detected": sum(d is not None for d in found),
-                              "in_time": sum(e is not None and d is not None and d <= e for e, d in zip(evident, found)),
+                              "in_time": sum(e is not None and d is not None and d <= e
+                                             for e, d in zip(evident, found)),
                               "median_lead": float(np.median(leads)) if leads else None}
         ours, theirs = rows["topoopt"]["steps"], rows["standard"]["steps"]
         inf = math.inf
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--failures", nargs="+", choices=list(FAILURES), default=None,
                         help="which failures (default: all, or the quick two)")
     parser.add_argument("--steps", type=positive_int, default=STEPS)
-    parser.add_argument("--out", default=None, help=f"results folder (default {RESULTS}; {RESULTS / 'quick'} with --quick)")
+    parser.add_argument("--out", default=None,
+                        help=f"results folder (default {RESULTS}; {RESULTS / 'quick'} with --quick)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     failures = tuple(args.failures or (QUICK_FAILURES if args.quick else FAILURES))
