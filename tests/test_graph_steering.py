@@ -93,5 +93,10 @@ def test_validate_counts_matches_and_what_chance_would_give(tmp_path):
     assert (row["online"], row["offline"], row["matched"], row["missed"], row["false"]) == (4, 3, 3, 0, 1)
     # four events over 30,000 steps: three offline events within ±300 steps by chance ≈ 4·3·600/30,000
     assert row["matched_by_chance"] < 1.0
+    # The same events shifted by one offset within ±500 steps: each matches while 60 + shift is within
+    # ±300, i.e. for 60% of the offsets, so 3 × 0.6 = 1.8 by local chance.
+    assert 1.4 < row["matched_by_local_chance"] < 2.2
+    # The accuracy-curve detector fires once, at the jump (1,050), and matches the event at 1,000.
+    assert (row["accuracy_detector_events"], row["matched_by_accuracy_detector"]) == (1, 1)
     assert block["jumps"] == 1 and block["jumps_with_event_within_window"] == 1  # the jump at 1,050: event 1,060
     assert block["median_lag"] == 10 and block["median_first_event_minus_first_jump"] == 10
