@@ -117,6 +117,10 @@ def test_quick_study_tallies_detectors_and_resumes(tmp_path):
     assert set(summary["healthy"]["mlp"]) >= {"topoopt", "standard", *fd.DETECTORS}
     assert summary["tests"]["symmetric-init"]["n"] == 2
     assert (out / "symmetric-init.png").stat().st_size > 0 and (out / "table.md").read_text().startswith("Detected")
+    record = next(json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()
+                  if json.loads(line)["id"] == "symmetric-init/0")
+    text = failures.narrative(summary, record)
+    assert "topoopt's alerts: coincident on fc1, fc2 at step 0" in text and "the loss: its envelope" in text
     lines = (out / "runs.jsonl").read_text().splitlines()
     assert len(lines) == 8  # 2 pilots and 2 seeds of the twin, 2 seeds of each failure
     (out / "runs.jsonl").unlink()  # a fresh clone: the committed compact copy is read back, nothing trains

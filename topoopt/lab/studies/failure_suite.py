@@ -26,7 +26,7 @@ from topoopt.measure import layer_topology
 from topoopt.neural_persistence import neural_persistence
 from topoopt.run_history import AlertWatch
 
-__all__ = ["BASES", "FAILURES", "CHECK_EVERY", "STEPS", "config_of", "run_one", "suite_data"]
+__all__ = ["BASES", "FAILURES", "WHAT", "CHECK_EVERY", "STEPS", "config_of", "run_one", "suite_data"]
 
 CHECK_EVERY = 20
 STEPS = 1500
@@ -44,16 +44,29 @@ BASES = {
 
 # Each failure: its healthy twin (a base) and the one thing changed.
 FAILURES = {
-    "symmetric-init": ("mlp", {"init": "symmetric"}),   # every hidden neuron a copy of the first: never separate
-    "duplicated": ("mlp", {"init": "tiled"}),           # a copy bug: fc1's 64 rows are 4 rows tiled 16 times
-    "tiny-init": ("mlp", {"init": "tiny"}),             # N(0, 1e-6²) everywhere: the plateau
-    "high-lr": ("mlp", {"lr": 1.0}),                    # ×20: ReLUs die or the loss diverges
-    "frozen": ("mlp", {"frozen": "fc1"}),               # fc1 left at its initialisation by mistake
-    "label-noise": ("mlp", {"label_noise": 0.5}),       # half the training labels random: memorised
-    "saturated": ("mlp-sigmoid", {"init_scale": 50.0}),  # ×50 default init: sigmoids saturate
-    "vanishing": ("deep-relu", {"activation": "sigmoid"}),  # 8 sigmoid hidden layers: vanishing gradients
-    "cnn-high-lr": ("cnn", {"lr": 0.5}),                # ×10 on the CNN
-    "cnn-symmetric": ("cnn", {"init": "symmetric"}),    # every filter a copy of the first
+    "symmetric-init": ("mlp", {"init": "symmetric"}),
+    "duplicated": ("mlp", {"init": "tiled"}),
+    "tiny-init": ("mlp", {"init": "tiny"}),
+    "high-lr": ("mlp", {"lr": 1.0}),
+    "frozen": ("mlp", {"frozen": "fc1"}),
+    "label-noise": ("mlp", {"label_noise": 0.5}),
+    "saturated": ("mlp-sigmoid", {"init_scale": 50.0}),
+    "vanishing": ("deep-relu", {"activation": "sigmoid"}),
+    "cnn-high-lr": ("cnn", {"lr": 0.5}),
+    "cnn-symmetric": ("cnn", {"init": "symmetric"}),
+}
+
+WHAT = {
+    "symmetric-init": "every hidden neuron starts as a copy of its layer's first",
+    "duplicated": "a copy bug: fc1's 64 rows are 4 rows tiled 16 times",
+    "tiny-init": "N(0, 1e-6²) everywhere: the plateau",
+    "high-lr": "lr ×20: the ReLUs die",
+    "frozen": "fc1 left at its initialisation by mistake",
+    "label-noise": "half the training labels random: the net memorises them",
+    "saturated": "×50 the default init: the sigmoids saturate",
+    "vanishing": "8 sigmoid hidden layers: vanishing gradients",
+    "cnn-high-lr": "the CNN at lr ×10",
+    "cnn-symmetric": "every filter starts as a copy of its layer's first",
 }
 
 

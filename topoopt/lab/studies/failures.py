@@ -21,12 +21,21 @@ import numpy as np
 import torch
 
 from topoopt.lab.studies import failure_detectors as fd
-from topoopt.lab.studies.failure_suite import BASES, CHECK_EVERY, FAILURES, STEPS, config_of, run_one, suite_data
+from topoopt.lab.studies.failure_suite import (
+    BASES,
+    CHECK_EVERY,
+    FAILURES,
+    STEPS,
+    WHAT,
+    config_of,
+    run_one,
+    suite_data,
+)
 from topoopt.lab.studies.options import command_parser, positive_int
 from topoopt.lab.studies.statistics import holm
 from topoopt.lab.sweep import COMPACT_RESULTS, restore_from_compact, rounded, run_cells, save_compact
 
-__all__ = ["PILOT_SEEDS", "QUICK_FAILURES", "summarise", "report", "main"]
+__all__ = ["PILOT_SEEDS", "QUICK_FAILURES", "summarise", "report", "narrative", "main"]
 
 RESULTS = Path("experiments/results/failures")
 PILOT_SEEDS = (100, 101, 102, 103)
@@ -176,6 +185,42 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _first(row: dict, detectors: tuple[str, ...], index: int) -> tuple[int | None, str | None]:
+    """The earliest step any of `detectors` fired on run `index`, and every one that fired then."""
+    steps = {d: row["detectors"][d]["steps"][index] for d in detectors}
+    fired = [step for step in steps.values() if step is not None]
+    if not fired:
+        return None, None
+    return min(fired), ", ".join(d for d, step in steps.items() if step == min(fired))
+
+
+def narrative(summary: dict, record: dict, index: int = 0) -> str:
+    """What one failing run showed, in plain words: when the failure became evident, what topoopt
+    said and when, what the loss said and when, and the earliest standard detector."""
+    failure = record["config"]
+    row = summary["failures"][failure]
+    evident = row["evident"][index]
+    at = lambda step: "never" if step is None else f"at step {step:,}"  # noqa: E731
+    lines = [f"{failure} ({WHAT[failure]}), seed {record['seed']}: "
+             + (f"evident on the test set at step {evident:,}" if evident is not None else
+                f"never evident on the test set within {record['steps'][-1]:,} steps")]
+    alerts = record["alerts"]
+    if alerts:
+        first = min(alerts, key=lambda a: a["step"])
+        layers = sorted({a["layer"] for a in alerts if a["step"] == first["step"] and a["kind"] == first["kind"]})
+        lines.append(f"  topoopt's alerts: {first['kind']} on {', '.join(layers)} at step {first['step']:,}")
+    else:
+        lines.append("  topoopt's alerts (defaults): none")
+    step, which = _first(row, ("spread", "entropy_deficit"), index)
+    lines.append(f"  topoopt's envelopes (spread, entropy deficit): {at(step)}" + (f" ({which})" if which else ""))
+    lines.append(f"  the loss: its envelope {at(row['detectors']['loss']['steps'][index])}, the divergence rule "
+                 f"{at(row['detectors']['loss-divergence']['steps'][index])}")
+    step, which = _first(row, fd.STANDARD, index)
+    lines.append(f"  the earliest standard detectors: {which} {at(step)}" if which else
+                 "  no standard detector fired")
+    return "\n".join(lines)
+
+
 def plot_failure(record: dict, twin: list[dict], summary_row: dict, seed_index: int, path: Path) -> None:
     """One failing run beside its twin: test accuracy, the probe loss and each layer's spread, with
     the step where topoopt and the earliest standard detector fired and the failure became evident."""
@@ -221,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None,
                         help=f"results folder (default {RESULTS}; {RESULTS / 'quick'} with --quick)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--brief", action="store_true",
+                        help="print, per failure, what its first seed showed and when, instead of the tables")
     args = parser.parse_args(argv)
     failures = tuple(args.failures or (QUICK_FAILURES if args.quick else FAILURES))
     seeds = tuple(range(2 if args.quick else args.seeds))
@@ -241,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         twin = FAILURES[failure][0]
         plot_failure(by[(failure, seeds[0])], [by[(twin, s)] for s in pilots], summary["failures"][failure], 0,
                      folder / f"{failure}.png")
-    print(text)
+    print(text if not args.brief else "\n".join(narrative(summary, by[(f, seeds[0])]) for f in failures))
     print(f"results in {folder}")
     return summary
 
