@@ -546,7 +546,7 @@ def comparison_lines(summary: dict) -> str:
     tests only where enough seeds make them able to mean something."""
     best = summary["best_control"]
     seeds = min((row["n"] for row in summary["table"].values()), default=0)
-    lines = [f"best control: {best}"]
+    lines = [f"best control: {best}"] if best else []
     winners = []
     for name, test in summary["tests"].items():
         line = (f"{name} vs {best}: median Δ steps to 80% {test['median_diff_steps_to_80']:+,.0f}, "
@@ -564,12 +564,12 @@ def comparison_lines(summary: dict) -> str:
         if seeds >= MIN_SEEDS_FOR_TESTS and "holm_p_steps_to_80" in test:
             line += f"; Wilcoxon p {test['wilcoxon_p_steps_to_80']:.3g} (Holm {test['holm_p_steps_to_80']:.3g})"
         lines.append(line)
-    if seeds < MIN_SEEDS_FOR_TESTS:
+    if best is not None and seeds < MIN_SEEDS_FOR_TESTS:
         lines.append(f"verdict: {seeds} seed(s) cannot tell (paired tests need ≥ {MIN_SEEDS_FOR_TESTS} to reach "
                      f"p < 0.05, so none are printed); the pre-registered 10-seed answer is in experiments/RESULTS.md")
-    elif winners:
+    elif best is not None and winners:
         lines.append(f"verdict: faster than the best control ({best}) to 80%, Holm p < 0.05: {', '.join(winners)}")
-    else:
+    elif best is not None:
         lines.append(f"verdict: no steered configuration reaches 80% faster than the best control ({best}) "
                      f"at Holm p < 0.05")
     return "\n".join(lines)
