@@ -82,7 +82,7 @@ def test_offline_datasets_and_stratified_subsets():
 
 
 def test_main_job_prints_the_steering_table_against_matched_controls(tmp_path, capsys):
-    argv = ["main", "--steps", "100", "--seeds", "1", "--skip-learning-graphs", "--quiet",
+    argv = ["main", "--steps", "100", "--seeds", "1", "--skip-learning-graphs", "--skip-failures", "--quiet",
             "--log-root", str(tmp_path / "tb"), "--results", str(tmp_path / "results")]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -91,6 +91,17 @@ def test_main_job_prints_the_steering_table_against_matched_controls(tmp_path, c
     for name in ("sgd-x64", "init-default-steered-lr", "lars", "pen-spread", "topo-collapse", "topo-collapse-matched"):
         assert name in out
     assert f"tensorboard --logdir {tmp_path / 'tb'}" in out
+
+
+def test_main_job_shows_the_failing_runs_and_the_replay_row(tmp_path, capsys):
+    argv = ["main", "--steps", "100", "--seeds", "2", "--skip-learning-graphs", "--quiet",
+            "--log-root", str(tmp_path / "tb"), "--results", str(tmp_path / "results")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "symmetric-init (every hidden neuron starts as a copy of its layer's first), seed 0" in out
+    assert "topoopt's alerts: coincident on fc1, fc2 at step 0" in out
+    assert "the loss: its envelope" in out and "tiny-init" in out
+    assert "topo-collapse vs replay-mean (its scales replayed as a per-layer lr schedule" in out
 
 
 def test_ctrl_c_saves_mid_epoch_and_resume_is_bit_identical(tmp_path, monkeypatch, capsys):

@@ -163,24 +163,40 @@ def _main_job(args: argparse.Namespace) -> int:
 
 
 def _run_main_job(args: argparse.Namespace) -> int:
-    """The steering question, small enough to run here: the quick steering study against matched
-    controls (its table), then quick learning graphs of steered runs beside the baselines."""
+    """What topology sees and what it steers, small enough to run here: two failing runs of the
+    failure suite beside their healthy twin, the quick steering study against matched controls and
+    an open-loop replay of its schedule, then quick learning graphs of steered runs."""
     import time
 
-    from topoopt.lab.studies import learning_graphs, steer
+    from topoopt.lab.studies import failures, learning_graphs, steer
 
     started = time.perf_counter()
     results, logs = Path(args.results), Path(args.log_root)
-    print("Main job: does steering by topology do something a learning rate cannot? (mnist5k, offline)\n"
-          f"1. The surface network (784-100-100-10, N(0, 1e-6²) init): steered runs against matched controls, "
-          f"{args.seeds} seed(s) × {args.steps:,} steps (the full study, 10 seeds, is `topoopt steer`).", flush=True)
-    steer_argv = ["--quick", "--steps", str(args.steps), "--seeds", str(args.seeds),
+    print("Main job: what does topology see in a failing run, and can steering by it beat a learning rate? "
+          "(mnist5k, offline)", flush=True)
+    if not args.skip_failures:
+        print(f"\n1. Failing runs beside their healthy twin (784-64-64-10 ReLU, SGD): "
+              f"{' and '.join(failures.QUICK_FAILURES)}, 2 pilot and 2 measured seeds × 1,500 steps. When each "
+              "failure showed on the test set, and when topoopt and the usual signals said so (the full study, "
+              "ten failures × 10 seeds, is `topoopt failures`).", flush=True)
+        failure_argv = ["--quick", "--brief", "--out", str(results / "failures" / "quick")]
+        if args.quiet:
+            failure_argv.append("--no-progress")
+        failures.main(failure_argv)
+    print(f"\n2. Steering: the surface network (784-100-100-10, N(0, 1e-6²) init), steered runs against matched "
+          f"controls and the replay of topo-collapse's schedule without topology, {args.seeds} seed(s) × "
+          f"{args.steps:,} steps (the full study, 10 seeds, is `topoopt steer`).", flush=True)
+    configs = steer.SteerConfig.quick().configs
+    if args.seeds < 2:  # a replay of the other seeds' mean schedule needs other seeds
+        configs = [name for name in configs if name != "replay-mean"]
+        print("(one seed: the replay of the other seeds' schedule is left out)")
+    steer_argv = ["--quick", "--steps", str(args.steps), "--seeds", str(args.seeds), "--configs", *configs,
                   "--out", str(results / "steer" / "quick"), "--tensorboard", str(logs / "steer_quick")]
     if args.quiet:
         steer_argv.append("--no-progress")
     steer.main(steer_argv)
     if not args.skip_learning_graphs:
-        print("\n2. Learning graphs (Gabella et al. 2019) of steered runs beside the plain baseline, quick runs: "
+        print("\n3. Learning graphs (Gabella et al. 2019) of steered runs beside the plain baseline, quick runs: "
               "the tree (784-100-10, zero + N(0, 1e-6²)) for 4,000 steps at the paper's lr 0.05, plain, pen-spread, "
               "topo-collapse and its matched per-layer lr; the surface (784-100-100-10, N(0, 1e-6²)) at lr "
               f"{learning_graphs.QUICK_SURFACE_LR} for 12,000 steps (its plateau lasts 1/lr), plain and pen-spread.",
@@ -223,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     main_job.add_argument("--quiet", action="store_true")
     main_job.add_argument("--resume", action="store_true",
                           help="continue an interrupted main job (it always does: the flag is accepted for symmetry)")
-    main_job.add_argument("--skip-learning-graphs", action="store_true", help="only the steering table")
+    main_job.add_argument("--skip-learning-graphs", action="store_true", help="leave out the learning graphs")
+    main_job.add_argument("--skip-failures", action="store_true", help="leave out the failing runs")
     main_job.set_defaults(handler=_main_job)
     for name, module in STUDIES.items():
         commands.add_parser(name, help=f"run a study ({module}); see `topoopt {name} --help`", add_help=False)

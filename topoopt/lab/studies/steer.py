@@ -121,7 +121,7 @@ class SteerConfig:
     def quick(cls) -> "SteerConfig":
         # The best control of the main run (default init at the steered lr) and the best plain lr.
         return cls(configs=["sgd-x64", "init-default-steered-lr", "lars", "pen-spread", "topo-collapse",
-                            "topo-collapse-matched"],
+                            "topo-collapse-matched", "replay-mean"],
                    seeds=2, steps=3000)
 
 
