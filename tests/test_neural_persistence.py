@@ -42,12 +42,16 @@ def test_value_is_the_normalized_two_norm_and_extremes():
     lifetimes = _gudhi_lifetimes(weight)
     assert neural_persistence(weight) == pytest.approx(np.linalg.norm(lifetimes) / math.sqrt(14), rel=1e-12)
     assert neural_persistence(torch.ones(4, 4)) == 0.0  # every edge enters at once: nothing persists
-    assert neural_persistence(torch.zeros(3, 2)) == 1.0  # no filtration at all
+    assert neural_persistence(torch.zeros(3, 2)) == 0.0  # no filtration at all, by convention
+    with pytest.raises(ValueError, match="all zero"):
+        bipartite_lifetimes(torch.zeros(3, 2))
+    conv = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    assert neural_persistence(conv) == neural_persistence(conv.reshape(4, 18))  # one row per output
     assert 0.0 <= neural_persistence(weight) <= 1.0
 
 
 def test_bad_weights_are_refused():
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match="2 or more dimensions"):
         neural_persistence(torch.ones(3))
     with pytest.raises(ValueError, match="NaN"):
         neural_persistence(torch.tensor([[1.0, float("nan")]]))

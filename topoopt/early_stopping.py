@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +22,7 @@ from topoopt.cloud import neuron_cloud
 from topoopt.layers import select_layers
 from topoopt.measure import LayerMeter
 from topoopt.metrics import get_metric
+from topoopt.neural_persistence import neural_persistence
 
 __all__ = ["TopologyEarlyStopping", "NeuralPersistenceStopping", "neural_persistence"]
 
@@ -122,43 +122,6 @@ class TopologyEarlyStopping:
         self.settled = int(state["settled"])
         self.first_loss = state.get("first_loss")
         self.should_stop = len(self.history) >= self.min_checks and self.settled >= self.patience
-
-
-def neural_persistence(weight: torch.Tensor, p: float = 2.0, normalize: bool = True) -> float:
-    """Neural persistence of one layer (Rieck et al. 2019, Definitions 2–3 and Theorem 2).
-
-    The layer is a complete bipartite graph, inputs to outputs, whose edge weights are
-    |w| / max|w| (so in [0, 1]). In the descending filtration every vertex is born at 1 and an
-    edge enters at its weight; the 0-dimensional pairs are the edges of a maximum spanning tree,
-    each with persistence 1 − w. Neural persistence is the p-norm of those persistences; the
-    normalised value divides it by its upper bound (n_in + n_out − 1)^(1/p), so it is in [0, 1].
-    A weight of 2 or more dimensions is read as (out, in, ...), flattened per output.
-    """
-    matrix = weight.detach().reshape(weight.shape[0], -1).abs().double().cpu().numpy()
-    n_out, n_in = matrix.shape
-    largest = matrix.max() if matrix.size else 0.0
-    if largest == 0 or n_out + n_in < 2:
-        return 0.0
-    normalised = (matrix / largest).ravel()
-    order = np.argsort(-normalised, kind="stable")
-    parent = np.arange(n_out + n_in)
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    persistences = []
-    for edge in order:  # Kruskal on descending weights: a maximum spanning tree
-        a, b = root(int(edge // n_in)), root(n_out + int(edge % n_in))
-        if a != b:
-            parent[a] = b
-            persistences.append(1.0 - normalised[edge])
-            if len(persistences) == n_out + n_in - 1:
-                break
-    value = float(np.linalg.norm(np.asarray(persistences), ord=p))
-    return value / (n_out + n_in - 1) ** (1 / p) if normalize else value
 
 
 class NeuralPersistenceStopping:

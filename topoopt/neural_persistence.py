@@ -1,11 +1,11 @@
 """Neural persistence (Rieck et al. 2019): the H0 persistence of a layer's weighted bipartite graph,
-a topology of the *connections* rather than of the neuron cloud. Kept as the reference
-comparator for the per-layer signals: the failure study watches it beside `spread`.
+a topology of the *connections* rather than of the neuron cloud. `NeuralPersistenceStopping` stops
+on it; the failure study watches it beside `spread`.
 
 The layer's absolute weights, divided by the largest, filter the complete bipartite graph from
 1 down to 0; every vertex is born at 1, and the edges of a maximum spanning tree kill the
 components, each at its weight w. The diagram's points are (1, w); neural persistence is the
-2-norm of their lifetimes 1 − w, divided by its largest possible value √(edges of the tree).
+p-norm of their lifetimes 1 − w, normalised by its largest possible value (edges of the tree)^(1/p).
 """
 
 from __future__ import annotations
@@ -18,30 +18,43 @@ from scipy.sparse.csgraph import minimum_spanning_tree
 __all__ = ["neural_persistence", "bipartite_lifetimes"]
 
 
-def bipartite_lifetimes(weight: torch.Tensor) -> np.ndarray:
-    """Lifetimes 1 − w of the bipartite graph's H0 diagram (one per tree edge), for a 2-D weight
-    (outputs × inputs). All-zero weights have no filtration: every lifetime is 1."""
-    if weight.dim() != 2 or weight.numel() == 0:
-        raise ValueError(f"Invalid weight: neural persistence needs a non-empty 2-D weight, got shape "
-                         f"{tuple(weight.shape)}")
-    absolute = weight.detach().abs().double().cpu().numpy()
+def _absolute(weight: torch.Tensor) -> np.ndarray:
+    """|weight| as (outputs, inputs) in float64; a weight of more dimensions is (out, in, ...),
+    flattened per output."""
+    if weight.dim() < 2 or weight.numel() == 0:
+        raise ValueError(f"Invalid weight: neural persistence needs a non-empty weight of 2 or more dimensions, "
+                         f"got shape {tuple(weight.shape)}")
+    absolute = weight.detach().reshape(weight.shape[0], -1).abs().double().cpu().numpy()
     if not np.isfinite(absolute).all():
         raise ValueError("Invalid weight: it holds NaN or Inf")
+    return absolute
+
+
+def bipartite_lifetimes(weight: torch.Tensor) -> np.ndarray:
+    """Lifetimes 1 − w of the bipartite graph's H0 diagram, one per tree edge (outputs + inputs − 1).
+    An all-zero weight has no filtration: a `ValueError`."""
+    absolute = _absolute(weight)
     largest = absolute.max()
-    outputs, inputs = absolute.shape
     if largest == 0:
-        return np.ones(outputs + inputs - 1)
-    normalised = absolute / largest
+        raise ValueError("Invalid weight: all zero, so the bipartite graph has no filtration")
+    outputs, inputs = absolute.shape
     rows, cols = np.indices(absolute.shape)
-    # A minimum spanning tree of 2 − w is a maximum one of w (every spanning tree has the same
-    # number of edges), and 2 − w ≥ 1 keeps every edge: scipy reads a zero as no edge.
-    graph = coo_matrix((2.0 - normalised.ravel(), (rows.ravel(), outputs + cols.ravel())),
+    # scipy's spanning tree, in C, against a Kruskal loop in Python: 9.7 against 11.9 ms on a
+    # 64×784 layer, 49 against 56 ms on 256×784 (one thread, medians of 7). A minimum tree of
+    # 2 − w is a maximum one of w (every spanning tree has the same number of edges), and 2 − w ≥ 1
+    # keeps every edge: scipy reads a zero as no edge.
+    graph = coo_matrix((2.0 - (absolute / largest).ravel(), (rows.ravel(), outputs + cols.ravel())),
                        shape=(outputs + inputs, outputs + inputs))
-    tree = minimum_spanning_tree(graph.tocsr())
-    return tree.data - 1.0
+    return minimum_spanning_tree(graph.tocsr()).data - 1.0
 
 
-def neural_persistence(weight: torch.Tensor) -> float:
-    """Normalized neural persistence of one layer, in [0, 1] (Rieck et al. 2019, p = 2)."""
+def neural_persistence(weight: torch.Tensor, p: float = 2.0, normalize: bool = True) -> float:
+    """Neural persistence of one layer (Rieck et al. 2019, Definitions 2–3 and Theorem 2): the
+    p-norm of `bipartite_lifetimes`, divided by (outputs + inputs − 1)^(1/p) when `normalize`
+    (so in [0, 1]). An all-zero weight, or a single vertex pair short of an edge, gives 0."""
+    absolute = _absolute(weight)
+    if absolute.max() == 0 or sum(absolute.shape) < 2:
+        return 0.0
     lifetimes = bipartite_lifetimes(weight)
-    return float(np.linalg.norm(lifetimes) / np.sqrt(len(lifetimes)))
+    value = float(np.linalg.norm(lifetimes, ord=p))
+    return value / len(lifetimes) ** (1 / p) if normalize else value
