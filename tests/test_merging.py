@@ -52,6 +52,25 @@ def test_conv_copies_merge_without_changing_the_function():
     assert merged[0].out_channels == 2 and merged[2].in_channels == 2
 
 
+def test_a_cnn_merges_through_pooling_and_the_flatten_into_its_linear_layer():
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 4, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(4 * 9, 5))
+    with torch.no_grad():
+        for index, unique in ((0, 3), (3, 2)):
+            rows = torch.arange(model[index].out_channels) % unique
+            model[index].weight.copy_(model[index].weight[rows])
+            model[index].bias.copy_(model[index].bias[rows])
+    merged, report = merge_neurons(model, {"0": 3, "3": 2})
+    x = torch.randn(4, 1, 14, 14)
+    torch.testing.assert_close(merged(x), model(x), rtol=1e-5, atol=1e-6)
+    assert merged[3].in_channels == 3 and merged[7].in_features == 2 * 9
+    assert report.parameters_after == sum(p.numel() for p in merged.parameters())
+    # A flatten of other dimensions, or a Linear reading part of a channel, is refused by name.
+    odd = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(start_dim=2), nn.Linear(36, 2))
+    with pytest.raises(ValueError, match=r"'1' \(Flatten\) sits between it and the next layer"):
+        merge_neurons(odd, {"0": 2})
+
+
 def test_groups_are_single_linkage_clusters():
     """Against scipy's single-linkage clustering cut into k groups."""
     rng = np.random.default_rng(3)

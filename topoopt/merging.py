@@ -8,10 +8,12 @@ columns added): for exact copies the network's function is unchanged, up to floa
 near copies the change is bounded by how far apart they are, the deaths the merge removes. Like
 single linkage, a chain of close neurons can merge neurons that are far apart at its ends.
 
-Supported: `nn.Sequential` chains (nested ones included) of `nn.Linear` → `nn.Linear` and
-`nn.Conv1d/2d/3d` → the same (``groups=1``), with elementwise modules between them (activations,
-dropout, identity). Anything else between a layer and the layer that reads it (normalisation,
-pooling across channels, a flatten from convolution to linear) is refused in one line naming it.
+Supported: `nn.Sequential` chains (nested ones included) of `nn.Linear` → `nn.Linear`,
+`nn.Conv1d/2d/3d` → the same (``groups=1``), and a convolution → `nn.Flatten()` → `nn.Linear` (each
+channel's block of the Linear's inputs summed), with elementwise modules between them (activations,
+dropout, identity) and, after a convolution, pooling that acts on each channel alone (max, average,
+adaptive). Anything else between a layer and the layer that reads it (normalisation, a flatten of
+other dimensions) is refused in one line naming it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.SELU, nn.Sig
                 nn.Mish, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.Dropout, nn.Dropout1d,
                 nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _MERGEABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Pooling within each channel: copies of a channel pool to copies, so a convolution merges through it.
+_CHANNELWISE = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
+                nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 
 
 @dataclass(frozen=True)
@@ -155,11 +161,23 @@ def _pairs(chain: dict[str, nn.Module]) -> dict[str, tuple[str, nn.Module] | str
                            f"weight in its own way; only plain Linear and ConvNd layers are merged")
             continue
         reason = "it is the last layer (its neurons are the outputs)"
+        flattened = False
+        is_conv = isinstance(layer, nn.modules.conv._ConvNd)
         for later in names[index + 1:]:
             module = chain[later]
-            if isinstance(module, _ELEMENTWISE):
+            if isinstance(module, _ELEMENTWISE) or (is_conv and not flattened and isinstance(module, _CHANNELWISE)):
                 continue
-            if isinstance(module, _MERGEABLE) and _compatible(layer, module):
+            whole = type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1)
+            if is_conv and not flattened and whole:
+                flattened = True
+                continue
+            if flattened and type(module) is nn.Linear and module.in_features % layer.out_channels == 0:
+                pairs[name] = (later, module)
+                reason = ""
+            elif flattened:
+                reason = (f"{later!r} ({type(module).__name__}) reads the flattened channels; only an nn.Linear whose "
+                          f"inputs are whole channel blocks is supported after a flatten")
+            elif isinstance(module, _MERGEABLE) and _compatible(layer, module):
                 pairs[name] = (later, module)
                 reason = ""
             else:
@@ -222,13 +240,19 @@ def _merge(layer: nn.Module, next_layer: nn.Module, groups: list[list[int]]) -> 
         layer.bias = nn.Parameter(torch.stack([layer.bias[g].mean() for g in groups]),
                                   requires_grad=layer.bias.requires_grad)
     following = next_layer.weight  # (out, in, ...): the inputs are dimension 1
-    summed = torch.stack([following[:, g].sum(dim=1) for g in groups], dim=1)
+    if isinstance(next_layer, nn.Linear) and not isinstance(layer, nn.Linear):  # through a flatten
+        blocks = following.reshape(following.shape[0], weight.shape[0], -1)  # (out, channel, position)
+        summed = torch.stack([blocks[:, g].sum(dim=1) for g in groups], dim=1).reshape(following.shape[0], -1)
+    else:
+        summed = torch.stack([following[:, g].sum(dim=1) for g in groups], dim=1)
     next_layer.weight = nn.Parameter(summed, requires_grad=following.requires_grad)
     if isinstance(layer, nn.Linear):
         layer.out_features = len(groups)
-        next_layer.in_features = len(groups)
     else:
         layer.out_channels = len(groups)
+    if isinstance(next_layer, nn.Linear):
+        next_layer.in_features = summed.shape[1]
+    else:
         next_layer.in_channels = len(groups)
 
 
