@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import minimum_spanning_tree
 
 __all__ = ["neural_persistence", "bipartite_lifetimes"]
 
@@ -38,14 +36,26 @@ def bipartite_lifetimes(weight: torch.Tensor) -> np.ndarray:
     if largest == 0:
         raise ValueError("Invalid weight: all zero, so the bipartite graph has no filtration")
     outputs, inputs = absolute.shape
-    rows, cols = np.indices(absolute.shape)
-    # scipy's spanning tree, in C, against a Kruskal loop in Python: 9.7 against 11.9 ms on a
-    # 64×784 layer, 49 against 56 ms on 256×784 (one thread, medians of 7). A minimum tree of
-    # 2 − w is a maximum one of w (every spanning tree has the same number of edges), and 2 − w ≥ 1
-    # keeps every edge: scipy reads a zero as no edge.
-    graph = coo_matrix((2.0 - (absolute / largest).ravel(), (rows.ravel(), outputs + cols.ravel())),
-                       shape=(outputs + inputs, outputs + inputs))
-    return minimum_spanning_tree(graph.tocsr()).data - 1.0
+    normalised = (absolute / largest).ravel()
+    parent = np.arange(outputs + inputs)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    # Kruskal on descending weights, numpy only (the core needs no scipy; scipy's spanning tree
+    # was 10–20% faster on 64×784 and 256×784 layers, one thread).
+    lifetimes = []
+    for edge in np.argsort(-normalised, kind="stable"):
+        a, b = root(int(edge // inputs)), root(outputs + int(edge % inputs))
+        if a != b:
+            parent[a] = b
+            lifetimes.append(1.0 - normalised[edge])
+            if len(lifetimes) == outputs + inputs - 1:
+                break
+    return np.asarray(lifetimes)
 
 
 def neural_persistence(weight: torch.Tensor, p: float = 2.0, normalize: bool = True) -> float:
