@@ -161,6 +161,53 @@ def test_the_merging_study_runs_quick_and_resumes(tmp_path, capsys):
     assert (tmp_path / "seed0.json").read_text() == first
 
 
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_every_baseline_removes_exactly_the_asked_neurons_and_keeps_a_working_network(model_name):
+    from topoopt.lab.studies import merging as study
+
+    torch.manual_seed(0)
+    model = study.build(model_name)
+    hidden = study.HIDDEN[model_name]
+    x = torch.rand(3, 784)
+    for method in study.ALL_METHODS:
+        small = study.compress(model, method, 0.5, hidden)
+        widths = [getattr(small, name).weight.shape[0] for name in hidden]
+        assert widths == [getattr(model, name).weight.shape[0] // 2 for name in hidden], method
+        assert small(x).shape == (3, 10)
+    # Pruning without compensation is removing: the kept neurons' incoming weights are untouched.
+    pruned = study.prune(model, 0.5, compensate=False, hidden=hidden)
+    first = next(iter(hidden))
+    rows = {tuple(r.flatten().tolist()) for r in getattr(model, first).weight}
+    assert all(tuple(r.flatten().tolist()) in rows for r in getattr(pruned, first).weight)
+
+
+def test_cosine_merging_of_an_exact_copy_keeps_the_cnn_function():
+    from topoopt.lab.studies import merging as study
+
+    torch.manual_seed(1)
+    model = study.build("cnn")
+    with torch.no_grad():
+        model.conv2.weight[1] = model.conv2.weight[0]  # filter 1 copies filter 0 …
+        model.conv2.bias[1] = model.conv2.bias[0]
+        model.conv2.weight[0].mul_(10)  # … and filter 0 is the larger, so L1 keeps it (scaled by 10)
+        model.conv2.bias[0].mul_(10)
+        model.conv2.weight[1].div_(10)
+        model.conv2.bias[1].div_(10)
+    keep_all_but_one = 1 - 31 / 32
+    small = study.prune(model, keep_all_but_one, compensate=True, hidden={"conv2": "fc"})
+    x = torch.rand(5, 784)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)  # ReLU is positively homogeneous
+
+
+def test_a_results_folder_of_another_model_or_method_set_is_refused(tmp_path, capsys):
+    from topoopt.lab.studies import merging as study
+
+    (tmp_path / "seed0.json").write_text('{"seed": 0, "model": "mlp", "results": [{"method": "l1"}]}')
+    with pytest.raises(SystemExit):
+        study.main(["--quick", "--model", "cnn", "--out", str(tmp_path)])
+    assert "holds the mlp with methods l1, not the cnn with l1, cosine, h0" in capsys.readouterr().err
+
+
 def test_the_one_sided_signed_rank_test_is_scipys_exact_one():
     from scipy.stats import wilcoxon
 
