@@ -332,3 +332,28 @@ def test_an_idx_file_of_no_images_is_named(tmp_path, capsys):
         handle.write(b"\x00\x00\x08\x03" + (0).to_bytes(4, "big") + (28).to_bytes(4, "big") + (28).to_bytes(4, "big"))
     with pytest.raises(DatasetUnavailable, match=r"train-images-idx3-ubyte.gz: holds no examples"):
         load_dataset("fashion-mnist", str(folder))
+
+
+def test_a_full_disk_under_tensorboards_writer_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    """ENOSPC raised in TensorBoard's writer thread (simulated: mounting a tiny tmpfs needs root):
+    no thread traceback, one line naming the error, and the corrected rerun resumes."""
+    import errno
+
+    from tensorboard.summary.writer import record_writer
+
+    real_write = record_writer.RecordWriter.write
+    writes = {"n": 0}
+
+    def filling_disk(self, data):
+        writes["n"] += 1
+        if writes["n"] > 12:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", filling_disk)
+    run = tmp_path / "run"
+    assert run_cli(TINY + ["--epochs", "3", "--log-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device; free some space" in err and "Traceback" not in err
+    monkeypatch.setattr(record_writer.RecordWriter, "write", real_write)  # space freed
+    assert run_cli(TINY + ["--epochs", "3", "--log-dir", str(run), "--resume"]) == 0

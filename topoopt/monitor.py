@@ -308,6 +308,8 @@ class TopologyMonitor(MeterSettings):
                 if global_step in self.embeddings_at:
                     cloud = neuron_cloud(module).detach().float().cpu()
                     self.writer.add_embedding(cloud, tag=tag("cloud", name).replace("/", "_"), global_step=global_step)
+            except OSError:  # the writer's disk, not the layer: the caller must hear it
+                raise
             except Exception as error:  # a figure or histogram that cannot be made (overflowing deaths, say)
                 self._skip(name, f"{type(error).__name__}: {error}", global_step)
             self.history.record(name, self.last[name], global_step)

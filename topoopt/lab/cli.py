@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import math
 import sys
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from topoopt.lab.data import DATASETS, DatasetUnavailable
 from topoopt.lab.run_lock import RunFolderBusy
 from topoopt.lab.studies.options import CommandParser, HelpFormatter, positive_int
 from topoopt.lab.training import CHANGEABLE_ON_RESUME
+from topoopt.lab.writer_errors import caught_writer_errors
 from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES
 from topoopt.penalty import PENALTY_METRICS
 
@@ -260,11 +262,25 @@ STUDIES = {
 }
 
 
+_FULL_DISK = "; free some space and run the same command again (train: with --resume): finished work is kept"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     if hasattr(sys.stdout, "reconfigure"):  # in a log file too, each line as soon as it is printed
         sys.stdout.reconfigure(line_buffering=True)
+    with caught_writer_errors() as background:
+        status = _run_command(command, argv)
+    if background and status == 0:  # the command finished, but a writer thread could not write
+        full = _FULL_DISK if background[0].errno == errno.ENOSPC else ""
+        print(f"topoopt {command}: a background writer (TensorBoard's) failed: {background[0]}{full}", file=sys.stderr)
+        return 2
+    return status
+
+
+def _run_command(command: str | None, argv: list[str]) -> int:
+    """Run one command; every error it can explain is one line on stderr and an exit status."""
     try:
         if command in STUDIES:
             import importlib
@@ -280,8 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileExistsError, ValueError, RunFolderBusy) as error:  # bad options or files, a busy folder, ...
         print(f"topoopt {command}: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # a folder or file that cannot be written or read: errno, text and path
-        print(f"topoopt {command}: {error}", file=sys.stderr)
+    except OSError as error:  # a folder or file that cannot be written or read (a full disk): errno, text and path
+        print(f"topoopt {command}: {error}{_FULL_DISK if error.errno == errno.ENOSPC else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
