@@ -66,6 +66,31 @@ def test_lightning_automatic_optimization_with_clipping_accumulation_and_exact_r
     assert optimizer.topo_step == 8 and any(s != 1.0 for s in optimizer.scales.values())
 
 
+def test_lightning_learning_rate_monitor_logs_each_rate_once(tmp_path):
+    """LearningRateMonitor names a scheduler's optimizer, then unwraps any `.optimizer` attribute of
+    the trainer's optimizers (DeepSpeed's): the wrapper must not offer one, or every rate is logged
+    twice (under TopoOptimizer and under the inner AdamW)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    logged = {}
+
+    class Recorder(pl.loggers.logger.Logger):
+        name, version, experiment = "recorder", 0, None
+
+        def log_metrics(self, metrics, step=None):
+            logged.update(metrics)
+
+        def log_hyperparams(self, params):
+            pass
+
+    run = trainer(tmp_path, max_epochs=1, callbacks=[LearningRateMonitor(logging_interval="step")],
+                  log_every_n_steps=1)
+    run.loggers = [Recorder()]
+    run.fit(AutoModule(), loader())
+    rates = sorted(key for key in logged if key.startswith("lr-"))
+    assert rates == ["lr-TopoOptimizer"], rates
+
+
 class ManualModule(pl.LightningModule):
     def __init__(self):
         super().__init__()

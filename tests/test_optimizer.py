@@ -257,15 +257,15 @@ def test_zero_grad_add_param_group_hooks_and_deepcopy():
     wrapped.zero_grad()
     assert all(p.grad is None for p in net.parameters())
     wrapped.add_param_group({"params": [extra], "lr": 0.5})
-    assert len(wrapped.optimizer.param_groups) == 2 and wrapped.param_groups[1]["lr"] == 0.5
+    assert len(wrapped.base_optimizer.param_groups) == 2 and wrapped.param_groups[1]["lr"] == 0.5
     seen = []
     wrapped.register_step_pre_hook(lambda opt, args, kwargs: seen.append("pre"))
     wrapped.register_step_post_hook(lambda opt, args, kwargs: seen.append("post"))
     train(wrapped, net, x, y, 1)
     assert seen == ["pre", "post"]
     clone = copy.deepcopy(wrapped)
-    assert clone.optimizer is not wrapped.optimizer and clone.scales == wrapped.scales
-    assert clone.param_groups is clone.optimizer.param_groups
+    assert clone.base_optimizer is not wrapped.base_optimizer and clone.scales == wrapped.scales
+    assert clone.param_groups is clone.base_optimizer.param_groups
 
 
 # ---- checkpoints ----
@@ -289,7 +289,7 @@ def test_state_dict_round_trip_resumes_bit_identically():
                 scheduler = torch.optim.lr_scheduler.ExponentialLR(wrapped, gamma=0.95)
                 wrapped.load_state_dict(saved["optim"])
                 scheduler.load_state_dict(saved["sched"])
-                assert wrapped.param_groups is wrapped.optimizer.param_groups
+                assert wrapped.param_groups is wrapped.base_optimizer.param_groups
             train(wrapped, net, x, y, 1, scheduler)
         return net, wrapped
 

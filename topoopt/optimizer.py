@@ -294,11 +294,6 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         return self.meter.layers
 
 
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The inner optimizer (``base_optimizer``); a framework proxy may redefine this name."""
-        return self.base_optimizer
-
     # ---- the optimizer contract ----
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         base = self.__dict__.get("base_optimizer")
