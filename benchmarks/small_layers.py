@@ -30,7 +30,8 @@ import torch
 
 import topoopt
 from topoopt import _native
-from topoopt.spanning_tree import _BLOCK_ROWS, _EXACT_PAIRS_PER_POINT, NEAR_PAIR_RATIO
+from topoopt.gram import EXACT_PAIRS_PER_POINT, NEAR_PAIR_RATIO
+from topoopt.spanning_tree import BLOCK_ROWS
 
 SHAPES = [(100, 784), (100, 100), (10, 100), (256, 784), (1000, 784)]
 
@@ -66,7 +67,7 @@ def _floor(x: torch.Tensor):
     ones = np.ones(n - 1, np.float32)
 
     def run():
-        engine.small_tree(points, n, d, NEAR_PAIR_RATIO, _EXACT_PAIRS_PER_POINT * n, scratch, edges[0], edges[1])
+        engine.small_tree(points, n, d, NEAR_PAIR_RATIO, EXACT_PAIRS_PER_POINT * n, scratch, edges[0], edges[1])
         engine.measure(points, 4, n, d, edges[0], edges[1], unit, lengths, order, result)
         engine.scatter(unit, 4, d, edges[0], edges[1], lengths, ones, order, gradient, n)
     return run
@@ -79,7 +80,7 @@ def measure(n: int, d: int, repeats: int) -> dict[str, float]:
     variants = {"gram": _timer(lambda: x @ x.T, inner), "compiled": _timer(_h0(cloud, True), inner)}
     if _native.engine is not None:
         variants["fallback"] = _timer(_h0(cloud, False), inner)
-        if 2 < n <= _BLOCK_ROWS:
+        if 2 < n <= BLOCK_ROWS:
             variants["floor"] = _timer(_floor(x), inner)
     for run in variants.values():  # warm-up
         run()

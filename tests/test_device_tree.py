@@ -105,9 +105,7 @@ def test_small_blocks_give_the_same_tree(monkeypatch):
 
 
 def test_cpu_clouds_keep_the_compiled_prim(monkeypatch):
-    from topoopt import device_tree as module
-
-    monkeypatch.setattr(module, "device_tree", lambda points: pytest.fail("CPU cloud sent to the device search"))
+    monkeypatch.setattr(spanning_tree, "device_tree", lambda points: pytest.fail("CPU cloud sent to the device search"))
     h0_deaths(torch.randn(30, 4))
 
 
@@ -143,14 +141,12 @@ def test_a_tf32_setting_does_not_change_the_tree():
 def test_a_device_search_keeps_the_callers_cpu_threads(monkeypatch):
     """The single-thread switch is for CPU work only: a search on the device runs with the
     caller's thread count (emulated: CPU clouds sent down the device path)."""
-    from topoopt import device_tree as device_module
     from topoopt import spanning_tree
 
     seen = []
-    original = device_module.device_tree
     monkeypatch.setattr(spanning_tree, "DEVICE_SEARCH_TYPES", frozenset({"cpu"}))
-    monkeypatch.setattr(device_module, "device_tree", lambda points: (seen.append(torch.get_num_threads()),
-                                                                       original(points))[1])
+    monkeypatch.setattr(spanning_tree, "device_tree", lambda points: (seen.append(torch.get_num_threads()),
+                                                                       device_tree(points))[1])
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -247,7 +247,7 @@ def test_scaling_scales_the_deaths(shape, c):
 # ---- memory ----
 
 def test_oversized_cloud_fails_before_allocating(monkeypatch):
-    monkeypatch.setattr(spanning_tree, "_available_bytes", lambda device: 10 * 2**20)
+    monkeypatch.setattr(spanning_tree, "available_bytes", lambda device: 10 * 2**20)
     with pytest.raises(MemoryBudgetError, match=r"2000×2000 float32 distance matrix"):
         h0_deaths(torch.randn(2000, 3))
 

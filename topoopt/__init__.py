@@ -12,6 +12,7 @@ from importlib import import_module
 from typing import Any
 
 from topoopt.cloud import NeuronSample, ParameterLayer, neuron_cloud, sample_neurons
+from topoopt.gram import MemoryBudgetError
 from topoopt.layers import (
     Coverage,
     TopologyCoverageWarning,
@@ -41,7 +42,6 @@ from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
 from topoopt.persistence import edge_lengths, h0_deaths, h0_edges, h1_diagram
 from topoopt.policies import POLICIES, awaken_policy, calm_policy, collapse_policy, contrast_policy
-from topoopt.spanning_tree import MemoryBudgetError
 from topoopt.tree_cache import TreeCache, measure_layers
 
 __version__ = "0.1.0"

@@ -29,16 +29,17 @@ from collections.abc import Iterator
 
 import torch
 
-from topoopt.spanning_tree import (
-    _EXACT_PAIRS_PER_POINT,
-    _MAX_DEPTH,
-    _PAIR_CHUNK_ELEMENTS,
-    _SMALL_COMPONENT,
+from topoopt.gram import (
+    EXACT_PAIRS_PER_POINT,
+    MAX_DEPTH,
     NEAR_PAIR_RATIO,
     NEAR_PAIR_RATIO_FLOAT64,
+    SMALL_COMPONENT,
     MemoryBudgetError,
-    _available_bytes,
-    _far_from_centre,
+    available_bytes,
+    centred_scaled,
+    exact_squared,
+    far_from_centre,
 )
 
 __all__ = ["device_tree", "device_tree_bytes"]
@@ -70,7 +71,7 @@ def device_tree(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check_memory(n_points: int, device: torch.device) -> None:
     needed = device_tree_bytes(n_points)
-    available = _available_bytes(device)
+    available = available_bytes(device)
     if needed > 0.8 * available:
         raise MemoryBudgetError(
             f"A cloud of {n_points} points needs a {n_points}×{n_points} float32 distance matrix "
@@ -133,24 +134,24 @@ def _boruvka(squared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _squared_distances(points: torch.Tensor, depth: int) -> tuple[torch.Tensor, float]:
     """N×N float32 squared distances times factor² (a power of two), every entry accurate to a
     relative 4e-6, on the points' device; (matrix, factor). The recursion of
-    `topoopt.spanning_tree._accurate_squared_distances`, in device tensor ops."""
+    host search's (`topoopt.spanning_tree`), in device tensor ops."""
     n = points.shape[0]
     squared, near, factor = _gram_pass(points, torch.float32, NEAR_PAIR_RATIO)
-    if int(near.sum()) <= _EXACT_PAIRS_PER_POINT * n or depth >= _MAX_DEPTH:
+    if int(near.sum()) <= EXACT_PAIRS_PER_POINT * n or depth >= MAX_DEPTH:
         _recompute_exactly(squared, points, near, factor**2)
         return squared, factor
     labels = _component_labels(near)
     sizes = torch.bincount(labels, minlength=n)
     member_size = sizes[labels]
-    in_small = (member_size > 1) & (member_size <= _SMALL_COMPONENT)
+    in_small = (member_size > 1) & (member_size <= SMALL_COMPONENT)
     small_pairs = torch.zeros_like(near)
     for rows in _row_blocks(n):
         small_pairs[rows] = (labels[rows, None] == labels[None, :]) & in_small[rows, None]
     small_pairs.triu_(diagonal=1)
-    for root in torch.nonzero(sizes > _SMALL_COMPONENT).flatten().tolist():
+    for root in torch.nonzero(sizes > SMALL_COMPONENT).flatten().tolist():
         group = torch.nonzero(labels == root).flatten()
         members = points[group]
-        if group.shape[0] < n and _far_from_centre(members, points):
+        if group.shape[0] < n and far_from_centre(members, points):
             inner, inner_factor = _squared_distances(members, depth + 1)
         else:  # centring again would not help: a float64 Gram product of the group instead
             inner, inner_near, inner_factor = _gram_pass(members, torch.float64, NEAR_PAIR_RATIO_FLOAT64)
@@ -167,12 +168,8 @@ def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[
     n = points.shape[0]
     if dtype == torch.float32 and points.device.type == "cuda" and _tf32_matmul():
         dtype, ratio = torch.float64, NEAR_PAIR_RATIO_FLOAT64
-    # Centre in the input's own precision: the difference of close floats is exact (Sterbenz).
-    centred = points - points.mean(dim=0)
-    scale = float(centred.abs().max())
-    factor = 2.0 ** -round(math.log2(scale)) if scale > 0 else 1.0
-    x = (centred * factor).to(dtype)
-    sq_norms = (x * x).sum(dim=1)
+    x, sq_norms, factor = centred_scaled(points, dtype)
+    factor = float(factor)
     squared = torch.empty((n, n), dtype=torch.float32, device=points.device)
     for rows in _row_blocks(n):
         block = x[rows] @ x.T
@@ -202,17 +199,12 @@ def _tf32_matmul() -> bool:
 def _recompute_exactly(squared: torch.Tensor, points: torch.Tensor, mask: torch.Tensor, factor: float) -> None:
     """Overwrite `squared` at the pairs of `mask` (and their mirror) with float64 squared
     differences times `factor`."""
-    pairs = torch.nonzero(mask)
-    if pairs.shape[0] == 0:
+    rows, cols = torch.nonzero(mask).T
+    if rows.shape[0] == 0:
         return
-    wide = points.double()
-    pairs_per_chunk = max(1, _PAIR_CHUNK_ELEMENTS // max(1, points.shape[1]))
-    for start in range(0, pairs.shape[0], pairs_per_chunk):
-        rows, cols = pairs[start : start + pairs_per_chunk].T
-        difference = wide.index_select(0, rows) - wide.index_select(0, cols)
-        exact = (torch.linalg.vector_norm(difference, dim=1).square_() * factor).float()
-        squared[rows, cols] = exact
-        squared[cols, rows] = exact
+    exact = exact_squared(points.double(), rows, cols, factor)
+    squared[rows, cols] = exact
+    squared[cols, rows] = exact
 
 
 def _component_labels(upper: torch.Tensor) -> torch.Tensor:

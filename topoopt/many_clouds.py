@@ -23,6 +23,7 @@ import torch
 from topoopt import spanning_tree
 from topoopt._range import needs_rescaling
 from topoopt._threads import caller_threads, engine_threads
+from topoopt.gram import EXACT_PAIRS_PER_POINT, NEAR_PAIR_RATIO, centred_scaled, exact_squared
 from topoopt.persistence import (
     _as_cloud,
     _measure_edges,
@@ -62,7 +63,7 @@ def trees_of_many(clouds: Sequence[torch.Tensor]) -> list[Edges]:
     same_shape: dict[tuple, list[int]] = {}
     for i, cloud in enumerate(clouds):
         n = cloud.shape[0]
-        if 2 < n <= spanning_tree._BLOCK_ROWS and cloud.device.type not in spanning_tree.DEVICE_SEARCH_TYPES:
+        if 2 < n <= spanning_tree.BLOCK_ROWS and cloud.device.type not in spanning_tree.DEVICE_SEARCH_TYPES:
             same_shape.setdefault((cloud.shape, cloud.dtype, cloud.device), []).append(i)
     with engine_threads():
         for members in same_shape.values():
@@ -90,22 +91,16 @@ def _small_trees(stack: torch.Tensor) -> list[Edges | None]:
                 for edges, cloud in zip(spanning_tree._native_small_trees(stack), stack)]
     k, n, d = stack.shape
     # The operations of `spanning_tree._gram_pass` (one block), along a batch dimension.
-    centred = stack - stack.mean(dim=1, keepdim=True)
-    scales = centred.abs().amax(dim=(1, 2)).tolist()
-    factors = [2.0 ** -round(np.log2(scale)) if scale > 0 else 1.0 for scale in scales]
-    x = (centred * torch.tensor(factors, dtype=stack.dtype).view(k, 1, 1)).float()
-    sq_norms = (x * x).sum(dim=2)
+    x, sq_norms, factors = centred_scaled(stack, torch.float32)
     block = torch.bmm(x, x.transpose(1, 2))
     near = spanning_tree._near_pairs_of_block(block, sq_norms[:, :, None], sq_norms[:, None, :],
-                                              spanning_tree.NEAR_PAIR_RATIO).long()
-    many = torch.bincount(near[:, 0], minlength=k) > spanning_tree._EXACT_PAIRS_PER_POINT * n
+                                              NEAR_PAIR_RATIO).long()
+    many = torch.bincount(near[:, 0], minlength=k) > EXACT_PAIRS_PER_POINT * n
     near = near[~many[near[:, 0]]]
     if near.shape[0]:  # as `spanning_tree._recompute_exactly`, for all the clouds' pairs at once
         which, rows, cols = near.T
-        wide = stack.double()
-        factor_squares = torch.tensor(factors, dtype=torch.float64).square_()
-        difference = wide[which, rows] - wide[which, cols]
-        exact = (torch.linalg.vector_norm(difference, dim=1).square_() * factor_squares[which]).float()
+        exact = exact_squared(stack.double().reshape(k * n, d), which * n + rows, which * n + cols,
+                              factors.square()[which])
         block[which, rows, cols] = exact
         block[which, cols, rows] = exact
     trees: list[Edges | None] = []

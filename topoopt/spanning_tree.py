@@ -26,7 +26,6 @@ A CUDA cloud takes none of these steps: its tree is searched on the GPU (`topoop
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
@@ -34,24 +33,21 @@ import torch
 
 from topoopt import _native
 from topoopt._threads import caller_threads, engine_threads
+from topoopt.device_tree import device_tree
+from topoopt.gram import (
+    EXACT_PAIRS_PER_POINT,
+    MAX_DEPTH,
+    NEAR_PAIR_RATIO,
+    NEAR_PAIR_RATIO_FLOAT64,
+    SMALL_COMPONENT,
+    MemoryBudgetError,
+    available_bytes,
+    centred_scaled,
+    exact_squared,
+    far_from_centre,
+)
 
 __all__ = ["euclidean_mst_edges", "distance_matrix_bytes", "MemoryBudgetError"]
-
-# Measured: the float32 Gram error of a squared distance is at most ~6 eps (|x|²+|y|²)
-# (eps = 6e-8; clouds of d = 4 to 4096). Above this ratio the relative error of a distance is
-# ≤ 6 eps / (2 · 0.05) ≈ 3.6e-6, below the 1e-5 agreement we promise against gudhi.
-NEAR_PAIR_RATIO = 0.05
-
-# float64 Gram error is ~6 eps64 (|x|²+|y|²) ≈ 7e-16 (|x|²+|y|²): above 1e-8 of the norms a
-# distance is good to ≤ 4e-8.
-NEAR_PAIR_RATIO_FLOAT64 = 1e-8
-# Near pairs recomputed exactly before clusters are measured about their own centres instead.
-_EXACT_PAIRS_PER_POINT = 4
-# Components this small have all their pairs recomputed exactly (cheaper than another pass).
-_SMALL_COMPONENT = 8
-# Nested clusters deeper than this (each a cluster far from its parent's centre) are recomputed
-# exactly: float32's exponent range allows only a few dozen such levels anyway.
-_MAX_DEPTH = 16
 
 # Clouds on these devices search their tree where they are (`topoopt.device_tree`, Borůvka):
 # copying a GPU's N×N matrix to the host for Prim costs more than the search. Tests add "cpu"
@@ -60,40 +56,17 @@ DEVICE_SEARCH_TYPES = frozenset({"cuda"})
 _WARNED_HOST_SEARCH: set[str] = set()  # accelerator types already told their search runs on the host
 
 # Rows per Gram block: 256 rows × N columns keeps the float32 block at 20 MiB for N = 20,000.
-_BLOCK_ROWS = 256
-# Float64 pair differences are recomputed this many elements (pairs × d) at a time (64 MiB).
-_PAIR_CHUNK_ELEMENTS = 8 * 1024 * 1024
-
-
-class MemoryBudgetError(MemoryError):
-    """The N×N distance matrix of a cloud would not fit in the memory available."""
-
+BLOCK_ROWS = 256
 
 def distance_matrix_bytes(n_points: int) -> int:
     """Peak bytes the tree search needs for `n_points` unique points: one float32 N×N matrix."""
     return 4 * n_points * n_points
 
 
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        # blocks PyTorch's caching allocator holds but does not use are free to this search too
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free) + max(0, int(cached))
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
 def _check_memory(n_points: int, device: torch.device) -> None:
     # The matrix lives in host memory, where Prim runs (CUDA clouds go to `topoopt.device_tree`).
     needed = distance_matrix_bytes(n_points)
-    available = _available_bytes(torch.device("cpu"))
+    available = available_bytes(torch.device("cpu"))
     if needed > 0.8 * available:
         raise MemoryBudgetError(
             f"A cloud of {n_points} distinct points needs a {n_points}×{n_points} float32 distance "
@@ -159,18 +132,18 @@ def _accurate_squared_distances(points: torch.Tensor, depth: int) -> tuple[torch
     """
     n = points.shape[0]
     result, pairs, factor = _gram_pass(points, torch.float32, NEAR_PAIR_RATIO)
-    if pairs.shape[0] <= _EXACT_PAIRS_PER_POINT * n or depth >= _MAX_DEPTH:
+    if pairs.shape[0] <= EXACT_PAIRS_PER_POINT * n or depth >= MAX_DEPTH:
         _recompute_exactly(result, points, pairs, factor**2)
         return result, factor
     exact: list[torch.Tensor] = []
     for group in _components(n, pairs.numpy()):
-        if len(group) <= _SMALL_COMPONENT:
+        if len(group) <= SMALL_COMPONENT:
             rows, cols = np.triu_indices(len(group), k=1)
             exact.append(torch.as_tensor(np.stack([group[rows], group[cols]], axis=1)))
             continue
         index = torch.as_tensor(group, device=points.device)
         members = points[index]
-        if _far_from_centre(members, points) and len(group) < n:
+        if far_from_centre(members, points) and len(group) < n:
             inner, inner_factor = _accurate_squared_distances(members, depth + 1)
         else:  # centring again would not help: a float64 Gram product of the group instead
             inner, near, inner_factor = _gram_pass(members, torch.float64, NEAR_PAIR_RATIO_FLOAT64)
@@ -183,42 +156,21 @@ def _accurate_squared_distances(points: torch.Tensor, depth: int) -> tuple[torch
     return result, factor
 
 
-def _far_from_centre(members: torch.Tensor, points: torch.Tensor) -> bool:
-    """Whether a group's own centre is farther from the cloud's than the group is wide, so that
-    centring on it shrinks the norms the Gram identity loses precision against."""
-    own_centre = members.double().mean(dim=0)
-    offset = float((own_centre - points.double().mean(dim=0)).square().sum())
-    spread = float((members.double() - own_centre).square().sum(dim=1).mean())
-    return offset > spread
-
-
 def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Squared distances from the Gram product in `dtype` (upper triangle, mirrored into a
     float32 matrix), the pairs closer than ``ratio·(|x|²+|y|²)``, and the power-of-two factor."""
     n = points.shape[0]
-    # Near the top of float32's range the mean and the centred values overflow: scale the points
-    # down first, by a power of two (exact), and fold it into the factor.
-    largest = float(points.abs().max())
-    # (2⁻¹⁰⁰ at most: a smaller factor would be a float32 subnormal, 0 where denormals flush)
-    prescale = 2.0 ** -min(round(np.log2(largest)), 100) if largest > 2.0**64 else 1.0
-    if prescale != 1.0:
-        points = points * prescale
-    # Centre in the input's own precision: the difference of close floats is exact (Sterbenz).
-    centred = points - points.mean(dim=0)
-    scale = float(centred.abs().max())
-    factor = 2.0 ** -round(np.log2(scale)) if scale > 0 else 1.0
-    x = (centred * factor).to(dtype)
-    factor *= prescale
-    sq_norms = (x * x).sum(dim=1)
-    if n <= _BLOCK_ROWS:  # one block: the whole square at once, no mirroring
+    x, sq_norms, factor = centred_scaled(points, dtype)
+    factor = float(factor)
+    if n <= BLOCK_ROWS:  # one block: the whole square at once, no mirroring
         block = x @ x.T
         near = _near_pairs_of_block(block, sq_norms[:, None], sq_norms[None, :], ratio)
         return block.to(device="cpu", dtype=torch.float32), near, factor
     result = torch.empty((n, n), dtype=torch.float32)
     near_pairs: list[torch.Tensor] = []
     compiled = _native.engine is not None and x.device.type == "cpu" and x.dtype == torch.float32
-    for start in range(0, n, _BLOCK_ROWS):
-        stop = min(start + _BLOCK_ROWS, n)
+    for start in range(0, n, BLOCK_ROWS):
+        stop = min(start + BLOCK_ROWS, n)
         # Only the product gets the caller's threads: as torch operations, the block's elementwise
         # passes were ~10 short parallel regions, each a barrier that stalls under contention
         # (N = 1000 with two busy processes: ~300 ms, against ~50 ms on one thread). Compiled,
@@ -273,16 +225,12 @@ def _recompute_exactly(
     """Overwrite `result` at `pairs` (and their mirror) with float64 squared differences."""
     if pairs.shape[0] == 0:
         return
-    wide = points.double()  # once: converting gathered rows instead costs a copy per pair
-    pairs = pairs.to(device=points.device, dtype=torch.int64)
-    pairs_per_chunk = max(1, _PAIR_CHUNK_ELEMENTS // max(1, points.shape[1]))
-    for start in range(0, pairs.shape[0], pairs_per_chunk):
-        rows, cols = pairs[start : start + pairs_per_chunk].T
-        diff = wide.index_select(0, rows) - wide.index_select(0, cols)
-        exact = (torch.linalg.vector_norm(diff, dim=1).square_() * factor).float().cpu()
-        rows, cols = rows.cpu(), cols.cpu()
-        result[rows, cols] = exact
-        result[cols, rows] = exact
+    rows, cols = pairs.to(device=points.device, dtype=torch.int64).T
+    # float64 once: converting gathered rows instead costs a copy per pair
+    exact = exact_squared(points.double(), rows, cols, factor).cpu()
+    rows, cols = rows.cpu(), cols.cpu()
+    result[rows, cols] = exact
+    result[cols, rows] = exact
 
 
 def _prim(squared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -358,8 +306,6 @@ def tree_without_the_compiled_search(points: torch.Tensor) -> tuple[torch.Tensor
     declined (many near pairs) or does not take: the general searches."""
     n, device = points.shape[0], points.device
     if device.type in DEVICE_SEARCH_TYPES:  # on the device: the caller's CPU threads are left alone
-        from topoopt.device_tree import device_tree  # imports this module
-
         return device_tree(points)
     if device.type != "cpu" and device.type not in _WARNED_HOST_SEARCH:
         _WARNED_HOST_SEARCH.add(device.type)
@@ -367,7 +313,7 @@ def tree_without_the_compiled_search(points: torch.Tensor) -> tuple[torch.Tensor
                       f"has an on-device search): their distances are copied to the CPU block by block",
                       RuntimeWarning, stacklevel=2)
     with engine_threads():
-        edges = _small_cloud_tree(points) if n <= _BLOCK_ROWS else None
+        edges = _small_cloud_tree(points) if n <= BLOCK_ROWS else None
         if edges is None:
             edges = _tree_of_distinct_points(points)
     all_edges = torch.as_tensor(edges, device=device)
@@ -381,7 +327,7 @@ def _small_cloud_tree(points: torch.Tensor) -> np.ndarray | None:
     recomputed exactly as zero."""
     n = points.shape[0]
     result, pairs, factor = _gram_pass(points, torch.float32, NEAR_PAIR_RATIO)
-    if pairs.shape[0] > _EXACT_PAIRS_PER_POINT * n:
+    if pairs.shape[0] > EXACT_PAIRS_PER_POINT * n:
         return None
     _recompute_exactly(result, points, pairs, factor**2)
     u, v = _prim(result.numpy())
@@ -394,13 +340,13 @@ def native_small_tree_handles(points: torch.Tensor) -> bool:
     block of rows, at least 2 rows and 1 column."""
     n, d = points.shape[-2:]
     return (_native.engine is not None and points.dtype == torch.float32 and points.device.type == "cpu"
-            and points.device.type not in DEVICE_SEARCH_TYPES and 2 <= n <= _BLOCK_ROWS and d >= 1)
+            and points.device.type not in DEVICE_SEARCH_TYPES and 2 <= n <= BLOCK_ROWS and d >= 1)
 
 
 def _native_small_trees(stack: torch.Tensor) -> list[np.ndarray | None]:
     """`_small_cloud_tree` of each cloud of a k×N×d float32 CPU stack, one compiled call each
     (Gram product, distances, near pairs recomputed in double, Prim); None for a cloud with more
-    than `_EXACT_PAIRS_PER_POINT`·N near pairs, as there, or whose float32 Gram product under- or
+    than `EXACT_PAIRS_PER_POINT`·N near pairs, as there, or whose float32 Gram product under- or
     overflows (largest squared norm outside [1e-30, 1e30]). Each tree is a 2×(N−1) array: the
     rows u and v.
 
@@ -429,7 +375,7 @@ def _compiled_tree(points: np.ndarray, scratch: np.ndarray) -> np.ndarray | None
     None where the compiled search declines."""
     n, d = points.shape
     edges = np.empty((2, n - 1), dtype=np.int64)
-    near = _native.engine.small_tree(points, n, d, NEAR_PAIR_RATIO, _EXACT_PAIRS_PER_POINT * n, scratch,
+    near = _native.engine.small_tree(points, n, d, NEAR_PAIR_RATIO, EXACT_PAIRS_PER_POINT * n, scratch,
                                      edges[0], edges[1])
     return None if near < 0 else edges
 
