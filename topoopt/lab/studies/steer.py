@@ -523,7 +523,7 @@ def summary_table(summary: dict) -> str:
         return f"> {budget}" if value == math.inf else f"{value:,.0f}"
 
     lines = ["| configuration | kind | lr | median steps to 20% | median steps to 80% | censored (80%) | diverged "
-             "| median accuracy at budget | mean scales (fc1, fc2, fc3) |",
+             "| median accuracy at budget | mean scales per layer |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, row in summary["table"].items():
         # LARS's per-layer trust ratios are not step scales: comparing them with the others misleads
@@ -576,7 +576,7 @@ def comparison_lines(summary: dict) -> str:
 
 
 def plot_curves(records: list[dict], path: Path) -> None:
-    """Median test accuracy by configuration, and what the collapse policy saw and did (fc1–fc3)."""
+    """Median test accuracy by configuration, and what the collapse policy saw and did per layer."""
     from topoopt.plotting import new_figure
 
     by_config: dict[str, list[dict]] = {}
@@ -597,7 +597,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
     for name, axis, key in (("topo-collapse", axes[1], "complexity"), ("topo-collapse", axes[2], "scale")):
         for run in by_config.get(name, [])[:1]:
             rows = [row for row in run["curve"] if "fc1" in row]
-            for layer in ("fc1", "fc2", "fc3"):
+            for layer in [key for key in rows[0] if key.startswith("fc")] if rows else []:
                 axis.plot([row["step"] for row in rows], [row[layer].get(key, np.nan) for row in rows], label=layer)
             axis.set(xlabel="step", title=f"{name}, seed {run['seed']}: "
                      + ("mean lifetime / RMS norm" if key == "complexity" else "step scale s_l"))
@@ -706,12 +706,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--penalty-weight", type=float, default=None)
     parser.add_argument("--collapse-strength", type=float, default=None)
     parser.add_argument("--steered-lr-mult", type=float, default=None)
+    parser.add_argument("--hidden", type=positive_int, nargs="+", default=None,
+                        help="hidden widths (default 100 100: the surface network; 100: the tree's 784-100-10)")
     parser.add_argument("--lars-eta", type=float, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # many small products: one thread is faster on a busy machine
     config = SteerConfig.quick() if args.quick else SteerConfig()
     apply_overrides(config, args, ("configs", "first_seed", "steps", "eval_every", "penalty_weight",
-                                   "collapse_strength", "steered_lr_mult", "lars_eta", "seeds"))
+                                   "collapse_strength", "steered_lr_mult", "lars_eta", "seeds", "hidden"))
     if args.jobs != 1:
         print("topoopt steer runs one cell at a time (matched controls need their steered runs); --jobs ignored")
     out = Path(args.out) if args.out is not None else DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT
