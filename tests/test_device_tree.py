@@ -111,7 +111,7 @@ def test_cpu_clouds_keep_the_compiled_prim(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_clouds_search_on_the_device(monkeypatch):
-    monkeypatch.setattr(spanning_tree, "_prim", lambda squared: pytest.fail("CUDA cloud searched on the host"))
+    monkeypatch.setattr(spanning_tree, "prim_tree", lambda squared: pytest.fail("CUDA cloud searched on the host"))
     x = torch.randn(700, 64)
     deaths = h0_deaths(x.cuda().requires_grad_(True))
     deaths.sum().backward()

@@ -91,7 +91,7 @@ def test_the_incoming_gradient_scales_and_a_retained_graph_accumulates(monkeypat
 def test_create_graph_differentiates_the_per_layer_graph(monkeypatch):
     """Under create_graph the node's backward is the per-layer graph's: the same first-order
     gradient, and the same refusal of a second derivative through the tree's edge lengths
-    (not implemented, `persistence._twice_guarded`)."""
+    (not implemented, `persistence.twice_guarded`)."""
     def gradients(model, general):
         if general:
             monkeypatch.setattr(penalty_node, "handles", lambda *args: False)

@@ -11,7 +11,7 @@ from torch import nn
 
 from topoopt import _native
 from topoopt.neurons import LayerPart, cloud_specs, weight_cloud
-from topoopt.persistence import _as_cloud
+from topoopt.persistence import as_cloud
 
 __all__ = ["neuron_cloud", "layer_cloud", "weight_cloud", "cloud_norm", "ParameterLayer", "LayerPart",
            "NeuronSample", "sample_neurons"]
@@ -157,7 +157,7 @@ def layer_cloud(name: str, module: nn.Module | ParameterLayer, include_bias: boo
                              "model.to_empty(device=...) and initialise them before measuring")
         if cloud.shape[0] == 0 or cloud.shape[1] == 0:
             return None
-        return _as_cloud(cloud, argument="weights")
+        return as_cloud(cloud, argument="weights")
     except (TypeError, ValueError) as error:
         kind = TypeError if isinstance(error, TypeError) else ValueError  # a subclass may not take one message
         raise kind(f"Layer {name!r}: {error}") from None

@@ -25,13 +25,13 @@ from topoopt._range import needs_rescaling
 from topoopt._threads import caller_threads, engine_threads
 from topoopt.gram import EXACT_PAIRS_PER_POINT, NEAR_PAIR_RATIO, centred_scaled, exact_squared
 from topoopt.persistence import (
-    _as_cloud,
-    _measure_edges,
-    _twice_guarded,
+    as_cloud,
     h0_deaths,
+    measure_edges,
     native_edges_handle,
     native_measure,
     native_scatter,
+    twice_guarded,
 )
 
 __all__ = ["h0_deaths_many", "trees_of_many", "edge_lengths_many"]
@@ -45,7 +45,7 @@ def h0_deaths_many(clouds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     Equal to the one-cloud calls (see the module's note) and faster when there are several
     small clouds: the shared overhead is paid once. Clouds may differ in shape, dtype and device.
     """
-    clouds = [_as_cloud(cloud, f"clouds[{i}]") for i, cloud in enumerate(clouds)]
+    clouds = [as_cloud(cloud, f"clouds[{i}]") for i, cloud in enumerate(clouds)]
     try:
         edges = trees_of_many([cloud.detach() for cloud in clouds])
     except OverflowError:  # a cloud at the end of its dtype's range: each measured on its own, rescaled
@@ -88,12 +88,12 @@ def _small_trees(stack: torch.Tensor) -> list[Edges | None]:
     if spanning_tree.native_small_tree_handles(stack):  # a declined cloud straight past the compiled search
         return [(torch.from_numpy(edges[0]), torch.from_numpy(edges[1])) if edges is not None
                 else spanning_tree.tree_without_the_compiled_search(cloud)
-                for edges, cloud in zip(spanning_tree._native_small_trees(stack), stack)]
+                for edges, cloud in zip(spanning_tree.native_small_trees(stack), stack)]
     k, n, d = stack.shape
     # The operations of `spanning_tree._gram_pass` (one block), along a batch dimension.
     x, sq_norms, factors = centred_scaled(stack, torch.float32)
     block = torch.bmm(x, x.transpose(1, 2))
-    near = spanning_tree._near_pairs_of_block(block, sq_norms[:, :, None], sq_norms[:, None, :],
+    near = spanning_tree.near_pairs_of_block(block, sq_norms[:, :, None], sq_norms[:, None, :],
                                               NEAR_PAIR_RATIO).long()
     many = torch.bincount(near[:, 0], minlength=k) > EXACT_PAIRS_PER_POINT * n
     near = near[~many[near[:, 0]]]
@@ -108,7 +108,7 @@ def _small_trees(stack: torch.Tensor) -> list[Edges | None]:
         if skip:
             trees.append(None)
             continue
-        u, v = spanning_tree._prim(block[b].numpy())
+        u, v = spanning_tree.prim_tree(block[b].numpy())
         trees.append((torch.from_numpy(u), torch.from_numpy(v)))
     return trees
 
@@ -144,7 +144,7 @@ class _ManyEdgeLengths(torch.autograd.Function):
         with engine_threads(), caller_threads(elements=sum(clouds[i].numel() for i in rest)):
             for members in _groups(clouds, rest):
                 points, u, v, sizes = _concatenated(members, clouds, index)
-                difference, lengths = _measure_edges(points, u, v)
+                difference, lengths = measure_edges(points, u, v)
                 if sort:
                     order = _sorted_within_segments(lengths, sizes)
                     lengths, u, v, difference = lengths[order], u[order], v[order], difference[order]
@@ -160,7 +160,7 @@ class _ManyEdgeLengths(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        return _twice_guarded(_many_edge_lengths_backward, ctx, *grads)
+        return twice_guarded(_many_edge_lengths_backward, ctx, *grads)
 
 
 def _many_edge_lengths_backward(ctx, *grads: torch.Tensor):

@@ -30,7 +30,7 @@ from torch.autograd import forward_ad
 from topoopt import _native
 from topoopt._validation import functorch_active
 from topoopt.host_metrics import HOST_METRICS, METRIC_CODES
-from topoopt.persistence import _NO_ORDER, _NUMPY_DTYPES, _int64, edge_lengths, native_edges_handle
+from topoopt.persistence import NO_ORDER, NUMPY_DTYPES, edge_lengths, int64_index, native_edges_handle
 
 __all__ = ["handles", "LayerTerm", "one_node_penalty"]
 
@@ -97,10 +97,10 @@ def one_node_penalty(
     for name, cloud in clouds.items():
         # The engine is called directly, its buffers kept in numpy: through `native_measure` and
         # `native_scatter`, which hand back tensors, the node's forward + backward took 7% longer.
-        u, v = (_int64(index) for index in edges[name])
+        u, v = (int64_index(index) for index in edges[name])
         x = cloud.detach().contiguous()
         n, d = x.shape
-        count, dtype, itemsize = u.shape[0], _NUMPY_DTYPES[x.dtype], x.element_size()
+        count, dtype, itemsize = u.shape[0], NUMPY_DTYPES[x.dtype], x.element_size()
         u_np, v_np = u.numpy(), v.numpy()
         lengths = np.empty(count, dtype=np.float64)
         unit = np.empty((count, d), dtype=dtype)
@@ -119,7 +119,7 @@ def one_node_penalty(
         if wants_slope:
             grad = (slope * derivative).astype(dtype)
             gradient = torch.empty((n, d), dtype=x.dtype)  # zeroed by the engine
-            engine.scatter(unit, itemsize, d, u_np, v_np, lengths, grad, _NO_ORDER, gradient.numpy(), n)
+            engine.scatter(unit, itemsize, d, u_np, v_np, lengths, grad, NO_ORDER, gradient.numpy(), n)
         measured[name] = _Measured(cloud, u, v, deaths, value, gradient)
     dtype = torch.promote_types(torch.float32, _common_dtype(clouds.values()))
     deaths = {name: torch.from_numpy(m.deaths) for name, m in measured.items()}

@@ -20,7 +20,7 @@ from topoopt._range import needs_rescaling, rescale_exponent, rescaled_deaths
 from topoopt._threads import PARALLEL_MIN_ELEMENTS, caller_threads, engine_threads
 from topoopt._validation import all_finite, functorch_active
 from topoopt.spanning_tree import (
-    _compiled_tree,
+    compiled_tree,
     euclidean_mst_edges,
     native_small_tree_handles,
     tree_without_the_compiled_search,
@@ -32,7 +32,7 @@ __all__ = ["h0_deaths", "h0_edges", "edge_lengths", "h1_diagram"]
 _SMALLEST_SAFE_LENGTH = 2.0**-60
 
 
-def _as_cloud(points: torch.Tensor, argument: str = "points") -> torch.Tensor:
+def as_cloud(points: torch.Tensor, argument: str = "points") -> torch.Tensor:
     if functorch_active():
         raise RuntimeError("topoopt's H0 cannot run inside a torch.func transform (grad, vmap, jacrev, "
                            "functional_call under them): its tree search needs the values themselves; compute the "
@@ -60,7 +60,7 @@ def h0_edges(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Found without autograd. Re-gathering `‖points[u] − points[v]‖` later gives the deaths of a
     slightly moved cloud without searching the tree again (see `topoopt.TreeCache` and ``tree_every``).
     """
-    return euclidean_mst_edges(_as_cloud(points))
+    return euclidean_mst_edges(as_cloud(points))
 
 
 def edge_lengths(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -88,13 +88,13 @@ class _EdgeLengths(torch.autograd.Function):
     def forward(ctx, points: torch.Tensor, u: torch.Tensor, v: torch.Tensor, sort: bool) -> torch.Tensor:
         ctx.native = native_edges_handle(points)
         if ctx.native:
-            u, v = _int64(u), _int64(v)  # saved for `native_scatter`, which reads them as int64
+            u, v = int64_index(u), int64_index(v)  # saved for `native_scatter`, which reads them as int64
             result, lengths, unit, order = native_measure(points.detach(), u, v, sort)
             ctx.save_for_backward(u, v, unit, lengths, order)
             ctx.points_shape = points.shape
             return result
         with engine_threads(), caller_threads(elements=points.numel()):
-            difference, lengths = _measure_edges(points.detach(), u, v)
+            difference, lengths = measure_edges(points.detach(), u, v)
             if sort:
                 order = torch.argsort(lengths, stable=True)
                 lengths, u, v, difference = lengths[order], u[order], v[order], difference[order]
@@ -104,10 +104,10 @@ class _EdgeLengths(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _twice_guarded(_edge_lengths_backward, ctx, grad)
+        return twice_guarded(_edge_lengths_backward, ctx, grad)
 
 
-def _twice_guarded(backward, ctx, *grads):
+def twice_guarded(backward, ctx, *grads):
     """Run a hand-written backward; under ``create_graph=True`` (grad mode on) through
     `once_differentiable` (which costs ~15 µs, so only then), with its rule: differentiating the
     result again raises when the incoming gradient itself requires grad; otherwise the result
@@ -182,17 +182,17 @@ def native_scatter(unit: torch.Tensor, u: torch.Tensor, v: torch.Tensor, lengths
     edge's unit direction, added at u and subtracted at v; 0 at zero length."""
     if grad.dtype != unit.dtype or not grad.is_contiguous():
         grad = grad.to(unit.dtype).contiguous()
-    result = np.empty(tuple(shape), dtype=_NUMPY_DTYPES[unit.dtype])  # zeroed by the engine
+    result = np.empty(tuple(shape), dtype=NUMPY_DTYPES[unit.dtype])  # zeroed by the engine
     _native.engine.scatter(unit.numpy(), unit.element_size(), shape[1], u.numpy(), v.numpy(), lengths.numpy(),
-                           grad.numpy(), order.numpy() if order is not None else _NO_ORDER, result, shape[0])
+                           grad.numpy(), order.numpy() if order is not None else NO_ORDER, result, shape[0])
     return torch.from_numpy(result)
 
 
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-_NO_ORDER = np.empty(0, dtype=np.int64)
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+NO_ORDER = np.empty(0, dtype=np.int64)
 
 
-def _int64(index: torch.Tensor) -> torch.Tensor:
+def int64_index(index: torch.Tensor) -> torch.Tensor:
     """Edge endpoints as the engine reads them, int64 and contiguous (a tree's already are)."""
     if index.dtype == torch.int64 and index.is_contiguous():
         return index
@@ -200,11 +200,11 @@ def _int64(index: torch.Tensor) -> torch.Tensor:
 
 
 def _int64_view(index: torch.Tensor) -> np.ndarray:
-    """A numpy view of `_int64(index)`."""
-    return _int64(index).numpy()
+    """A numpy view of `int64_index(index)`."""
+    return int64_index(index).numpy()
 
 
-def _measure_edges(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def measure_edges(points: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     difference = points.index_select(0, u) - points.index_select(0, v)
     lengths = torch.linalg.vector_norm(difference, dim=1)
     if points.dtype == torch.float64 or lengths.numel() == 0:
@@ -249,7 +249,7 @@ def h0_deaths(points: torch.Tensor) -> torch.Tensor:
     >>> h0_deaths(torch.tensor([[0.0, 0.0], [3.0, 4.0], [3.0, 4.0]]))
     tensor([0., 5.])
     """
-    cloud = _as_cloud(points)
+    cloud = as_cloud(points)
     if cloud.shape[0] < 2:
         return cloud.reshape(-1)[:0]
     if cloud.shape[1] == 0:  # N points of no coordinates all coincide: N − 1 zero deaths
@@ -285,7 +285,7 @@ class _SmallCloudDeaths(torch.autograd.Function):
     def forward(ctx, points: torch.Tensor) -> torch.Tensor:
         p = points.detach().contiguous().numpy()
         n = p.shape[0]
-        edges = _compiled_tree(p, np.empty((n, n), dtype=np.float32))
+        edges = compiled_tree(p, np.empty((n, n), dtype=np.float32))
         if edges is None:  # many near pairs: the general search, given the cloud in its own layout
             # as `euclidean_mst_edges` gives it (its float32 sums, and so near-tied trees, follow the layout)
             u, v = (_int64_view(index) for index in tree_without_the_compiled_search(points.detach()))
@@ -299,7 +299,7 @@ class _SmallCloudDeaths(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _twice_guarded(_edge_lengths_backward, ctx, grad)[0]
+        return twice_guarded(_edge_lengths_backward, ctx, grad)[0]
 
 
 def h1_diagram(points: torch.Tensor) -> torch.Tensor:
@@ -310,7 +310,7 @@ def h1_diagram(points: torch.Tensor) -> torch.Tensor:
     """
     from torch_topological.nn import VietorisRipsComplex
 
-    cloud = _as_cloud(points)
+    cloud = as_cloud(points)
     if cloud.shape[0] < 3:
         return cloud.new_zeros((0, 2))
     info = VietorisRipsComplex(dim=1)(cloud)

@@ -20,7 +20,7 @@ Steps:
 4. Prim's algorithm on the dense matrix, O(N²), compiled (`topoopt/_native/engine.c`) or, where
    no compiler was found at install time, a numpy loop over the same shrinking frontier.
 A float32 cloud of one Gram block (N ≤ 256) takes steps 2–4 in one compiled call around its Gram
-product (`_native_small_trees`): as ~15 torch operations they cost 6× the product at 100×784.
+product (`native_small_trees`): as ~15 torch operations they cost 6× the product at 100×784.
 A CUDA cloud takes none of these steps: its tree is searched on the GPU (`topoopt.device_tree`).
 """
 
@@ -164,7 +164,7 @@ def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[
     factor = float(factor)
     if n <= BLOCK_ROWS:  # one block: the whole square at once, no mirroring
         block = x @ x.T
-        near = _near_pairs_of_block(block, sq_norms[:, None], sq_norms[None, :], ratio)
+        near = near_pairs_of_block(block, sq_norms[:, None], sq_norms[None, :], ratio)
         return block.to(device="cpu", dtype=torch.float32), near, factor
     result = torch.empty((n, n), dtype=torch.float32)
     near_pairs: list[torch.Tensor] = []
@@ -185,14 +185,14 @@ def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[
             continue
         with caller_threads(elements=(stop - start) * (n - start)):
             near_pairs.append(
-                _near_pairs_of_block(block, sq_norms[start:stop, None], sq_norms[None, start:], ratio) + start)
+                near_pairs_of_block(block, sq_norms[start:stop, None], sq_norms[None, start:], ratio) + start)
             block = block.to(device="cpu", dtype=torch.float32)
             result[start:stop, start:] = block
             result[start:, start:stop] = block.T
     return result, torch.cat(near_pairs), factor
 
 
-def _near_pairs_of_block(block: torch.Tensor, row_norms: torch.Tensor, col_norms: torch.Tensor,
+def near_pairs_of_block(block: torch.Tensor, row_norms: torch.Tensor, col_norms: torch.Tensor,
                          ratio: float) -> torch.Tensor:
     """Turn a Gram block into squared distances, in place; its pairs (i < j) closer than
     ``ratio·(|x|²+|y|²)``, as int32 (row, column) offsets into the block."""
@@ -233,7 +233,7 @@ def _recompute_exactly(
     result[cols, rows] = exact
 
 
-def _prim(squared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def prim_tree(squared: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Prim's algorithm on a dense symmetric float32 matrix; the N−1 tree edges (u, v).
 
     Uses the compiled loop when it was built at install time (5× faster at N = 1000), the numpy
@@ -330,12 +330,12 @@ def _small_cloud_tree(points: torch.Tensor) -> np.ndarray | None:
     if pairs.shape[0] > EXACT_PAIRS_PER_POINT * n:
         return None
     _recompute_exactly(result, points, pairs, factor**2)
-    u, v = _prim(result.numpy())
+    u, v = prim_tree(result.numpy())
     return np.stack([u, v], axis=1)
 
 
 def native_small_tree_handles(points: torch.Tensor) -> bool:
-    """Whether `_native_small_trees` takes this cloud (or stack of clouds): a compiled engine,
+    """Whether `native_small_trees` takes this cloud (or stack of clouds): a compiled engine,
     float32 on the CPU (unless tests send CPU clouds to the device search), at most one Gram
     block of rows, at least 2 rows and 1 column."""
     n, d = points.shape[-2:]
@@ -343,7 +343,7 @@ def native_small_tree_handles(points: torch.Tensor) -> bool:
             and points.device.type not in DEVICE_SEARCH_TYPES and 2 <= n <= BLOCK_ROWS and d >= 1)
 
 
-def _native_small_trees(stack: torch.Tensor) -> list[np.ndarray | None]:
+def native_small_trees(stack: torch.Tensor) -> list[np.ndarray | None]:
     """`_small_cloud_tree` of each cloud of a k×N×d float32 CPU stack, one compiled call each
     (Gram product, distances, near pairs recomputed in double, Prim); None for a cloud with more
     than `EXACT_PAIRS_PER_POINT`·N near pairs, as there, or whose float32 Gram product under- or
@@ -356,21 +356,21 @@ def _native_small_trees(stack: torch.Tensor) -> list[np.ndarray | None]:
     k, n, d = stack.shape
     points = stack.detach().contiguous().numpy()
     scratch = np.empty((n, n), dtype=np.float32)
-    return [_compiled_tree(points[b], scratch) for b in range(k)]
+    return [compiled_tree(points[b], scratch) for b in range(k)]
 
 
 def native_small_tree(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`_native_small_trees` of one cloud (one that `native_small_tree_handles`), as (u, v)
+    """`native_small_trees` of one cloud (one that `native_small_tree_handles`), as (u, v)
     tensors, with no stacking: its Python-side cost was most of a 10×100 layer's search."""
     n = points.shape[0]
-    edges = _compiled_tree(points.contiguous().numpy(), np.empty((n, n), dtype=np.float32))
+    edges = compiled_tree(points.contiguous().numpy(), np.empty((n, n), dtype=np.float32))
     if edges is None:
         return None
     both = torch.from_numpy(edges)
     return both[0], both[1]
 
 
-def _compiled_tree(points: np.ndarray, scratch: np.ndarray) -> np.ndarray | None:
+def compiled_tree(points: np.ndarray, scratch: np.ndarray) -> np.ndarray | None:
     """One compiled search of an N×d float32 cloud (scratch: N×N float32): its 2×(N−1) edges, or
     None where the compiled search declines."""
     n, d = points.shape
@@ -387,6 +387,6 @@ def _tree_of_distinct_points(points: torch.Tensor) -> np.ndarray:
     if n_unique > 1:
         _check_memory(n_unique, points.device)
         squared = _squared_distances(unique_points)
-        u, v = _prim(squared)
+        u, v = prim_tree(squared)
         edges.append(np.stack([representative[u], representative[v]], axis=1))
     return np.concatenate(edges)

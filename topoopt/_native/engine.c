@@ -358,7 +358,7 @@ done:
  *                 ratio, result: float32[n*n] out, n, start, near: int32[2*r*c] out) -> near pairs
  * One row block (rows start..start+r, columns start..n) of the general search's Gram pass, in one
  * pass: squared distances |a|²+|b|²−2a·b (float32, clamped at 0, in torch's order of operations:
- * the values of spanning_tree._near_pairs_of_block) written into `result` and its mirror (inside
+ * the values of spanning_tree.near_pairs_of_block) written into `result` and its mirror (inside
  * the block's own square the mirror wins, as the torch assignments leave it), and the pairs
  * j > i closer than ratio·(|a|²+|b|²) appended to `near` as (row, column) offsets, row-major. As
  * ~10 torch passes these were short parallel regions that stalled under contention. */
