@@ -154,3 +154,23 @@ def test_a_device_search_keeps_the_callers_cpu_threads(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert seen == [2]
+
+
+def test_a_far_cluster_searched_again_is_checked_against_the_memory_left(monkeypatch):
+    """The outer level fits; the cluster's own search would not fit beside it: a MemoryBudgetError
+    naming the cluster's size, instead of running out of device memory."""
+    from topoopt import device_tree as module
+    from topoopt.gram import MemoryBudgetError
+
+    g = torch.Generator().manual_seed(0)
+    cluster = torch.cat([torch.randn(290, 16, generator=g) * 1e-4 + 100, torch.randn(10, 16, generator=g) * 1e3])
+    calls = []
+
+    def memory(device):
+        calls.append(device)
+        return 10**12 if len(calls) == 1 else module.device_tree_bytes(100)
+
+    monkeypatch.setattr(module, "available_bytes", memory)
+    with pytest.raises(MemoryBudgetError, match=r"A cloud of 290 points"):
+        device_tree(cluster)
+    assert len(calls) == 2

@@ -50,9 +50,13 @@ _BLOCK_ELEMENTS = 1 << 24
 
 
 def device_tree_bytes(n_points: int) -> int:
-    """Peak device bytes of the search: the N×N float32 matrix, its near-pair mask and its
-    symmetrised copy (9 bytes an entry), plus one block of temporaries."""
-    return 9 * n_points * n_points + 9 * _BLOCK_ELEMENTS
+    """Peak device bytes of one level of the search: the N×N float32 matrix and its near-pair
+    mask (5 bytes an entry), plus the block temporaries (at most 16 bytes per block entry: the
+    component labelling's int64 candidates beside its masks). A cluster of g points far from the
+    cloud's centre is searched again about its own, with this level's matrix still held: it needs
+    `device_tree_bytes(g)` more, checked against the memory free when it is reached, so that it
+    raises `MemoryBudgetError` instead of running out (benchmarks/device_memory.py)."""
+    return 5 * n_points * n_points + 16 * _BLOCK_ELEMENTS
 
 
 @torch.no_grad()
@@ -133,23 +137,28 @@ def _boruvka(squared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _squared_distances(points: torch.Tensor, depth: int) -> tuple[torch.Tensor, float]:
     """N×N float32 squared distances times factor² (a power of two), every entry accurate to a
-    relative 4e-6, on the points' device; (matrix, factor). The recursion of
-    host search's (`topoopt.spanning_tree`), in device tensor ops."""
+    relative 4e-6, on the points' device; (matrix, factor). The recursion of the host search
+    (`topoopt.spanning_tree`), in device tensor ops."""
     n = points.shape[0]
     squared, near, factor = _gram_pass(points, torch.float32, NEAR_PAIR_RATIO)
-    if int(near.sum()) <= EXACT_PAIRS_PER_POINT * n or depth >= MAX_DEPTH:
+    # count_nonzero: a bool sum would first copy the N×N mask to int64 (8 bytes an entry)
+    if int(torch.count_nonzero(near)) <= EXACT_PAIRS_PER_POINT * n or depth >= MAX_DEPTH:
         _recompute_exactly(squared, points, near, factor**2)
         return squared, factor
     labels = _component_labels(near)
     sizes = torch.bincount(labels, minlength=n)
     member_size = sizes[labels]
     in_small = (member_size > 1) & (member_size <= SMALL_COMPONENT)
-    small_pairs = torch.zeros_like(near)
+    small_pairs = near  # the near pairs are not needed once labelled: their mask is reused
     for rows in _row_blocks(n):
         small_pairs[rows] = (labels[rows, None] == labels[None, :]) & in_small[rows, None]
     small_pairs.triu_(diagonal=1)
+    _recompute_exactly(squared, points, small_pairs, factor**2)
+    del near, small_pairs  # 1 byte an entry less while a large group is searched again
     for root in torch.nonzero(sizes > SMALL_COMPONENT).flatten().tolist():
         group = torch.nonzero(labels == root).flatten()
+        # The group's own matrices come on top of this level's: checked against what is free now.
+        _check_memory(group.shape[0], points.device)
         members = points[group]
         if group.shape[0] < n and far_from_centre(members, points):
             inner, inner_factor = _squared_distances(members, depth + 1)
@@ -158,7 +167,6 @@ def _squared_distances(points: torch.Tensor, depth: int) -> tuple[torch.Tensor, 
             _recompute_exactly(inner, members, inner_near, inner_factor**2)
         # Both factors are powers of two, so moving to this level's scale is exact.
         squared[group[:, None], group[None, :]] = inner.mul_((factor / inner_factor) ** 2)
-    _recompute_exactly(squared, points, small_pairs, factor**2)
     return squared, factor
 
 
@@ -175,8 +183,13 @@ def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[
         block = x[rows] @ x.T
         squared[rows] = block.mul_(-2).add_(sq_norms[rows, None]).add_(sq_norms[None, :]).clamp_(min=0)
     # A product's (i, j) and (j, i) entries may differ in their last bits; Borůvka needs one
-    # length per edge.
-    squared = torch.minimum(squared, squared.T)
+    # length per edge. Symmetrised in place, a row block against its column block at a time (a
+    # whole transposed copy would be a second N×N matrix at the peak).
+    for rows in _row_blocks(n):
+        tail = slice(rows.start, n)
+        least = torch.minimum(squared[rows, tail], squared[tail, rows].T)
+        squared[rows, tail] = least
+        squared[tail, rows] = least.T
     near = torch.empty((n, n), dtype=torch.bool, device=points.device)
     threshold_norms = sq_norms.float() * ratio
     for rows in _row_blocks(n):
