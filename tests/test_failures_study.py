@@ -126,3 +126,5 @@ def test_quick_study_tallies_detectors_and_resumes(tmp_path):
     (out / "runs.jsonl").unlink()  # a fresh clone: the committed compact copy is read back, nothing trains
     again = failures.main(["--quick", "--steps", "60", "--out", str(out), "--no-progress"])
     assert json.dumps(again, sort_keys=True) == json.dumps(summary, sort_keys=True)
+    with pytest.raises(SystemExit):  # runs of another length are never mixed in
+        failures.main(["--quick", "--steps", "80", "--out", str(out), "--no-progress"])

@@ -33,7 +33,7 @@ from topoopt.lab.studies.failure_suite import (
 )
 from topoopt.lab.studies.options import command_parser, positive_int
 from topoopt.lab.studies.statistics import holm
-from topoopt.lab.sweep import COMPACT_RESULTS, restore_from_compact, rounded, run_cells, save_compact
+from topoopt.lab.sweep import COMPACT_RESULTS, load_results, restore_from_compact, rounded, run_cells, save_compact
 
 __all__ = ["PILOT_SEEDS", "QUICK_FAILURES", "summarise", "report", "narrative", "main"]
 
@@ -287,6 +287,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     restore_from_compact(folder / "runs.jsonl", folder / COMPACT_RESULTS)
     cells = make_cells(failures, seeds, pilots, args.steps)
+    held = {record["steps"][-1] for record in load_results(folder / "runs.jsonl").values()}
+    if held - {args.steps}:
+        parser.error(f"{folder} holds runs of {', '.join(map(str, sorted(held)))} steps, not {args.steps}: "
+                     f"pass another --out")
     records = run_cells(cells, _run_cell, folder / "runs.jsonl", progress=not args.no_progress, desc="failures")
     save_compact(records, folder / COMPACT_RESULTS)
     summary = summarise(records, failures, pilots)
