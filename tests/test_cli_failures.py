@@ -357,3 +357,26 @@ def test_a_full_disk_under_tensorboards_writer_is_one_line_and_the_run_resumes(t
     assert err.count("\n") == 1 and "No space left on device; free some space" in err and "Traceback" not in err
     monkeypatch.setattr(record_writer.RecordWriter, "write", real_write)  # space freed
     assert run_cli(TINY + ["--epochs", "3", "--log-dir", str(run), "--resume"]) == 0
+
+
+def test_only_tensorboards_writer_errors_are_kept_quiet():
+    """An OSError of TensorBoard's writer thread is kept for the command's one line; any other
+    thread's error is printed by Python's usual hook, not swallowed."""
+    import threading
+
+    from topoopt.lab.writer_errors import WRITER_THREAD, caught_writer_errors
+
+    printed = []
+    saved = threading.excepthook
+    threading.excepthook = lambda args: printed.append(type(args.exc_value).__name__)
+    try:
+        writer_class = type(WRITER_THREAD, (threading.Thread,), {})
+        with caught_writer_errors() as caught:
+            for cls in (writer_class, threading.Thread):
+                thread = cls(target=lambda: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+                thread.start()
+                thread.join()
+    finally:
+        threading.excepthook = saved
+    assert [str(error) for error in caught] == ["[Errno 28] No space left on device"]
+    assert printed == ["OSError"]  # the other thread's error went to the usual hook

@@ -67,6 +67,8 @@ def test_a_run_records_every_signal_at_every_check(mnist):
     # The copies start coincident; the output layer's distinct columns pull them apart, slowly.
     assert signals["spread"]["fc1"][0] == 0.0 and 0 < signals["spread"]["fc1"][2] < 0.1
     assert all(len(v) == 3 for series in signals.values() for v in series.values())
+    odd = run_one("mlp", 0, mnist, steps=30)  # a budget off the check grid: its last step is seen too
+    assert odd["steps"] == [0, 20, 30]
     frozen = run_one("frozen", 0, mnist, steps=20)
     assert frozen["signals"]["grad_norm"]["fc1"] == [0.0, 0.0]
     assert frozen["signals"]["update_ratio"]["fc1"][1] == 0.0
@@ -88,7 +90,11 @@ def test_envelopes_calibrate_their_margin_on_left_out_pilots():
     assert envelope.outside(_record([1.0, float("nan"), 4.0])).tolist() == [False, True, False]
     assert envelope.outside(_record([1.0, 2.0, 1e-30])).tolist() == [False, False, True]  # floored, still below
     wild = [_record([1.0, 2.0, 4.0]), _record([1.0, 2.0, 4e30])]
-    assert fd.calibrate("weight_norm", wild).margin == math.inf  # never fires: no margin keeps pilots inside
+    uncalibrated = fd.calibrate("weight_norm", wild)
+    assert uncalibrated.margin == math.inf  # no margin keeps the pilots inside: it never fires,
+    assert not uncalibrated.outside(_record([1.0, float("nan"), 1e40])).any()  # not even on NaN
+    with pytest.raises(ValueError, match="at least two pilot runs"):
+        fd.calibrate("weight_norm", pilots[:1])
 
 
 def test_reference_free_detectors_episodes_and_the_evident_rule():

@@ -205,7 +205,8 @@ def test_a_results_folder_of_another_model_or_method_set_is_refused(tmp_path, ca
     (tmp_path / "seed0.json").write_text('{"seed": 0, "model": "mlp", "results": [{"method": "l1"}]}')
     with pytest.raises(SystemExit):
         study.main(["--quick", "--model", "cnn", "--out", str(tmp_path)])
-    assert "holds the mlp with methods l1, not the cnn with l1, cosine, h0" in capsys.readouterr().err
+    assert "holds the mlp with methods l1 trained None epochs, not the cnn with l1, cosine, h0 for 2" in \
+        capsys.readouterr().err
 
 
 def test_the_one_sided_signed_rank_test_is_scipys_exact_one():

@@ -54,4 +54,5 @@ def test_bad_weights_are_refused():
     with pytest.raises(ValueError, match="2 or more dimensions"):
         neural_persistence(torch.ones(3))
     with pytest.raises(ValueError, match="NaN"):
-        neural_persistence(torch.tensor([[1.0, float("nan")]]))
+        bipartite_lifetimes(torch.tensor([[1.0, float("nan")]]))
+    assert math.isnan(neural_persistence(torch.tensor([[1.0, float("inf")]])))  # a diverged layer: NaN

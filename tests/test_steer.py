@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,3 +185,42 @@ def test_replays_follow_the_closed_loops_schedule_and_need_its_runs(tmp_path):
     assert "replay-other" in steer.comparison_lines(summary)
     with pytest.raises(ValueError, match="add topo-collapse"):
         steer.run_study(_tiny(["replay-own"]), tmp_path / "alone", progress=False)
+
+
+def test_a_replay_sets_each_layers_lr_from_the_schedule_step_by_step():
+    layers = {"fc1": torch.nn.Linear(2, 2), "fc2": torch.nn.Linear(2, 2)}
+    optimizer = torch.optim.SGD([{"params": [m.weight]} for m in layers.values()], lr=0.1)
+    schedule = {"fc1": np.array([1.0, 2.0, 3.0]), "fc2": np.array([0.5, 0.25, 0.0])}
+    replay = steer._Replay(optimizer, list(layers), 0.1, schedule)
+
+    class State:
+        step = 2  # the step in progress, 1-based: the schedule's second entry
+
+    replay.before_step(State())
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.2), pytest.approx(0.025)]
+
+
+def test_a_replayed_schedule_is_what_trains_the_network():
+    """A replay of an all-zero schedule never moves the weights: the accuracy stays where it began
+    (a replay that ignored its schedule would train at the steered lr)."""
+    config = _tiny(["replay-own"], steps=60, steered_lr_mult=64.0)
+    cell = make_cells(config)[0]
+    frozen = run_cell(cell, schedule={name: np.zeros(60) for name in ("fc1", "fc2", "fc3")})
+    assert len({row["accuracy"] for row in frozen["curve"]}) == 1
+    moving = run_cell(cell, schedule={name: np.ones(60) for name in ("fc1", "fc2", "fc3")})
+    assert len({row["accuracy"] for row in moving["curve"]}) > 1
+
+
+def test_topo_collapse_runs_recorded_without_their_schedule_run_again_for_the_replays(tmp_path, capsys):
+    config = _tiny(["topo-collapse", "topo-collapse-matched"], seeds=2, collapse_spread=1.5)
+    steer.run_study(config, tmp_path, progress=False)
+    path = tmp_path / "runs.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in records:
+        record.pop("schedule", None)  # as a results file made before the replays existed
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    replays = _tiny(["topo-collapse", "topo-collapse-matched", "replay-mean"], seeds=2, collapse_spread=1.5)
+    again, summary = steer.run_study(replays, tmp_path, progress=False)
+    assert "recorded without its schedule" in capsys.readouterr().out
+    assert all("schedule" in r for r in again if r["config"] == "topo-collapse")
+    assert "replay-mean" in summary["collapse_vs_replays"]

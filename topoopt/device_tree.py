@@ -165,8 +165,10 @@ def _squared_distances(points: torch.Tensor, depth: int) -> tuple[torch.Tensor, 
         else:  # centring again would not help: a float64 Gram product of the group instead
             inner, inner_near, inner_factor = _gram_pass(members, torch.float64, NEAR_PAIR_RATIO_FLOAT64)
             _recompute_exactly(inner, members, inner_near, inner_factor**2)
+            del inner_near
         # Both factors are powers of two, so moving to this level's scale is exact.
         squared[group[:, None], group[None, :]] = inner.mul_((factor / inner_factor) ** 2)
+        del inner  # before the next group's memory is checked
     return squared, factor
 
 

@@ -61,7 +61,10 @@ def bipartite_lifetimes(weight: torch.Tensor) -> np.ndarray:
 def neural_persistence(weight: torch.Tensor, p: float = 2.0, normalize: bool = True) -> float:
     """Neural persistence of one layer (Rieck et al. 2019, Definitions 2–3 and Theorem 2): the
     p-norm of `bipartite_lifetimes`, divided by (outputs + inputs − 1)^(1/p) when `normalize`
-    (so in [0, 1]). An all-zero weight, or a single vertex pair short of an edge, gives 0."""
+    (so in [0, 1]). An all-zero weight, or a single vertex pair short of an edge, gives 0; a weight
+    holding NaN or Inf (a diverged run) gives NaN, as any statistic of it would."""
+    if weight.dim() >= 2 and weight.numel() and not bool(torch.isfinite(weight.detach()).all()):
+        return float("nan")
     absolute = _absolute(weight)
     if absolute.max() == 0 or sum(absolute.shape) < 2:
         return 0.0

@@ -2,8 +2,9 @@
 
 A full disk makes TensorBoard's writer thread raise in the background: Python prints its traceback
 to stderr, in the middle of whatever the command prints, and the same error reaches the main thread
-only at the next write. Inside `caught_writer_errors`, an `OSError` raised by a thread is kept, not
-printed, so the command can say it once, in its own one line.
+only at the next write. Inside `caught_writer_errors`, an `OSError` raised by TensorBoard's writer
+thread is kept, not printed, so the command can say it once, in its own one line; any other
+thread's error is printed as usual.
 """
 
 from __future__ import annotations
@@ -14,16 +15,20 @@ from contextlib import contextmanager
 
 __all__ = ["caught_writer_errors"]
 
+# The class of TensorBoard's event-writer thread (tensorboard.summary.writer.event_file_writer),
+# which torch.utils.tensorboard's SummaryWriter uses too.
+WRITER_THREAD = "_AsyncWriterThread"
+
 
 @contextmanager
 def caught_writer_errors() -> Iterator[list[OSError]]:
-    """Within the block, threads' `OSError`s go into the yielded list (any other thread error is
-    printed as usual)."""
+    """Within the block, the `OSError`s of TensorBoard's writer threads go into the yielded list
+    (any other thread's error is printed as usual)."""
     caught: list[OSError] = []
     previous = threading.excepthook
 
     def hook(args: threading.ExceptHookArgs) -> None:
-        if isinstance(args.exc_value, OSError):
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == WRITER_THREAD:
             caught.append(args.exc_value)
         else:
             previous(args)

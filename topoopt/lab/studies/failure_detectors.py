@@ -57,6 +57,8 @@ class Envelope:
         """At each check: does any layer's value leave the envelope (or is it non-finite)?"""
         margin = self.margin if margin is None else margin
         flags = np.zeros(len(record["steps"]), dtype=bool)
+        if margin == math.inf:  # a signal no margin could calibrate never fires, not even on NaN
+            return flags
         for layer, values in record["signals"][self.signal].items():
             logged, missing = _logged(values)
             low, high = self.low[layer], self.high[layer]
@@ -83,8 +85,10 @@ class _quiet:
 def calibrate(signal: str, pilots: Sequence[dict]) -> Envelope:
     """The envelope of all `pilots` with the smallest margin at which no pilot, left out of the
     envelope of the others, leaves it; margin inf (never fires) when none of `MARGINS` does."""
+    if len(pilots) < 2:
+        raise ValueError(f"Calibrating {signal!r} needs at least two pilot runs, got {len(pilots)}")
     for margin in MARGINS:
-        if len(pilots) < 2 or not any(
+        if not any(
                 Envelope(signal, [p for j, p in enumerate(pilots) if j != i]).outside(pilot, margin).any()
                 for i, pilot in enumerate(pilots)):
             return Envelope(signal, pilots, margin)

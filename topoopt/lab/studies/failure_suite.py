@@ -266,7 +266,7 @@ def run_one(name: str, seed: int, data: Dataset, steps: int = STEPS) -> dict:
     order = torch.randperm(len(labels), generator=generator)
     position = 0
     for step in range(steps + 1):
-        if step % CHECK_EVERY == 0:
+        if step % CHECK_EVERY == 0 or step == steps:  # the budget's last step is always seen
             checks.append(step)
             if diverged_at is None:
                 recorder.record(step)

@@ -77,12 +77,13 @@ def validate(folder: Path, window: float = 300, jump: float = 0.05, shuffles: in
     report: dict = {"window": window, "jump": jump, "local": local, "runs": [s["config"] for s, _ in runs],
                     "ratios": {}}
     rng = np.random.default_rng(0)
+    local_rng = np.random.default_rng(1)  # its own stream: the circular shifts stay those published
     for ratio in ratios:
         rows, lags, jumps_seen, chance_hits, first_lags = [], [], 0, 0.0, []
         for summary, curve in runs:
             total = float(summary["training"]["steps"])
             shifts = rng.uniform(0, total, size=shuffles)
-            nearby = rng.uniform(-local, local, size=shuffles)
+            nearby = local_rng.uniform(-local, local, size=shuffles)
             online_all = [e for e in summary["online_events"] if e.get("ratio", 4.0) == ratio]
             jumps = accuracy_jumps(curve, jump)
             for layer, offline_events in summary["events"].items():

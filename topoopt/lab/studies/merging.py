@@ -184,7 +184,11 @@ def choose_weight(epochs: int, data, folder: Path, model_name: str = "mlp") -> f
     """The largest pilot weight whose penalised network is within 1 point of plain (pilot seeds)."""
     path = folder / "pilot.json"
     if path.exists():
-        return json.loads(path.read_text())["chosen"]
+        pilot = json.loads(path.read_text())
+        if pilot.get("model", "mlp") != model_name:
+            raise ValueError(f"{path} is the {pilot.get('model', 'mlp')}'s pilot, not the {model_name}'s: "
+                             f"pass another --out")
+        return pilot["chosen"]
     rows, runs = {}, []
     for weight in PILOT_WEIGHTS:
         gaps = []
@@ -196,8 +200,8 @@ def choose_weight(epochs: int, data, folder: Path, model_name: str = "mlp") -> f
         rows[str(weight)] = float(np.mean(gaps))
     allowed = [w for w in PILOT_WEIGHTS if rows[str(w)] <= 0.01]
     chosen = max(allowed) if allowed else min(PILOT_WEIGHTS)
-    path.write_text(json.dumps({"seeds": list(PILOT_SEEDS), "runs": runs, "mean_accuracy_loss": rows,
-                                "chosen": chosen}, indent=2))
+    path.write_text(json.dumps({"model": model_name, "seeds": list(PILOT_SEEDS), "runs": runs,
+                                "mean_accuracy_loss": rows, "chosen": chosen}, indent=2))
     return chosen
 
 
@@ -329,10 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
         path = folder / f"seed{seed}.json"
         if path.exists():
             record = json.loads(path.read_text())
-            held = (record.get("model", "mlp"), tuple(dict.fromkeys(r["method"] for r in record["results"])))
-            if held != (args.model, methods):
-                parser.error(f"{path} holds the {held[0]} with methods {', '.join(held[1])}, not the {args.model} "
-                             f"with {', '.join(methods)}: pass another --out")
+            held = (record.get("model", "mlp"), tuple(dict.fromkeys(r["method"] for r in record["results"])),
+                    record.get("epochs"))
+            if held != (args.model, methods, epochs):
+                parser.error(f"{path} holds the {held[0]} with methods {', '.join(held[1])} trained {held[2]} epochs, "
+                             f"not the {args.model} with {', '.join(methods)} for {epochs}: pass another --out")
             records.append(record)
             continue
         record = run_seed(seed, epochs, weight, data, args.model, methods)

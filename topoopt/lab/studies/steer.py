@@ -650,6 +650,20 @@ def read_compact(path: Path) -> list[dict]:
     return load_compact(path)
 
 
+def _drop_unscheduled(path: Path) -> None:
+    """Remove from a results file the topo-collapse runs recorded without their schedule (before
+    replays existed), and the matched controls made from them, so that they run again."""
+    done = load_results(path)
+    stale = {r["seed"] for r in done.values() if r["config"] == "topo-collapse" and "schedule" not in r}
+    if not stale:
+        return
+    dropped = {f"{name}/s{seed}" for seed in stale for name in ("topo-collapse", "topo-collapse-matched")}
+    kept = [json.dumps(record) for key, record in done.items() if key not in dropped]
+    path.write_text("".join(line + "\n" for line in kept))
+    print(f"{path}: topo-collapse at seed(s) {sorted(stale)} was recorded without its schedule, which the "
+          f"replays need: it runs again (with its matched control)")
+
+
 def run_study(config: SteerConfig, out: Path, tensorboard: Path | None = None,
               progress: bool = True) -> tuple[list[dict], dict]:
     """Run every cell not yet in ``out/runs.jsonl`` (matched controls after their steered runs),
@@ -660,6 +674,8 @@ def run_study(config: SteerConfig, out: Path, tensorboard: Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
     cells = make_cells(config)
+    if any(CONFIGS[c["name"]].get("replay") for c in cells):
+        _drop_unscheduled(path)
     first = [c for c in cells if not CONFIGS[c["name"]].get("matched") and not CONFIGS[c["name"]].get("replay")]
     run_cells(first, run_cell, path, progress=progress, desc="steer")
     done = load_results(path)
