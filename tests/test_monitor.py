@@ -206,3 +206,26 @@ def test_alerts_for_coinciding_and_collapsing_neurons(tmp_path):
     assert ("coincident", "fc1") not in kinds and ("collapse", "fc2") not in kinds
     assert "3 of its 6 neurons duplicate another" in text and "layer fc1 is collapsing" in text
     assert {"alerts/fc1", "alerts/fc2"} <= {t.split("/text_summary")[0] for t in events(tmp_path).Tags()["tensors"]}
+
+
+def _hparams(log_dir) -> dict:
+    """The hparams of the session written into `log_dir`, read back from the event file."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = events(log_dir)
+    metadata = acc.SummaryMetadata("_hparams_/session_start_info")
+    info = plugin_data_pb2.HParamsPluginData.FromString(metadata.plugin_data.content).session_start_info
+    return {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+            for key, value in info.hparams.items()}
+
+
+def test_the_with_form_writes_an_hparams_entry_with_or_without_settings(tmp_path):
+    model = build_mlp("mlp:12-8-6-3")
+    with TopologyMonitor(model, log_dir=tmp_path / "own", every=1) as monitor:
+        monitor.step(0)
+    assert _hparams(tmp_path / "own") == {"monitor_every": 1.0, "layers": 3.0, "signals": "True",
+                                          "topo_optimizer": "False"}
+    with TopologyMonitor(model, log_dir=tmp_path / "set", every=1) as monitor:
+        monitor.hparams, monitor.final = {"lr": 0.1, "arch": "mlp"}, {"accuracy": 0.9}
+        monitor.step(0)
+    assert _hparams(tmp_path / "set") == {"lr": 0.1, "arch": "mlp"}

@@ -195,6 +195,8 @@ class TopologyMonitor(MeterSettings):
         self._metric_fns = {name: get_metric(name) for name in metrics}
         self.signals = bool(signals)
         self.history = RunHistory()
+        self.hparams: Mapping[str, object] | None = None  # written at close (the `with` form sets them here)
+        self.final: Mapping[str, float] | None = None
         self.meter = LayerMeter(model, layers, owner="TopologyMonitor", trees=trees)
         self.every = every
         self.diagrams_every = diagrams_every
@@ -378,10 +380,18 @@ class TopologyMonitor(MeterSettings):
 
     def close(self, hparams: Mapping[str, object] | None = None, final: Mapping[str, float] | None = None) -> None:
         """Write the verdict (a text entry, and the ``topoopt`` logger at INFO), the hparams entry
-        (booleans as strings, final metrics), and close an owned writer."""
+        (booleans as strings, final metrics, every layer's last topology), and close an owned
+        writer. Without `hparams` and `final`, those set on the monitor (``monitor.hparams``,
+        ``monitor.final``) are used, so that the ``with`` form writes them too; with neither, the
+        monitor's own settings stand as the hparams."""
         if not self._active or self.writer is None:
             self.writer = None
             return
+        hparams = hparams if hparams is not None else self.hparams
+        final = final if final is not None else self.final
+        if hparams is None and self.history.steps:  # the `with` form: the monitor's own settings
+            hparams = {"monitor_every": self.every, "layers": len(self.layers), "signals": self.signals,
+                       "topo_optimizer": self.optimizer is not None}
         try:
             if self.history.steps:
                 text = self.verdict()
