@@ -104,21 +104,19 @@ def _markdown(rows: list[dict]) -> str:
 
 
 def compare(out: Path, setting: str, epsilons: list[float], seeds: list[int], steerings: list[str],
-            tensorboard: str | None = None) -> dict:
-    """Figures and tables of each (ε, seed)'s steered runs beside its baseline (module docstring)."""
-    from topoopt.lab.studies.learning_graphs import RunConfig
-
-    runs = {RunConfig(**r["config"]).name(): r["config"]
-            for r in json.loads((out / f"{setting}_summary.json").read_text())}
+            configs: list, tensorboard: str | None = None) -> dict:
+    """Figures and tables of each (ε, seed)'s steered runs beside its baseline (module docstring).
+    `configs` are the runs' `RunConfig`s (their setting, ε, seed, steering and folder `name()`)."""
+    runs = {config.name(): config for config in configs}
     target = out / "comparison"
     target.mkdir(parents=True, exist_ok=True)
     table: list[dict] = []
     figures = []
     for epsilon in epsilons:
         for seed in seeds:
-            chosen = [RunConfig(**c) for c in runs.values()
-                      if c["setting"] == setting and c["epsilon"] == epsilon and c["seed"] == seed
-                      and c.get("steer", "none") in {"none", *steerings}]
+            chosen = [c for c in runs.values()
+                      if c.setting == setting and c.epsilon == epsilon and c.seed == seed
+                      and (c.steer or "none") in {"none", *steerings}]
             chosen.sort(key=lambda c: (c.steer != "none", c.steer))
             folders = [out / c.name() for c in chosen if (out / c.name() / "summary.json").exists()]
             if len(folders) < 2:

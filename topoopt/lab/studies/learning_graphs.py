@@ -598,7 +598,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compare:
         from topoopt.lab.studies.graph_comparison import compare
 
-        compare(out, args.setting, epsilons, seeds, [s for s in steerings if s != "none"], args.tensorboard)
+        configs = [RunConfig(**r["config"]) for r in json.loads((out / f"{args.setting}_summary.json").read_text())]
+        compare(out, args.setting, epsilons, seeds, [s for s in steerings if s != "none"], configs, args.tensorboard)
     return {"runs": results}
 
 
