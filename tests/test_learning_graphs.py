@@ -116,6 +116,28 @@ def test_exports(tmp_path):
     assert len(json.loads((tmp_path / "g.json").read_text())["nodes"]) == graph.graph.number_of_nodes()
 
 
+def test_the_html_has_the_pngs_colours_a_legend_and_the_leaves_labels(tmp_path):
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    from topoopt.learning_graphs import leaf_labels
+
+    points, steps, neurons = branching_cloud()
+    graph = learning_graph(points, steps, neurons, MapperSettings(lens="norm", intervals=15, eps=0.5))
+    labels = leaf_labels(graph.graph)
+    assert sorted(labels.values(), key=int) == [str(n) for n in range(10)]  # one leaf per branching neuron
+    graph.save_html(tmp_path / "g.html", labels=labels)
+    text = (tmp_path / "g.html").read_text()
+    data = json.loads(text.split("const data=", 1)[1].split(";const c=", 1)[0])
+    by_id = {node["id"]: node for node in data["nodes"]}
+    low, high = data["legend"]["low"], data["legend"]["high"]
+    for node, attributes in graph.graph.nodes(data=True):
+        expected = to_hex(colormaps["viridis"]((attributes["mean_step"] - low) / (high - low)))
+        assert by_id[node]["colour"] == expected  # viridis, as the PNG's colour bar
+        assert by_id[node]["label"] == labels.get(node, "")
+    assert data["legend"]["stops"][0] == to_hex(colormaps["viridis"](0.0)) and 'id="legend"' in text
+
+
 def test_unknown_lens_lists_valid_ones():
     with pytest.raises(ValueError, match="Unknown lens 'umap'. Valid lenses are: pca_norm, norm, pca3"):
         learning_graph(np.zeros((4, 3)), np.arange(4), np.arange(4), MapperSettings(lens="umap"))

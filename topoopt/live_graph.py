@@ -247,8 +247,9 @@ class LiveLearningGraph:
                 continue
             stem = self.folder / f"{name.replace('.', '_') or 'model'}_step{step}"
             tag = f"learning_graph/{name.replace('.', '/') or 'model'}" if self._encode_in_worker else None
+            last = name == list(self.layers)[-1]  # the output layer: its leaves end in classes, so labelled
             jobs.append((name, str(trajectory.path), list(trajectory.rows), list(trajectory.steps), trajectory.neurons,
-                         self.settings.get(name), str(stem), f"{name}, step {step}", tag))
+                         self.settings.get(name), str(stem), f"{name}, step {step}", tag, last))
         if not jobs:
             return
         try:
@@ -409,12 +410,13 @@ def _build(jobs: list) -> tuple[list, float, float, float]:
     return results, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, started, time.monotonic()
 
 
-def _build_layer(points, settings, stem: str, title: str, tag: str | None):
-    from topoopt.learning_graphs import MapperSettings, learning_graph
+def _build_layer(points, settings, stem: str, title: str, tag: str | None, label_leaves: bool = False):
+    from topoopt.learning_graphs import MapperSettings, leaf_labels, learning_graph
 
     graph = learning_graph(*points, settings or MapperSettings())
-    graph.save_png(f"{stem}.png", title=title)
-    graph.save_html(f"{stem}.html", title=title)
+    labels = leaf_labels(graph.graph) if label_leaves else None
+    graph.save_png(f"{stem}.png", title=title, labels=labels)
+    graph.save_html(f"{stem}.html", title=title, labels=labels)
     summary = None
     if tag is not None:
         from PIL import Image

@@ -10,7 +10,7 @@ from topoopt.learning_graphs.mapper import (
     learning_graph,
     lens_values,
 )
-from topoopt.learning_graphs.statistics import branching_events, graph_statistics, terminal_leaves
+from topoopt.learning_graphs.statistics import branching_events, graph_statistics, leaf_labels, terminal_leaves
 from topoopt.learning_graphs.trajectory import Trajectory, TrajectoryRecorder, load_trajectory, recorded_layers
 
 __all__ = [
@@ -28,4 +28,5 @@ __all__ = [
     "graph_statistics",
     "branching_events",
     "terminal_leaves",
+    "leaf_labels",
 ]

@@ -110,8 +110,20 @@ class LearningGraph:
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json()))
 
+    def node_colours(self) -> dict[int, str]:
+        """Each node's colour: its mean training step on matplotlib's viridis, the PNG's and the
+        HTML's alike."""
+        from matplotlib import colormaps
+        from matplotlib.colors import to_hex
+
+        steps = {n: d["mean_step"] for n, d in self.graph.nodes(data=True)}
+        low, high = (min(steps.values()), max(steps.values())) if steps else (0.0, 1.0)
+        viridis = colormaps["viridis"]
+        return {n: to_hex(viridis((step - low) / ((high - low) or 1.0))) for n, step in steps.items()}
+
     def save_png(self, path: str | Path, title: str = "", labels: dict[int, str] | None = None) -> None:
-        """Nodes sized by cluster size, coloured by mean training step; optional node labels."""
+        """Nodes sized by cluster size, coloured by mean training step; optional node labels (an
+        output layer's leaves: `leaf_labels`)."""
         figure = new_figure(figsize=(8, 7))
         axes = figure.subplots()
         if self.graph.number_of_nodes():
@@ -130,13 +142,22 @@ class LearningGraph:
         figure.tight_layout()
         figure.savefig(path, dpi=110)
 
-    def save_html(self, path: str | Path, title: str = "learning graph") -> None:
-        """A self-contained interactive view (drag, zoom, hover for node details); no network."""
+    def save_html(self, path: str | Path, title: str = "learning graph", labels: dict[int, str] | None = None) -> None:
+        """A self-contained interactive view (drag, zoom, hover for node details; no network), in
+        the PNG's colours, with a colour legend of training steps and the optional node labels."""
+        from matplotlib import colormaps
+        from matplotlib.colors import to_hex
+
         positions = self.layout("spring")
+        colours = self.node_colours()
+        steps = [d["mean_step"] for _, d in self.graph.nodes(data=True)] or [0.0]
         data = {
             "nodes": [{"id": int(n), "x": float(positions[n][0]), "y": float(positions[n][1]), "size": d["size"],
-                       "step": d["mean_step"], "neurons": d["neurons"][:20]} for n, d in self.graph.nodes(data=True)],
+                       "step": d["mean_step"], "colour": colours[n], "neurons": d["neurons"][:20],
+                       "label": (labels or {}).get(n, "")} for n, d in self.graph.nodes(data=True)],
             "edges": [[int(a), int(b)] for a, b in self.graph.edges()],
+            "legend": {"low": min(steps), "high": max(steps),
+                       "stops": [to_hex(colormaps["viridis"](i / 8)) for i in range(9)]},
         }
         Path(path).write_text(_HTML.replace("__TITLE__", title).replace("__DATA__", json.dumps(data)))
 
@@ -173,18 +194,24 @@ def learning_graph(points: np.ndarray, point_steps: np.ndarray, point_neurons: n
 
 
 _HTML = """<!doctype html><html><head><meta charset="utf-8"><title>__TITLE__</title>
-<style>body{font:13px sans-serif;margin:0}#info{position:absolute;top:8px;left:8px;background:#fffc;padding:6px}</style>
-</head><body><div id="info">__TITLE__ — drag to pan, wheel to zoom, hover a node</div><canvas id="c"></canvas><script>
+<style>body{font:13px sans-serif;margin:0}#info{position:absolute;top:8px;left:8px;background:#fffc;padding:6px}
+#legend{position:absolute;bottom:12px;left:12px;background:#fffc;padding:6px}
+#bar{width:220px;height:12px;margin:4px 0}</style>
+</head><body><div id="info">__TITLE__ — drag to pan, wheel to zoom, hover a node</div>
+<div id="legend">colour: mean training step<div id="bar"></div><span id="lo"></span>
+<span id="hi" style="float:right"></span></div><canvas id="c"></canvas><script>
 const data=__DATA__;const c=document.getElementById('c'),g=c.getContext('2d');c.width=innerWidth;c.height=innerHeight;
-let s=Math.min(c.width,c.height)*0.42,ox=c.width/2,oy=c.height/2,drag=null;const steps=data.nodes.map(n=>n.step);
-const lo=Math.min(...steps),hi=Math.max(...steps),mx=Math.max(...data.nodes.map(n=>n.size));\
-const by={};data.nodes.forEach(n=>by[n.id]=n);
-function col(t){const u=(t-lo)/((hi-lo)||1);return `hsl(${260-220*u},70%,45%)`}
+let s=Math.min(c.width,c.height)*0.42,ox=c.width/2,oy=c.height/2,drag=null;
+const mx=Math.max(...data.nodes.map(n=>n.size));const by={};data.nodes.forEach(n=>by[n.id]=n);
+document.getElementById('bar').style.background=`linear-gradient(to right,${data.legend.stops.join(',')})`;
+document.getElementById('lo').textContent=data.legend.low.toFixed(0);
+document.getElementById('hi').textContent=data.legend.high.toFixed(0);
 function P(n){return [ox+n.x*s,oy+n.y*s]}
 function draw(){g.clearRect(0,0,c.width,c.height);g.strokeStyle='#999';\
 data.edges.forEach(([a,b])=>{const p=P(by[a]),q=P(by[b]);g.beginPath();g.moveTo(...p);g.lineTo(...q);g.stroke()});
-data.nodes.forEach(n=>{const p=P(n);g.fillStyle=col(n.step);g.beginPath();\
-g.arc(p[0],p[1],2+8*Math.sqrt(n.size/mx),0,7);g.fill()})}
+data.nodes.forEach(n=>{const p=P(n),r=2+8*Math.sqrt(n.size/mx);g.fillStyle=n.colour;g.beginPath();\
+g.arc(p[0],p[1],r,0,7);g.fill();if(n.label){g.fillStyle='#c00';g.font='bold 12px sans-serif';\
+g.fillText(n.label,p[0]+r+2,p[1]+4)}})}
 c.onmousedown=e=>drag=[e.clientX,e.clientY];onmouseup=()=>drag=null;
 c.onmousemove=e=>{if(drag){ox+=e.clientX-drag[0];oy+=e.clientY-drag[1];drag=[e.clientX,e.clientY];draw();return}
 let best=null,d=1e9;data.nodes.forEach(n=>{const p=P(n),q=(p[0]-e.clientX)**2+(p[1]-e.clientY)**2;if(q<d){d=q;best=n}});

@@ -8,7 +8,13 @@ import networkx as nx
 
 from topoopt.learning_graphs.mapper import LearningGraph
 
-__all__ = ["graph_statistics", "branching_events", "terminal_leaves"]
+__all__ = ["graph_statistics", "branching_events", "terminal_leaves", "leaf_labels"]
+
+
+def leaf_labels(graph: nx.Graph) -> dict[int, str]:
+    """Each terminal leaf's neurons, as a label ("3", or "3,8" for a leaf two neurons share): on
+    an output layer, the classes its branches end in."""
+    return {leaf: ",".join(str(n) for n in graph.nodes[leaf]["neurons"]) for leaf in terminal_leaves(graph)}
 
 
 def terminal_leaves(graph: nx.Graph) -> list[int]:

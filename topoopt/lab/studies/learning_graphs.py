@@ -40,9 +40,9 @@ from topoopt.learning_graphs import (
     TrajectoryRecorder,
     branching_events,
     graph_statistics,
+    leaf_labels,
     learning_graph,
     load_trajectory,
-    terminal_leaves,
 )
 from topoopt.learning_graphs.mapper import pca_reduce
 from topoopt.plotting import new_figure
@@ -362,11 +362,7 @@ def _analyse_layer(folder: Path, config: RunConfig, layer: str, role: str, light
     graph = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron, settings)
     stats = graph_statistics(graph)
     events = branching_events(graph.graph)
-    labels = {}
-    if role == "output":
-        for leaf in terminal_leaves(graph.graph):
-            neurons = graph.graph.nodes[leaf]["neurons"]
-            labels[leaf] = ",".join(str(n) for n in neurons)
+    labels = leaf_labels(graph.graph) if role == "output" else {}
     stats["digit_leaves"] = sorted(labels.values())
     stats["seconds"] = graph.seconds
     stats["events"] = events[:50]
@@ -375,7 +371,7 @@ def _analyse_layer(folder: Path, config: RunConfig, layer: str, role: str, light
     graph.save_json(folder / f"{layer}_graph.json")
     if light:
         return stats
-    graph.save_html(folder / f"{layer}_graph.html", title=f"{config.name()} {layer}")
+    graph.save_html(folder / f"{layer}_graph.html", title=f"{config.name()} {layer}", labels=labels)
     if role == "first":  # the PCA-3 graph, in both settings, so cycle counts compare
         surface = learning_graph(trajectory.points, trajectory.point_steps(), trajectory.neuron,
                                  PAPER_SETTINGS["surface"])
