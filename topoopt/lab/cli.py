@@ -5,111 +5,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from topoopt.lab.data import DATASETS, DatasetUnavailable
+from topoopt.lab.data import DatasetUnavailable
 from topoopt.lab.run_lock import RunFolderBusy
 from topoopt.lab.studies.options import CommandParser, HelpFormatter, positive_int
+from topoopt.lab.train_config import add_train_options
 from topoopt.lab.training import CHANGEABLE_ON_RESUME
 from topoopt.lab.writer_errors import caught_writer_errors
-from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES
-from topoopt.penalty import PENALTY_METRICS
 
 __all__ = ["main", "build_parser"]
 
 
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-
-
-def _model_spec(text: str) -> str:
-    from topoopt.lab.models import parse_model_spec
-
-    try:
-        parse_model_spec(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
-def _add_train_options(parser: argparse.ArgumentParser, defaults) -> None:
-    """The options of `topoopt train`; with ``defaults=None`` an option not given is left out of
-    the parsed namespace (how a resumed run tells the options given from the defaults)."""
-    default = (lambda name: getattr(defaults, name)) if defaults is not None else (lambda name: argparse.SUPPRESS)
-    parser.add_argument("--dataset", choices=DATASETS, default=default("dataset"))
-    parser.add_argument("--data-dir", default=default("data_dir"),
-                        help="folder with the dataset's files (mnist, fashion-mnist)")
-    parser.add_argument("--subset", type=positive_int, default=default("subset"),
-                        help="stratified training subset size")
-    parser.add_argument("--model", type=_model_spec, default=default("model"),
-                        help="mlp:IN-H1-...-OUT (default: mlp:IN-100-100-10, IN the dataset's features: "
-                             "64 for digits, 784 else)")
-    parser.add_argument("--activation", choices=["relu", "sigmoid", "tanh", "gelu"], default=default("activation"))
-    parser.add_argument("--no-bias", dest="bias", action="store_false", default=default("bias"),
-                        help="Linear layers without bias")
-    parser.add_argument("--init", choices=["default", "zero", "normal"], default=default("init"))
-    parser.add_argument("--init-std", type=_non_negative_float, default=default("init_std"),
-                        help="std of --init normal")
-    parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default=default("optimizer"))
-    parser.add_argument("--lr", type=_positive_float, default=default("lr"))
-    parser.add_argument("--momentum", type=_non_negative_float, default=default("momentum"),
-                        help="SGD momentum, in [0, 1)")
-    parser.add_argument("--weight-decay", type=_non_negative_float, default=default("weight_decay"))
-    parser.add_argument("--epochs", type=positive_int, default=default("epochs"),
-                        help="total epochs; may be raised on --resume to extend a run")
-    parser.add_argument("--batch-size", type=positive_int, default=default("batch_size"))
-    parser.add_argument("--topo-optimizer", choices=sorted(POLICIES), default=default("topo_optimizer"),
-                        metavar="POLICY",
-                        help=f"wrap the optimizer in TopoOptimizer with this policy ({', '.join(POLICIES)})")
-    parser.add_argument("--topo-metric", choices=COMPLEXITY_METRICS, default=default("topo_metric"))
-    parser.add_argument("--topo-strength", type=_non_negative_float, default=default("topo_strength"))
-    parser.add_argument("--topo-every", type=positive_int, default=default("topo_every"))
-    parser.add_argument("--topo-bounds", type=_positive_float, nargs=2, default=default("topo_bounds"),
-                        metavar=("LOW", "HIGH"),
-                        help="range of each layer's step scale, LOW ≤ 1 ≤ HIGH")
-    parser.add_argument("--penalty", choices=PENALTY_METRICS, default=default("penalty"), metavar="METRIC",
-                        help=f"add TopoPenalty on this metric ({', '.join(PENALTY_METRICS)})")
-    parser.add_argument("--penalty-weight", type=_non_negative_float, default=default("penalty_weight"))
-    parser.add_argument("--penalty-direction", choices=["minimize", "maximize"], default=default("penalty_direction"))
-    parser.add_argument("--penalty-every", type=positive_int, default=default("penalty_every"))
-    parser.add_argument("--tree-every", type=positive_int, default=default("tree_every"))
-    parser.add_argument("--monitor-every", type=positive_int, default=default("monitor_every"))
-    parser.add_argument("--diagrams-every", type=positive_int, default=default("diagrams_every"))
-    parser.add_argument("--seed", type=int, default=default("seed"))
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default("device"))
-    parser.add_argument("--log-dir", default=default("log_dir"),
-                        help="run folder (default tensorboard_logs/<run-name>)")
-    parser.add_argument("--run-name", default=default("run_name"))
+def _add_train_options(parser: argparse.ArgumentParser, with_defaults: bool = True) -> None:
+    """The options of `topoopt train` (declared once, in `topoopt.lab.train_config`), and --resume
+    and --quiet; without defaults an option not given is left out of the parsed namespace."""
+    add_train_options(parser, with_defaults)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --log-dir from its last checkpoint, with its saved options "
                              f"(only {', '.join('--' + n.replace('_', '-') for n in CHANGEABLE_ON_RESUME)} may differ)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
-
-
-def _defaults():
-    from topoopt.lab.training import TrainConfig
-
-    return TrainConfig()
 
 
 def _config(args: argparse.Namespace, given: set[str]):
@@ -129,7 +46,7 @@ def _config(args: argparse.Namespace, given: set[str]):
 def _given_options(argv: Sequence[str]) -> set[str]:
     """The train options named on the command line (not left at their defaults)."""
     probe = CommandParser(prog="topoopt train")
-    _add_train_options(probe, defaults=None)
+    _add_train_options(probe, with_defaults=False)
     return set(vars(probe.parse_args(argv)))
 
 
@@ -228,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", formatter_class=HelpFormatter,
                                 help="train one model with optional topology-aware optimizer and penalty")
-    _add_train_options(train, _defaults())
+    _add_train_options(train)
     train.set_defaults(handler=_train)
     main_job = commands.add_parser("main", formatter_class=HelpFormatter,
                                    help="the main job behind `make run` (offline, mnist5k)")

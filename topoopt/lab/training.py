@@ -30,9 +30,8 @@ from pathlib import Path
 
 import torch
 
-from topoopt.lab.data import DATASETS, Dataset, default_model, load_dataset, stratified_subset
+from topoopt.lab.data import Dataset, load_dataset, stratified_subset
 from topoopt.lab.loop import (
-    OPTIMIZERS,
     Callback,
     LoopState,
     Progress,
@@ -43,13 +42,14 @@ from topoopt.lab.loop import (
     make_optimizer,
     run_loop,
 )
-from topoopt.lab.models import ACTIVATIONS, build_mlp, initialise, parse_model_spec
+from topoopt.lab.models import build_mlp, initialise, parse_model_spec
 from topoopt.lab.progress import Ticker
 from topoopt.lab.run_lock import LOCK_FILE, run_lock
+from topoopt.lab.train_config import TrainConfig
 from topoopt.measure import layer_topology
 from topoopt.monitor import TopologyMonitor
-from topoopt.optimizer import COMPLEXITY_METRICS, POLICIES, TopoOptimizer
-from topoopt.penalty import PENALTY_METRICS, TopoPenalty
+from topoopt.optimizer import TopoOptimizer
+from topoopt.penalty import TopoPenalty
 from topoopt.tree_cache import TreeCache
 
 __all__ = ["CHANGEABLE_ON_RESUME", "TrainConfig", "saved_config", "train", "fit", "fit_steps"]
@@ -64,127 +64,8 @@ TEMPORARY_CHECKPOINT = "checkpoint.tmp"
 _CHECKPOINT_KEYS = ("model", "optimizer", "generator", "epoch", "global_step", "rows")
 
 
-@dataclass
-class TrainConfig:
-    dataset: str = "mnist5k"
-    data_dir: str | None = None
-    subset: int | None = None
-    model: str | None = None          # None: the dataset's default, `topoopt.lab.data.default_model`
-    activation: str = "relu"
-    bias: bool = True
-    init: str = "default"
-    init_std: float = 1e-6
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    epochs: int = 5
-    batch_size: int = 64
-    topo_optimizer: str | None = None
-    topo_metric: str = "normalized_entropy"
-    topo_strength: float = 1.0
-    topo_every: int = 10
-    topo_bounds: tuple[float, float] = (0.25, 4.0)
-    penalty: str | None = None
-    penalty_weight: float = 1e-3
-    penalty_direction: str = "minimize"
-    penalty_every: int = 1
-    tree_every: int = 1
-    monitor_every: int = 10
-    diagrams_every: int = 200
-    seed: int = 0
-    device: str = "auto"
-    log_dir: str | None = None
-    run_name: str | None = None
-
-    def name(self) -> str:
-        if self.run_name:
-            return self.run_name
-        parts = [self.dataset, self.optimizer]
-        if self.topo_optimizer:
-            parts.append(f"topo-{self.topo_optimizer}")
-        if self.penalty:
-            parts.append(f"pen-{self.penalty}")
-        return "_".join(parts + [f"s{self.seed}"])
-
-    def run_dir(self) -> Path:
-        return Path(self.log_dir or Path("tensorboard_logs") / self.name())
-
-    def resolved(self) -> "TrainConfig":
-        """A checked copy with the dataset's default model filled in; a bad value is a
-        `ValueError` naming the command-line option."""
-        config = dataclasses.replace(self, topo_bounds=_pair(self.topo_bounds))
-        _check_config(config)
-        if config.model is None:
-            config.model = default_model(config.dataset)
-        return config
-
-
-def _pair(value):
-    return tuple(value) if isinstance(value, (list, tuple)) else value
-
-
 def _option(field: str) -> str:
     return "--" + field.replace("_", "-")
-
-
-def _require(field: str, value, ok: bool, requirement: str) -> None:
-    if not ok:
-        raise ValueError(f"{_option(field)} {value!r}: must be {requirement}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _check_choice(field: str, value, choices) -> None:
-    _require(field, value, value in choices, f"one of {', '.join(map(str, choices))}")
-
-
-def _check_config(config: TrainConfig) -> None:
-    """Every option's type and range, before anything is loaded or written."""
-    _check_choice("dataset", config.dataset, DATASETS)
-    _require("subset", config.subset, config.subset is None or _is_count(config.subset), "an integer ≥ 1")
-    if config.model is not None:
-        try:
-            parse_model_spec(config.model)
-        except ValueError as error:
-            raise ValueError(f"--model {config.model}: {error}") from None
-    _check_choice("activation", config.activation, sorted(ACTIVATIONS))
-    _check_choice("init", config.init, ("default", "zero", "normal"))
-    _require("init_std", config.init_std, _is_number(config.init_std) and config.init_std >= 0, "a finite number ≥ 0")
-    _check_choice("optimizer", config.optimizer, OPTIMIZERS)
-    _require("lr", config.lr, _is_number(config.lr) and config.lr > 0, "a finite number > 0")
-    _require("momentum", config.momentum, _is_number(config.momentum) and 0 <= config.momentum < 1,
-             "a finite number in [0, 1)")
-    _require("momentum", config.momentum, config.momentum == 0 or config.optimizer == "sgd",
-             "0 with --optimizer adam/adamw (momentum is an SGD option)")
-    _require("weight_decay", config.weight_decay, _is_number(config.weight_decay) and config.weight_decay >= 0,
-             "a finite number ≥ 0")
-    for field in ("epochs", "batch_size", "topo_every", "penalty_every", "tree_every", "monitor_every",
-                  "diagrams_every"):
-        _require(field, getattr(config, field), _is_count(getattr(config, field)), "an integer ≥ 1")
-    if config.topo_optimizer is not None:
-        _check_choice("topo_optimizer", config.topo_optimizer, sorted(POLICIES))
-    _check_choice("topo_metric", config.topo_metric, COMPLEXITY_METRICS)
-    _require("topo_strength", config.topo_strength, _is_number(config.topo_strength) and config.topo_strength >= 0,
-             "a finite number ≥ 0")
-    bounds = config.topo_bounds
-    _require("topo_bounds", bounds, isinstance(bounds, tuple) and len(bounds) == 2
-             and all(_is_number(b) and b > 0 for b in bounds) and bounds[0] <= 1 <= bounds[1],
-             "two finite numbers LOW ≤ 1 ≤ HIGH (the range of each layer's step scale)")
-    if config.penalty is not None:
-        _check_choice("penalty", config.penalty, PENALTY_METRICS)
-    _require("penalty_weight", config.penalty_weight, _is_number(config.penalty_weight) and config.penalty_weight >= 0,
-             "a finite number ≥ 0 (--penalty-direction chooses the sign)")
-    _check_choice("penalty_direction", config.penalty_direction, ("minimize", "maximize"))
-    _require("seed", config.seed, isinstance(config.seed, int) and not isinstance(config.seed, bool)
-             and 0 <= config.seed < 2**63, "an integer in [0, 2**63)")
-    _check_choice("device", config.device, ("auto", "cpu", "cuda"))
 
 
 def _device(choice: str) -> torch.device:
@@ -242,7 +123,7 @@ def saved_config(run_dir: str | Path) -> TrainConfig | None:
         raise ValueError(f"{path}: not a configuration (a JSON object was expected)")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
-    config.topo_bounds = _pair(config.topo_bounds)
+    config.topo_bounds = tuple(config.topo_bounds) if isinstance(config.topo_bounds, list) else config.topo_bounds
     if config.model is None:  # written before the default depended on the dataset
         config.model = "mlp:784-100-100-10"
     return config
