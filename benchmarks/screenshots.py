@@ -3,7 +3,8 @@ and a screenshot of each view taken with headless Chromium (Debian's ``chromium`
 
     python benchmarks/screenshots.py --out /tmp/screens     # about a minute
 
-Writes ``<view>.png`` for the Scalars, Custom Scalars, Images and Text views. Look at them: the
+Writes ``<view>.png`` for the page TensorBoard opens on (``landing``) and the Scalars, Custom
+Scalars, Images and Text views. Look at them: the
 point is what a person sees, which no assertion on event files can tell.
 """
 
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-VIEWS = {"scalars": "#timeseries", "custom_scalars": "#custom_scalars", "images": "#images", "text": "#text"}
+VIEWS = {"landing": "", "scalars": "#timeseries", "custom_scalars": "#custom_scalars", "images": "#images",
+         "text": "#text"}
 
 
 def demo_run(log_dir: Path) -> None:
