@@ -47,9 +47,12 @@ def test_scalars_follow_the_tag_scheme_and_match_the_monitor(tmp_path):
     series = acc.Scalars("topology/fc2/mean_lifetime")
     assert [e.step for e in series] == [0, 1, 2, 3]
     assert series[-1].value == pytest.approx(monitor.last["fc2"]["mean_lifetime"], rel=1e-6)
-    assert {"diagram/fc1", "barcode/fc1"} <= set(acc.Tags()["images"])
-    assert [e.step for e in acc.Images("diagram/fc1")] == [0, 2]
-    assert "deaths/fc3" in acc.Tags()["histograms"]
+    assert {"topology_diagram/fc1", "topology_barcode/fc1"} <= set(acc.Tags()["images"])
+    assert [e.step for e in acc.Images("topology_diagram/fc1")] == [0, 2]
+    assert "topology_deaths/fc3" in acc.Tags()["histograms"]
+    # TensorBoard opens on Time Series, whose groups sort by name: the signals come before the figures.
+    groups = sorted({t.split("/")[0] for kind in ("scalars", "images", "histograms") for t in acc.Tags()[kind]})
+    assert groups.index("topology") < min(groups.index(g) for g in groups if g.startswith("topology_"))
 
 
 def test_dotted_layer_names_become_slashes():
@@ -229,3 +232,13 @@ def test_the_with_form_writes_an_hparams_entry_with_or_without_settings(tmp_path
         monitor.hparams, monitor.final = {"lr": 0.1, "arch": "mlp"}, {"accuracy": 0.9}
         monitor.step(0)
     assert _hparams(tmp_path / "set") == {"lr": 0.1, "arch": "mlp"}
+    # The final metrics are one scalar each; the topology metrics are read from their own series,
+    # not copied into one-point charts.
+    scalars = set(events(tmp_path / "set").Tags()["scalars"])
+    assert "hparam/accuracy" in scalars and not any(t.startswith("hparam/topology") for t in scalars)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    experiment = events(tmp_path / "set").SummaryMetadata("_hparams_/experiment")
+    names = {m.name.tag for m in plugin_data_pb2.HParamsPluginData.FromString(
+        experiment.plugin_data.content).experiment.metric_infos}
+    assert {"hparam/accuracy", "topology/fc1/spread"} <= names

@@ -2,8 +2,9 @@
 
 Tag scheme (one place, `tag`): ``topology/<layer>/<metric>`` for metrics (and ``groups``),
 ``branching/<layer>`` for branching events, ``optim/<layer>/...`` for a `TopoOptimizer`'s
-scales, ``deaths/<layer>`` for histograms, ``diagram/<layer>`` and ``barcode/<layer>`` for
-figures. Dots in module names become ``/``.
+scales, ``topology_deaths/<layer>`` for histograms, ``topology_diagram/<layer>`` and
+``topology_barcode/<layer>`` for figures (TensorBoard's Time Series page, where it opens, orders
+groups alphabetically: these come after the signals of ``topology/``, not before). Dots in module names become ``/``.
 """
 
 from __future__ import annotations
@@ -328,10 +329,10 @@ class TopologyMonitor(MeterSettings):
                                            global_step)
 
     def _log_diagrams(self, name: str, deaths: torch.Tensor, step: int) -> None:
-        self.writer.add_histogram(tag("deaths", name), deaths.float().cpu(), step)
+        self.writer.add_histogram(tag("topology_deaths", name), deaths.float().cpu(), step)
         diagram, barcode = _figures(name, deaths)
-        self.writer.add_figure(tag("diagram", name), diagram, step)
-        self.writer.add_figure(tag("barcode", name), barcode, step)
+        self.writer.add_figure(tag("topology_diagram", name), diagram, step)
+        self.writer.add_figure(tag("topology_barcode", name), barcode, step)
 
     def _raise_alert(self, alert: Alert) -> None:
         self.alerts.append(alert)
@@ -398,18 +399,36 @@ class TopologyMonitor(MeterSettings):
                 logging.getLogger("topoopt").info("%s", text)
                 self.writer.add_text("verdict", text.replace("\n", "  \n"), self.history.steps[-1])
             if hparams is not None:
-                plain = {k: (str(v) if isinstance(v, bool) or v is None else v) for k, v in hparams.items()}
-                plain = {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in plain.items()}
-                metrics = {f"hparam/{k}": float(v) for k, v in (final or {}).items() if math.isfinite(float(v))}
-                for name, values in self.last.items():
-                    for metric, value in values.items():
-                        metrics[f"hparam/{tag('topology', name, metric)}"] = value
-                self.writer.add_hparams(plain, metrics, run_name=".")
+                self._write_hparams(hparams, final)
             self.writer.flush()
         finally:
             if self._owns_writer:
                 self.writer.close()
             self.writer = None
+
+    def _write_hparams(self, hparams: Mapping[str, object], final: Mapping[str, float] | None) -> None:
+        """The HParams entry of this run: `hparams` (booleans and None as strings), the `final`
+        metrics (one scalar each, ``hparam/<name>``) and every layer's topology, read from its own
+        series (``topology/<layer>/<metric>``) instead of a one-point copy of each, which would
+        fill TensorBoard's first page with single dots."""
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        log_dir = self.writer.get_logdir() if isinstance(self.writer, SummaryWriter) else None
+        if log_dir is None:
+            return
+        plain = {k: (str(v) if isinstance(v, bool) or v is None else v) for k, v in hparams.items()}
+        plain = {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in plain.items()}
+        ends = {f"hparam/{k}": float(v) for k, v in (final or {}).items() if math.isfinite(float(v))}
+        series = {tag("topology", name, metric): value for name, values in self.last.items()
+                  for metric, value in values.items()}
+        summaries = hparams_summaries(plain, {**ends, **series})
+        step = self.history.steps[-1] if self.history.steps else 0
+        with SummaryWriter(log_dir=log_dir) as session:  # as add_hparams does, into the same run
+            for summary in summaries:
+                session.file_writer.add_summary(summary)
+            for key, value in ends.items():
+                session.add_scalar(key, value, step)
 
     def __enter__(self) -> "TopologyMonitor":
         return self
