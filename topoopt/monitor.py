@@ -317,7 +317,7 @@ class TopologyMonitor(MeterSettings):
                 self._skip(name, f"{type(error).__name__}: {error}", global_step)
             self.history.record(name, self.last[name], global_step)
             if self.signals:
-                for alert in self._watch[name].update(name, global_step, self.last[name], deaths):
+                for alert in self._watch[name].update(name, global_step, self.last[name], deaths, cloud):
                     self._raise_alert(alert)
         if self.optimizer is not None:
             for name, scale in self.optimizer.scales.items():

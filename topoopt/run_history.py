@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["RunHistory", "SATURATED_ENTROPY", "Alert", "AlertWatch", "COLLAPSE_FALL", "COINCIDENT"]
+__all__ = ["RunHistory", "SATURATED_ENTROPY", "Alert", "AlertWatch", "COLLAPSE_FALL", "COINCIDENT",
+           "STILL_MEASUREMENTS"]
 
 SATURATED_ENTROPY = 0.999
 """Normalized entropy above which a layer reads as a random, even cloud: a penalty maximising it
@@ -22,11 +23,26 @@ COINCIDENT = 1e-6
 that never separated after zero initialisation)."""
 
 
+STILL_MEASUREMENTS = 2
+"""A still alert fires when a layer's weights are exactly what they were this many measurements
+in a row: the layer is frozen, or no gradient reaches it (every unit dead)."""
+
+
+def _fingerprint(cloud) -> float:
+    """One number that any change of the cloud changes (a sum against fixed pseudo-random
+    weights), without keeping a copy of the layer."""
+    import torch
+
+    flat = cloud.detach().reshape(-1).double()
+    weights = torch.sin(torch.arange(flat.numel(), device=flat.device, dtype=torch.float64) * 12.9898 + 0.5)
+    return float((flat * weights).sum())
+
+
 @dataclass(frozen=True)
 class Alert:
     """One alert about one layer."""
 
-    kind: str  # "collapse" or "coincident"
+    kind: str  # "collapse", "coincident" or "still"
     layer: str
     step: int
     message: str
@@ -35,14 +51,19 @@ class Alert:
 @dataclass
 class AlertWatch:
     """One layer's alert state: each alert fires once, and again only after its cause went away
-    (collapse) or grew by a tenth of the layer (coincident neurons)."""
+    (collapse, still) or grew by a tenth of the layer (coincident neurons)."""
 
     first_spread: float | None = None
     collapsed: bool = False
     coincident: int = 0
+    fingerprint: float | None = None
+    unchanged: int = 0
+    still: bool = False
 
-    def update(self, layer: str, step: int, values: Mapping[str, float], deaths) -> list[Alert]:
+    def update(self, layer: str, step: int, values: Mapping[str, float], deaths, cloud=None) -> list[Alert]:
         alerts = []
+        if cloud is not None and cloud.numel() and not hasattr(cloud, "placements"):  # a shard: not its whole
+            alerts += self._still(layer, step, _fingerprint(cloud))
         spread = values.get("spread")
         if spread is not None:
             if self.first_spread is None:
@@ -66,6 +87,20 @@ class AlertWatch:
                                     f"another (copies, or neurons that never separated)"))
                 self.coincident = count
         return alerts
+
+    def _still(self, layer: str, step: int, fingerprint: float) -> list[Alert]:
+        """A layer whose weights did not change over `STILL_MEASUREMENTS` measurements in a row."""
+        if self.fingerprint is not None and fingerprint == self.fingerprint:
+            self.unchanged += 1
+        else:
+            self.unchanged, self.still = 0, False
+        previous, self.fingerprint = self.fingerprint, fingerprint
+        if previous is None or self.still or self.unchanged < STILL_MEASUREMENTS:
+            return []
+        self.still = True
+        return [Alert("still", layer, step,
+                      f"step {step}: layer {layer or 'model'} has not changed for {self.unchanged} measurements: "
+                      f"it is frozen, or no gradient reaches it (every unit dead)")]
 
 
 @dataclass
