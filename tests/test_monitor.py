@@ -242,3 +242,25 @@ def test_the_with_form_writes_an_hparams_entry_with_or_without_settings(tmp_path
     names = {m.name.tag for m in plugin_data_pb2.HParamsPluginData.FromString(
         experiment.plugin_data.content).experiment.metric_infos}
     assert {"hparam/accuracy", "topology/fc1/spread"} <= names
+
+
+def test_a_layer_that_stops_moving_is_reported_once_as_still(tmp_path):
+    """A frozen layer (its weights the same for two measurements) raises one still alert, which
+    re-arms when the layer moves again; a training layer raises none."""
+    model = build_mlp("mlp:12-8-6-3")
+    model.fc1.requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    seen = []
+    with TopologyMonitor(model, log_dir=tmp_path, on_alert=seen.append) as monitor:
+        for step in range(8):
+            if step == 5:
+                with torch.no_grad():
+                    model.fc1.weight.mul_(1.01)  # moved once: the alert re-arms
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            monitor.step(step)
+    still = [(alert.layer, alert.step) for alert in seen if alert.kind == "still"]
+    assert still == [("fc1", 2), ("fc1", 7)]
+    assert "has not changed for 2 measurements: it is frozen, or no gradient reaches it" in seen[0].message
