@@ -36,8 +36,10 @@ def demo_run(log_dir: Path) -> None:
     torch.manual_seed(0)
     data = load_dataset("digits")
     model = build_mlp("mlp:64-32-16-10")
-    with torch.no_grad():
+    with torch.no_grad():  # a true copy: same incoming weights and bias, same outgoing column, so it stays one
         model.fc2.weight[1].copy_(model.fc2.weight[0])
+        model.fc2.bias[1].copy_(model.fc2.bias[0])
+        model.fc3.weight[:, 1].copy_(model.fc3.weight[:, 0])
     optimizer = TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, every=5)
     with TopologyMonitor(model, log_dir=str(log_dir), every=10, diagrams_every=100, optimizer=optimizer) as monitor:
         for step in range(300):
