@@ -10,7 +10,7 @@ An MLP 784-128-128-10 on mnist5k, or a CNN (conv 16 and conv 32 filters of 3×3,
 hidden layer's neurons (filters), evaluated as is and after one epoch of fine-tuning. One record
 per seed (resumable: finished seeds are read back).
 
-    topoopt merging --quick                  # 2 seeds, 2 epochs, a minute
+    topoopt merging --quick                  # 2 seeds, 2 epochs: seconds (the CNN: a minute)
     topoopt merging                          # the pre-registered MLP study
     topoopt merging --model cnn --methods l1 cosine h0 tp --out experiments/results/merging/cnn
 """
