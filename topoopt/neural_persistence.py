@@ -31,7 +31,10 @@ def _absolute(weight: torch.Tensor) -> np.ndarray:
 def bipartite_lifetimes(weight: torch.Tensor) -> np.ndarray:
     """Lifetimes 1 − w of the bipartite graph's H0 diagram, one per tree edge (outputs + inputs − 1).
     An all-zero weight has no filtration: a `ValueError`."""
-    absolute = _absolute(weight)
+    return _lifetimes(_absolute(weight))
+
+
+def _lifetimes(absolute: np.ndarray) -> np.ndarray:
     largest = absolute.max()
     if largest == 0:
         raise ValueError("Invalid weight: all zero, so the bipartite graph has no filtration")
@@ -68,6 +71,6 @@ def neural_persistence(weight: torch.Tensor, p: float = 2.0, normalize: bool = T
     absolute = _absolute(weight)
     if absolute.max() == 0 or sum(absolute.shape) < 2:
         return 0.0
-    lifetimes = bipartite_lifetimes(weight)
+    lifetimes = _lifetimes(absolute)
     value = float(np.linalg.norm(lifetimes, ord=p))
     return value / len(lifetimes) ** (1 / p) if normalize else value

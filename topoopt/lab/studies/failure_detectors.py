@@ -11,6 +11,7 @@ divergence rule (the probe loss non-finite or above 1.5 × its first value).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,7 +50,9 @@ class Envelope:
         self.low, self.high = {}, {}
         for layer in references[0]["signals"][signal]:
             stacked = np.array([_logged(r["signals"][signal][layer])[0] for r in references])
-            with np.errstate(invalid="ignore"), _quiet():
+            # a column no reference has (update ratios at step 0) is all NaN, which numpy warns of
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
                 self.low[layer] = np.nanmin(stacked, axis=0)
                 self.high[layer] = np.nanmax(stacked, axis=0)
 
@@ -66,20 +69,6 @@ class Envelope:
             with np.errstate(invalid="ignore"):
                 flags |= known & (~np.isfinite(logged) | (logged < low - margin) | (logged > high + margin))
         return flags
-
-
-class _quiet:
-    """nanmin/nanmax over an all-missing column (update ratios at step 0) warn; that is expected."""
-
-    def __enter__(self):
-        import warnings
-
-        self._context = warnings.catch_warnings()
-        self._context.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._context.__exit__(*exc)
 
 
 def calibrate(signal: str, pilots: Sequence[dict]) -> Envelope:

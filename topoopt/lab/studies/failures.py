@@ -123,10 +123,12 @@ def summarise(records: list[dict], failures: tuple[str, ...], pilots: tuple[int,
     for base in bases:
         runs = [r for s, r in sorted(by[base].items()) if s not in pilots]
         steps = sum(r["steps"][-1] for r in runs)
-        healthy[base] = {d: {"episodes": sum(fd.episodes(flags(d, r)) for r in runs),
-                             "runs_alarmed": sum(bool(flags(d, r).any()) for r in runs), "runs": len(runs),
-                             "per_10k_steps": 1e4 * sum(fd.episodes(flags(d, r)) for r in runs) / max(steps, 1)}
-                         for d in detectors}
+        healthy[base] = {}
+        for d in detectors:
+            alarmed = [flags(d, r) for r in runs]  # each run's alarms computed once
+            count = sum(fd.episodes(a) for a in alarmed)
+            healthy[base][d] = {"episodes": count, "runs_alarmed": sum(bool(a.any()) for a in alarmed),
+                                "runs": len(runs), "per_10k_steps": 1e4 * count / max(steps, 1)}
     pooled = {d: float(np.mean([healthy[b][d]["per_10k_steps"] for b in bases])) for d in detectors}
     best_standard = min(fd.STANDARD, key=lambda d: pooled[d])
     caught = sum(row["detectors"][best_standard]["in_time"] for row in per_failure.values())
