@@ -98,6 +98,9 @@ def run(rank: int, scenario: str, out_dir: str, port: int) -> None:
         result["traceback"] = traceback.format_exc()
     finally:
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done before either tears gloo down: rank 0 alone writes the monitor's files at
+        # close, and a rank destroying its group while the other still uses it aborts the process.
+        dist.barrier()
         dist.destroy_process_group()
 
 
