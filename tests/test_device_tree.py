@@ -115,7 +115,7 @@ def test_cuda_clouds_search_on_the_device(monkeypatch):
     x = torch.randn(700, 64)
     deaths = h0_deaths(x.cuda().requires_grad_(True))
     deaths.sum().backward()
-    np.testing.assert_allclose(positive(deaths), gudhi_h0_deaths(x.double().numpy()), rtol=1e-5)
+    np.testing.assert_allclose(np.sort(positive(deaths)), gudhi_h0_deaths(x.double().numpy()), rtol=1e-5)
 
 
 def test_the_tf32_setting_can_be_read():
@@ -135,7 +135,7 @@ def test_a_tf32_setting_does_not_change_the_tree():
         deaths = h0_deaths(x.cuda())
     finally:
         matmul.fp32_precision = saved
-    np.testing.assert_allclose(positive(deaths), gudhi_h0_deaths(x.double().numpy()), rtol=1e-5)
+    np.testing.assert_allclose(np.sort(positive(deaths)), gudhi_h0_deaths(x.double().numpy()), rtol=1e-5)
 
 
 def test_a_device_search_keeps_the_callers_cpu_threads(monkeypatch):
@@ -174,3 +174,95 @@ def test_a_far_cluster_searched_again_is_checked_against_the_memory_left(monkeyp
     with pytest.raises(MemoryBudgetError, match=r"A cloud of 290 points"):
         device_tree(cluster)
     assert len(calls) == 2
+
+
+def _emulated_tf32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A TF32 tensor-core product, emulated on the CPU: each input truncated to a 10-bit mantissa
+    (the coarser of the hardware's roundings), the products summed in float64, the result float32."""
+    def truncated(t: torch.Tensor) -> torch.Tensor:
+        return (t.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+    if a.dtype != torch.float32:  # TF32 is a float32 setting: float64 products keep their precision
+        return a @ b
+    return (truncated(a).double() @ truncated(b).double()).float()
+
+
+def test_an_emulated_tf32_product_does_change_the_deaths(monkeypatch):
+    """The control for the next test: a TF32 Gram product taken as if it were float32 is off by
+    far more than the 1e-5 promised against gudhi."""
+    from topoopt import device_tree as search
+
+    monkeypatch.setattr(search, "_matmul", _emulated_tf32_product)
+    x = torch.tensor(make_cloud("gaussian", 200, 3, 1.0, np.random.default_rng(5)), dtype=torch.float32)
+    u, v = device_tree(x)
+    deaths = (x[u] - x[v]).double().norm(dim=1)
+    assert not np.allclose(np.sort(positive(deaths)), gudhi_h0_deaths(x.double().numpy()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,n,d,scale", [case for case in CASES if case[1] >= 64])
+def test_under_tf32_the_split_product_keeps_the_tree_exact(monkeypatch, kind, n, d, scale):
+    """With TF32 products (emulated) the cloud is split into TF32-exact halves: the deaths agree
+    with gudhi's as a float32 search's do, with no float64 Gram product."""
+    from topoopt import device_tree as search
+
+    monkeypatch.setattr(search, "_matmul", _emulated_tf32_product)
+    monkeypatch.setattr(search, "_reduced_precision_matmul", lambda device: True)
+    x = torch.tensor(make_cloud(kind, n, d, scale, np.random.default_rng(5)), dtype=torch.float32)
+    u, v = device_tree(x)
+    assert_no_cycle(u, v, n)
+    deaths = (x[u] - x[v]).double().norm(dim=1)
+    np.testing.assert_allclose(np.sort(positive(deaths)), gudhi_h0_deaths(x.double().numpy()), rtol=1e-5)
+
+
+def test_the_tf32_split_is_exact_in_tf32():
+    """hi and lo hold at most 11 significant bits each (what a TF32 product reads without rounding),
+    and hi + lo is x to 2⁻²² of it."""
+    from topoopt.device_tree import tf32_split
+
+    x = torch.randn(500, 37) * torch.logspace(-3, 3, 37)
+    left, right = tf32_split(x)
+    hi, lo = left[:, :37], left[:, 74:]
+    for part in (hi, lo):
+        assert torch.equal(part.view(torch.int32) & 0x1FFF, torch.zeros_like(part, dtype=torch.int32))
+    assert torch.equal(right[:, :37], hi) and torch.equal(right[:, 37:74], lo)
+    assert ((hi.double() + lo.double() - x.double()).abs() <= 2.0**-22 * x.double().abs()).all()
+
+
+def test_an_accelerator_without_the_searchs_operations_falls_back_to_the_host_once(monkeypatch):
+    """An XPU or MPS device that lacks an operation of the device search (MPS has no float64) is
+    searched on the host from then on, with one warning that names the device (emulated: CPU
+    clouds sent down the device path, whose search raises as MPS's would)."""
+    import warnings
+
+    calls = []
+
+    def lacking_float64(points):
+        calls.append(points.shape[0])
+        raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64")
+
+    monkeypatch.setattr(spanning_tree, "DEVICE_SEARCH_TYPES", frozenset({"cpu"}))
+    monkeypatch.setattr(spanning_tree, "_WARNED_HOST_SEARCH", set())
+    monkeypatch.setattr(spanning_tree, "device_tree", lacking_float64)
+    x = torch.tensor(make_cloud("gaussian", 300, 20, 1.0, np.random.default_rng(1)), dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="does not run on cpu .*MPS framework doesn't support float64.*on the host"):
+        first = spanning_tree.tree_without_the_compiled_search(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = spanning_tree.tree_without_the_compiled_search(x)
+    assert calls == [300]  # tried once
+    for u, v in (first, second):
+        np.testing.assert_allclose(np.sort((x[u] - x[v]).double().norm(dim=1).numpy()),
+                                   gudhi_h0_deaths(x.double().numpy()), rtol=1e-5)
+
+
+def test_a_memory_budget_error_on_an_accelerator_is_not_a_fallback(monkeypatch):
+    from topoopt.gram import MemoryBudgetError
+
+    def too_large(points):
+        raise MemoryBudgetError("needs 9 GiB")
+
+    monkeypatch.setattr(spanning_tree, "DEVICE_SEARCH_TYPES", frozenset({"cpu"}))
+    monkeypatch.setattr(spanning_tree, "_WARNED_HOST_SEARCH", set())
+    monkeypatch.setattr(spanning_tree, "device_tree", too_large)
+    with pytest.raises(MemoryBudgetError, match="9 GiB"):
+        spanning_tree.tree_without_the_compiled_search(torch.randn(300, 5))

@@ -14,13 +14,18 @@ import os
 
 import torch
 
-__all__ = ["NEAR_PAIR_RATIO", "NEAR_PAIR_RATIO_FLOAT64", "EXACT_PAIRS_PER_POINT", "SMALL_COMPONENT", "MAX_DEPTH",
+__all__ = ["NEAR_PAIR_RATIO", "NEAR_PAIR_RATIO_FLOAT64", "NEAR_PAIR_RATIO_TF32",
+           "EXACT_PAIRS_PER_POINT", "SMALL_COMPONENT", "MAX_DEPTH",
            "MemoryBudgetError", "available_bytes", "centred_scaled", "exact_squared", "far_from_centre"]
 
 # Measured: the float32 Gram error of a squared distance is at most ~6 eps (|x|²+|y|²)
 # (eps = 6e-8; clouds of d = 4 to 4096). Above this ratio the relative error of a distance is
 # ≤ 6 eps / (2 · 0.05) ≈ 3.6e-6, below the 1e-5 agreement we promise against gudhi.
 NEAR_PAIR_RATIO = 0.05
+# A TF32 product of the split cloud (`device_tree.tf32_split`) adds ≤ 3·2⁻²² |x||y| to x·y, so
+# ≤ 12 eps (|x|²+|y|²) to the Gram value: 18 eps in all, three times float32's; three times the
+# ratio keeps the same bound on the pairs above it.
+NEAR_PAIR_RATIO_TF32 = 0.15
 # float64 Gram error is ~6 eps64 (|x|²+|y|²) ≈ 7e-16 (|x|²+|y|²): above 1e-8 of the norms a
 # distance is good to ≤ 4e-8.
 NEAR_PAIR_RATIO_FLOAT64 = 1e-8
@@ -43,11 +48,15 @@ class MemoryBudgetError(MemoryError):
 
 def available_bytes(device: torch.device) -> int:
     """Memory a search may take on `device`: free device memory plus what PyTorch's caching
-    allocator holds unused (CUDA), or the host's available memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    allocator holds unused (CUDA, XPU), Metal's recommended working set less what tensors hold
+    (MPS), or the host's available memory."""
+    if device.type in ("cuda", "xpu"):
+        backend = getattr(torch, device.type)
+        free, _ = backend.mem_get_info(device)
+        cached = backend.memory_reserved(device) - backend.memory_allocated(device)
         return int(free) + max(0, int(cached))
+    if device.type == "mps":  # unified memory: what Metal recommends, less what tensors hold
+        return max(0, int(torch.mps.recommended_max_memory()) - int(torch.mps.current_allocated_memory()))
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:

@@ -51,8 +51,9 @@ __all__ = ["euclidean_mst_edges", "distance_matrix_bytes", "MemoryBudgetError"]
 
 # Clouds on these devices search their tree where they are (`topoopt.device_tree`, Borůvka):
 # copying a GPU's N×N matrix to the host for Prim costs more than the search. Tests add "cpu"
-# to run that code without a GPU.
-DEVICE_SEARCH_TYPES = frozenset({"cuda"})
+# to run that code without a GPU. An XPU or MPS device that lacks one of the search's operations
+# (MPS has no float64) falls back to the host search, with one warning.
+DEVICE_SEARCH_TYPES = frozenset({"cuda", "xpu", "mps"})
 _WARNED_HOST_SEARCH: set[str] = set()  # accelerator types already told their search runs on the host
 
 # Rows per Gram block: 256 rows × N columns keeps the float32 block at 20 MiB for N = 20,000.
@@ -305,12 +306,21 @@ def tree_without_the_compiled_search(points: torch.Tensor) -> tuple[torch.Tensor
     """`euclidean_mst_edges` of a cloud of 2 or more points, for one that `native_small_tree`
     declined (many near pairs) or does not take: the general searches."""
     n, device = points.shape[0], points.device
-    if device.type in DEVICE_SEARCH_TYPES:  # on the device: the caller's CPU threads are left alone
-        return device_tree(points)
-    if device.type != "cpu" and device.type not in _WARNED_HOST_SEARCH:
+    if device.type in DEVICE_SEARCH_TYPES and device.type not in _WARNED_HOST_SEARCH:
+        try:  # on the device: the caller's CPU threads are left alone
+            return device_tree(points)
+        except (RuntimeError, TypeError, NotImplementedError) as error:
+            if device.type == "cuda" or isinstance(error, getattr(torch, "OutOfMemoryError", MemoryError)):
+                raise
+            _WARNED_HOST_SEARCH.add(device.type)
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            warnings.warn(f"topoopt's on-device tree search does not run on {device.type} ({reason}); the trees "
+                          f"of {device.type} clouds are searched on the host from now on, their distances copied "
+                          f"to the CPU block by block", RuntimeWarning, stacklevel=2)
+    elif device.type not in ("cpu", *DEVICE_SEARCH_TYPES) and device.type not in _WARNED_HOST_SEARCH:
         _WARNED_HOST_SEARCH.add(device.type)
-        warnings.warn(f"topoopt searches the spanning trees of {device.type} clouds on the host (only CUDA "
-                      f"has an on-device search): their distances are copied to the CPU block by block",
+        warnings.warn(f"topoopt searches the spanning trees of {device.type} clouds on the host (CUDA, XPU and "
+                      f"MPS have an on-device search): their distances are copied to the CPU block by block",
                       RuntimeWarning, stacklevel=2)
     with engine_threads():
         edges = _small_cloud_tree(points) if n <= BLOCK_ROWS else None
