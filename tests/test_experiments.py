@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from topoopt.lab.studies.statistics import holm
@@ -128,3 +129,32 @@ def test_compact_results_round_trip_and_restore_a_missing_resume_file(tmp_path):
     results = run_cells([{"id": "a"}, {"id": "b"}, {"id": "c", "x": 2}], lambda c: calls.append(c["id"]) or {"x": 4},
                         tmp_path / "runs.jsonl", progress=False)
     assert calls == ["c"] and [r["x"] for r in results] == [0.1 + 0.2, 1e-300, 4]
+
+
+def test_ray_tasks_write_the_records_a_serial_sweep_writes(tmp_path):
+    """`--executor ray`: a local Ray (2 CPUs) runs real study cells; each record equals the serial
+    run's but for its wall-clock seconds."""
+    pytest.importorskip("ray")
+    from test_reruns import _without_seconds
+
+    from topoopt.lab.studies import sparse_topologies
+
+    config = sparse_topologies.StudyConfig.quick()
+    config.epochs = 1
+    cells, _ = sparse_topologies.make_cells(config, sparse_topologies.load_permuted(config.dataset).n_features)
+    cells = cells[:3]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each parallel cell runs: one BLAS thread
+    try:
+        serial = run_cells(cells, sparse_topologies.run_cell, tmp_path / "serial.jsonl", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    on_ray = run_cells(cells, sparse_topologies.run_cell, tmp_path / "ray.jsonl", jobs=2, executor="ray",
+                       progress=False)
+    assert [_without_seconds(r) for r in on_ray] == [_without_seconds(r) for r in serial]
+    assert set(load_results(tmp_path / "ray.jsonl")) == {cell["id"] for cell in cells}
+
+
+def test_an_unknown_executor_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="Invalid executor: 'dask'. It must be one of 'process', 'ray'"):
+        run_cells([{"id": "a", "x": 1}], _square, tmp_path / "r.jsonl", jobs=2, executor="dask", progress=False)

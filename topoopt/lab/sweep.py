@@ -11,15 +11,21 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 
+from topoopt._validation import check_choice, check_positive_int
 from topoopt.lab.progress import Heartbeat
 
 # A study's committed copy of its runs.jsonl (see `save_compact`), in the same folder.
 COMPACT_RESULTS = "runs_compact.jsonl.gz"
 
-__all__ = ["COMPACT_RESULTS", "load_compact", "load_results", "restore_from_compact", "run_cells", "save_compact"]
+# Where parallel cells run: local processes, or Ray tasks (a local Ray, or the cluster RAY_ADDRESS names).
+EXECUTORS = ("process", "ray")
+
+__all__ = ["COMPACT_RESULTS", "EXECUTORS", "load_compact", "load_results", "restore_from_compact", "run_cells",
+           "save_compact"]
 
 
 def load_results(path: Path) -> dict[str, dict]:
@@ -52,20 +58,44 @@ def _single_threaded(fn: Callable[[dict], dict], cell: dict) -> dict:
     return fn(cell)
 
 
+@contextmanager
+def _submitter(executor: str, jobs: int):
+    """A function (fn, cell) -> Future that runs `_single_threaded(fn, cell)` on `executor`."""
+    if executor == "process":
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            yield lambda fn, cell: pool.submit(_single_threaded, fn, cell)
+        return
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--executor ray needs Ray: pip install 'topoopt[ray]'") from None
+    started = not ray.is_initialized()
+    if started:  # a cluster named by RAY_ADDRESS brings its own CPUs; a local Ray gets `jobs`
+        ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": jobs}), include_dashboard=False,
+                 log_to_driver=False)
+    task = ray.remote(num_cpus=1)(_single_threaded)
+    try:
+        yield lambda fn, cell: task.remote(fn, cell).future()
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: Path, jobs: int = 1,
-              progress: bool = True, desc: str = "cells") -> list[dict]:
+              progress: bool = True, desc: str = "cells", executor: str = "process") -> list[dict]:
     """Run `fn` on every cell (a dict with a unique "id") not already in `results_path`.
 
     Returns the results of all cells, in the order of `cells`. With `jobs > 1` the cells run in
-    that many processes (`fn` must then be importable at module level).
+    that many processes (`fn` must then be importable at module level), or as Ray tasks with
+    ``executor="ray"``; each record is the one a serial run writes, appended as its cell ends.
     """
     from tqdm import tqdm
 
     ids = [cell["id"] for cell in cells]
     if len(set(ids)) != len(ids):
         raise ValueError("cell ids must be unique")
-    if jobs < 1:
-        raise ValueError(f"Invalid jobs: {jobs}")
+    check_positive_int("jobs", jobs)
+    check_choice("executor", executor, EXECUTORS)
     results_path = Path(results_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     done = load_results(results_path)
@@ -86,8 +116,8 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
                 bar.update()
                 heartbeat.beat(lambda: f"{desc}: {sum(i in done for i in ids)} of {len(cells)} cells done")
         else:
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
-                futures = {pool.submit(_single_threaded, fn, cell): cell for cell in todo}
+            with _submitter(executor, jobs) as submit:
+                futures: dict[Future, dict] = {submit(fn, cell): cell for cell in todo}
                 for future in as_completed(futures):
                     cell = futures[future]
                     record = {**future.result(), "id": cell["id"]}

@@ -285,15 +285,15 @@ def ablation_table(table: list[dict]) -> str:
 
 
 def run_study(config: AblationConfig, out: Path, tensorboard: Path | None = None, jobs: int = 1,
-              progress: bool = True) -> dict:
+              executor: str = "process", progress: bool = True) -> dict:
     """Run the grid's unfinished cells (results in ``out/runs.jsonl``), analyse every cell and
     write ``out/config.json`` and ``out/table.json``; TensorBoard hparams go to `tensorboard`
     (None: none). Returns the table, the best variant per dataset and the summary."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     restore_from_compact(out / "runs.jsonl", out / COMPACT_RESULTS)
-    records = run_cells(make_cells(config), run_cell, out / "runs.jsonl", jobs=jobs, progress=progress,
-                        desc="ablate")
+    records = run_cells(make_cells(config), run_cell, out / "runs.jsonl", jobs=jobs, executor=executor,
+                        progress=progress, desc="ablate")
     save_compact(records, out / COMPACT_RESULTS)
     table = analyse(records)
     result = {"table": table, "best": best_per_dataset(table), "summary": summarise(table)}
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "plain" not in config.variants:
         config.variants = ["plain", *config.variants]
     out, tensorboard = output_folders(args, DEFAULT_OUT, DEFAULT_TENSORBOARD)
-    result = run_study(config, out, tensorboard, jobs=args.jobs, progress=not args.no_progress)
+    result = run_study(config, out, tensorboard, jobs=args.jobs, executor=args.executor, progress=not args.no_progress)
     print(ablation_table(result["table"]))
     print(json.dumps(result["best"], indent=2))
     print(json.dumps(result["summary"], indent=2))

@@ -6,6 +6,8 @@ import argparse
 import copy
 from pathlib import Path
 
+from topoopt.lab.sweep import EXECUTORS
+
 __all__ = ["CommandParser", "HelpFormatter", "add_sweep_options", "apply_overrides", "command_parser",
            "output_folders", "positive_int"]
 
@@ -50,10 +52,13 @@ def positive_int(text: str) -> int:
 
 def add_sweep_options(parser: argparse.ArgumentParser, out_help: str | None = None,
                       tensorboard_help: str | None = None) -> None:
-    """--quick, --seeds, --jobs, --out, --tensorboard and --no-progress."""
+    """--quick, --seeds, --jobs, --executor, --out, --tensorboard and --no-progress."""
     parser.add_argument("--quick", action="store_true", help="a small grid that finishes in minutes")
     parser.add_argument("--seeds", type=positive_int, default=None, help="how many seeds (≥ 1)")
     parser.add_argument("--jobs", type=positive_int, default=1, help="cells run in parallel (≥ 1)")
+    parser.add_argument("--executor", choices=EXECUTORS, default="process",
+                        help="where parallel cells run: local processes, or Ray tasks (pip install "
+                             "'topoopt[ray]'; a local Ray with --jobs CPUs, or the cluster RAY_ADDRESS names)")
     parser.add_argument("--out", default=None, help=out_help)
     parser.add_argument("--tensorboard", default=None, help=tensorboard_help)
     parser.add_argument("--no-progress", action="store_true")

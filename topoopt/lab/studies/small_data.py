@@ -223,7 +223,7 @@ def _check_datasets(config: SmallDataConfig) -> None:
 
 
 def run_study(config: SmallDataConfig, out: Path, tensorboard: Path | None = None, jobs: int = 1,
-              progress: bool = True) -> dict:
+              executor: str = "process", progress: bool = True) -> dict:
     """Run the study's unfinished cells (results in ``out/runs.jsonl``), analyse them and write
     ``config.json``, ``analysis.json``, ``correlations.csv`` and one figure per dataset into
     `out`; each run's scalars go under `tensorboard` (None: none). Returns the analysis."""
@@ -231,8 +231,8 @@ def run_study(config: SmallDataConfig, out: Path, tensorboard: Path | None = Non
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     restore_from_compact(out / "runs.jsonl", out / COMPACT_RESULTS)
-    records = run_cells(make_cells(config, tensorboard), run_cell, out / "runs.jsonl", jobs=jobs, progress=progress,
-                        desc="small-data")
+    records = run_cells(make_cells(config, tensorboard), run_cell, out / "runs.jsonl", jobs=jobs,
+                        executor=executor, progress=progress, desc="small-data")
     save_compact(records, out / COMPACT_RESULTS)
     analysis = analyse(records)
     (out / "analysis.json").write_text(json.dumps(analysis, indent=2))
@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
         _check_datasets(config)
     except ValueError as error:
         raise SystemExit(f"topoopt small-data: {error}") from None
-    analysis = run_study(config, out, tensorboard, jobs=args.jobs, progress=not args.no_progress)
+    analysis = run_study(config, out, tensorboard, jobs=args.jobs, executor=args.executor,
+                         progress=not args.no_progress)
     print(format_summary(analysis))
     return analysis
 

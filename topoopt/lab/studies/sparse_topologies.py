@@ -302,7 +302,7 @@ def write_masks(masks: list[dict], path: Path) -> None:
             handle.write(",".join(str(m[c]) for c in columns) + "\n")
 
 
-def run_study(config: StudyConfig, out: Path, tensorboard: Path | None = None, jobs: int = 1,
+def run_study(config: StudyConfig, out: Path, tensorboard: Path | None = None, jobs: int = 1, executor: str = "process",
               progress: bool = True) -> dict:
     """Run the grid's unfinished cells for ``config.dataset`` (results in ``out/runs.jsonl``),
     analyse them and write ``config.json``, ``summary.json``, ``masks.csv`` and the figure into
@@ -311,7 +311,7 @@ def run_study(config: StudyConfig, out: Path, tensorboard: Path | None = None, j
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     cells, duplicates = make_cells(config, load_permuted(config.dataset).n_features)
     restore_from_compact(out / "runs.jsonl", out / COMPACT_RESULTS)
-    records = run_cells(cells, run_cell, out / "runs.jsonl", jobs=jobs, progress=progress,
+    records = run_cells(cells, run_cell, out / "runs.jsonl", jobs=jobs, executor=executor, progress=progress,
                         desc=f"sparse {config.dataset}")
     save_compact(records, out / COMPACT_RESULTS)
     analysis = analyse(records, config)
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     apply_overrides(config, args, ("seeds", "epochs"))
     out, tensorboard = output_folders(args, DEFAULT_OUT, DEFAULT_TENSORBOARD)
     analysis = run_study(config, out / config.dataset, tensorboard / config.dataset, jobs=args.jobs,
-                         progress=not args.no_progress)
+                         executor=args.executor, progress=not args.no_progress)
     print(json.dumps(analysis["summary"], indent=2))
     return analysis
 

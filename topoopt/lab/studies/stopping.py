@@ -458,14 +458,15 @@ def plot(records: list[dict], summary: dict, path: Path) -> None:
     figure.savefig(path, dpi=100)
 
 
-def run_study(config: StoppingConfig, out: Path, progress: bool = True, jobs: int = 1) -> tuple[list[dict], dict]:
+def run_study(config: StoppingConfig, out: Path, progress: bool = True, jobs: int = 1,
+              executor: str = "process") -> tuple[list[dict], dict]:
     """Run every cell not yet in <out>/runs.jsonl, then summarise all of them into <out>:
     summary.json, table.md, runs_compact.jsonl.gz, differences.png."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     cells = make_cells(config)
-    run_cells(cells, run_cell, out / "runs.jsonl", jobs=jobs, progress=progress, desc="stopping")
+    run_cells(cells, run_cell, out / "runs.jsonl", jobs=jobs, executor=executor, progress=progress, desc="stopping")
     done = load_results(out / "runs.jsonl")
     records = [done[c["id"]] for c in cells]
     summary = summarise(records)
@@ -488,6 +489,6 @@ def main(argv: list[str] | None = None) -> None:
     config = StoppingConfig.quick() if args.quick else StoppingConfig()
     apply_overrides(config, args, ("datasets", "seeds", "first_seed", "max_epochs"))
     out = Path(args.out) if args.out is not None else (RESULTS_DIR / "quick" if args.quick else RESULTS_DIR)
-    _, summary = run_study(config, out, progress=not args.no_progress, jobs=args.jobs)
+    _, summary = run_study(config, out, progress=not args.no_progress, jobs=args.jobs, executor=args.executor)
     print(format_table(summary))
     print(f"results in {out}")
