@@ -20,7 +20,7 @@ def test_each_failure_is_its_twin_with_one_thing_changed():
         config, healthy = config_of(failure), config_of(twin)
         assert config["twin"] == twin
         assert {k for k in config if config[k] != healthy.get(k)} == {"name", *change}
-    with pytest.raises(ValueError, match="Unknown configuration 'typo'"):
+    with pytest.raises(ValueError, match="Invalid configuration: 'typo'"):
         config_of("typo")
 
 

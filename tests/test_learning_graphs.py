@@ -139,7 +139,7 @@ def test_the_html_has_the_pngs_colours_a_legend_and_the_leaves_labels(tmp_path):
 
 
 def test_unknown_lens_lists_valid_ones():
-    with pytest.raises(ValueError, match="Unknown lens 'umap'. Valid lenses are: pca_norm, norm, pca3"):
+    with pytest.raises(ValueError, match="Invalid lens: 'umap'. It must be one of 'pca_norm', 'norm', 'pca3'"):
         learning_graph(np.zeros((4, 3)), np.arange(4), np.arange(4), MapperSettings(lens="umap"))
 
 

@@ -129,7 +129,7 @@ def test_a_failing_build_is_reported_and_training_goes_on(tmp_path):
         _walk(model, live, 11)
         live.close()
     assert [(layer, step) for layer, step, _ in live.errors] == [("fc1", 10)]
-    assert "Unknown lens 'nope'" in live.errors[0][2]
+    assert "Invalid lens: 'nope'" in live.errors[0][2]
     assert [(layer, step) for layer, step, *_ in live.built] == [("fc2", 10)]
 
 

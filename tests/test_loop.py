@@ -39,7 +39,7 @@ def test_make_optimizer_wraps_in_a_topo_optimizer_and_accepts_parameter_groups()
 
 def test_make_optimizer_rejects_unknown_names_and_momentum_outside_sgd():
     model = build_mlp("mlp:6-5-3")
-    with pytest.raises(ValueError, match="Invalid optimizer 'rmsprop'. Valid values are: sgd, adam, adamw"):
+    with pytest.raises(ValueError, match="Invalid optimizer: 'rmsprop'. It must be one of 'sgd', 'adam', 'adamw'"):
         make_optimizer(model, "rmsprop", lr=0.1)
     with pytest.raises(ValueError, match="momentum is an SGD option"):
         make_optimizer(model, "adam", lr=0.1, momentum=0.9)

@@ -77,7 +77,7 @@ def test_invalid_arguments():
     model = build_mlp("mlp:4-3-2")
     with pytest.raises(ValueError, match="exactly one of log_dir and writer"):
         TopologyMonitor(model)
-    with pytest.raises(ValueError, match="Unknown metric 'entropie'"):
+    with pytest.raises(ValueError, match="Invalid metric: 'entropie'"):
         TopologyMonitor(model, log_dir="unused", metrics=["entropie"])
 
 

@@ -379,7 +379,7 @@ def test_known_parameters_that_are_not_clouds_are_not_warned_about():
 def test_lstm_projection_has_a_zero_bias_and_samples_are_validated():
     penalty = TopoPenalty(nn.LSTM(4, 3, proj_size=2), include_bias=True)
     assert math.isfinite(float(penalty()))
-    with pytest.raises(ValueError, match="more than the layer's 5 neurons"):
+    with pytest.raises(ValueError, match="Invalid sample size: 10. It must be at most the layer's 5 neurons"):
         topoopt.sample_neurons(nn.Linear(3, 5), 10)
     import numpy as np
 

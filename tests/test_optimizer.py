@@ -57,17 +57,18 @@ def train(optimizer, net, x, y, steps, scheduler=None):
     "kwargs,error,message",
     [
         ({"metric": "entropie"}, ValueError,
-         "Unknown metric 'entropie'. Valid metrics are: normalized_entropy, mean_lifetime, total_persistence, "
-         "max_lifetime"),
-        ({"policy": "fast"}, ValueError, "Unknown policy 'fast'. Valid policies are: calm, awaken, contrast"),
-        ({"policy": 3}, TypeError, "policy must be a name or a callable, got int"),
+         "Invalid metric: 'entropie'. It must be one of 'normalized_entropy', 'mean_lifetime', "
+         "'total_persistence', 'max_lifetime'"),
+        ({"policy": "fast"}, ValueError, "Invalid policy: 'fast'. It must be one of 'calm', 'awaken', 'contrast'"),
+        ({"policy": 3}, TypeError, "Invalid policy: an int. It must be a policy's name or a callable"),
         ({"strength": -1.0}, ValueError, "Invalid strength: -1.0"),
-        ({"ema": 1.0}, ValueError, r"Invalid ema: 1.0 \(1 would never update the average\)"),
+        ({"ema": 1.0}, ValueError, r"Invalid ema: 1.0. It must be a finite number in \[0, 1\) \(1 would never "
+                                   r"update the average\)"),
         ({"ema": 1.5}, ValueError, "Invalid ema: 1.5"),
         ({"every": 0}, ValueError, "Invalid every: 0. It must be an integer ≥ 1"),
         ({"bounds": (0.0, 2.0)}, ValueError, "Invalid lower bound: 0.0"),
-        ({"bounds": (1.5, 2.0)}, ValueError, r"Invalid bounds: \(1.5, 2.0\). They must satisfy low ≤ 1 ≤ high"),
-        ({"bounds": 2.0}, ValueError, "Invalid bounds: 2.0. Expected"),
+        ({"bounds": (1.5, 2.0)}, ValueError, r"Invalid bounds: \(1.5, 2.0\). It must be a pair with low ≤ 1 ≤ high"),
+        ({"bounds": 2.0}, ValueError, r"Invalid bounds: 2.0. It must be a pair \(low, high\)"),
         ({"layers": ["fc9"]}, KeyError, r"Unknown layer name\(s\) \['fc9'\]"),
     ],
 )

@@ -249,8 +249,8 @@ def test_unnamed_parameters_and_param_groups():
     "args,kwargs,error,message",
     [
         ((), {"lr": 0.1}, TypeError, "inner, the optimizer class to build, is missing"),
-        ((), {"inner": 3}, TypeError, "inner must be an optimizer class or a callable returning one, got int"),
-        ((), {"inner": lambda p, **k: None}, TypeError, "inner must build a torch.optim.Optimizer, got NoneType"),
+        ((), {"inner": 3}, TypeError, "Invalid inner: 3. It must be an optimizer class or a callable returning one"),
+        ((), {"inner": lambda p, **k: None}, TypeError, "Invalid inner: it built a NoneType"),
         ((), {"inner": torch.optim.SGD, "lr": 0.1, "layers": ["fc9"]}, KeyError, r"Unknown layer name\(s\) \['fc9'\]"),
     ],
 )

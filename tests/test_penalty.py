@@ -75,8 +75,8 @@ def test_nan_weights_name_the_layer():
 
 
 def test_unknown_metric_and_layer_names_list_the_valid_ones():
-    with pytest.raises(ValueError, match=("Unknown metric 'lifetime'. Valid metrics are: "
-                                          "normalized_entropy, mean_lifetime")):
+    with pytest.raises(ValueError, match=("Invalid metric: 'lifetime'. It must be one of "
+                                          "'normalized_entropy', 'mean_lifetime'")):
         TopoPenalty(model(), metric="lifetime")
     with pytest.raises(KeyError, match=r"\['fc1', 'fc2', 'fc3'\]"):
         TopoPenalty(model(), layers=["fc4"])
@@ -91,11 +91,11 @@ def test_unknown_metric_and_layer_names_list_the_valid_ones():
         ({"every": 0}, "Invalid every: 0"),
         ({"weight": float("nan")}, "Invalid weight: nan"),
         ({"weight": {"fc2": float("inf")}}, "Invalid weight for layer 'fc2'"),
-        ({"weight": -1.0}, "must be finite and ≥ 0"),
+        ({"weight": -1.0}, "Invalid weight: -1.0. It must be a finite number ≥ 0"),
         ({"weight": {"fc1": -0.5}}, "Invalid weight for layer 'fc1'.*≥ 0"),
-        ({"weight": True}, "It must be a number"),
-        ({"weight": "0.1"}, "Invalid weight: '0.1'. It must be a number"),
-        ({"target": 0.5, "direction": "maximize"}, "target and direction='maximize' exclude each other"),
+        ({"weight": True}, "It must be a finite number"),
+        ({"weight": "0.1"}, "Invalid weight: '0.1'. It must be a finite number"),
+        ({"target": 0.5, "direction": "maximize"}, "Invalid target: 0.5. It must be None with direction='maximize'"),
     ],
 )
 def test_invalid_arguments(kwargs, message):

@@ -142,7 +142,7 @@ def test_signed_rank_p_is_exact_with_ties_and_matches_scipy_without():
 
 
 def test_make_cells_rejects_unknown_configurations():
-    with pytest.raises(ValueError, match="Unknown configuration"):
+    with pytest.raises(ValueError, match="Invalid configuration"):
         make_cells(SteerConfig(configs=["sgd-x3"]))
     cells = make_cells(SteerConfig(configs=["sgd-x1"], seeds=2, first_seed=100))
     assert [c["id"] for c in cells] == ["sgd-x1/s100", "sgd-x1/s101"]

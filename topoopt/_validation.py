@@ -1,21 +1,77 @@
-"""Argument and value checks shared by the public API, with one message form."""
+"""Argument and value checks shared by the public API, with one message form:
+``Invalid <name>: <value>. It must be <what it must be>`` (a ValueError for a bad value, a
+TypeError for a bad kind of object)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from topoopt import _native
 
-__all__ = ["check_positive_int", "finite_each", "all_finite"]
+__all__ = ["check_positive_int", "check_number", "check_choice", "check_instance", "invalid", "a_kind", "finite_each",
+           "all_finite"]
 
 
-def check_positive_int(name: str, value: object) -> int:
-    """`value` if it is an int ≥ 1 (bools excluded), else ``ValueError("Invalid <name>: ...")``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r}. It must be an integer ≥ 1")
+def invalid(name: str, value: object, must: str, kind: type[Exception] = ValueError) -> Exception:
+    """The one message form, for checks no helper here covers."""
+    return kind(f"Invalid {name}: {value!r}. It must be {must}")
+
+
+def check_positive_int(name: str, value: object, *, at_least: int = 1, none_ok: bool = False) -> int | None:
+    """`value` if it is an int ≥ `at_least` (bools excluded; None too when `none_ok`)."""
+    if none_ok and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < at_least:
+        raise invalid(name, value, f"an integer ≥ {at_least}" + (", or None" if none_ok else ""))
+    return int(value)
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    if math.isinf(high):
+        return "" if math.isinf(low) else f" {'>' if low_open else '≥'} {low:g}"
+    if math.isinf(low):
+        return f" {'<' if high_open else '≤'} {high:g}"
+    return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_number(name: str, value: object, *, low: float = -math.inf, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False, none_ok: bool = False,
+                 note: str = "") -> float | None:
+    """`value` as a float if it is a finite real number (numpy's included, bools excluded) in the
+    interval; None too when `none_ok`. `note` is added to the message (why the bound is there)."""
+    if none_ok and value is None:
+        return None
+    real = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    inside = real and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not inside:
+        must = "a finite number" + _interval(low, high, low_open, high_open) + (", or None" if none_ok else "")
+        raise invalid(name, value, must + (f" ({note})" if note else ""))
+    return float(value)
+
+
+def check_choice(name: str, value: object, choices: Iterable[object]) -> object:
+    """`value` if it is one of `choices`."""
+    choices = list(choices)
+    if not any(isinstance(value, type(choice)) and value == choice for choice in choices):
+        raise invalid(name, value, "one of " + ", ".join(repr(choice) for choice in choices))
     return value
+
+
+def check_instance(name: str, value: object, kinds: type | tuple[type, ...], what: str) -> object:
+    """`value` if it is an instance of `kinds`, else a TypeError that names what it is."""
+    if not isinstance(value, kinds):
+        raise TypeError(f"Invalid {name}: {a_kind(value)}. It must be {what}")
+    return value
+
+
+def a_kind(value: object) -> str:
+    """'an int', 'a str': the value's type with its article, for messages."""
+    kind = type(value).__name__
+    return ("an " if kind[:1].lower() in "aeiou" else "a ") + kind
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from topoopt import _native
+from topoopt._validation import check_positive_int, invalid
 from topoopt.neurons import LayerPart, cloud_specs, weight_cloud
 from topoopt.persistence import as_cloud
 
@@ -113,13 +114,12 @@ class NeuronSample:
 def sample_neurons(layer, size: int, seed: int = 0) -> NeuronSample:
     """`size` neurons of `layer`, drawn uniformly without replacement by a generator seeded
     with `seed` (sorted, so the subset keeps the layer's order)."""
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 2:
-        raise ValueError(f"Invalid sample size: {size!r}. It must be an int ≥ 2")
+    check_positive_int("sample size", size, at_least=2)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"Invalid seed: {seed!r}. It must be an int")
+        raise invalid("seed", seed, "an int")
     n = neuron_cloud(layer).shape[0]
     if size > n:
-        raise ValueError(f"Invalid sample size: {size} is more than the layer's {n} neurons (measure it whole)")
+        raise invalid("sample size", size, f"at most the layer's {n} neurons (measure it whole)")
     size, seed = int(size), int(seed)
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randperm(n, generator=generator)[:size].sort().values

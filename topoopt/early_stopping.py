@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from topoopt._validation import check_positive_int
+from topoopt._validation import check_number, check_positive_int
 from topoopt.cloud import neuron_cloud
 from topoopt.layers import select_layers
 from topoopt.measure import LayerMeter
@@ -60,11 +60,8 @@ class TopologyEarlyStopping:
     def __init__(self, model: nn.Module, metrics: str | Sequence[str] = ("normalized_entropy", "mean_lifetime"),
                  tolerance: float = 0.01, patience: int = 3, min_checks: int = 1,
                  layers: Iterable[str] | None = None, min_loss_drop: float = 0.1) -> None:
-        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
-            raise ValueError(f"Invalid tolerance: {tolerance!r}")
-        if isinstance(min_loss_drop, bool) or not (isinstance(min_loss_drop, (int, float))
-                                                  and 0 <= min_loss_drop < 1):
-            raise ValueError(f"Invalid min_loss_drop: {min_loss_drop!r}. It must be in [0, 1)")
+        check_number("tolerance", tolerance, low=0.0)
+        check_number("min_loss_drop", min_loss_drop, low=0.0, high=1.0, high_open=True)
         check_positive_int("patience", patience)
         check_positive_int("min_checks", min_checks)
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
@@ -131,8 +128,7 @@ class NeuralPersistenceStopping:
     def __init__(self, model: nn.Module, patience: int = 3, min_delta: float = 0.0,
                  layers: Iterable[str] | None = None) -> None:
         check_positive_int("patience", patience)
-        if not (isinstance(min_delta, (int, float)) and math.isfinite(min_delta) and min_delta >= 0):
-            raise ValueError(f"Invalid min_delta: {min_delta!r}")
+        check_number("min_delta", min_delta, low=0.0)
         self.layers = select_layers(model, layers)
         self.patience, self.min_delta = patience, float(min_delta)
         self.history: list[float] = []

@@ -28,13 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from topoopt._validation import check_number, check_positive_int
+
 __all__ = ["group_threshold", "group_count", "group_sizes", "BranchingDetector", "BranchingEvent"]
 
 
 def group_threshold(deaths: torch.Tensor, ratio: float = 4.0) -> float:
     """The gap above which neurons are in different groups: ``ratio`` × the median death."""
-    if not ratio > 1:
-        raise ValueError(f"Invalid ratio: {ratio!r}. It must be > 1")
+    check_number("ratio", ratio, low=1.0, low_open=True)
     if deaths.numel() == 0:
         return 0.0
     return ratio * float(deaths.detach().median())
@@ -97,9 +98,7 @@ class BranchingDetector:
     """
 
     def __init__(self, patience: int = 3) -> None:
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"Invalid patience: {patience!r}. It must be an integer ≥ 1")
-        self.patience = patience
+        self.patience = check_positive_int("patience", patience)
         self.confirmed: int | None = None
         self._direction = 0
         self._streak: list[int] = []

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from topoopt._validation import check_choice, check_instance, check_positive_int
 from topoopt.cloud import NeuronSample, ParameterLayer
 from topoopt.neurons import FUSED_QKV_CHOICES, LayerPart, check_spec, cloud_specs, not_a_cloud_reason
 
@@ -114,13 +115,9 @@ def _join(name: str, suffix: str) -> str:
 
 def _discover(model: nn.Module, fused_qkv: str, max_neurons: int | None) -> tuple[dict[str, Any], Coverage]:
     """Every neuron cloud of `model` by name, in definition order, and what is left out."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if fused_qkv not in FUSED_QKV_CHOICES:
-        raise ValueError(f"Invalid fused_qkv: {fused_qkv!r}. Valid values are {', '.join(FUSED_QKV_CHOICES)}")
-    if max_neurons is not None and (isinstance(max_neurons, bool) or not isinstance(max_neurons, int)
-                                    or max_neurons < 1):
-        raise ValueError(f"Invalid max_neurons: {max_neurons!r}. It must be an int ≥ 1, or None for no limit")
+    check_instance("model", model, nn.Module, "an nn.Module")
+    check_choice("fused_qkv", fused_qkv, FUSED_QKV_CHOICES)
+    check_positive_int("max_neurons", max_neurons, none_ok=True)
     root = _unwrap(model)
     layers: dict[str, Any] = {}
     measured: dict[str, MeasuredCloud] = {}

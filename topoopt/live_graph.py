@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from topoopt._validation import check_positive_int
+from topoopt._validation import check_number, check_positive_int
 from topoopt.cloud import neuron_cloud
 from topoopt.layers import select_layers
 
@@ -130,10 +130,8 @@ class LiveLearningGraph:
                  seed: int = 0, worker_share: float | None = 0.25) -> None:
         for name, value in (("every", every), ("record_every", record_every), ("max_neurons", max_neurons)):
             check_positive_int(name, value)
-        if isinstance(max_snapshots, bool) or not isinstance(max_snapshots, int) or max_snapshots < 4:
-            raise ValueError(f"Invalid max_snapshots: {max_snapshots!r}. It must be an integer ≥ 4")
-        if worker_share is not None and not (isinstance(worker_share, (int, float)) and 0 < worker_share <= 1):
-            raise ValueError(f"Invalid worker_share: {worker_share!r}. It must be a number in (0, 1], or None")
+        check_positive_int("max_snapshots", max_snapshots, at_least=4)
+        check_number("worker_share", worker_share, low=0.0, low_open=True, high=1.0, none_ok=True)
         self.worker_share = worker_share
         self._next_build_at = 0.0  # time.monotonic() before which a build waits (worker_share)
         self.skipped_builds = 0

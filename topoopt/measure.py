@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from topoopt._range import needs_rescaling, rescale_exponent, rescaled_deaths
-from topoopt._validation import check_positive_int
+from topoopt._validation import check_instance, check_positive_int
 from topoopt.cloud import layer_cloud, neuron_cloud
 from topoopt.layers import layer_parameters, select_layers
 from topoopt.metrics import (
@@ -81,8 +81,8 @@ class LayerMeter:
                  owner: str, include_bias: bool = False, tree_every: int = 1,
                  trees: TreeCache | None = None) -> None:
         check_positive_int("tree_every", tree_every)
-        if trees is not None and not isinstance(trees, TreeCache):
-            raise TypeError(f"trees must be a topoopt.TreeCache, got {type(trees).__name__}")
+        if trees is not None:
+            check_instance("trees", trees, TreeCache, "a topoopt.TreeCache")
         self.layers = select_layers(model, layers, owner=owner)
         self.sharded = _sharded(model, self.layers)
         self.include_bias = bool(include_bias)
@@ -182,8 +182,7 @@ class MeterSettings:
 
     @trees.setter
     def trees(self, trees: TreeCache) -> None:
-        if not isinstance(trees, TreeCache):
-            raise TypeError(f"trees must be a topoopt.TreeCache, got {type(trees).__name__}")
+        check_instance("trees", trees, TreeCache, "a topoopt.TreeCache")
         self.meter.trees = trees
 
     @property

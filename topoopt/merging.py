@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from topoopt._validation import check_instance, check_number, invalid
 from topoopt.cloud import neuron_cloud
 from topoopt.persistence import edge_lengths, h0_edges
 
@@ -75,7 +76,7 @@ def tree_clusters(cloud: torch.Tensor, k: int) -> tuple[list[list[int]], float]:
     linkage), each sorted, ordered by their first row; and the longest edge kept inside a group."""
     n = cloud.shape[0]
     if not 1 <= k <= n:
-        raise ValueError(f"Invalid number of groups: {k} (the layer has {n} neurons)")
+        raise invalid("number of groups", k, f"in [1, {n}], the layer's neurons")
     parent = list(range(n))
 
     def root(i: int) -> int:
@@ -117,8 +118,7 @@ def merge_neurons(model: nn.Module, keep: float | int | Mapping[str, float | int
     (nn.Module, MergeReport)
         The smaller model (the input is left as it was) and what was merged.
     """
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"merge_neurons takes an nn.Sequential (nested ones included), got {type(model).__name__}")
+    check_instance("model", model, nn.Sequential, "an nn.Sequential (nested ones included)")
     merged = copy.deepcopy(model)
     chain = _chain(merged)
     pairs = _pairs(chain)
@@ -219,13 +219,12 @@ def _targets(keep, pairs, chain) -> dict[str, int]:
 def _keep_count(owner: str, name: str, amount, n: int) -> int:
     """How many of a layer's n neurons to keep: an int ≥ 1, or a fraction in (0, 1] (rounded, ≥ 1)."""
     if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or not math.isfinite(amount):
-        raise ValueError(f"{owner}: keep for layer {name!r} is {amount!r}; give an int ≥ 1 or a fraction in (0, 1]")
+        raise invalid(f"{owner} keep for layer {name!r}", amount, "an int ≥ 1 or a fraction in (0, 1]")
     if not isinstance(amount, numbers.Integral):
-        if not 0 < amount <= 1:
-            raise ValueError(f"{owner}: keep fraction for layer {name!r} is {amount}; it must be in (0, 1]")
+        check_number(f"{owner} keep fraction for layer {name!r}", amount, low=0.0, low_open=True, high=1.0)
         amount = max(1, round(float(amount) * n))
     if not 1 <= amount <= n:
-        raise ValueError(f"{owner}: layer {name!r} has {n} neurons; cannot keep {amount}")
+        raise invalid(f"{owner} keep for layer {name!r}", amount, f"at most the layer's {n} neurons")
     return int(amount)
 
 
@@ -292,10 +291,8 @@ class MergePenalty(nn.Module):
             unknown = [name for name in keep if name not in layers]
             if unknown:
                 raise KeyError(f"MergePenalty: keep names layer(s) {unknown} that it does not pull; layers: {layers}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"Invalid weight: {weight!r}. It must be a finite number ≥ 0")
+        self.weight = check_number("weight", weight, low=0.0)
         self.meter = LayerMeter(model, layers, owner="MergePenalty")
-        self.weight = float(weight)
         self.merged_edges = {}
         for name, layer in self.meter.layers.items():
             n = neuron_cloud(layer).shape[0]

@@ -13,14 +13,13 @@ how the optimizer makes it a dimensionless complexity. `METRICS` maps the names 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 import numpy as np
 import torch
 
-from topoopt._validation import functorch_active
+from topoopt._validation import check_choice, check_instance, check_number, functorch_active
 from topoopt.host_metrics import entropy_parts, metric_and_slope
 
 __all__ = [
@@ -40,14 +39,15 @@ __all__ = [
 
 
 def _check_deaths(deaths: torch.Tensor) -> torch.Tensor:
-    if not isinstance(deaths, torch.Tensor):
-        raise TypeError(f"deaths must be a torch.Tensor, got {type(deaths).__name__}")
+    check_instance("deaths", deaths, torch.Tensor, "a torch.Tensor")
     if deaths.dim() != 1:
-        raise ValueError(f"deaths must be a 1-D tensor of lifetimes, got shape {tuple(deaths.shape)}")
+        raise ValueError(f"Invalid deaths: a tensor of shape {tuple(deaths.shape)}. It must be a 1-D tensor of "
+                         f"lifetimes")
     if deaths.numel():
         negative = deaths.detach().numpy().min() < 0 if _on_host(deaths) else bool((deaths < 0).any())
         if negative:
-            raise ValueError("deaths must be non-negative lifetimes (H0 bars are born at 0)")
+            raise ValueError("Invalid deaths: a negative value. They must be non-negative lifetimes (H0 bars are "
+                             "born at 0)")
     return deaths
 
 
@@ -169,10 +169,7 @@ def normalized_persistent_entropy(
     torch.Tensor
         A scalar, differentiable, with finite gradients even for an all-zero diagram.
     """
-    if normalization not in ("count", "total"):
-        raise ValueError(
-            f"Invalid normalization: {normalization!r}. Valid values are 'count' and 'total'"
-        )
+    check_choice("normalization", normalization, ("count", "total"))
     return _entropy(_check_deaths(deaths), normalization)
 
 
@@ -217,8 +214,7 @@ def total_persistence(deaths: torch.Tensor, p: float = 1.0) -> torch.Tensor:
         A scalar, differentiable.
     """
     deaths = _check_deaths(deaths)
-    if not (isinstance(p, (int, float)) and math.isfinite(p) and p > 0):
-        raise ValueError(f"Invalid exponent p: {p!r}. It must be a finite number > 0")
+    check_number("exponent p", p, low=0.0, low_open=True)
     if p >= 1:
         return deaths.pow(p).sum()
     # lᵖ has an infinite slope at 0 for p < 1: zero bars are left out of the gradient.
@@ -308,12 +304,7 @@ def metric_spec(name: str) -> MetricSpec:
     ValueError
         For an unknown name; the message lists the valid ones.
     """
-    try:
-        return METRIC_SPECS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"Unknown metric {name!r}. Valid metrics are: {', '.join(METRIC_SPECS)}"
-        ) from None
+    return METRIC_SPECS[check_choice("metric", name, METRIC_SPECS)]
 
 
 def get_metric(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -361,7 +352,7 @@ def dimensionless_complexity(name: str, deaths: torch.Tensor, rms_norm: float) -
 def _complexity_spec(name: str) -> MetricSpec:
     spec = metric_spec(name)
     if spec.complexity is None:
-        raise ValueError(f"Metric {name!r} is not a complexity. Valid ones are: {', '.join(COMPLEXITY_METRICS)}")
+        check_choice("complexity metric", name, COMPLEXITY_METRICS)  # raises: a metric, not a complexity
     return spec
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from topoopt._validation import check_positive_int
+from topoopt._validation import check_number, check_positive_int
 from topoopt.cloud import cloud_norm, neuron_cloud
 from topoopt.groups import BranchingDetector, BranchingEvent, group_count, group_sizes, group_threshold
 from topoopt.layers import layer_parameters, user_stacklevel
@@ -235,12 +235,11 @@ class TopologyMonitor(MeterSettings):
             return {}
         scales = (dict(groups_scale) if isinstance(groups_scale, Mapping)
                   else dict.fromkeys(self.layers, groups_scale))
-        for name, value in scales.items():
-            if name not in self.layers:
-                raise ValueError(f"groups_scale names layer {name!r}, which is not monitored: {list(self.layers)}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"Invalid groups_scale for layer {name!r}: {value!r}. It must be a finite number ≥ 0")
-        return {name: float(value) for name, value in scales.items()}
+        unknown = [name for name in scales if name not in self.layers]
+        if unknown:
+            raise ValueError(f"groups_scale names layer {unknown[0]!r}, which is not monitored: {list(self.layers)}")
+        return {name: check_number(f"groups_scale for layer {name!r}", value, low=0.0)
+                for name, value in scales.items()}
 
     def _write_layout(self) -> None:
         """Custom Scalars: one category per series, one chart per layer in it, so that every
@@ -329,7 +328,11 @@ class TopologyMonitor(MeterSettings):
                                            global_step)
 
     def _log_diagrams(self, name: str, deaths: torch.Tensor, step: int) -> None:
-        self.writer.add_histogram(tag("topology_deaths", name), deaths.float().cpu(), step)
+        values = deaths.detach().float().cpu()
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"its H0 deaths are not finite in float32 (longest {float(deaths.max()):.3g}): "
+                             f"no histogram or figure")
+        self.writer.add_histogram(tag("topology_deaths", name), values, step)
         diagram, barcode = _figures(name, deaths)
         self.writer.add_figure(tag("topology_diagram", name), diagram, step)
         self.writer.add_figure(tag("topology_barcode", name), barcode, step)

@@ -30,7 +30,15 @@ import torch
 from torch import nn
 
 from topoopt import _native
-from topoopt._validation import check_positive_int, finite_each
+from topoopt._validation import (
+    a_kind,
+    check_choice,
+    check_instance,
+    check_number,
+    check_positive_int,
+    finite_each,
+    invalid,
+)
 from topoopt.cloud import ParameterLayer, cloud_norm
 from topoopt.layers import TopologyCoverageWarning, layer_parameters, select_layers, user_stacklevel
 from topoopt.measure import LayerMeter, MeterSettings
@@ -56,14 +64,6 @@ _HOOK_KEYS = (
     "_optimizer_load_state_dict_pre_hooks",
     "_optimizer_load_state_dict_post_hooks",
 )
-
-
-def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"Invalid {name}: {value!r}")
-    if value < low or value > high or (low_open and value == low):
-        raise ValueError(f"Invalid {name}: {value}")
-    return float(value)
 
 
 def _local_shards(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
@@ -640,31 +640,26 @@ def _inner_step(base: torch.optim.Optimizer, closure: Callable[[], Any] | None) 
 
 def _policy_function(policy: str | Policy) -> Policy:
     if isinstance(policy, str):
-        if policy not in POLICIES:
-            raise ValueError(f"Unknown policy {policy!r}. Valid policies are: {', '.join(POLICIES)}")
-        return POLICIES[policy]
+        return POLICIES[check_choice("policy", policy, POLICIES)]
     if callable(policy):
         return policy
-    raise TypeError(f"policy must be a name or a callable, got {type(policy).__name__}")
+    raise TypeError(f"Invalid policy: {a_kind(policy)}. It must be a policy's name or a callable")
 
 
 def _check_settings(metric, strength, every, ema, bounds, tree_every, trees) -> dict[str, Any]:
-    if metric not in COMPLEXITY_METRICS:
-        raise ValueError(f"Unknown metric {metric!r}. Valid metrics are: {', '.join(COMPLEXITY_METRICS)}")
-    strength = _check_number("strength", strength, 0.0, math.inf)
-    ema = _check_number("ema", ema, 0.0, 1.0)
-    if ema == 1.0:
-        raise ValueError(f"Invalid ema: {ema} (1 would never update the average)")
+    check_choice("metric", metric, COMPLEXITY_METRICS)
+    strength = check_number("strength", strength, low=0.0)
+    ema = check_number("ema", ema, low=0.0, high=1.0, high_open=True, note="1 would never update the average")
     check_positive_int("every", every)
     check_positive_int("tree_every", tree_every)
     if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):
-        raise ValueError(f"Invalid bounds: {bounds!r}. Expected (low, high)")
-    low = _check_number("lower bound", bounds[0], 0.0, math.inf, low_open=True)
-    high = _check_number("upper bound", bounds[1], 0.0, math.inf, low_open=True)
+        raise invalid("bounds", bounds, "a pair (low, high)")
+    low = check_number("lower bound", bounds[0], low=0.0, low_open=True)
+    high = check_number("upper bound", bounds[1], low=0.0, low_open=True)
     if not low <= 1.0 <= high:
-        raise ValueError(f"Invalid bounds: {tuple(bounds)}. They must satisfy low ≤ 1 ≤ high")
-    if trees is not None and not isinstance(trees, TreeCache):
-        raise TypeError(f"trees must be a topoopt.TreeCache, got {type(trees).__name__}")
+        raise invalid("bounds", tuple(bounds), "a pair with low ≤ 1 ≤ high")
+    if trees is not None:
+        check_instance("trees", trees, TreeCache, "a topoopt.TreeCache")
     return {"metric": metric, "strength": strength, "ema": ema, "bounds": (low, high)}
 
 
@@ -702,17 +697,16 @@ def _build_from_parameters(
         raise TypeError("TopoOptimizer(params, inner=torch.optim.SGD, lr=...): inner, the optimizer "
                         "class to build, is missing (or pass an optimizer instance and the model)")
     if not callable(inner):
-        raise TypeError(f"inner must be an optimizer class or a callable returning one, got {type(inner).__name__}")
+        raise invalid("inner", inner, "an optimizer class or a callable returning one", TypeError)
     if isinstance(params, (torch.Tensor, str)) or not isinstance(params, Iterable):
-        raise TypeError(f"params must be an iterable of parameters, (name, parameter) pairs or param "
-                        f"groups, got {type(params).__name__}")
+        raise TypeError(f"Invalid params: {a_kind(params)}. It must be an iterable of parameters, "
+                        f"(name, parameter) pairs or param groups")
     params = [dict(g) if isinstance(g, Mapping) else g for g in params]
     base = inner(params, **inner_kwargs)
     if not isinstance(base, torch.optim.Optimizer):
-        raise TypeError(f"inner must build a torch.optim.Optimizer, got {type(base).__name__}")
+        raise TypeError(f"Invalid inner: it built {a_kind(base)}. It must build a torch.optim.Optimizer")
     if model is not None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_instance("model", model, nn.Module, "an nn.Module")
         chosen = select_layers(model, layers, owner="TopoOptimizer")
         return base, _layers_it_steps(chosen, base, named=layers is not None)
     named = _named_tensors(params)
@@ -767,7 +761,8 @@ def _named_tensors(params: list[Any]) -> list[tuple[str | None, torch.Tensor]]:
         elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
             found.append((str(item[0]), item[1]))
         else:
-            raise TypeError(f"params must hold tensors or (name, tensor) pairs, got {type(item).__name__}")
+            raise TypeError(f"Invalid params: they hold {a_kind(item)}. They must hold tensors or "
+                            f"(name, tensor) pairs")
 
     for item in params:
         if isinstance(item, dict):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Literal
@@ -13,7 +12,7 @@ from torch import nn
 
 from topoopt import penalty_node
 from topoopt._range import needs_rescaling
-from topoopt._validation import check_positive_int
+from topoopt._validation import check_choice, check_number, check_positive_int, invalid
 from topoopt.layers import layer_parameters
 from topoopt.measure import LayerMeter, MeterSettings
 from topoopt.metrics import METRIC_SPECS, get_metric
@@ -101,16 +100,10 @@ class TopoPenalty(MeterSettings, nn.Module):
         trees: TreeCache | None = None,
     ) -> None:
         super().__init__()
-        if metric not in PENALTY_METRICS:
-            raise ValueError(f"Unknown metric {metric!r}. Valid metrics are: {', '.join(PENALTY_METRICS)}")
-        if direction not in ("minimize", "maximize"):
-            raise ValueError(f"Invalid direction: {direction!r}. Valid values are 'minimize' and 'maximize'")
-        if target is not None:
-            if isinstance(target, bool) or not (isinstance(target, numbers.Real) and math.isfinite(target)):
-                raise ValueError(f"Invalid target: {target!r}. It must be a finite number")
-            if direction == "maximize":
-                raise ValueError("target and direction='maximize' exclude each other: "
-                                 "a target is approached from both sides")
+        check_choice("metric", metric, PENALTY_METRICS)
+        check_choice("direction", direction, ("minimize", "maximize"))
+        if check_number("target", target, none_ok=True) is not None and direction == "maximize":
+            raise invalid("target", target, "None with direction='maximize' (a target is approached from both sides)")
         check_positive_int("every", every)
         # a plain object holding the layers: the model's parameters stay out of this module's
         self.meter = LayerMeter(model, layers, owner="TopoPenalty", include_bias=include_bias, tree_every=tree_every,
@@ -128,14 +121,14 @@ class TopoPenalty(MeterSettings, nn.Module):
     @staticmethod
     def _layer_coefficients(weight, chosen: Mapping[str, nn.Module]) -> dict[str, float]:
         if not isinstance(weight, Mapping):
-            _check_coefficient("Invalid weight", weight)
+            _check_coefficient("weight", weight)
             return {name: float(weight) for name in chosen}
         unknown = [name for name in weight if name not in chosen]
         if unknown:
             raise KeyError(f"weight names unknown layer(s) {unknown}. Chosen layers: {list(chosen)}")
         values = {name: weight.get(name, 0.0) for name in chosen}
         for name, value in values.items():
-            _check_coefficient(f"Invalid weight for layer {name!r}", value)
+            _check_coefficient(f"weight for layer {name!r}", value)
         return {name: float(value) for name, value in values.items()}
 
     @property
@@ -239,8 +232,4 @@ class TopoPenalty(MeterSettings, nn.Module):
 
 def _check_coefficient(what: str, value: object) -> None:
     """A loss coefficient: a real number (numpy's included), finite and ≥ 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{what}: {value!r}. It must be a number (a float, an int or a numpy scalar)")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what}: {value!r}. It must be finite and ≥ 0: the term's sign is direction's "
-                         f"(direction='maximize' raises the metric)")
+    check_number(what, value, low=0.0, note="the term's sign is direction's: direction='maximize' raises the metric")

@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from topoopt import _native
 from topoopt._range import needs_rescaling, rescale_exponent, rescaled_deaths
 from topoopt._threads import PARALLEL_MIN_ELEMENTS, caller_threads, engine_threads
-from topoopt._validation import all_finite, functorch_active
+from topoopt._validation import all_finite, check_instance, functorch_active
 from topoopt.spanning_tree import (
     compiled_tree,
     euclidean_mst_edges,
@@ -37,14 +37,12 @@ def as_cloud(points: torch.Tensor, argument: str = "points") -> torch.Tensor:
         raise RuntimeError("topoopt's H0 cannot run inside a torch.func transform (grad, vmap, jacrev, "
                            "functional_call under them): its tree search needs the values themselves; compute the "
                            "deaths outside the transform (the metrics accept torch.func), or use torch.autograd")
-    if not isinstance(points, torch.Tensor):
-        raise TypeError(f"{argument} must be a torch.Tensor, got {type(points).__name__}")
+    check_instance(argument, points, torch.Tensor, "a torch.Tensor")
     if points.dim() != 2:
-        raise ValueError(
-            f"{argument} must be an N×d matrix (one row per point), got shape {tuple(points.shape)}"
-        )
+        raise ValueError(f"Invalid {argument}: a tensor of shape {tuple(points.shape)}. It must be an N×d matrix "
+                         f"(one row per point)")
     if not points.is_floating_point():
-        raise TypeError(f"{argument} must be a floating-point tensor, got {points.dtype}")
+        raise TypeError(f"Invalid {argument}: a {points.dtype} tensor. It must be a floating-point tensor")
     if points.dtype in (torch.float16, torch.bfloat16):
         points = points.float()
     if points.numel() and not all_finite(points):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+from topoopt._validation import check_number
+
 __all__ = ["Policy", "POLICIES", "calm_policy", "awaken_policy", "contrast_policy", "collapse_policy",
            "COLLAPSE_SPREAD", "CONTRAST_MIN_SPREAD"]
 
@@ -60,8 +62,7 @@ def contrast_policy(complexity: Mapping[str, float], change: Mapping[str, float]
     1). Differences smaller than `min_spread` move the scales only in proportion to their size,
     so noise is not promoted to a ranking. All layers equal, or a single layer: s = 1.
     """
-    if not min_spread > 0:
-        raise ValueError(f"Invalid min_spread: {min_spread}")
+    check_number("min_spread", min_spread, low=0.0, low_open=True)
     values = list(complexity.values())
     mean = sum(values) / len(values)
     spread = max(math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), min_spread)
@@ -91,8 +92,7 @@ def collapse_policy(complexity: Mapping[str, float], change: Mapping[str, float]
     drifting, is already spread in this sense (c ≈ 1.3) and is left alone: the policy reads the
     cloud's shape only, whatever the weights' scale.
     """
-    if not spread > 0:
-        raise ValueError(f"Invalid spread: {spread}")
+    check_number("spread", spread, low=0.0, low_open=True)
     return {name: 1.0 + strength * max(0.0, 1.0 - c / spread) for name, c in complexity.items()}
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from topoopt._validation import check_choice, invalid
 from topoopt.lab.progress import Heartbeat
 from topoopt.optimizer import TopoOptimizer
 from topoopt.tree_cache import TreeCache
@@ -78,10 +79,9 @@ def make_optimizer(model: nn.Module, name: str, *, lr: float, momentum: float = 
     torch.optim.Optimizer
         The inner optimizer, or a `TopoOptimizer` around it.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"Invalid optimizer {name!r}. Valid values are: {', '.join(OPTIMIZERS)}")
+    check_choice("optimizer", name, OPTIMIZERS)
     if momentum and name != "sgd":
-        raise ValueError(f"Invalid momentum {momentum} with optimizer {name!r}: momentum is an SGD option")
+        raise invalid("momentum", momentum, f"0 with optimizer {name!r} (momentum is an SGD option)")
     params = model.parameters() if params is None else params
     if name == "sgd":
         inner = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -23,6 +23,7 @@ import numpy as np
 from sklearn.cluster import DBSCAN
 from sklearn.decomposition import PCA
 
+from topoopt._validation import check_choice
 from topoopt.plotting import new_figure
 
 __all__ = ["LENSES", "MapperSettings", "LearningGraph", "lens_values", "learning_graph", "pca_reduce", "PAPER_SETTINGS",
@@ -63,8 +64,7 @@ def pca_reduce(points: np.ndarray, dims: int) -> np.ndarray:
 
 def lens_values(points: np.ndarray, settings: MapperSettings) -> tuple[np.ndarray, np.ndarray]:
     """(lens values n × k, the points DBSCAN clusters) for `settings`."""
-    if settings.lens not in LENSES:
-        raise ValueError(f"Unknown lens {settings.lens!r}. Valid lenses are: {', '.join(LENSES)}")
+    check_choice("lens", settings.lens, LENSES)
     reduced = pca_reduce(points, settings.pca_dims)
     if settings.lens == "pca_norm":
         return np.linalg.norm(reduced, axis=1, keepdims=True), reduced

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from topoopt._validation import check_positive_int
 from topoopt.cloud import neuron_cloud
 from topoopt.layers import select_layers
 
@@ -41,8 +42,8 @@ class TrajectoryRecorder:
 
     def __init__(self, model: nn.Module, folder: str | Path, layers: Iterable[str] | None = None,
                  every: int = 1, chunk_size: int = 64) -> None:
-        if every < 1 or chunk_size < 1:
-            raise ValueError(f"Invalid every/chunk_size: {every}/{chunk_size}")
+        check_positive_int("every", every)
+        check_positive_int("chunk_size", chunk_size)
         self.layers = select_layers(model, layers)
         self.folder = Path(folder)
         self.every = every

@@ -15,6 +15,8 @@ import zlib
 import numpy as np
 import torch
 
+from topoopt._validation import check_choice, check_number, check_positive_int, invalid
+
 __all__ = [
     "MASK_FAMILIES",
     "banded",
@@ -31,10 +33,10 @@ __all__ = [
 
 
 def _check(out_features: int, in_features: int, degree: int) -> None:
-    if out_features < 1 or in_features < 1:
-        raise ValueError(f"Invalid widths: out={out_features}, in={in_features}")
+    check_positive_int("out_features", out_features)
+    check_positive_int("in_features", in_features)
     if not 1 <= degree <= in_features:
-        raise ValueError(f"Invalid degree: {degree}. It must be in [1, in_features={in_features}]")
+        raise invalid("degree", degree, f"in [1, in_features={in_features}]")
 
 
 def _as_tensor(mask: np.ndarray) -> torch.Tensor:
@@ -83,8 +85,7 @@ def rewired_banded(out_features: int, in_features: int, degree: int, p: float, s
     random biregular graph. Degrees on both sides are those of the banded mask, whatever p.
     """
     _check(out_features, in_features, degree)
-    if not 0 <= p <= 1:
-        raise ValueError(f"Invalid p: {p}. It must be in [0, 1]")
+    check_number("p", p, low=0.0, high=1.0)
     base = _banded(out_features, in_features, degree)
     swaps = int(round(p * 5 * base.sum()))
     return _as_tensor(_rewire(base, swaps, np.random.default_rng(seed)))
@@ -100,7 +101,7 @@ def random_biregular(out_features: int, in_features: int, degree: int, seed: int
 def erdos_renyi(out_features: int, in_features: int, n_edges: int, seed: int) -> torch.Tensor:
     """`n_edges` positions drawn uniformly without replacement; degrees are not controlled."""
     if not 0 <= n_edges <= out_features * in_features:
-        raise ValueError(f"Invalid n_edges: {n_edges}")
+        raise invalid("n_edges", n_edges, f"in [0, {out_features * in_features}]")
     rng = np.random.default_rng(seed)
     mask = np.zeros(out_features * in_features, dtype=np.int8)
     mask[rng.choice(out_features * in_features, size=n_edges, replace=False)] = 1
@@ -111,7 +112,7 @@ def xnet(out_features: int, in_features: int, degree: int, seed: int) -> torch.T
     """X-Net (Prabhu et al. 2018): each node on the smaller side gets `degree` random neighbours."""
     small, large = sorted((out_features, in_features))
     if not 1 <= degree <= large:
-        raise ValueError(f"Invalid degree: {degree}. It must be in [1, {large}]")
+        raise invalid("degree", degree, f"in [1, {large}]")
     rng = np.random.default_rng(seed)
     mask = np.zeros((small, large), dtype=np.int8)
     for node in range(small):
@@ -141,14 +142,14 @@ def block_diagonal(out_features: int, in_features: int, degree: int, blocks: int
     """`blocks` disconnected banded blocks (a negative control: information cannot cross blocks)."""
     _check(out_features, in_features, degree)
     if not 2 <= blocks <= min(out_features, in_features):
-        raise ValueError(f"Invalid blocks: {blocks}")
+        raise invalid("blocks", blocks, f"in [2, {min(out_features, in_features)}]")
     row_edges = np.linspace(0, out_features, blocks + 1).astype(int)
     col_edges = np.linspace(0, in_features, blocks + 1).astype(int)
     mask = np.zeros((out_features, in_features), dtype=np.int8)
     for b in range(blocks):
         rows, cols = row_edges[b + 1] - row_edges[b], col_edges[b + 1] - col_edges[b]
         if degree > cols:
-            raise ValueError(f"degree {degree} exceeds a block's {cols} inputs")
+            raise invalid("degree", degree, f"at most a block's {cols} inputs")
         mask[row_edges[b]:row_edges[b + 1], col_edges[b]:col_edges[b + 1]] = _banded(rows, cols, degree)
     return _as_tensor(mask)
 
@@ -162,8 +163,7 @@ def family_seed(family: str, index: int, layer: int = 0) -> int:
     Each family has its own stream (keyed by its name), so two families never share seeds:
     otherwise two generators built on the same random biregular draw return the same mask.
     """
-    if family not in MASK_FAMILIES:
-        raise ValueError(f"Unknown mask family {family!r}. Valid families are: {', '.join(MASK_FAMILIES)}")
+    check_choice("mask family", family, MASK_FAMILIES)
     return int(np.random.SeedSequence([zlib.crc32(family.encode()), index, layer]).generate_state(1)[0])
 
 
@@ -181,6 +181,7 @@ def mask_fingerprint(masks: list[torch.Tensor] | torch.Tensor) -> str:
 
 def make_mask(family: str, out_features: int, in_features: int, degree: int, seed: int, p: float = 0.5) -> torch.Tensor:
     """One mask of `family` with `degree` edges per row (Erdős–Rényi: the same edge count)."""
+    check_choice("mask family", family, MASK_FAMILIES)
     if family == "banded":
         return banded(out_features, in_features, degree)
     if family == "rewired":
@@ -193,6 +194,4 @@ def make_mask(family: str, out_features: int, in_features: int, degree: int, see
         return xnet(out_features, in_features, degree, seed)
     if family == "expander":
         return ramanujan_expander(out_features, in_features, degree, seed)
-    if family == "block_diagonal":
-        return block_diagonal(out_features, in_features, degree)
-    raise ValueError(f"Unknown mask family {family!r}. Valid families are: {', '.join(MASK_FAMILIES)}")
+    return block_diagonal(out_features, in_features, degree)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from topoopt._validation import check_choice
 from topoopt.lab.data import Dataset, load_dataset, stratified_subset
 from topoopt.lab.models import build_mlp
 from topoopt.measure import layer_topology
@@ -72,12 +73,11 @@ WHAT = {
 
 def config_of(name: str) -> dict:
     """A base's or a failure's full configuration (a failure: its twin's, with the change)."""
+    check_choice("configuration", name, [*BASES, *FAILURES])
     if name in BASES:
         return {"name": name, "twin": name, **BASES[name]}
-    if name in FAILURES:
-        twin, change = FAILURES[name]
-        return {"name": name, "twin": twin, **BASES[twin], **change}
-    raise ValueError(f"Unknown configuration {name!r}. Valid names: {', '.join([*BASES, *FAILURES])}")
+    twin, change = FAILURES[name]
+    return {"name": name, "twin": twin, **BASES[twin], **change}
 
 
 def suite_data(name: str) -> Dataset:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from topoopt._validation import invalid
 from topoopt.lab.models import build_mlp
 from topoopt.lab.studies.failure_suite import suite_data
 from topoopt.lab.studies.options import command_parser, positive_int
@@ -57,7 +58,7 @@ def build(model: str) -> nn.Sequential:
             ("conv1", nn.Conv2d(1, 16, 3)), ("act1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
             ("conv2", nn.Conv2d(16, 32, 3)), ("act2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)),
             ("flatten", nn.Flatten()), ("fc", nn.Linear(32 * 5 * 5, 10))]))
-    raise ValueError(f"Invalid model {model!r}: 'mlp' or 'cnn'")
+    raise invalid("model", model, "'mlp' or 'cnn'")
 
 
 def train(model: nn.Module, data, epochs: int, seed: int, penalty: MergePenalty | None = None) -> None:

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from topoopt._validation import check_choice
 from topoopt.lab.data import load_dataset
 from topoopt.lab.loop import Callback, LoopState, StopOnNonFiniteLoss, make_optimizer, run_loop
 from topoopt.lab.models import build_mlp
@@ -131,9 +132,8 @@ def _lr(config: SteerConfig, spec: dict) -> float:
 
 
 def make_cells(config: SteerConfig) -> list[dict]:
-    unknown = [name for name in config.configs if name not in CONFIGS]
-    if unknown:
-        raise ValueError(f"Unknown configuration(s) {unknown}. Valid ones are: {', '.join(CONFIGS)}")
+    for name in config.configs:
+        check_choice("configuration", name, CONFIGS)
     plain = asdict(config)
     return [{"id": f"{name}/s{seed}", "name": name, "seed": seed, "config": plain}
             for name in config.configs for seed in range(config.first_seed, config.first_seed + config.seeds)]
@@ -267,7 +267,7 @@ def replay_schedule(kind: str, seed: int, steered: dict[int, dict], steps: int) 
     elif kind == "mean":
         sources = [s for s in seeds if s != seed]
     else:
-        raise ValueError(f"Invalid replay {kind!r}")
+        check_choice("replay", kind, ("own", "other", "mean"))
     layers = steered[seed]["schedule"]
     return {name: np.mean([expand_schedule(steered[s]["schedule"][name], steps) for s in sources], axis=0)
             for name in layers}
