@@ -266,3 +266,18 @@ def test_a_memory_budget_error_on_an_accelerator_is_not_a_fallback(monkeypatch):
     monkeypatch.setattr(spanning_tree, "device_tree", too_large)
     with pytest.raises(MemoryBudgetError, match="9 GiB"):
         spanning_tree.tree_without_the_compiled_search(torch.randn(300, 5))
+
+
+def test_a_device_measurement_reads_the_host_a_few_times_not_twice_a_round():
+    """Host reads (what makes a GPU wait) of one measurement on the device path: a spread cloud's
+    are its scale factor, its near-pair count, one per Borůvka round and the range check; a
+    clustered cloud adds a few per cluster searched again. Counted at torch's dispatcher."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from host_reads import clouds, count_host_reads
+
+    x = clouds(1000)
+    assert sum(count_host_reads(x["spread"]).values()) <= 8
+    assert sum(count_host_reads(x["8 clusters"]).values()) <= 8 * 7

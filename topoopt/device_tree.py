@@ -129,10 +129,10 @@ def _boruvka(squared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # lower name becomes the root and the higher one adds the edge.
         mutual = (parent[parent] == index) & (index < parent)
         parent = torch.where(mutual, index, parent)
-        adds = active & (parent != index)
+        adds = torch.nonzero(active & (parent != index)).flatten()  # the round's one host read
         found_u.append(lower[adds])
         found_v.append(higher[adds])
-        components -= found_u[-1].shape[0]
+        components -= adds.shape[0]
         for _ in range(max(1, math.ceil(math.log2(n)))):  # every chain of hooks is shorter than n
             parent = parent[parent]
         labels = parent[labels]
@@ -146,8 +146,10 @@ def _squared_distances(points: torch.Tensor, depth: int) -> tuple[torch.Tensor, 
     n = points.shape[0]
     squared, near, factor = _gram_pass(points, torch.float32, NEAR_PAIR_RATIO)
     # count_nonzero: a bool sum would first copy the N×N mask to int64 (8 bytes an entry)
-    if int(torch.count_nonzero(near)) <= EXACT_PAIRS_PER_POINT * n or depth >= MAX_DEPTH:
-        _recompute_exactly(squared, points, near, factor**2)
+    near_pairs = int(torch.count_nonzero(near))
+    if near_pairs <= EXACT_PAIRS_PER_POINT * n or depth >= MAX_DEPTH:
+        if near_pairs:  # else no pair to find (a host read saved)
+            _recompute_exactly(squared, points, near, factor**2)
         return squared, factor
     labels = _component_labels(near)
     sizes = torch.bincount(labels, minlength=n)

@@ -82,7 +82,9 @@ def centred_scaled(points: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     # A huge cloud is scaled down first, by a power of two (exact; at most 2⁻¹⁰⁰, since a smaller
     # factor would be a float32 subnormal, 0 where denormals flush).
     prescale = torch.where(largest.double() > _LARGE, torch.clamp(_power_of_two_below(largest), min=2.0**-100), 1.0)
-    if bool((prescale != 1.0).any()):
+    if points.device.type != "cpu":  # multiplied by 1 rather than asked (a host read) whether to
+        points = points * prescale.to(points.dtype)[..., None, None]
+    elif bool((prescale != 1.0).any()):
         points = points * prescale.to(points.dtype)[..., None, None]
     # Centre in the input's own precision: the difference of close floats is exact (Sterbenz).
     centred = points - points.mean(dim=-2, keepdim=True)
@@ -110,6 +112,6 @@ def far_from_centre(members: torch.Tensor, points: torch.Tensor) -> bool:
     """Whether a group's own centre is farther from the cloud's than the group is wide, so that
     centring on it shrinks the norms the Gram identity loses precision against."""
     own_centre = members.double().mean(dim=0)
-    offset = float((own_centre - points.double().mean(dim=0)).square().sum())
-    spread = float((members.double() - own_centre).square().sum(dim=1).mean())
-    return offset > spread
+    offset = (own_centre - points.double().mean(dim=0)).square().sum()
+    spread = (members.double() - own_centre).square().sum(dim=1).mean()
+    return bool(offset > spread)  # one host read
