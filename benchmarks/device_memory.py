@@ -61,13 +61,13 @@ def main() -> None:
     parser.add_argument("--cuda", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("| cloud | N | peak (MiB) | device_tree_bytes(N) (MiB) | peak / budget |")
+    print("| cloud | N | peak (MiB) | device_tree_bytes(N, d) (MiB) | peak / budget |")
     print("|---|---:|---:|---:|---:|")
     for n in args.sizes:
         for kind in ("spread", "two clusters", "one cluster"):
             points = cloud(kind, n, args.dim, torch.Generator().manual_seed(0))
             peak = cuda_peak(points) if args.cuda else cpu_peak(points)
-            budget = device_tree_bytes(n)
+            budget = device_tree_bytes(n, args.dim)
             print(f"| {kind} | {n} | {peak / 2**20:.0f} | {budget / 2**20:.0f} | {peak / budget:.2f} |", flush=True)
 
 

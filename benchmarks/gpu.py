@@ -82,7 +82,7 @@ def memory_against_budget() -> str:
             device_tree(x)
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
-            budget = device_tree_bytes(n)
+            budget = device_tree_bytes(n, x.shape[1])
             lines.append(f"| {kind} | {n} | {peak / 2**20:.0f} | {budget / 2**20:.0f} | {peak / budget:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -53,14 +53,16 @@ __all__ = ["device_tree", "device_tree_bytes"]
 _BLOCK_ELEMENTS = 1 << 24
 
 
-def device_tree_bytes(n_points: int) -> int:
+def device_tree_bytes(n_points: int, dims: int = 0) -> int:
     """Peak device bytes of one level of the search: the N×N float32 matrix and its near-pair
     mask (5 bytes an entry), plus the block temporaries (at most 16 bytes per block entry: the
-    component labelling's int64 candidates beside its masks). A cluster of g points far from the
+    component labelling's int64 candidates beside its masks), plus the cloud's working copies when
+    `dims` is given (40 bytes a coordinate at most: the centred float32 copy, the TF32 split's two
+    N×3d halves, the float64 copy the exact recompute reads). A cluster of g points far from the
     cloud's centre is searched again about its own, with this level's matrix still held: it needs
     `device_tree_bytes(g)` more, checked against the memory free when it is reached, so that it
     raises `MemoryBudgetError` instead of running out (benchmarks/device_memory.py)."""
-    return 5 * n_points * n_points + 16 * _BLOCK_ELEMENTS
+    return 5 * n_points * n_points + 16 * _BLOCK_ELEMENTS + 40 * n_points * dims
 
 
 @torch.no_grad()
@@ -72,13 +74,13 @@ def device_tree(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if n < 2:
         empty = torch.empty(0, dtype=torch.int64, device=points.device)
         return empty, empty
-    _check_memory(n, points.device)
+    _check_memory(n, points.shape[1], points.device)
     squared, _ = _squared_distances(points.detach(), depth=0)
     return _boruvka(squared)
 
 
-def _check_memory(n_points: int, device: torch.device) -> None:
-    needed = device_tree_bytes(n_points)
+def _check_memory(n_points: int, dims: int, device: torch.device) -> None:
+    needed = device_tree_bytes(n_points, dims)
     available = available_bytes(device)
     if needed > 0.8 * available:
         raise MemoryBudgetError(
@@ -164,7 +166,7 @@ def _squared_distances(points: torch.Tensor, depth: int) -> tuple[torch.Tensor, 
     for root in torch.nonzero(sizes > SMALL_COMPONENT).flatten().tolist():
         group = torch.nonzero(labels == root).flatten()
         # The group's own matrices come on top of this level's: checked against what is free now.
-        _check_memory(group.shape[0], points.device)
+        _check_memory(group.shape[0], points.shape[1], points.device)
         members = points[group]
         if group.shape[0] < n and far_from_centre(members, points):
             inner, inner_factor = _squared_distances(members, depth + 1)
