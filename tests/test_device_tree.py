@@ -120,9 +120,10 @@ def test_cuda_clouds_search_on_the_device(monkeypatch):
 
 def test_the_tf32_setting_can_be_read():
     """torch refuses to read its old TF32 flag after the new one was set; only the new is read."""
-    from topoopt.device_tree import _tf32_matmul
+    from topoopt.gram import matmul_precision
 
-    assert _tf32_matmul() is False  # torch's default: IEEE float32 products
+    assert matmul_precision(torch.device("cuda")) == "ieee"  # torch's default: IEEE float32 products
+    assert matmul_precision(torch.device("cpu")) == "ieee"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -178,13 +179,13 @@ def test_a_far_cluster_searched_again_is_checked_against_the_memory_left(monkeyp
 
 def _emulated_tf32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """A TF32 tensor-core product, emulated on the CPU: each input truncated to a 10-bit mantissa
-    (the coarser of the hardware's roundings), the products summed in float64, the result float32."""
+    (the coarser of the hardware's roundings), the products summed in float32."""
     def truncated(t: torch.Tensor) -> torch.Tensor:
         return (t.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
 
     if a.dtype != torch.float32:  # TF32 is a float32 setting: float64 products keep their precision
         return a @ b
-    return (truncated(a).double() @ truncated(b).double()).float()
+    return truncated(a) @ truncated(b)  # each product exact in float32 (11 × 11 bits), summed in float32
 
 
 def test_an_emulated_tf32_product_does_change_the_deaths(monkeypatch):
@@ -206,7 +207,7 @@ def test_under_tf32_the_split_product_keeps_the_tree_exact(monkeypatch, kind, n,
     from topoopt import device_tree as search
 
     monkeypatch.setattr(search, "_matmul", _emulated_tf32_product)
-    monkeypatch.setattr(search, "_reduced_precision_matmul", lambda device: True)
+    monkeypatch.setattr(search, "_precision", lambda device: "tf32")
     x = torch.tensor(make_cloud(kind, n, d, scale, np.random.default_rng(5)), dtype=torch.float32)
     u, v = device_tree(x)
     assert_no_cycle(u, v, n)
@@ -221,10 +222,11 @@ def test_the_tf32_split_is_exact_in_tf32():
 
     x = torch.randn(500, 37) * torch.logspace(-3, 3, 37)
     left, right = tf32_split(x)
-    hi, lo = left[:, :37], left[:, 74:]
+    lo, hi = left[:, :37], left[:, 37:74]
     for part in (hi, lo):
         assert torch.equal(part.view(torch.int32) & 0x1FFF, torch.zeros_like(part, dtype=torch.int32))
-    assert torch.equal(right[:, :37], hi) and torch.equal(right[:, 37:74], lo)
+    assert torch.equal(left[:, 74:], hi) and torch.equal(right[:, :37], hi) and torch.equal(right[:, 37:74], lo)
+    assert torch.equal(right[:, 74:], hi)
     assert ((hi.double() + lo.double() - x.double()).abs() <= 2.0**-22 * x.double().abs()).all()
 
 
@@ -244,7 +246,7 @@ def test_an_accelerator_without_the_searchs_operations_falls_back_to_the_host_on
     monkeypatch.setattr(spanning_tree, "_WARNED_HOST_SEARCH", set())
     monkeypatch.setattr(spanning_tree, "device_tree", lacking_float64)
     x = torch.tensor(make_cloud("gaussian", 300, 20, 1.0, np.random.default_rng(1)), dtype=torch.float32)
-    with pytest.warns(RuntimeWarning, match="does not run on cpu .*MPS framework doesn't support float64.*on the host"):
+    with pytest.warns(RuntimeWarning, match="not run on cpu .*doesn't support float64.*searched on the CPU"):
         first = spanning_tree.tree_without_the_compiled_search(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -281,3 +283,58 @@ def test_a_device_measurement_reads_the_host_a_few_times_not_twice_a_round():
     x = clouds(1000)
     assert sum(count_host_reads(x["spread"]).values()) <= 8
     assert sum(count_host_reads(x["8 clusters"]).values()) <= 8 * 7
+
+
+def _emulated_bf16_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A float32 product in bfloat16 (oneDNN's 'bf16' setting), emulated: inputs truncated to a
+    7-bit mantissa, summed in float32; float64 products untouched."""
+    if a.dtype != torch.float32:
+        return a @ b
+    def truncated(t: torch.Tensor) -> torch.Tensor:
+        return (t.contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32)
+
+    return truncated(a) @ truncated(b)
+
+
+@pytest.mark.parametrize("kind,n,d", [("gaussian", 200, 3), ("gaussian", 300, 784), ("small_clusters", 600, 16)])
+def test_under_bfloat16_products_the_gram_pass_is_taken_in_float64(monkeypatch, kind, n, d):
+    from topoopt import device_tree as search
+
+    monkeypatch.setattr(search, "_matmul", _emulated_bf16_product)
+    x = torch.tensor(make_cloud(kind, n, d, 1.0, np.random.default_rng(2)), dtype=torch.float32)
+    monkeypatch.setattr(search, "_precision", lambda device: "ieee")  # the control: taken as float32
+    u, v = device_tree(x)
+    reference = gudhi_h0_deaths(x.double().numpy())
+    wrong = np.sort(positive((x[u] - x[v]).double().norm(dim=1)))
+    monkeypatch.setattr(search, "_precision", lambda device: "bf16")
+    u, v = device_tree(x)
+    np.testing.assert_allclose(np.sort(positive((x[u] - x[v]).double().norm(dim=1))), reference, rtol=1e-5)
+    if kind == "gaussian" and d == 3:
+        assert not np.allclose(wrong, reference, rtol=1e-5)
+
+
+def test_the_matmul_precision_is_read_per_device(monkeypatch):
+    from types import SimpleNamespace
+
+    from topoopt.gram import matmul_precision
+
+    monkeypatch.setattr(torch.backends.mkldnn, "matmul", SimpleNamespace(fp32_precision="bf16"))
+    assert matmul_precision(torch.device("cpu")) == "bf16"
+    assert matmul_precision(torch.device("xpu")) == "bf16"
+    monkeypatch.setattr(torch.backends.mkldnn, "matmul", SimpleNamespace(fp32_precision="tf32"))
+    assert matmul_precision(torch.device("cpu")) == "ieee"  # no CPU has TF32
+    assert matmul_precision(torch.device("xpu")) == "tf32"
+    monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(fp32_precision="tf32"))
+    assert matmul_precision(torch.device("cuda")) == "tf32"
+
+
+def test_an_accelerators_out_of_memory_is_raised_not_taken_for_a_missing_operation(monkeypatch):
+    def out_of_memory(points):
+        raise RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB)")
+
+    monkeypatch.setattr(spanning_tree, "DEVICE_SEARCH_TYPES", frozenset({"cpu"}))
+    monkeypatch.setattr(spanning_tree, "_WARNED_HOST_SEARCH", set())
+    monkeypatch.setattr(spanning_tree, "device_tree", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        spanning_tree.tree_without_the_compiled_search(torch.randn(300, 5))
+    assert spanning_tree._WARNED_HOST_SEARCH == set()

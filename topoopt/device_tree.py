@@ -17,11 +17,12 @@ Exactness, as in `topoopt.spanning_tree`:
   clusters of many about their own centre (recursively), a dense sheet by a float64 Gram product;
 - ties are broken by the strict order (length, lower index, higher index), so Borůvka's chosen
   edges never close a cycle, whatever the ties (duplicates, an all-zero layer);
-- under a user's TF32 matmul setting (10-bit mantissa) the cloud is split into two TF32-exact
-  halves, x = hi + lo, and x·y is taken as hi·hi' + hi·lo' + lo·hi' in one product over 3d
-  columns: each term is exact in the tensor cores and the sum is accumulated in float32, so the
-  error stays that of a float32 product (the dropped lo·lo' and the split's rounding add
-  ~3·2⁻²² |x||y|), at TF32 speed instead of float64's (1/64 rate on many GPUs).
+- under a user's TF32 matmul setting (10-bit mantissa) each coordinate is split into a high
+  and a low part, both exact in TF32, x = hi + lo, and x·y is taken as lo·hi' + hi·lo' + hi·hi'
+  in one product over 3d columns (small terms first, so float32 accumulation rounds them at
+  their own size): each term is exact in the tensor cores, so the error stays near a float32
+  product's (`gram.NEAR_PAIR_RATIO_TF32`), at TF32 speed instead of float64's (1/64 rate on many
+  GPUs). Under a bfloat16 setting (oneDNN's, 7 bits) the Gram product is taken in float64.
 Host traffic: a few scalars per round (how many components are left) and O(N) index vectors.
 """
 
@@ -44,6 +45,7 @@ from topoopt.gram import (
     centred_scaled,
     exact_squared,
     far_from_centre,
+    matmul_precision,
 )
 
 __all__ = ["device_tree", "device_tree_bytes"]
@@ -60,7 +62,7 @@ def device_tree_bytes(n_points: int, dims: int = 0) -> int:
     `dims` is given (40 bytes a coordinate at most: the centred float32 copy, the TF32 split's two
     N×3d halves, the float64 copy the exact recompute reads). A cluster of g points far from the
     cloud's centre is searched again about its own, with this level's matrix still held: it needs
-    `device_tree_bytes(g)` more, checked against the memory free when it is reached, so that it
+    `device_tree_bytes(g, d)` more, checked against the memory free when it is reached, so that it
     raises `MemoryBudgetError` instead of running out (benchmarks/device_memory.py)."""
     return 5 * n_points * n_points + 16 * _BLOCK_ELEMENTS + 40 * n_points * dims
 
@@ -184,9 +186,12 @@ def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[
     """Symmetric float32 squared distances from a Gram product in `dtype`, the mask (strict
     upper triangle) of pairs closer than ``ratio·(|x|²+|y|²)``, and the power-of-two factor."""
     n = points.shape[0]
+    precision = _precision(points.device) if dtype == torch.float32 else "ieee"
+    if precision == "bf16":  # too few bits to split into: float64, as a dense sheet's pass
+        dtype, ratio = torch.float64, NEAR_PAIR_RATIO_FLOAT64
     x, sq_norms, factor = centred_scaled(points, dtype)
     left = right = x
-    if dtype == torch.float32 and _reduced_precision_matmul(points.device):
+    if precision == "tf32":
         left, right = tf32_split(x)
         ratio = max(ratio, NEAR_PAIR_RATIO_TF32)
     factor = float(factor)
@@ -214,9 +219,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
-def _reduced_precision_matmul(device: torch.device) -> bool:
-    """Whether float32 products on `device` may run with a 10-bit mantissa (TF32 on CUDA)."""
-    return device.type == "cuda" and _tf32_matmul()
+_precision = matmul_precision  # a seam: the tests emulate a TF32 or bfloat16 device on the CPU
 
 
 def _round_to_tf32(x: torch.Tensor) -> torch.Tensor:
@@ -227,23 +230,13 @@ def _round_to_tf32(x: torch.Tensor) -> torch.Tensor:
 
 
 def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(left, right), N×3d, with left @ right.T = hi·hi' + hi·lo' + lo·hi' for x = hi + lo (both
-    TF32-exact, |lo| ≤ 2⁻¹¹|x|, lo rounded again to 2⁻¹¹ of itself): x·y to ~3·2⁻²² |x||y|."""
+    """(left, right), N×3d, with left @ right.T = lo·hi' + hi·lo' + hi·hi' for x = hi + lo (both
+    TF32-exact, |lo| ≤ 2⁻¹¹|x|, lo rounded again to 2⁻¹¹ of itself): x·y to ~3·2⁻²² |x||y| before
+    the product's own float32 rounding. The small terms come first, so that a sum in column order
+    adds them before the large one."""
     hi = _round_to_tf32(x)
     lo = _round_to_tf32(x - hi)
-    return torch.cat([hi, hi, lo], dim=1), torch.cat([hi, lo, hi], dim=1)
-
-
-def _tf32_matmul() -> bool:
-    """Whether CUDA float32 matrix products may run in TF32 (read only: setting it here would
-    mix torch's old and new precision APIs, which torch then refuses to read)."""
-    matmul = torch.backends.cuda.matmul
-    own = getattr(matmul, "fp32_precision", None)
-    if own is None:  # older torch: only the legacy flag
-        return bool(matmul.allow_tf32)
-    if own == "none":  # follows the global setting
-        return getattr(torch.backends, "fp32_precision", "none") == "tf32"
-    return own == "tf32"
+    return torch.cat([lo, hi, hi], dim=1), torch.cat([hi, lo, hi], dim=1)
 
 
 def _recompute_exactly(squared: torch.Tensor, points: torch.Tensor, mask: torch.Tensor, factor: float) -> None:

@@ -16,15 +16,17 @@ import torch
 
 __all__ = ["NEAR_PAIR_RATIO", "NEAR_PAIR_RATIO_FLOAT64", "NEAR_PAIR_RATIO_TF32",
            "EXACT_PAIRS_PER_POINT", "SMALL_COMPONENT", "MAX_DEPTH",
-           "MemoryBudgetError", "available_bytes", "centred_scaled", "exact_squared", "far_from_centre"]
+           "MemoryBudgetError", "available_bytes", "matmul_precision", "centred_scaled", "exact_squared",
+           "far_from_centre"]
 
 # Measured: the float32 Gram error of a squared distance is at most ~6 eps (|x|²+|y|²)
 # (eps = 6e-8; clouds of d = 4 to 4096). Above this ratio the relative error of a distance is
 # ≤ 6 eps / (2 · 0.05) ≈ 3.6e-6, below the 1e-5 agreement we promise against gudhi.
 NEAR_PAIR_RATIO = 0.05
-# A TF32 product of the split cloud (`device_tree.tf32_split`) adds ≤ 3·2⁻²² |x||y| to x·y, so
-# ≤ 12 eps (|x|²+|y|²) to the Gram value: 18 eps in all, three times float32's; three times the
-# ratio keeps the same bound on the pairs above it.
+# A TF32 product of the split cloud (`device_tree.tf32_split`, small terms first) errs by
+# ≤ 3·2⁻²² |x||y| in its inputs and by float32 accumulation over 3d terms: measured up to ~12 eps
+# (|x|²+|y|²) on the Gram value against float32's ~8 (d = 64, N = 1000, float32 sums). Three
+# times float32's ratio keeps the float32 bound on the pairs above it, with a margin.
 NEAR_PAIR_RATIO_TF32 = 0.15
 # float64 Gram error is ~6 eps64 (|x|²+|y|²) ≈ 7e-16 (|x|²+|y|²): above 1e-8 of the norms a
 # distance is good to ≤ 4e-8.
@@ -44,6 +46,29 @@ _LARGE = 2.0**64
 
 class MemoryBudgetError(MemoryError):
     """The N×N distance matrix of a cloud would not fit in the memory available."""
+
+
+def matmul_precision(device: torch.device) -> str:
+    """How float32 matrix products run on `device` under the user's settings (read, never set:
+    setting them here would mix torch's old and new precision APIs, which torch then refuses to
+    read): "tf32" (a 10-bit mantissa: CUDA, or XPU through oneDNN), "bf16" (7 bits: oneDNN on a
+    CPU or XPU that has it) or "ieee". A CPU has no TF32, so its "tf32" setting is "ieee"."""
+    if device.type == "cuda":
+        matmul = torch.backends.cuda.matmul
+        own = getattr(matmul, "fp32_precision", None)
+        if own is None:  # older torch: only the legacy flag
+            return "tf32" if matmul.allow_tf32 else "ieee"
+    elif device.type in ("cpu", "xpu"):
+        own = getattr(getattr(getattr(torch.backends, "mkldnn", None), "matmul", None), "fp32_precision", None)
+        if own is None:
+            return "ieee"
+    else:
+        return "ieee"
+    if own == "none":  # follows the global setting
+        own = getattr(torch.backends, "fp32_precision", "none")
+    if own == "tf32" and device.type == "cpu":
+        return "ieee"
+    return own if own in ("tf32", "bf16") else "ieee"
 
 
 def available_bytes(device: torch.device) -> int:

@@ -23,7 +23,7 @@ import torch
 from topoopt import spanning_tree
 from topoopt._range import needs_rescaling
 from topoopt._threads import caller_threads, engine_threads
-from topoopt.gram import EXACT_PAIRS_PER_POINT, NEAR_PAIR_RATIO, centred_scaled, exact_squared
+from topoopt.gram import EXACT_PAIRS_PER_POINT, NEAR_PAIR_RATIO, centred_scaled, exact_squared, matmul_precision
 from topoopt.persistence import (
     as_cloud,
     h0_deaths,
@@ -90,6 +90,8 @@ def _small_trees(stack: torch.Tensor) -> list[Edges | None]:
                 else spanning_tree.tree_without_the_compiled_search(cloud)
                 for edges, cloud in zip(spanning_tree.native_small_trees(stack), stack)]
     k, n, d = stack.shape
+    if matmul_precision(stack.device) != "ieee":  # float32 products in bfloat16: one cloud at a time, in float64
+        return [spanning_tree.tree_without_the_compiled_search(cloud) for cloud in stack]
     # The operations of `spanning_tree._gram_pass` (one block), along a batch dimension.
     x, sq_norms, factors = centred_scaled(stack, torch.float32)
     block = torch.bmm(x, x.transpose(1, 2))

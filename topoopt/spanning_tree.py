@@ -45,6 +45,7 @@ from topoopt.gram import (
     centred_scaled,
     exact_squared,
     far_from_centre,
+    matmul_precision,
 )
 
 __all__ = ["euclidean_mst_edges", "distance_matrix_bytes", "MemoryBudgetError"]
@@ -161,6 +162,8 @@ def _gram_pass(points: torch.Tensor, dtype: torch.dtype, ratio: float) -> tuple[
     """Squared distances from the Gram product in `dtype` (upper triangle, mirrored into a
     float32 matrix), the pairs closer than ``ratio·(|x|²+|y|²)``, and the power-of-two factor."""
     n = points.shape[0]
+    if dtype == torch.float32 and matmul_precision(points.device) != "ieee":  # a bfloat16 product: too coarse
+        dtype, ratio = torch.float64, NEAR_PAIR_RATIO_FLOAT64
     x, sq_norms, factor = centred_scaled(points, dtype)
     factor = float(factor)
     if n <= BLOCK_ROWS:  # one block: the whole square at once, no mirroring
@@ -309,15 +312,18 @@ def tree_without_the_compiled_search(points: torch.Tensor) -> tuple[torch.Tensor
     if device.type in DEVICE_SEARCH_TYPES and device.type not in _WARNED_HOST_SEARCH:
         try:  # on the device: the caller's CPU threads are left alone
             return device_tree(points)
-        except (RuntimeError, TypeError, NotImplementedError) as error:
-            if device.type == "cuda" or isinstance(error, getattr(torch, "OutOfMemoryError", MemoryError)):
+        except (RuntimeError, TypeError, NotImplementedError, AttributeError) as error:
+            if device.type == "cuda" or _out_of_memory(error):
                 raise
             _WARNED_HOST_SEARCH.add(device.type)
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            warnings.warn(f"topoopt's on-device tree search does not run on {device.type} ({reason}); the trees "
-                          f"of {device.type} clouds are searched on the host from now on, their distances copied "
-                          f"to the CPU block by block", RuntimeWarning, stacklevel=2)
-    elif device.type not in ("cpu", *DEVICE_SEARCH_TYPES) and device.type not in _WARNED_HOST_SEARCH:
+            warnings.warn(f"topoopt's on-device tree search does not run on {device.type} ({reason}); the "
+                          f"trees of {device.type} clouds are searched on the CPU from now on (each cloud "
+                          f"copied there, its edges back)", RuntimeWarning, stacklevel=2)
+    if device.type in DEVICE_SEARCH_TYPES and device.type != "cpu":  # one whose device search failed
+        u, v = tree_without_the_compiled_search(points.to("cpu"))
+        return u.to(device), v.to(device)
+    if device.type not in ("cpu", *DEVICE_SEARCH_TYPES) and device.type not in _WARNED_HOST_SEARCH:
         _WARNED_HOST_SEARCH.add(device.type)
         warnings.warn(f"topoopt searches the spanning trees of {device.type} clouds on the host (CUDA, XPU and "
                       f"MPS have an on-device search): their distances are copied to the CPU block by block",
@@ -328,6 +334,11 @@ def tree_without_the_compiled_search(points: torch.Tensor) -> tuple[torch.Tensor
             edges = _tree_of_distinct_points(points)
     all_edges = torch.as_tensor(edges, device=device)
     return all_edges[:, 0], all_edges[:, 1]
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """Whether a device's error is its memory running out (MPS says so only in its message)."""
+    return isinstance(error, getattr(torch, "OutOfMemoryError", MemoryError)) or "out of memory" in str(error).lower()
 
 
 def _small_cloud_tree(points: torch.Tensor) -> np.ndarray | None:
