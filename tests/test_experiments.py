@@ -102,6 +102,29 @@ def test_ablate_tiny_grid_through_the_cli(tmp_path, capsys):
     assert "steps→plain" in capsys.readouterr().out
 
 
+def test_a_rerun_with_other_settings_into_the_same_folder_is_refused_in_one_line(tmp_path, capsys):
+    """Cells are found again by dataset, variant and seed: a rerun with another run length into
+    the same --out would read the old cells as its own. Refused, naming the setting; more seeds
+    (a field that only adds cells) are welcome; a bad variant leaves no folder behind."""
+    from topoopt.lab.cli import main
+
+    def ablate(*extra):
+        return main(["ablate", "--datasets", "digits", "--variants", "plain", "--optimizers", "sgd",
+                     "--out", str(tmp_path / "out"), "--tensorboard", str(tmp_path / "tb"), "--no-progress", *extra])
+
+    assert ablate("--seeds", "1", "--steps", "30") == 0
+    saved = (tmp_path / "out" / "config.json").read_text()
+    capsys.readouterr()
+    assert ablate("--seeds", "1", "--steps", "45") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "steps 30 (now 45)" in err and "another --out" in err
+    assert (tmp_path / "out" / "config.json").read_text() == saved
+    assert ablate("--seeds", "2", "--steps", "30") == 0
+    assert len(load_results(tmp_path / "out" / "runs.jsonl")) == 2
+    assert main(["ablate", "--variants", "plainx", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
 def test_study_folders_are_the_options_or_the_defaults_kept_apart_for_quick_grids():
     from argparse import Namespace
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -24,8 +25,8 @@ COMPACT_RESULTS = "runs_compact.jsonl.gz"
 # Where parallel cells run: local processes, or Ray tasks (a local Ray, or the cluster RAY_ADDRESS names).
 EXECUTORS = ("process", "ray")
 
-__all__ = ["COMPACT_RESULTS", "EXECUTORS", "load_compact", "load_results", "restore_from_compact", "run_cells",
-           "save_compact"]
+__all__ = ["COMPACT_RESULTS", "EXECUTORS", "claim_folder", "load_compact", "load_results", "restore_from_compact",
+           "run_cells", "save_compact"]
 
 
 def load_results(path: Path) -> dict[str, dict]:
@@ -62,8 +63,13 @@ def _single_threaded(fn: Callable[[dict], dict], cell: dict) -> dict:
 def _submitter(executor: str, jobs: int):
     """A function (fn, cell) -> Future that runs `_single_threaded(fn, cell)` on `executor`."""
     if executor == "process":
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        pool = ProcessPoolExecutor(max_workers=jobs)
+        try:
             yield lambda fn, cell: pool.submit(_single_threaded, fn, cell)
+        except BaseException:  # a failed cell, or Ctrl-C: the queued cells are not started
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         return
     try:
         import ray
@@ -86,8 +92,10 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
     """Run `fn` on every cell (a dict with a unique "id") not already in `results_path`.
 
     Returns the results of all cells, in the order of `cells`. With `jobs > 1` the cells run in
-    that many processes (`fn` must then be importable at module level), or as Ray tasks with
-    ``executor="ray"``; each record is the one a serial run writes, appended as its cell ends.
+    that many processes (`fn` must then be importable at module level); with ``executor="ray"``
+    they run as Ray tasks, whatever `jobs` (which sizes a local Ray; a cluster named by
+    RAY_ADDRESS brings its own CPUs). Each record is the one a serial run writes, appended as its
+    cell ends.
     """
     from tqdm import tqdm
 
@@ -105,10 +113,13 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
             if handle.read(1) != b"\n":
                 handle.write(b"\n")
     todo = [cell for cell in cells if cell["id"] not in done]
+    if progress and len(todo) < len(cells):
+        print(f"{desc}: {len(cells) - len(todo)} of {len(cells)} cells already in {results_path}, kept; "
+              f"{len(todo)} to run", file=sys.stderr, flush=True)
     heartbeat = Heartbeat(enabled=progress)
     # disable=None: off when not a terminal (a disabled bar does not count: the heartbeat counts `done`)
     with tqdm(total=len(cells), initial=len(cells) - len(todo), desc=desc, disable=None if progress else True) as bar:
-        if jobs == 1:
+        if jobs == 1 and executor == "process":
             for cell in todo:
                 record = {**fn(cell), "id": cell["id"]}
                 _append(results_path, record)
@@ -126,6 +137,29 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
                     bar.update()
                     heartbeat.beat(lambda: f"{desc}: {sum(i in done for i in ids)} of {len(cells)} cells done")
     return [done[i] for i in ids]
+
+
+def claim_folder(out: Path, config: dict, grid: Sequence[str] = ()) -> None:
+    """Write `config` as ``out/config.json``, unless the folder holds cells made with other
+    settings: a field outside `grid` (the fields that only choose which cells run: seeds,
+    datasets, variants...) that differs from the saved config would let those cells be read as
+    this run's, so it raises ValueError naming it instead."""
+    out = Path(out)
+    saved_path = out / "config.json"
+    has_cells = (out / "runs.jsonl").exists() or (out / COMPACT_RESULTS).exists()
+    now = json.loads(json.dumps(config))  # as it is saved: tuples are lists
+    if has_cells and saved_path.exists():
+        try:
+            saved = json.loads(saved_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            saved = {}
+        changed = [key for key, value in now.items() if key not in grid and key in saved and saved[key] != value]
+        if changed:
+            details = ", ".join(f"{key} {saved[key]!r} (now {now[key]!r})" for key in changed)
+            raise ValueError(f"--out {out}: its cells were made with {details}; pass another --out, or the same "
+                             f"settings")
+    out.mkdir(parents=True, exist_ok=True)
+    saved_path.write_text(json.dumps(now, indent=2))
 
 
 def save_compact(records: Sequence[dict], path: Path) -> None:

@@ -32,7 +32,7 @@ from topoopt.lab.models import build_mlp
 from topoopt.lab.report import format_table
 from topoopt.lab.studies.options import add_sweep_options, apply_overrides, command_parser, output_folders
 from topoopt.lab.studies.statistics import holm, paired_t_minimum_effect, wilcoxon_minimum_p
-from topoopt.lab.sweep import COMPACT_RESULTS, restore_from_compact, run_cells, save_compact
+from topoopt.lab.sweep import COMPACT_RESULTS, claim_folder, restore_from_compact, run_cells, save_compact
 from topoopt.optimizer import TopoOptimizer
 from topoopt.penalty import TopoPenalty
 
@@ -289,10 +289,10 @@ def run_study(config: AblationConfig, out: Path, tensorboard: Path | None = None
     """Run the grid's unfinished cells (results in ``out/runs.jsonl``), analyse every cell and
     write ``out/config.json`` and ``out/table.json``; TensorBoard hparams go to `tensorboard`
     (None: none). Returns the table, the best variant per dataset and the summary."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    cells = make_cells(config)
+    claim_folder(out, asdict(config), grid=("datasets", "optimizers", "variants", "seeds"))
     restore_from_compact(out / "runs.jsonl", out / COMPACT_RESULTS)
-    records = run_cells(make_cells(config), run_cell, out / "runs.jsonl", jobs=jobs, executor=executor,
+    records = run_cells(cells, run_cell, out / "runs.jsonl", jobs=jobs, executor=executor,
                         progress=progress, desc="ablate")
     save_compact(records, out / COMPACT_RESULTS)
     table = analyse(records)
@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(ablation_table(result["table"]))
     print(json.dumps(result["best"], indent=2))
     print(json.dumps(result["summary"], indent=2))
+    print(f"results in {out}")
     return result
 
 

@@ -57,8 +57,9 @@ def add_sweep_options(parser: argparse.ArgumentParser, out_help: str | None = No
     parser.add_argument("--seeds", type=positive_int, default=None, help="how many seeds (≥ 1)")
     parser.add_argument("--jobs", type=positive_int, default=1, help="cells run in parallel (≥ 1)")
     parser.add_argument("--executor", choices=EXECUTORS, default="process",
-                        help="where parallel cells run: local processes, or Ray tasks (pip install "
-                             "'topoopt[ray]'; a local Ray with --jobs CPUs, or the cluster RAY_ADDRESS names)")
+                        help="where cells run: local processes (with --jobs > 1; else here, one by one), or "
+                             "Ray tasks (pip install 'topoopt[ray]'): a local Ray with --jobs CPUs, or the cluster "
+                             "RAY_ADDRESS names, which brings its own CPUs")
     parser.add_argument("--out", default=None, help=out_help)
     parser.add_argument("--tensorboard", default=None, help=tensorboard_help)
     parser.add_argument("--no-progress", action="store_true")

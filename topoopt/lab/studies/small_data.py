@@ -39,7 +39,7 @@ from topoopt.lab.loop import fit_steps, make_optimizer
 from topoopt.lab.models import build_mlp
 from topoopt.lab.studies.options import add_sweep_options, apply_overrides, command_parser, output_folders
 from topoopt.lab.studies.statistics import holm, partial_spearman
-from topoopt.lab.sweep import COMPACT_RESULTS, restore_from_compact, run_cells, save_compact
+from topoopt.lab.sweep import COMPACT_RESULTS, claim_folder, restore_from_compact, run_cells, save_compact
 from topoopt.measure import layer_topology
 from topoopt.plotting import new_figure, save_png
 
@@ -228,10 +228,10 @@ def run_study(config: SmallDataConfig, out: Path, tensorboard: Path | None = Non
     ``config.json``, ``analysis.json``, ``correlations.csv`` and one figure per dataset into
     `out`; each run's scalars go under `tensorboard` (None: none). Returns the analysis."""
     _check_datasets(config)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    cells = make_cells(config, tensorboard)
+    claim_folder(out, asdict(config), grid=("datasets", "sizes", "seeds", "budgets"))
     restore_from_compact(out / "runs.jsonl", out / COMPACT_RESULTS)
-    records = run_cells(make_cells(config, tensorboard), run_cell, out / "runs.jsonl", jobs=jobs,
+    records = run_cells(cells, run_cell, out / "runs.jsonl", jobs=jobs,
                         executor=executor, progress=progress, desc="small-data")
     save_compact(records, out / COMPACT_RESULTS)
     analysis = analyse(records)
@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     analysis = run_study(config, out, tensorboard, jobs=args.jobs, executor=args.executor,
                          progress=not args.no_progress)
     print(format_summary(analysis))
+    print(f"results in {out}")
     return analysis
 
 

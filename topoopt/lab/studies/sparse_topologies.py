@@ -39,7 +39,7 @@ from topoopt.lab.data import load_dataset
 from topoopt.lab.loop import fit, make_optimizer
 from topoopt.lab.studies.options import add_sweep_options, apply_overrides, command_parser, output_folders
 from topoopt.lab.studies.statistics import partial_spearman
-from topoopt.lab.sweep import COMPACT_RESULTS, restore_from_compact, run_cells, save_compact
+from topoopt.lab.sweep import COMPACT_RESULTS, claim_folder, restore_from_compact, run_cells, save_compact
 from topoopt.plotting import new_figure, save_png
 from topoopt.sparse import SparseLinear, block_diagonal, family_seed, graph_measures, make_mask, mask_fingerprint
 
@@ -307,9 +307,8 @@ def run_study(config: StudyConfig, out: Path, tensorboard: Path | None = None, j
     """Run the grid's unfinished cells for ``config.dataset`` (results in ``out/runs.jsonl``),
     analyse them and write ``config.json``, ``summary.json``, ``masks.csv`` and the figure into
     `out`; TensorBoard hparams go to `tensorboard` (None: none). Returns the analysis."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     cells, duplicates = make_cells(config, load_permuted(config.dataset).n_features)
+    claim_folder(out, asdict(config), grid=("other_degrees", "rewire_p", "masks_per_family", "seeds"))
     restore_from_compact(out / "runs.jsonl", out / COMPACT_RESULTS)
     records = run_cells(cells, run_cell, out / "runs.jsonl", jobs=jobs, executor=executor, progress=progress,
                         desc=f"sparse {config.dataset}")
@@ -338,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     analysis = run_study(config, out / config.dataset, tensorboard / config.dataset, jobs=args.jobs,
                          executor=args.executor, progress=not args.no_progress)
     print(json.dumps(analysis["summary"], indent=2))
+    print(f"results in {out / config.dataset}")
     return analysis
 
 

@@ -730,8 +730,9 @@ def main(argv: list[str] | None = None) -> None:
     config = SteerConfig.quick() if args.quick else SteerConfig()
     apply_overrides(config, args, ("configs", "first_seed", "steps", "eval_every", "penalty_weight",
                                    "collapse_strength", "steered_lr_mult", "lars_eta", "seeds", "hidden"))
-    if args.jobs != 1:
-        print("topoopt steer runs one cell at a time (matched controls need their steered runs); --jobs ignored")
+    if args.jobs != 1 or args.executor != "process":
+        print("topoopt steer runs one cell at a time, here (matched controls need their steered runs); "
+              "--jobs and --executor ignored")
     out = Path(args.out) if args.out is not None else DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT
     tensorboard = Path(args.tensorboard) if args.tensorboard is not None else None
     _, summary = run_study(config, out, tensorboard, progress=not args.no_progress)

@@ -52,7 +52,7 @@ from topoopt.lab.loop import make_optimizer
 from topoopt.lab.models import build_mlp
 from topoopt.lab.studies.options import add_sweep_options, apply_overrides, command_parser, positive_int
 from topoopt.lab.studies.statistics import holm, paired_t_minimum_effect
-from topoopt.lab.sweep import load_compact, load_results, rounded, run_cells, save_compact
+from topoopt.lab.sweep import claim_folder, load_compact, load_results, rounded, run_cells, save_compact
 
 __all__ = ["DATASETS", "RULES", "StoppingConfig", "make_cells", "run_cell", "subset", "validation_split",
            "rule_records", "paired_comparison", "exploratory", "wilcoxon_exact", "sign_test", "summarise",
@@ -463,9 +463,8 @@ def run_study(config: StoppingConfig, out: Path, progress: bool = True, jobs: in
     """Run every cell not yet in <out>/runs.jsonl, then summarise all of them into <out>:
     summary.json, table.md, runs_compact.jsonl.gz, differences.png."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     cells = make_cells(config)
+    claim_folder(out, asdict(config), grid=("datasets", "seeds", "first_seed"))
     run_cells(cells, run_cell, out / "runs.jsonl", jobs=jobs, executor=executor, progress=progress, desc="stopping")
     done = load_results(out / "runs.jsonl")
     records = [done[c["id"]] for c in cells]
