@@ -16,8 +16,8 @@ The addendum (surface runs, CNN false alarms; c fixed at 0.2) reads the surface 
 and `python experiments/branching_scale.py addendum` writes .../branching_scale/addendum.json.
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,9 +109,9 @@ def healthy_events(chosen: str, twin: str = "mlp") -> dict:
     (the Mapper scale only on the MLP, whose layers have one)."""
     config = config_of(twin)
     data = suite_data(config["data"])
-    kinds = {chosen: ("rms", float(chosen[3:])), "ratio4": ("ratio", 4.0)}
-    if twin == "mlp":
-        kinds["mapper"] = ("abs", None)
+    kinds = {chosen: ("rms", float(chosen[3:])), "mapper": ("abs", None), "ratio4": ("ratio", 4.0)}
+    if twin != "mlp":
+        del kinds["mapper"]
     events, total = dict.fromkeys(kinds, 0), 0
     for seed in range(10):
         model = build_model(config, seed)
@@ -184,4 +184,8 @@ def addendum() -> dict:
 
 
 if __name__ == "__main__":
-    addendum() if sys.argv[1:] == ["addendum"] else main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", nargs="?", choices=("main", "addendum"), default="main",
+                        help="main: the tree runs and the MLP twin (analysis.json); addendum: the surface runs "
+                             "and the CNN twin (addendum.json)")
+    addendum() if parser.parse_args().part == "addendum" else main()

@@ -56,7 +56,8 @@ def check_number(name: str, value: object, *, low: float = -math.inf, high: floa
 def check_choice(name: str, value: object, choices: Iterable[object]) -> object:
     """`value` if it is one of `choices`."""
     choices = list(choices)
-    if not any(isinstance(value, type(choice)) and value == choice for choice in choices):
+    if not any(isinstance(value, type(choice)) and isinstance(value, bool) == isinstance(choice, bool)
+               and value == choice for choice in choices):
         raise invalid(name, value, "one of " + ", ".join(repr(choice) for choice in choices))
     return value
 
@@ -71,7 +72,7 @@ def check_instance(name: str, value: object, kinds: type | tuple[type, ...], wha
 def a_kind(value: object) -> str:
     """'an int', 'a str': the value's type with its article, for messages."""
     kind = type(value).__name__
-    return ("an " if kind[:1].lower() in "aeiou" else "a ") + kind
+    return ("an " if kind[:1].lower() in "aeiou" or kind.startswith("nd") else "a ") + kind
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

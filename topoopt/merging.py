@@ -223,7 +223,9 @@ def _keep_count(owner: str, name: str, amount, n: int) -> int:
     if not isinstance(amount, numbers.Integral):
         check_number(f"{owner} keep fraction for layer {name!r}", amount, low=0.0, low_open=True, high=1.0)
         amount = max(1, round(float(amount) * n))
-    if not 1 <= amount <= n:
+    if amount < 1:
+        raise invalid(f"{owner} keep for layer {name!r}", amount, "an int ≥ 1 or a fraction in (0, 1]")
+    if amount > n:
         raise invalid(f"{owner} keep for layer {name!r}", amount, f"at most the layer's {n} neurons")
     return int(amount)
 

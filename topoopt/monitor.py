@@ -21,7 +21,7 @@ from torch import nn
 
 from topoopt._validation import check_number, check_positive_int
 from topoopt.cloud import cloud_norm, neuron_cloud
-from topoopt.groups import BranchingDetector, BranchingEvent, group_count, group_sizes, group_threshold
+from topoopt.groups import BranchingDetector, BranchingEvent, group_count, group_sizes
 from topoopt.layers import layer_parameters, user_stacklevel
 from topoopt.measure import LayerMeter, MeterSettings
 from topoopt.metrics import get_metric, mean_lifetime, normalized_persistent_entropy
@@ -203,8 +203,8 @@ class TopologyMonitor(MeterSettings):
         self.diagrams_every = diagrams_every
         self.optimizer = optimizer if isinstance(optimizer, TopoOptimizer) else None
         self.embeddings_at = set(embeddings_at)
-        if groups_ratio is not None:
-            group_threshold(torch.zeros(0), groups_ratio)  # validates the ratio
+        check_number("groups_ratio", groups_ratio, low=1.0, low_open=True, none_ok=True)
+        check_positive_int("branching_patience", branching_patience)
         self.groups_ratio = groups_ratio
         self.groups_scale = self._scales(groups_scale)
         self.on_branching = on_branching

@@ -649,7 +649,8 @@ def _policy_function(policy: str | Policy) -> Policy:
 def _check_settings(metric, strength, every, ema, bounds, tree_every, trees) -> dict[str, Any]:
     check_choice("metric", metric, COMPLEXITY_METRICS)
     strength = check_number("strength", strength, low=0.0)
-    ema = check_number("ema", ema, low=0.0, high=1.0, high_open=True, note="1 would never update the average")
+    ema = check_number("ema", ema, low=0.0, high=1.0, high_open=True,
+                       note="1 would never update the average" if ema == 1 else "")
     check_positive_int("every", every)
     check_positive_int("tree_every", tree_every)
     if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):

@@ -48,7 +48,8 @@ def as_cloud(points: torch.Tensor, argument: str = "points") -> torch.Tensor:
     if points.numel() and not all_finite(points):
         with engine_threads():
             bad = int((~torch.isfinite(points)).any(dim=1).sum())
-            raise ValueError(f"{argument} contains NaN or Inf values (in {bad} of {points.shape[0]} rows)")
+            raise ValueError(f"Invalid {argument}: NaN or Inf in {bad} of {points.shape[0]} rows. They must be "
+                             f"finite")
     return points
 
 
