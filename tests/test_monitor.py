@@ -264,3 +264,21 @@ def test_a_layer_that_stops_moving_is_reported_once_as_still(tmp_path):
     still = [(alert.layer, alert.step) for alert in seen if alert.kind == "still"]
     assert still == [("fc1", 2), ("fc1", 7)]
     assert "has not changed for 2 measurements: it is frozen, or no gradient reaches it" in seen[0].message
+
+
+def test_an_optimizer_that_scales_nothing_is_said_once_and_a_non_optimizer_refused(tmp_path):
+    model = build_mlp("mlp:12-8-6-3")
+    with pytest.warns(UserWarning, match="the optimizer is an SGD, not a TopoOptimizer: .*no lr_scale"):
+        monitor = TopologyMonitor(model, log_dir=tmp_path / "a", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert monitor.optimizer is None
+    monitor.close()
+    with pytest.raises(TypeError, match="Invalid optimizer: a str. It must be a TopoOptimizer"):
+        TopologyMonitor(model, log_dir=tmp_path / "b", optimizer="x")
+    wrapped = TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+
+    class FrameworkWrapper(torch.optim.Optimizer):  # as accelerate's AcceleratedOptimizer holds its optimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    with TopologyMonitor(model, log_dir=tmp_path / "c", optimizer=FrameworkWrapper(wrapped)) as monitor:
+        assert monitor.optimizer is wrapped

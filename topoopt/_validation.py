@@ -72,7 +72,9 @@ def check_instance(name: str, value: object, kinds: type | tuple[type, ...], wha
 def a_kind(value: object) -> str:
     """'an int', 'a str': the value's type with its article, for messages."""
     kind = type(value).__name__
-    return ("an " if kind[:1].lower() in "aeiou" or kind.startswith("nd") else "a ") + kind
+    spelled = kind[:2].isupper()  # an acronym (SGD, LSTM) is read letter by letter
+    vowel_sound = kind[:1] in "AEFHILMNORSX" if spelled else kind[:1].lower() in "aeiou" or kind.startswith("nd")
+    return ("an " if vowel_sound else "a ") + kind
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from topoopt._validation import check_number, check_positive_int
+from topoopt._validation import a_kind, check_instance, check_number, check_positive_int
 from topoopt.cloud import cloud_norm, neuron_cloud
 from topoopt.groups import BranchingDetector, BranchingEvent, group_count, group_sizes
 from topoopt.layers import layer_parameters, user_stacklevel
@@ -40,6 +40,21 @@ def tag(group: str, layer: str, metric: str | None = None) -> str:
 
 
 SIGNALS = ("spread", "entropy_deficit")
+
+
+def _topo_optimizer(optimizer: object) -> TopoOptimizer | None:
+    """The TopoOptimizer whose scales the monitor logs: `optimizer` itself, or the one a
+    framework's wrapper holds (accelerate's ``.optimizer``, Lightning's ``._optimizer``); None,
+    said once, for an optimizer that scales nothing."""
+    if optimizer is None:
+        return None
+    for found in (optimizer, getattr(optimizer, "optimizer", None), getattr(optimizer, "_optimizer", None)):
+        if isinstance(found, TopoOptimizer):
+            return found
+    check_instance("optimizer", optimizer, torch.optim.Optimizer, "a TopoOptimizer (or None)")
+    warnings.warn(f"TopologyMonitor: the optimizer is {a_kind(optimizer)}, not a TopoOptimizer: it scales no "
+                  f"layer's step, so no lr_scale is logged", UserWarning, stacklevel=3)
+    return None
 
 
 def _signals(cloud: torch.Tensor | None, deaths: torch.Tensor) -> dict[str, float]:
@@ -201,7 +216,7 @@ class TopologyMonitor(MeterSettings):
         self.meter = LayerMeter(model, layers, owner="TopologyMonitor", trees=trees)
         self.every = every
         self.diagrams_every = diagrams_every
-        self.optimizer = optimizer if isinstance(optimizer, TopoOptimizer) else None
+        self.optimizer = _topo_optimizer(optimizer)
         self.embeddings_at = set(embeddings_at)
         check_number("groups_ratio", groups_ratio, low=1.0, low_open=True, none_ok=True)
         check_positive_int("branching_patience", branching_patience)
