@@ -3,6 +3,7 @@
 import copy
 import io
 import os
+import warnings
 
 import pytest
 import torch
@@ -430,3 +431,18 @@ def test_fine_tuning_measures_only_the_layers_it_steps():
     optimizer.add_param_group({"params": list(net.fc1.parameters())})
     optimizer.update_scales()
     assert set(optimizer.complexity) == {"fc1", "fc2", "fc3"}
+
+
+def test_a_policy_that_cannot_take_its_arguments_is_refused_at_construction():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"Invalid policy: .*It must take \(complexity, change, strength\)"):
+        TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, policy=lambda complexity: {})
+
+
+def test_collapse_on_another_metric_than_the_spread_is_said():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="policy 'collapse' reads a layer's spread"):
+        TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, policy="collapse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, policy="collapse", metric="mean_lifetime")

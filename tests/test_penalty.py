@@ -135,3 +135,16 @@ def test_calls_without_a_graph_compute_and_do_not_shift_every():
     with torch.inference_mode():
         assert penalty().item() == expected[0]
     assert penalty.state_dict()["_extra_state"]["calls"] == 4
+
+
+@pytest.mark.parametrize("metric,target", [("normalized_entropy", 2.0), ("normalized_entropy", -0.1),
+                                           ("mean_lifetime", -1.0)])
+def test_a_target_the_metric_cannot_reach_is_refused(metric, target):
+    with pytest.raises(ValueError, match=f"Invalid target: {target}. It must be a finite number .*{metric} can take"):
+        TopoPenalty(model(), metric=metric, target=target)
+
+
+def test_an_unknown_layer_prints_its_message_as_written():
+    with pytest.raises(KeyError) as raised:
+        TopoPenalty(model(), layers=["fc9"])
+    assert str(raised.value).startswith("Unknown layer name(s) ['fc9']")

@@ -12,8 +12,16 @@ import torch
 
 from topoopt import _native
 
-__all__ = ["check_positive_int", "check_number", "check_choice", "check_instance", "invalid", "a_kind", "finite_each",
-           "all_finite"]
+__all__ = ["UnknownName", "check_positive_int", "check_number", "check_choice", "check_instance", "invalid",
+           "a_kind", "finite_each", "all_finite"]
+
+
+class UnknownName(KeyError):
+    """A name (a layer's, a key's) that is not there: a KeyError whose message prints as written
+    (a plain KeyError prints its message quoted, as a key)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def invalid(name: str, value: object, must: str, kind: type[Exception] = ValueError) -> Exception:

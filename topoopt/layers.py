@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from topoopt._validation import check_choice, check_instance, check_positive_int
+from topoopt._validation import UnknownName, check_choice, check_instance, check_positive_int
 from topoopt.cloud import NeuronSample, ParameterLayer
 from topoopt.neurons import FUSED_QKV_CHOICES, LayerPart, check_spec, cloud_specs, not_a_cloud_reason
 
@@ -227,7 +227,7 @@ def select_layers(model: nn.Module, layers: Iterable[str] | Mapping[str, Any] | 
             raise ValueError(f"{owner}: layers is empty, so there is nothing to measure")
         unknown = [name for name in chosen_names if name not in available]
         if unknown:
-            raise KeyError(f"Unknown layer name(s) {unknown}. Layers with a neuron cloud: {list(available)}")
+            raise UnknownName(f"Unknown layer name(s) {unknown}. Layers with a neuron cloud: {list(available)}")
         return {name: available[name] for name in chosen_names}
     available, report = _discover(model, fused_qkv, max_neurons)
     if owner is not None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from topoopt._validation import check_instance, check_number, invalid
+from topoopt._validation import UnknownName, check_instance, check_number, invalid
 from topoopt.cloud import neuron_cloud
 from topoopt.persistence import edge_lengths, h0_edges
 
@@ -205,7 +205,7 @@ def _targets(keep, pairs, chain) -> dict[str, int]:
     if isinstance(keep, Mapping):
         for name in keep:
             if name not in pairs:
-                raise KeyError(f"merge_neurons: {name!r} is not a Linear/Conv layer of the model; "
+                raise UnknownName(f"merge_neurons: {name!r} is not a Linear/Conv layer of the model; "
                                f"layers: {list(pairs)}")
             if not isinstance(pairs[name], tuple):
                 raise ValueError(f"merge_neurons: layer {name!r} cannot be merged: {pairs[name]}")
@@ -292,7 +292,8 @@ class MergePenalty(nn.Module):
         if isinstance(keep, Mapping):
             unknown = [name for name in keep if name not in layers]
             if unknown:
-                raise KeyError(f"MergePenalty: keep names layer(s) {unknown} that it does not pull; layers: {layers}")
+                raise UnknownName(f"MergePenalty: keep names layer(s) {unknown} that it does not pull; "
+                                  f"layers: {layers}")
         self.weight = check_number("weight", weight, low=0.0)
         self.meter = LayerMeter(model, layers, owner="MergePenalty")
         self.merged_edges = {}

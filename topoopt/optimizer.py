@@ -18,6 +18,7 @@ re-bind on the proxy.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import re
 import sys
@@ -31,6 +32,7 @@ from torch import nn
 
 from topoopt import _native
 from topoopt._validation import (
+    UnknownName,
     a_kind,
     check_choice,
     check_instance,
@@ -43,7 +45,7 @@ from topoopt.cloud import ParameterLayer, cloud_norm
 from topoopt.layers import TopologyCoverageWarning, layer_parameters, select_layers, user_stacklevel
 from topoopt.measure import LayerMeter, MeterSettings
 from topoopt.metrics import COMPLEXITY_METRICS, complexity_of_measured
-from topoopt.policies import POLICIES, Policy, awaken_policy, calm_policy, contrast_policy
+from topoopt.policies import COLLAPSE_SPREAD, POLICIES, Policy, awaken_policy, calm_policy, contrast_policy
 from topoopt.tree_cache import TreeCache
 
 __all__ = [
@@ -235,6 +237,10 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
             raise TypeError("optimizer is already a TopoOptimizer; wrap the inner optimizer once")
         self._policy_fn = _policy_function(policy)
         settings = _check_settings(metric, strength, every, ema, bounds, tree_every, trees)
+        if self._policy_fn is POLICIES["collapse"] and metric != "mean_lifetime":
+            warnings.warn(f"TopoOptimizer: policy 'collapse' reads a layer's spread, metric='mean_lifetime' (its "
+                          f"mean H0 lifetime over its RMS neuron norm); with metric={metric!r} it acts only where "
+                          f"that metric falls below {COLLAPSE_SPREAD}", UserWarning, stacklevel=2)
         if isinstance(optimizer, torch.optim.Optimizer):
             if inner is not None or inner_kwargs:
                 raise TypeError("inner and its keyword arguments are for the parameter form, "
@@ -554,7 +560,7 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
                 state_dict = dict(result)
         own = state_dict.pop("topoopt", None)
         if own is None:
-            raise KeyError("This state_dict has no 'topoopt' entry: it was not saved by a TopoOptimizer")
+            raise UnknownName("This state_dict has no 'topoopt' entry: it was not saved by a TopoOptimizer")
         if list(own["layers"]) != list(self._layers):
             saved, mine = list(own["layers"]), list(self._layers)
             only_saved, only_mine = [n for n in saved if n not in mine], [n for n in mine if n not in saved]
@@ -642,6 +648,13 @@ def _policy_function(policy: str | Policy) -> Policy:
     if isinstance(policy, str):
         return POLICIES[check_choice("policy", policy, POLICIES)]
     if callable(policy):
+        try:
+            inspect.signature(policy).bind({}, {}, 1.0)
+        except TypeError:
+            raise TypeError(f"Invalid policy: {policy!r}. It must take (complexity, change, strength): two "
+                            f"mappings of layer name to number and a float, and return each layer's scale") from None
+        except ValueError:  # no signature to read (a builtin): it is called as it is
+            pass
         return policy
     raise TypeError(f"Invalid policy: {a_kind(policy)}. It must be a policy's name or a callable")
 
@@ -727,7 +740,7 @@ def _build_from_parameters(
             raise TypeError(f"layers must be a list of layer names, got the string {layers!r}")
         unknown = [name for name in layers if name not in available]
         if unknown:
-            raise KeyError(f"Unknown layer name(s) {unknown}. Layers with a neuron cloud: {list(available)}")
+            raise UnknownName(f"Unknown layer name(s) {unknown}. Layers with a neuron cloud: {list(available)}")
         chosen = {name: available[name] for name in layers}
     if not chosen:
         raise ValueError("params hold no parameter of 2 or more dimensions, so no layer has a neuron cloud")

@@ -12,7 +12,7 @@ from torch import nn
 
 from topoopt import penalty_node
 from topoopt._range import needs_rescaling
-from topoopt._validation import check_choice, check_number, check_positive_int, invalid
+from topoopt._validation import UnknownName, check_choice, check_number, check_positive_int, invalid
 from topoopt.layers import layer_parameters
 from topoopt.measure import LayerMeter, MeterSettings
 from topoopt.metrics import METRIC_SPECS, get_metric
@@ -102,8 +102,12 @@ class TopoPenalty(MeterSettings, nn.Module):
         super().__init__()
         check_choice("metric", metric, PENALTY_METRICS)
         check_choice("direction", direction, ("minimize", "maximize"))
-        if check_number("target", target, none_ok=True) is not None and direction == "maximize":
-            raise invalid("target", target, "None with direction='maximize' (a target is approached from both sides)")
+        if target is not None:
+            check_number("target", target, low=0.0, high=1.0 if metric == "normalized_entropy" else math.inf,
+                         note=f"a value {metric} can take")
+            if direction == "maximize":
+                raise invalid("target", target, "None with direction='maximize' (a target is approached from "
+                                                "both sides)")
         check_positive_int("every", every)
         # a plain object holding the layers: the model's parameters stay out of this module's
         self.meter = LayerMeter(model, layers, owner="TopoPenalty", include_bias=include_bias, tree_every=tree_every,
@@ -125,7 +129,7 @@ class TopoPenalty(MeterSettings, nn.Module):
             return {name: float(weight) for name in chosen}
         unknown = [name for name in weight if name not in chosen]
         if unknown:
-            raise KeyError(f"weight names unknown layer(s) {unknown}. Chosen layers: {list(chosen)}")
+            raise UnknownName(f"weight names unknown layer(s) {unknown}. Chosen layers: {list(chosen)}")
         values = {name: weight.get(name, 0.0) for name in chosen}
         for name, value in values.items():
             _check_coefficient(f"weight for layer {name!r}", value)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from topoopt._validation import check_positive_int
+from topoopt._validation import UnknownName, check_positive_int
 from topoopt.cloud import neuron_cloud
 from topoopt.layers import select_layers
 
@@ -175,7 +175,7 @@ def load_trajectory(folder: str | Path, layer: str) -> Trajectory:
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     if layer not in manifest["layers"]:
-        raise KeyError(f"Layer {layer!r} was not recorded. Recorded layers: {list(manifest['layers'])}")
+        raise UnknownName(f"Layer {layer!r} was not recorded. Recorded layers: {list(manifest['layers'])}")
     meta = _read_meta(folder / "snapshots.jsonl")
     layer_dir = folder / manifest["layers"][layer]
     chunks = sorted(layer_dir.glob("chunk_*.npy"))
