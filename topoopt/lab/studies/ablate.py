@@ -278,7 +278,8 @@ def ablation_table(table: list[dict]) -> str:
     for r in table:
         p, steps = r.get("paired_t_p"), r["steps_to_plain_final"]
         rows.append([r["dataset"], r["optimizer"], r["variant"], f"{r['accuracy_mean']:.4f}",
-                     f"{r['accuracy_ci95']:.4f}", f"{r['delta_vs_plain']:+.4f}",
+                     f"{r['accuracy_ci95']:.4f}" if math.isfinite(r["accuracy_ci95"]) else "—",
+                     f"{r['delta_vs_plain']:+.4f}",
                      "" if p is None else f"{p:.3f}", "" if p is None else f"{r['paired_t_p_holm']:.2f}",
                      "never" if steps is None else f"{steps:.0f}", f"{r['time_ratio']:.2f}"])
     return format_table(header, rows, left_columns=3)
@@ -305,8 +306,9 @@ def run_study(config: AblationConfig, out: Path, tensorboard: Path | None = None
 
 def main(argv: list[str] | None = None) -> dict:
     parser = command_parser("ablate", __doc__)
-    add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT})",
-                      tensorboard_help=f"TensorBoard folder (default {DEFAULT_TENSORBOARD})")
+    add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT}; with --quick, {DEFAULT_OUT}/quick)",
+                      tensorboard_help=f"TensorBoard folder (default {DEFAULT_TENSORBOARD}; with --quick, "
+                                       f"{DEFAULT_TENSORBOARD}_quick)")
     parser.add_argument("--datasets", nargs="+", default=None, help=f"from {list(DATASETS)}")
     parser.add_argument("--variants", nargs="+", default=None, help=f"from {list(VARIANTS)}")
     parser.add_argument("--optimizers", nargs="+", choices=["sgd", "adam"], default=None)

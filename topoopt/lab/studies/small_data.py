@@ -243,8 +243,9 @@ def run_study(config: SmallDataConfig, out: Path, tensorboard: Path | None = Non
 
 def main(argv: list[str] | None = None) -> dict:
     parser = command_parser("small-data", __doc__)
-    add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT})",
-                      tensorboard_help=f"TensorBoard folder (default {DEFAULT_TENSORBOARD})")
+    add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT}; with --quick, {DEFAULT_OUT}/quick)",
+                      tensorboard_help=f"TensorBoard folder (default {DEFAULT_TENSORBOARD}; with --quick, "
+                                       f"{DEFAULT_TENSORBOARD}_quick)")
     parser.add_argument("--datasets", nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(argv)

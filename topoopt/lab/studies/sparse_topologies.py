@@ -325,8 +325,10 @@ def run_study(config: StudyConfig, out: Path, tensorboard: Path | None = None, j
 
 def main(argv: list[str] | None = None) -> dict:
     parser = command_parser("sparse", __doc__)
-    add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT}); the dataset's folder is made in it",
-                      tensorboard_help=f"TensorBoard folder (default {DEFAULT_TENSORBOARD}); likewise")
+    add_sweep_options(parser, out_help=f"results folder (default {DEFAULT_OUT}; with --quick, {DEFAULT_OUT}/quick); "
+                                       f"the dataset's folder is made in it",
+                      tensorboard_help=f"TensorBoard folder (default {DEFAULT_TENSORBOARD}; with --quick, "
+                                       f"{DEFAULT_TENSORBOARD}_quick); likewise")
     parser.add_argument("--dataset", choices=["digits", "mnist5k"], default="digits")
     parser.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args(argv)
