@@ -53,7 +53,10 @@ def check_number(name: str, value: object, *, low: float = -math.inf, high: floa
     interval; None too when `none_ok`. `note` is added to the message (why the bound is there)."""
     if none_ok and value is None:
         return None
-    real = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    try:
+        real = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        real = False
     inside = real and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
     if not inside:
         must = "a finite number" + _interval(low, high, low_open, high_open) + (", or None" if none_ok else "")
