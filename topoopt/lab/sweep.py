@@ -126,7 +126,7 @@ def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: P
                 done[cell["id"]] = record
                 bar.update()
                 heartbeat.beat(lambda: f"{desc}: {sum(i in done for i in ids)} of {len(cells)} cells done")
-        else:
+        elif todo:  # no Ray or pool started for a sweep whose cells are all kept
             with _submitter(executor, jobs) as submit:
                 futures: dict[Future, dict] = {submit(fn, cell): cell for cell in todo}
                 for future in as_completed(futures):
