@@ -121,6 +121,8 @@ def test_a_rerun_with_other_settings_into_the_same_folder_is_refused_in_one_line
     assert (tmp_path / "out" / "config.json").read_text() == saved
     assert ablate("--seeds", "2", "--steps", "30") == 0
     assert len(load_results(tmp_path / "out" / "runs.jsonl")) == 2
+    runs = [folder for folder in (tmp_path / "tb").iterdir() if folder.is_dir()]
+    assert len(runs) == 2 and all(len(list(run.glob("events.out.tfevents.*"))) == 1 for run in runs)
     assert main(["ablate", "--variants", "plainx", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
     assert not (tmp_path / "bad").exists()
 

@@ -261,13 +261,17 @@ def best_per_dataset(table: list[dict]) -> dict[str, dict]:
 
 
 def write_tensorboard(records: list[dict], log_dir: Path) -> None:
+    """One HParams run per cell; a cell whose run an earlier invocation wrote is not written again."""
     from torch.utils.tensorboard import SummaryWriter
 
+    named = {f"{r['dataset']}_{r['optimizer']}_{r['variant']}_s{r['seed']}": r for r in records}
+    new = {name: r for name, r in named.items() if not (Path(log_dir) / name).exists()}
+    if not new:
+        return
     with SummaryWriter(log_dir) as writer:
-        for r in records:
+        for name, r in new.items():
             hparams = {k: r[k] for k in ("dataset", "optimizer", "variant", "seed")}
             metrics = {"hparam/test_accuracy": r["test_accuracy"], "hparam/seconds": r["seconds"]}
-            name = f"{r['dataset']}_{r['optimizer']}_{r['variant']}_s{r['seed']}"
             writer.add_hparams(hparams, metrics, run_name=name)
 
 

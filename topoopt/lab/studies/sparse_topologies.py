@@ -283,14 +283,19 @@ def plot(masks: list[dict], out: Path) -> None:
 
 
 def write_tensorboard(records: list[dict], log_dir: Path) -> None:
+    """One HParams run per cell; a cell whose run an earlier invocation wrote is not written again."""
     from torch.utils.tensorboard import SummaryWriter
 
+    new = {record["id"].replace("/", "_"): record for record in records}
+    new = {name: record for name, record in new.items() if not (Path(log_dir) / name).exists()}
+    if not new:
+        return
     with SummaryWriter(log_dir) as writer:
-        for record in records:
+        for name, record in new.items():
             hparams = {k: record[k] for k in ("family", "degree", "mask_seed", "p", "seed")}
             metrics = {f"hparam/{k}": float(record[k])
                        for k in ("test_accuracy", "min_spectral_gap", "min_algebraic_connectivity", "density")}
-            writer.add_hparams(hparams, metrics, run_name=record["id"].replace("/", "_"))
+            writer.add_hparams(hparams, metrics, run_name=name)
 
 
 def write_masks(masks: list[dict], path: Path) -> None:
