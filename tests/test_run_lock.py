@@ -66,3 +66,16 @@ def test_a_failed_start_leaves_no_folder(tmp_path):
         with run_lock(folder):
             raise ValueError("a bad option")
     assert not folder.exists()
+
+
+def test_a_folder_found_empty_is_removed_if_the_run_left_nothing_in_it(tmp_path):
+    """As when a rival start created the folder and was refused: the winner, which found it
+    empty, removes it; a folder holding anything else stays."""
+    empty, kept = tmp_path / "empty", tmp_path / "kept"
+    empty.mkdir()
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    for folder in (empty, kept):
+        with run_lock(folder):
+            pass
+    assert not empty.exists() and (kept / "notes.txt").read_text() == "mine"

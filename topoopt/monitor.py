@@ -344,9 +344,11 @@ class TopologyMonitor(MeterSettings):
 
     def _log_diagrams(self, name: str, deaths: torch.Tensor, step: int) -> None:
         values = deaths.detach().float().cpu()
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError(f"its H0 deaths are not finite in float32 (longest {float(deaths.max()):.3g}): "
-                             f"no histogram or figure")
+        # TensorBoard bins up to 1e20 and calls anything beyond "an empty histogram, please file a
+        # bug report", which would send the user the wrong way
+        if not bool(torch.isfinite(values).all()) or float(values.max()) > 1e20:
+            raise ValueError(f"its H0 deaths are beyond a TensorBoard histogram's range of 1e20 (longest "
+                             f"{float(deaths.max()):.3g}): no histogram or figure")
         self.writer.add_histogram(tag("topology_deaths", name), values, step)
         diagram, barcode = _figures(name, deaths)
         self.writer.add_figure(tag("topology_diagram", name), diagram, step)

@@ -33,7 +33,8 @@ class RunFolderBusy(RuntimeError):
 @contextmanager
 def run_lock(run_dir: Path, option: str = "--log-dir") -> Iterator[None]:
     """Claim `run_dir` for this process (creating it if needed) until the block ends. A folder
-    this call created is removed again if the run left nothing in it."""
+    this call created, or found empty, is removed again if the run left nothing in it (of two
+    starts racing into a new folder, the one that created it may be the one refused)."""
     run_dir = Path(run_dir)
     created = not run_dir.exists()
     try:
@@ -42,6 +43,7 @@ def run_lock(run_dir: Path, option: str = "--log-dir") -> Iterator[None]:
         raise ValueError(f"{option} {run_dir}: cannot create it ({error.strerror or error})") from None
     path = run_dir / LOCK_FILE
     release = _claim(path, run_dir, option) if fcntl is not None else _claim_exclusively(path, run_dir, option)
+    created = created or all(entry.name == LOCK_FILE for entry in run_dir.iterdir())
     try:
         yield
     finally:
