@@ -177,15 +177,31 @@ def test_a_far_cluster_searched_again_is_checked_against_the_memory_left(monkeyp
     assert len(calls) == 2
 
 
-def _emulated_tf32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """A TF32 tensor-core product, emulated on the CPU: each input truncated to a 10-bit mantissa
-    (the coarser of the hardware's roundings), the products summed in float32."""
-    def truncated(t: torch.Tensor) -> torch.Tensor:
-        return (t.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+def _emulated_product(mantissa_bits: int):
+    """A float32 product with reduced-precision inputs, emulated on the CPU: each input truncated
+    to a `mantissa_bits`-bit mantissa (the coarser of the hardware's roundings), the products
+    summed in float32; float64 products keep their precision (the settings are float32's)."""
+    mask = ~((1 << (23 - mantissa_bits)) - 1)
 
-    if a.dtype != torch.float32:  # TF32 is a float32 setting: float64 products keep their precision
-        return a @ b
-    return truncated(a) @ truncated(b)  # each product exact in float32 (11 × 11 bits), summed in float32
+    def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.dtype != torch.float32:
+            return a @ b
+        return (a.contiguous().view(torch.int32) & mask).view(torch.float32) @ \
+            (b.contiguous().view(torch.int32) & mask).view(torch.float32)
+
+    return product
+
+
+_emulated_tf32_product = _emulated_product(10)  # TF32 tensor cores
+_emulated_bf16_product = _emulated_product(7)  # oneDNN's bfloat16 setting
+
+
+def _accelerator_whose_search(monkeypatch, search) -> None:
+    """CPU clouds sent down the device path as an XPU or MPS cloud's, whose search is `search`,
+    with no device type warned about yet."""
+    monkeypatch.setattr(spanning_tree, "DEVICE_SEARCH_TYPES", frozenset({"cpu"}))
+    monkeypatch.setattr(spanning_tree, "_WARNED_HOST_SEARCH", set())
+    monkeypatch.setattr(spanning_tree, "device_tree", search)
 
 
 def test_an_emulated_tf32_product_does_change_the_deaths(monkeypatch):
@@ -242,9 +258,7 @@ def test_an_accelerator_without_the_searchs_operations_falls_back_to_the_host_on
         calls.append(points.shape[0])
         raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64")
 
-    monkeypatch.setattr(spanning_tree, "DEVICE_SEARCH_TYPES", frozenset({"cpu"}))
-    monkeypatch.setattr(spanning_tree, "_WARNED_HOST_SEARCH", set())
-    monkeypatch.setattr(spanning_tree, "device_tree", lacking_float64)
+    _accelerator_whose_search(monkeypatch, lacking_float64)
     x = torch.tensor(make_cloud("gaussian", 300, 20, 1.0, np.random.default_rng(1)), dtype=torch.float32)
     with pytest.warns(RuntimeWarning, match="not run on cpu .*doesn't support float64.*searched on the CPU"):
         first = spanning_tree.tree_without_the_compiled_search(x)
@@ -263,9 +277,7 @@ def test_a_memory_budget_error_on_an_accelerator_is_not_a_fallback(monkeypatch):
     def too_large(points):
         raise MemoryBudgetError("needs 9 GiB")
 
-    monkeypatch.setattr(spanning_tree, "DEVICE_SEARCH_TYPES", frozenset({"cpu"}))
-    monkeypatch.setattr(spanning_tree, "_WARNED_HOST_SEARCH", set())
-    monkeypatch.setattr(spanning_tree, "device_tree", too_large)
+    _accelerator_whose_search(monkeypatch, too_large)
     with pytest.raises(MemoryBudgetError, match="9 GiB"):
         spanning_tree.tree_without_the_compiled_search(torch.randn(300, 5))
 
@@ -283,17 +295,6 @@ def test_a_device_measurement_reads_the_host_a_few_times_not_twice_a_round():
     x = clouds(1000)
     assert sum(count_host_reads(x["spread"]).values()) <= 8
     assert sum(count_host_reads(x["8 clusters"]).values()) <= 8 * 7
-
-
-def _emulated_bf16_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """A float32 product in bfloat16 (oneDNN's 'bf16' setting), emulated: inputs truncated to a
-    7-bit mantissa, summed in float32; float64 products untouched."""
-    if a.dtype != torch.float32:
-        return a @ b
-    def truncated(t: torch.Tensor) -> torch.Tensor:
-        return (t.contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32)
-
-    return truncated(a) @ truncated(b)
 
 
 @pytest.mark.parametrize("kind,n,d", [("gaussian", 200, 3), ("gaussian", 300, 784), ("small_clusters", 600, 16)])
@@ -332,9 +333,7 @@ def test_an_accelerators_out_of_memory_is_raised_not_taken_for_a_missing_operati
     def out_of_memory(points):
         raise RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB)")
 
-    monkeypatch.setattr(spanning_tree, "DEVICE_SEARCH_TYPES", frozenset({"cpu"}))
-    monkeypatch.setattr(spanning_tree, "_WARNED_HOST_SEARCH", set())
-    monkeypatch.setattr(spanning_tree, "device_tree", out_of_memory)
+    _accelerator_whose_search(monkeypatch, out_of_memory)
     with pytest.raises(RuntimeError, match="out of memory"):
         spanning_tree.tree_without_the_compiled_search(torch.randn(300, 5))
     assert spanning_tree._WARNED_HOST_SEARCH == set()
