@@ -304,7 +304,8 @@ def metric_spec(name: str) -> MetricSpec:
     ValueError
         For an unknown name; the message lists the valid ones.
     """
-    return METRIC_SPECS[check_choice("metric", name, METRIC_SPECS)]
+    spec = METRIC_SPECS.get(name) if isinstance(name, str) else None  # per layer and step: a dict look-up
+    return spec if spec is not None else METRIC_SPECS[check_choice("metric", name, METRIC_SPECS)]
 
 
 def get_metric(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
