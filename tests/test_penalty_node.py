@@ -203,11 +203,14 @@ def test_metric_slope_rejects_bad_codes_and_sizes():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("code", sorted(set(METRIC_CODES.values()) | {2}))
-def test_measure_metric_is_measure_then_the_rounded_deaths_metric(dtype, code):
-    """`engine.measure_metric` against its parts: `measure`, a cast of the lengths to the
-    cloud's dtype, `metric_slope` of those; with a zero-length edge, and float32 lengths beyond
-    its range (infinite deaths, as a cast makes them)."""
+@pytest.mark.parametrize("term", [(0.3, 1.0, None), (0.3, -1.0, None), (2.0, 1.0, 0.4)])
+def test_layer_term_is_measure_metric_term_then_scatter(dtype, code, term):
+    """`engine.layer_term` against its parts: `measure`, a cast of the lengths to the cloud's
+    dtype, `metric_slope` of those, the metric cast too, `LayerTerm`'s term and derivative, and
+    `scatter` of the slope times the derivative cast to the dtype; with a zero-length edge, and
+    float32 lengths beyond its range (infinite deaths, as a cast makes them)."""
     engine = _native.engine
+    coefficient, sign, target = term
     rng = np.random.default_rng(code)
     for scale in (1.0, 1e-30, 3e38 if dtype == np.float32 else 1e200):
         points = (rng.uniform(-1.0, 1.0, (9, 4)) * scale).astype(dtype)
@@ -217,26 +220,36 @@ def test_measure_metric_is_measure_then_the_rounded_deaths_metric(dtype, code):
         itemsize = points.itemsize
         unit, lengths = np.empty((8, 4), dtype), np.empty(8)
         engine.measure(points, itemsize, 9, 4, u, v, unit, lengths, np.empty(0, np.int64), np.empty(0))
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             expected_deaths = lengths.astype(dtype)
-        expected_slope = np.empty(8)
-        expected = engine.metric_slope(expected_deaths.astype(np.float64), code, expected_slope)
-        got_unit, got_lengths, deaths, slope = np.empty((8, 4), dtype), np.empty(8), np.empty(8, dtype), np.empty(8)
-        value = engine.measure_metric(points, itemsize, 9, 4, u, v, code, got_unit, got_lengths, deaths, slope)
-        np.testing.assert_array_equal(got_unit, unit)
-        np.testing.assert_array_equal(got_lengths, lengths)
+            slope = np.empty(8)
+            metric = float(dtype(engine.metric_slope(expected_deaths.astype(np.float64), code, slope)))
+            gap = None if target is None else metric - target
+            expected_term = coefficient * sign * metric if gap is None else coefficient * gap * gap
+            derivative = coefficient * sign if gap is None else coefficient * 2.0 * gap
+            expected_gradient = np.empty((9, 4), dtype)
+            engine.scatter(unit, itemsize, 4, u, v, lengths, (slope * derivative).astype(dtype),
+                           np.empty(0, np.int64), expected_gradient, 9)
+        deaths, gradient = np.empty(8, dtype), np.empty((9, 4), dtype)
+        value, layer_total, longest = engine.layer_term(points, itemsize, 9, 4, u, v, code, coefficient, sign,
+                                                       np.nan if target is None else target, deaths, gradient)
         np.testing.assert_array_equal(deaths, expected_deaths)
-        np.testing.assert_array_equal(slope, expected_slope)
-        assert value == expected or (np.isnan(value) and np.isnan(expected))
+        assert value == metric or (np.isnan(value) and np.isnan(metric))
+        assert layer_total == expected_term or (np.isnan(layer_total) and np.isnan(expected_term))
+        assert longest == expected_deaths.max()
+        if np.isfinite(metric):
+            np.testing.assert_array_equal(gradient, expected_gradient)
         if dtype == np.float32 and scale == 3e38:
             assert np.isinf(deaths).any()
-        no_slope = engine.measure_metric(points, itemsize, 9, 4, u, v, code, got_unit, got_lengths, deaths,
-                                         np.empty(0))
-        assert no_slope == value or (np.isnan(value) and np.isnan(no_slope))
+        without = engine.layer_term(points, itemsize, 9, 4, u, v, code, coefficient, sign,
+                                    np.nan if target is None else target, deaths, bytearray())
+        assert without == (value, layer_total, longest) or np.isnan(value)
     with pytest.raises(ValueError, match="metric code"):
-        engine.measure_metric(points, itemsize, 9, 4, u, v, 9, got_unit, got_lengths, deaths, slope)
+        engine.layer_term(points, itemsize, 9, 4, u, v, 9, 1.0, 1.0, np.nan, deaths, gradient)
+    with pytest.raises(ValueError, match="sizes"):
+        engine.layer_term(points, itemsize, 9, 4, u, v, code, 1.0, 1.0, np.nan, deaths, gradient[:3])
     with pytest.raises(IndexError):
-        engine.measure_metric(points, itemsize, 9, 4, u, v + 1, code, got_unit, got_lengths, deaths, slope)
+        engine.layer_term(points, itemsize, 9, 4, u, v + 1, code, 1.0, 1.0, np.nan, deaths, gradient)
 
 
 @pytest.mark.parametrize("second, expected", [(1e33, np.finfo(np.float32).max), (1.7e38, np.inf)])
@@ -248,8 +261,9 @@ def test_float32_lengths_just_beyond_its_range_round_as_a_cast(second, expected)
     points = np.array([[top, second], [0.0, 0.0]], dtype=np.float32)
     engine, u, v = _native.engine, np.array([0], np.int64), np.array([1], np.int64)
     unit, lengths, deaths = np.empty((1, 2), np.float32), np.empty(1), np.empty(1, np.float32)
-    value = engine.measure_metric(points, 4, 2, 2, u, v, METRIC_CODES["max_lifetime"], unit, lengths, deaths,
-                                  np.empty(1))
+    engine.measure(points, 4, 2, 2, u, v, unit, lengths, np.empty(0, np.int64), np.empty(0))
+    value = engine.layer_term(points, 4, 2, 2, u, v, METRIC_CODES["max_lifetime"], 1.0, 1.0, np.nan, deaths,
+                              np.empty((2, 2), np.float32))[0]
     with np.errstate(over="ignore"):
         assert deaths[0] == lengths.astype(np.float32)[0] == expected and value == float(expected)
     cloud = torch.from_numpy(points)

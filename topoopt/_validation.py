@@ -13,7 +13,7 @@ import torch
 from topoopt import _native
 
 __all__ = ["UnknownName", "check_positive_int", "check_number", "check_choice", "check_instance", "invalid",
-           "a_kind", "finite_each", "all_finite"]
+           "a_kind", "finite_each", "all_finite", "compiled_all_finite"]
 
 
 class UnknownName(KeyError):
@@ -31,6 +31,8 @@ def invalid(name: str, value: object, must: str, kind: type[Exception] = ValueEr
 
 def check_positive_int(name: str, value: object, *, at_least: int = 1, none_ok: bool = False) -> int | None:
     """`value` if it is an int ≥ `at_least` (bools excluded; None too when `none_ok`)."""
+    if type(value) is int and value >= at_least:  # the common case, without the ABC check
+        return value
     if none_ok and value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < at_least:
@@ -91,11 +93,11 @@ def a_kind(value: object) -> str:
 def all_finite(tensor: torch.Tensor) -> bool:
     """`finite_each` of one tensor, without building lists: a cloud is checked a few times a
     training step (one compiled pass for a CPU float32/float64 tensor)."""
-    flag = _compiled_all_finite(tensor)
+    flag = compiled_all_finite(tensor)
     return flag if flag is not None else finite_each([tensor])[0]
 
 
-def _compiled_all_finite(tensor: torch.Tensor) -> bool | None:
+def compiled_all_finite(tensor: torch.Tensor) -> bool | None:
     """The compiled read-only pass for a CPU float32/float64 tensor; None for the others."""
     if _native.engine is None or tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.float64):
         return None
@@ -113,7 +115,7 @@ def finite_each(tensors: Sequence[torch.Tensor]) -> list[bool]:
     flags: list[bool | None] = [None] * len(tensors)
     rest = []
     for i, tensor in enumerate(tensors):
-        flags[i] = _compiled_all_finite(tensor)
+        flags[i] = compiled_all_finite(tensor)
         if flags[i] is None:
             rest.append(i)
     if rest:

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from topoopt import _native
-from topoopt._validation import check_positive_int, invalid
-from topoopt.neurons import LayerPart, cloud_specs, weight_cloud
+from topoopt._validation import check_positive_int, compiled_all_finite, functorch_active, invalid
+from topoopt.neurons import LayerPart, cloud_specs, plain_weight_rows, weight_cloud
 from topoopt.persistence import as_cloud
 
 __all__ = ["neuron_cloud", "layer_cloud", "weight_cloud", "cloud_norm", "ParameterLayer", "LayerPart",
@@ -148,6 +148,10 @@ def layer_cloud(name: str, module: nn.Module | ParameterLayer, include_bias: boo
     that shares no memory with the weights: the compiled engine's host views of a tensor make its
     storage unresizable for good, which FSDP2 needs for the gathered weights it lends a layer.
     """
+    if not (copy or include_bias):  # a built-in layer's finite CPU weight: no checks but the finiteness pass
+        rows = plain_weight_rows(module)
+        if rows is not None and rows.numel() and not functorch_active() and compiled_all_finite(rows):
+            return rows
     try:
         cloud = neuron_cloud(module, include_bias=include_bias)
         if copy:

@@ -28,6 +28,7 @@ from topoopt.metrics import (
     persistent_entropy,
     total_persistence,
 )
+from topoopt.neurons import plain_weight_rows
 from topoopt.tree_cache import TreeCache, cache_key
 
 __all__ = ["LayerMeter", "MeterSettings", "LayerTopology", "layer_topology"]
@@ -52,6 +53,8 @@ def _longest(deaths: Mapping[str, torch.Tensor]) -> dict[str, float]:
     named = [(name, d) for name, d in deaths.items() if d.numel()]
     if not named:
         return {}
+    if all(d.device.type == "cpu" for _, d in named):  # no sync to save: each read straight
+        return {name: d.detach().max().item() for name, d in named}
     device = named[0][1].device
     wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     values = torch.stack([d.detach().max().to(device, wide) for _, d in named]).tolist()
@@ -129,6 +132,34 @@ class LayerMeter:
                 continue
             found[name] = self._rescaled_deaths(name, cloud, deaths, passive)
         return found
+
+    def clouds_and_deaths(self, names: Iterable[str], fewest: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each named layer's detached cloud and its deaths (`deaths`, not passive), for a tool
+        that only reads them; layers as `clouds` leaves them out are left out. A built-in layer
+        whose cloud was measured just before through the shared cache (a `TopoOptimizer` after
+        a `TopoPenalty`, in one step) gets those deaths, the kept tensor, and its cloud is not
+        looked over again: it is bit for bit the cloud that was checked then."""
+        known: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        rest = []
+        for name in names:
+            rows = None if self.sharded or self.include_bias else plain_weight_rows(self.layers[name])
+            deaths = None
+            if rows is not None and rows.shape[0] >= fewest:
+                rows = rows.detach()
+                deaths = self.trees.known_deaths(self.key(name), rows, self.tree_every)
+            if deaths is None:
+                rest.append(name)
+            else:
+                known[name] = (rows, deaths)
+        longest = _longest({name: deaths for name, (_, deaths) in known.items()})
+        for name, (rows, deaths) in list(known.items()):  # kept before a rescaled measurement
+            if deaths.numel() and needs_rescaling(longest[name], rows.dtype):
+                del known[name]
+                rest.append(name)
+        clouds = {name: cloud.detach() for name, cloud in self.clouds(rest, fewest).items()} if rest else {}
+        measured = self.deaths(clouds) if clouds else {}
+        return {name: known[name] if name in known else (clouds[name], measured[name])
+                for name in names if name in known or name in clouds}
 
     def _rescaled_deaths(self, name: str, cloud: torch.Tensor, deaths: torch.Tensor | None,
                          passive: bool) -> torch.Tensor:

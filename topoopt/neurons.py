@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 __all__ = ["CloudSpec", "LayerPart", "register_layer", "cloud_specs", "weight_cloud", "not_a_cloud_reason",
-           "FUSED_QKV_CHOICES"]
+           "plain_weight_rows", "FUSED_QKV_CHOICES"]
 
 FUSED_QKV_CHOICES = ("split", "whole")
 
@@ -253,6 +253,23 @@ def _weight_layer(module: nn.Module, fused_qkv: str) -> dict[str, CloudSpec]:
 for _kind in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
               nn.ConvTranspose3d):
     _BY_TYPE[_kind] = _weight_layer
+
+
+_PLAIN_WEIGHT_TYPES = frozenset({nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d})
+
+
+def plain_weight_rows(module: object) -> torch.Tensor | None:
+    """The cloud of a built-in Linear or Conv layer read straight from its weight parameter, or
+    None for any other layer (a subclass, a mask, a parametrization, an uninitialised or sharded
+    weight, a definition registered over the built-in one): where this gives a tensor, it is the
+    one `neuron_cloud` gives. A measuring step looks up every layer's cloud; this is that look-up
+    without the registry's walk."""
+    kind = type(module)
+    if kind not in _PLAIN_WEIGHT_TYPES or _definition_of(kind) is not _weight_layer \
+            or _may_have(module, "effective_weight"):
+        return None
+    weight = module.weight
+    return weight_cloud(weight) if type(weight) is nn.Parameter else None
 
 
 def _bilinear(module: nn.Module, fused_qkv: str) -> dict[str, CloudSpec]:

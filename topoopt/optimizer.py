@@ -44,7 +44,7 @@ from topoopt._validation import (
 from topoopt.cloud import ParameterLayer, cloud_norm
 from topoopt.layers import TopologyCoverageWarning, layer_parameters, select_layers, user_stacklevel
 from topoopt.measure import LayerMeter, MeterSettings
-from topoopt.metrics import COMPLEXITY_METRICS, complexity_of_measured
+from topoopt.metrics import COMPLEXITY_METRICS, complexity_of_measured, metric_spec
 from topoopt.policies import COLLAPSE_SPREAD, POLICIES, Policy, awaken_policy, calm_policy, contrast_policy
 from topoopt.tree_cache import TreeCache
 
@@ -337,12 +337,10 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         managed = {id(p) for group in self.param_groups for p in group["params"]}
         stepped = [name for name, layer in self._layers.items()  # frozen layers: measured once unfrozen
                    if any(id(p) in managed for p in layer_parameters(layer))]
-        clouds = {name: cloud.detach() for name, cloud in self.meter.clouds(stepped, fewest=_FEWEST_NEURONS).items()}
-        all_deaths = self.meter.deaths(clouds)
+        scaled_by_norm = metric_spec(self.metric).complexity != "as is"
         values = {}
-        for name, cloud in clouds.items():
-            deaths = all_deaths[name]
-            rms_norm = cloud_norm(cloud) / math.sqrt(cloud.shape[0])
+        for name, (cloud, deaths) in self.meter.clouds_and_deaths(stepped, fewest=_FEWEST_NEURONS).items():
+            rms_norm = cloud_norm(cloud) / math.sqrt(cloud.shape[0]) if scaled_by_norm else 1.0
             value = complexity_of_measured(self.metric, deaths, rms_norm)
             if not math.isfinite(value):
                 raise ValueError(f"Layer {name!r}: measuring its {self.metric} gave {value} "

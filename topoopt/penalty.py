@@ -167,17 +167,13 @@ class TopoPenalty(MeterSettings, nn.Module):
         ValueError
             When a layer's metric is not finite (diverged weights).
         """
-        # on the last layer's device: where the output, and so the loss, lives when layers are
-        # spread over devices (model parallel); each term is moved there
-        device = layer_parameters(next(reversed(self.meter.layers.values())))[0].device
-        total = torch.zeros((), device=device, dtype=torch.float32)
         # A call without a graph (logging, evaluation) does not count for `every`, and is passive
         # in the tree cache, so that it cannot change which trees training's calls get.
         passive = not torch.is_grad_enabled()
         if not passive:
             self._calls += 1
             if (self._calls - 1) % self.every:
-                return total
+                return self._zero()
         clouds = self.meter.clouds([name for name in self.meter.layers if self.coefficients[name] != 0.0])
         if penalty_node.handles(list(clouds.values()), self.metric):
             try:
@@ -189,6 +185,8 @@ class TopoPenalty(MeterSettings, nn.Module):
         # All layers in one call: the small ones' tree searches and every edge measurement are
         # batched (benchmarks/all_layers.py), with the deaths of one-layer calls.
         all_deaths = self.meter.deaths(clouds, passive)
+        total = self._zero()
+        device = total.device
         for name in clouds:
             deaths = all_deaths[name]
             value = self._metric_fn(deaths)
@@ -198,6 +196,12 @@ class TopoPenalty(MeterSettings, nn.Module):
                                  f"not finite (longest bar {float(deaths.detach().max()):.3g})")
             total = total + (self.coefficients[name] * self._term(value)).to(device)
         return total
+
+    def _zero(self) -> torch.Tensor:
+        """A float32 zero on the last layer's device: where the output, and so the loss, lives
+        when layers are spread over devices (model parallel); each layer's term is moved there."""
+        device = layer_parameters(next(reversed(self.meter.layers.values())))[0].device
+        return torch.zeros((), device=device, dtype=torch.float32)
 
     def _one_node_total(self, clouds: dict[str, torch.Tensor], passive: bool) -> torch.Tensor | None:
         """`forward` for CPU layers the compiled engine measures: one autograd node
@@ -209,9 +213,9 @@ class TopoPenalty(MeterSettings, nn.Module):
         edges = {name: trees[name][:2] if name in searched else (no_edge, no_edge) for name in clouds}
         sign = -1.0 if self.direction == "maximize" else 1.0
         terms = {name: penalty_node.LayerTerm(self.coefficients[name], sign, self.target) for name in clouds}
-        total, deaths = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn,
-                                                      self.last_values)
-        if any(d.numel() and needs_rescaling(float(d.max()), clouds[name].dtype) for name, d in deaths.items()):
+        total, deaths, longest = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn,
+                                                               self.last_values)
+        if any(needs_rescaling(value, clouds[name].dtype) for name, value in longest.items()):
             return None  # deaths at the end of the dtype's range: measured again, rescaled, by the general path
         if not passive:
             for name in searched:  # fresh arrays of the one node's own: kept without a copy

@@ -3,9 +3,10 @@
 Built the usual way, a penalty over three small layers is ~15 autograd nodes (edge lengths,
 metric, term, sums) whose fixed costs were most of its time: on 784-100-100-10, 0.7–1.0 ms
 forward and backward for ~0.1 ms of arithmetic (measured with the trees given). Here each layer
-costs two compiled calls: one measures its tree's edges and gives their metric and its slope
-(`engine.measure_metric`, the formulas of `topoopt.host_metrics`), one scatters the slope onto
-the neurons; the node's backward hands those gradients over, times the incoming one. The penalty's
+costs one compiled call (`engine.layer_term`): it measures the tree's edges, takes their metric
+and its slope (the formulas of `topoopt.host_metrics`) and the layer's term, and scatters the
+term's slope onto the neurons; the node's backward hands those gradients over, times the
+incoming one. The penalty's
 gradient is needed on every call that builds a graph (the loss's backward follows), so nothing
 is computed in vain.
 
@@ -30,7 +31,7 @@ from torch.autograd import forward_ad
 from topoopt import _native
 from topoopt._validation import functorch_active
 from topoopt.host_metrics import HOST_METRICS, METRIC_CODES
-from topoopt.persistence import NO_ORDER, NUMPY_DTYPES, edge_lengths, int64_index, native_edges_handle
+from topoopt.persistence import NUMPY_DTYPES, edge_lengths, int64_index, native_edges_handle
 
 __all__ = ["handles", "LayerTerm", "one_node_penalty"]
 
@@ -53,12 +54,6 @@ class LayerTerm:
     sign: float = 1.0  # −1 to maximise
     target: float | None = None
 
-    def value_and_derivative(self, metric: float) -> tuple[float, float]:
-        if self.target is not None:
-            gap = metric - self.target
-            return self.coefficient * gap * gap, self.coefficient * 2.0 * gap
-        return self.coefficient * self.sign * metric, self.coefficient * self.sign
-
     def of_tensor(self, metric: torch.Tensor) -> torch.Tensor:
         if self.target is not None:
             return self.coefficient * (metric - self.target) ** 2
@@ -70,8 +65,6 @@ class _Measured:
     cloud: torch.Tensor
     u: torch.Tensor
     v: torch.Tensor
-    deaths: np.ndarray  # in tree order, in the cloud's dtype
-    metric: float
     gradient: torch.Tensor | None  # of this layer's term with respect to its cloud
 
 
@@ -82,63 +75,52 @@ def one_node_penalty(
     terms: Mapping[str, LayerTerm],
     torch_metric: Callable[[torch.Tensor], torch.Tensor],
     last_values: dict[str, float],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
     """The penalty Σ term(metric(deaths)) over the named clouds, measured along `edges`.
 
     Returns the total (a scalar tensor of the clouds' promoted dtype, float32 at least, with one
-    autograd node when a cloud requires grad) and each layer's deaths in tree order (detached,
-    the cloud's dtype); each layer's metric goes into `last_values` as it is measured. Raises
-    ValueError naming a layer whose metric is not finite, before any graph is built.
+    autograd node when a cloud requires grad), each layer's deaths in tree order (detached, the
+    cloud's dtype) and each non-empty diagram's longest death (NaN where a death is); each
+    layer's metric goes into `last_values` as it is measured. Raises ValueError naming a layer
+    whose metric is not finite, before any graph is built.
     """
     wants_graph = torch.is_grad_enabled()
     engine, code = _native.engine, METRIC_CODES[metric]
-    measured: dict[str, _Measured] = {}
+    measured: list[_Measured] = []
+    chosen_terms = []
+    deaths: dict[str, torch.Tensor] = {}
+    longest: dict[str, float] = {}
     total = 0.0
     for name, cloud in clouds.items():
-        # The engine is called directly, its buffers kept in numpy: through `native_measure` and
-        # `native_scatter`, which hand back tensors, the node's forward + backward took 7% longer.
         u, v = (int64_index(index) for index in edges[name])
         x = cloud.detach().contiguous()
         n, d = x.shape
-        count, dtype, itemsize = u.shape[0], NUMPY_DTYPES[x.dtype], x.element_size()
-        u_np, v_np = u.numpy(), v.numpy()
-        lengths = np.empty(count, dtype=np.float64)
-        unit = np.empty((count, d), dtype=dtype)
-        deaths = np.empty(count, dtype=dtype)  # the lengths rounded to the cloud's dtype, as the graph's
-        wants_slope = wants_graph and cloud.requires_grad
-        slope = np.empty(count, dtype=np.float64) if wants_slope else _NO_SLOPE
-        value = engine.measure_metric(x.numpy(), itemsize, n, d, u_np, v_np, code, unit, lengths, deaths, slope)
-        value = _rounded(value, deaths.dtype)  # as the per-layer graph's metric, in the cloud's dtype
+        layer_deaths = np.empty(u.shape[0], dtype=NUMPY_DTYPES[x.dtype])  # rounded to the cloud's dtype
+        gradient = torch.empty((n, d), dtype=x.dtype) if wants_graph and cloud.requires_grad else None
+        term = terms[name]
+        value, layer_total, longest_death = engine.layer_term(
+            x.numpy(), x.element_size(), n, d, u.numpy(), v.numpy(), code, term.coefficient, term.sign,
+            math.nan if term.target is None else term.target, layer_deaths,
+            _NO_GRADIENT if gradient is None else gradient.numpy())
         last_values[name] = value
         if not math.isfinite(value):
-            longest = float(deaths.max()) if deaths.size else 0.0
-            raise ValueError(f"Layer {name!r}: its {metric} is {value}, not finite (longest bar {longest:.3g})")
-        term, derivative = terms[name].value_and_derivative(value)
-        total += term
-        gradient = None
-        if wants_slope:
-            grad = (slope * derivative).astype(dtype)
-            gradient = torch.empty((n, d), dtype=x.dtype)  # zeroed by the engine
-            engine.scatter(unit, itemsize, d, u_np, v_np, lengths, grad, NO_ORDER, gradient.numpy(), n)
-        measured[name] = _Measured(cloud, u, v, deaths, value, gradient)
+            raise ValueError(f"Layer {name!r}: its {metric} is {value}, not finite "
+                             f"(longest bar {longest_death if layer_deaths.size else 0.0:.3g})")
+        total += layer_total
+        deaths[name] = torch.from_numpy(layer_deaths)
+        if layer_deaths.size:
+            longest[name] = longest_death
+        if gradient is not None:
+            measured.append(_Measured(cloud, u, v, gradient))
+            chosen_terms.append(term)
     dtype = torch.promote_types(torch.float32, _common_dtype(clouds.values()))
-    deaths = {name: torch.from_numpy(m.deaths) for name, m in measured.items()}
-    differentiable = [m for m in measured.values() if m.gradient is not None]
-    if not differentiable:
-        return torch.tensor(total, dtype=dtype), deaths
-    plan = _Plan(differentiable, [terms[name] for name, m in measured.items() if m.gradient is not None],
-                 torch_metric, torch.tensor(total, dtype=dtype))
-    return _PenaltyNode.apply(plan, *(m.cloud for m in differentiable)), deaths
+    if not measured:
+        return torch.tensor(total, dtype=dtype), deaths, longest
+    plan = _Plan(measured, chosen_terms, torch_metric, torch.tensor(total, dtype=dtype))
+    return _PenaltyNode.apply(plan, *(m.cloud for m in measured)), deaths, longest
 
 
-_FLOAT32_OVERFLOW = 3.4028235677973366e38  # above this a float64 rounds to a float32 infinity
-_NO_SLOPE = np.empty(0, dtype=np.float64)
-
-
-def _rounded(value: float, dtype: np.dtype) -> float:
-    if dtype == np.float32 and abs(value) >= _FLOAT32_OVERFLOW:
-        return math.copysign(math.inf, value)
-    return float(dtype.type(value))
+_NO_GRADIENT = bytearray()  # an empty writable buffer: no gradient asked for
 
 
 def _common_dtype(clouds) -> torch.dtype:

@@ -130,6 +130,20 @@ class TreeCache:
         else:
             self._entries[key].moved_deaths = kept
 
+    def known_deaths(self, key: str, cloud: torch.Tensor, tree_every: int = 1) -> torch.Tensor | None:
+        """The deaths already measured on this very cloud (the last search's, or the last
+        approximate lookup's while `tree_every` allows it), the kept tensor itself (the caller
+        must not write to it); else None. What `deaths_many` would give a graphless lookup of
+        it, with no tree looked up and no reuse counted: a second tool's lookup in one step."""
+        entry = self._entries.get(key)
+        if entry is None or not _same_layout(entry.searched_on, cloud):
+            return None
+        if _same_values(entry.searched_on, cloud):
+            return entry.deaths
+        if entry.moved_deaths is not None and entry.reuses < tree_every and _same_values(entry.moved, cloud):
+            return entry.moved_deaths
+        return None
+
     def _edges_many(self, clouds: Mapping[str, torch.Tensor], tree_every: int,
                     passive: bool = False) -> dict[str, tuple]:
         """`edges_many`, each tree as (u, v, exact, again): exact for a cloud it was searched on,
@@ -311,10 +325,10 @@ def measure_layers(
 def _copy_into(buffer: torch.Tensor | None, cloud: torch.Tensor) -> torch.Tensor:
     """A copy of `cloud`, written into `buffer` when its layout allows (no new allocation); an
     ordinary tensor even under inference mode (see `_ordinary`)."""
+    if (buffer is not None and not buffer.is_inference() and _same_layout(buffer, cloud)
+            and buffer.stride() == cloud.stride()):
+        return buffer.copy_(cloud)  # an ordinary tensor stays one, in inference mode too
     with torch.inference_mode(False):
-        if (buffer is not None and not buffer.is_inference() and _same_layout(buffer, cloud)
-                and buffer.stride() == cloud.stride()):
-            return buffer.copy_(cloud)
         return cloud.clone()
 
 

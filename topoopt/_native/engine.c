@@ -8,6 +8,7 @@
  * - measure, scatter: the forward (lengths, optionally sorted, and unit directions) and backward
  *   (the norm's gradient scattered to both endpoints) of a tree's edge lengths.
  * - metric_slope: a metric of H0 bars and its gradient per bar, for the one-node penalty.
+ * - layer_term: one layer of the one-node penalty (its deaths, metric, term and gradient).
  * - block_distances: a row block of the general search's squared distances and near pairs.
  * - same_bytes: TreeCache's test that a cloud is the one its tree was searched on.
  * Lengths are summed in double from the float32 or float64 points: exact over float32's whole
@@ -475,6 +476,40 @@ static int by_length_then_index(const void *a, const void *b) {
 MEASURE(float)
 MEASURE(double)
 
+/* `measure`'s lengths alone, and its scatter with each unit direction recomputed from the points
+ * as `measure` rounds it (the same values, no e×d buffer written and read back): layer_term. */
+#define LENGTHS(T)                                                                              \
+    VECTORISED static void lengths_##T(const T *p, Py_ssize_t d, const int64_t *u, const int64_t *v,         \
+                            Py_ssize_t e, double *lengths) {                                     \
+        for (Py_ssize_t k = 0; k < e; k++) {                                                     \
+            const T *a = p + u[k] * d, *b = p + v[k] * d;                                        \
+            double total = 0.0;                                                                  \
+            SIMD_SUM(total)                                                                      \
+            for (Py_ssize_t m = 0; m < d; m++) {                                                 \
+                double x = (double)a[m] - (double)b[m];                                          \
+                total += x * x;                                                                  \
+            }                                                                                    \
+            lengths[k] = sqrt(total);                                                            \
+        }                                                                                        \
+    }                                                                                            \
+    VECTORISED static void scatter_from_points_##T(const T *p, Py_ssize_t d, const int64_t *u,              \
+                            const int64_t *v, Py_ssize_t e, const double *lengths, const T *grad, T *out) { \
+        for (Py_ssize_t k = 0; k < e; k++) {                                                     \
+            if (!(lengths[k] > 0.0)) continue;                                                   \
+            const T *a = p + u[k] * d, *b = p + v[k] * d;                                        \
+            double inverse = 1.0 / lengths[k];                                                   \
+            T coefficient = grad[k];                                                             \
+            T *to_a = out + u[k] * d, *to_b = out + v[k] * d;                                    \
+            for (Py_ssize_t m = 0; m < d; m++) {                                                 \
+                T step = (T)(((double)a[m] - (double)b[m]) * inverse) * coefficient;             \
+                to_a[m] += step;                                                                 \
+                to_b[m] -= step;                                                                 \
+            }                                                                                    \
+        }                                                                                        \
+    }
+LENGTHS(float)
+LENGTHS(double)
+
 /* A non-negative double rounded to the nearest float, as numpy's and torch's casts round it:
  * above FLT_MAX but below FLT_MAX + half its last unit it is FLT_MAX; from there (a tie, which
  * rounds to even) it is infinite. The C conversion is undefined outside float's range. */
@@ -529,55 +564,6 @@ done:
     PyBuffer_Release(&lengths);
     PyBuffer_Release(&order);
     PyBuffer_Release(&sorted);
-    return result;
-}
-
-/* measure_metric(points: T[n*d], itemsize, n, d, u, v: int64[e], code, unit: T[e*d] out,
- *                lengths: double[e] out, deaths: T[e] out, slope: double[e] or empty out) -> value
- * `measure` without sorting, then the edges' lengths rounded to the points' type (`deaths`, in
- * edge order; rounded as a cast rounds them, `to_float`) and `metric_slope` of those rounded
- * deaths: one call for each layer of topoopt.penalty_node, which made these three. */
-static PyObject *measure_metric(PyObject *self, PyObject *args) {
-    Py_buffer points, u, v, unit, lengths, deaths, slope;
-    Py_ssize_t itemsize, n, d;
-    int code;
-    if (!PyArg_ParseTuple(args, "y*nnny*y*iw*w*w*w*", &points, &itemsize, &n, &d, &u, &v, &code, &unit,
-                          &lengths, &deaths, &slope)) return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t e = u.len / (Py_ssize_t)sizeof(int64_t);
-    double *rounded = NULL;  /* float32 deaths as doubles, for the metric (float64 ones are the lengths) */
-    if (!expect((itemsize == 4 || itemsize == 8) && d >= 1 && points.len == n * d * itemsize &&
-                v.len == u.len && lengths.len == e * (Py_ssize_t)sizeof(double) &&
-                unit.len == e * d * itemsize && deaths.len == e * itemsize &&
-                (slope.len == 0 || slope.len == lengths.len) && code >= 0 && code <= 5,
-                "measure_metric: buffer sizes do not match, or an unknown metric code") ||
-        !edges_in_range((const int64_t *)u.buf, (const int64_t *)v.buf, e, n)) goto done;
-    if (itemsize == 4 && !(rounded = malloc((size_t)(e ? e : 1) * sizeof(double)))) { PyErr_NoMemory(); goto done; }
-    double value, *raw = lengths.buf;
-    Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4) {
-        measure_float(points.buf, d, u.buf, v.buf, e, unit.buf, raw);
-        for (Py_ssize_t k = 0; k < e; k++) {
-            float length = to_float(raw[k]);
-            ((float *)deaths.buf)[k] = length;
-            rounded[k] = length;
-        }
-    } else {
-        measure_double(points.buf, d, u.buf, v.buf, e, unit.buf, raw);
-        memcpy(deaths.buf, raw, (size_t)e * sizeof(double));
-    }
-    value = metric_of(itemsize == 4 ? rounded : raw, e, code, slope.len ? slope.buf : NULL);
-    Py_END_ALLOW_THREADS
-    result = PyFloat_FromDouble(value);
-done:
-    free(rounded);
-    PyBuffer_Release(&points);
-    PyBuffer_Release(&u);
-    PyBuffer_Release(&v);
-    PyBuffer_Release(&unit);
-    PyBuffer_Release(&lengths);
-    PyBuffer_Release(&deaths);
-    PyBuffer_Release(&slope);
     return result;
 }
 
@@ -638,6 +624,93 @@ done:
     PyBuffer_Release(&grad);
     PyBuffer_Release(&order);
     PyBuffer_Release(&out);
+    return result;
+}
+
+/* A double rounded to the nearest float as a cast rounds it (`to_float`), either sign. */
+static float to_float_signed(double x) {
+    float magnitude = to_float(fabs(x));
+    return x < 0.0 ? -magnitude : magnitude;
+}
+
+/* layer_term(points: T[n*d], itemsize, n, d, u, v: int64[e], code, coefficient, sign, target,
+ *            deaths: T[e] out, gradient: T[n*d] or empty out) -> (metric, term, longest)
+ * One layer of topoopt.penalty_node in one call: the edges' lengths rounded to the points' type
+ * (`deaths`, in edge order, rounded as a cast rounds them: `to_float`) and their metric, rounded to
+ * it too (as the per-layer graph's is); the layer's term, coefficient·sign·
+ * metric, or coefficient·(metric − target)² when target is not NaN; the longest death (NaN if
+ * one is), for the caller's range check; and, when `gradient` has room and the metric is finite,
+ * the term's gradient with respect to the points: the metric's slope times the term's derivative,
+ * cast to the points' type, scattered as `measure` and `scatter` would (zeroed first). One call a layer where
+ * the fixed cost of ~10 small numpy and torch operations was most of the time. */
+static PyObject *layer_term(PyObject *self, PyObject *args) {
+    Py_buffer points, u, v, deaths, gradient;
+    Py_ssize_t itemsize, n, d;
+    int code;
+    double coefficient, sign, target;
+    if (!PyArg_ParseTuple(args, "y*nnny*y*idddw*w*", &points, &itemsize, &n, &d, &u, &v, &code, &coefficient,
+                          &sign, &target, &deaths, &gradient)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t e = u.len / (Py_ssize_t)sizeof(int64_t);
+    int wants_gradient = gradient.len > 0;
+    double *lengths = NULL, *rounded = NULL, *slope = NULL;
+    void *grad = NULL;
+    if (!expect((itemsize == 4 || itemsize == 8) && d >= 1 && points.len == n * d * itemsize &&
+                v.len == u.len && deaths.len == e * itemsize &&
+                (!wants_gradient || gradient.len == n * d * itemsize) && code >= 0 && code <= 5,
+                "layer_term: buffer sizes do not match, or an unknown metric code") ||
+        !edges_in_range((const int64_t *)u.buf, (const int64_t *)v.buf, e, n)) goto done;
+    size_t edges = (size_t)(e ? e : 1);
+    lengths = malloc(edges * sizeof(double));
+    rounded = malloc(edges * sizeof(double));
+    slope = malloc(edges * sizeof(double));
+    grad = malloc(edges * (size_t)itemsize);
+    if (!lengths || !rounded || !slope || !grad) { PyErr_NoMemory(); goto done; }
+    double metric, term, derivative, longest = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+    if (itemsize == 4) {
+        lengths_float(points.buf, d, u.buf, v.buf, e, lengths);
+        for (Py_ssize_t k = 0; k < e; k++) {
+            float length = to_float(lengths[k]);
+            ((float *)deaths.buf)[k] = length;
+            rounded[k] = length;
+        }
+    } else {
+        lengths_double(points.buf, d, u.buf, v.buf, e, lengths);
+        memcpy(deaths.buf, lengths, (size_t)e * sizeof(double));
+        memcpy(rounded, lengths, (size_t)e * sizeof(double));
+    }
+    for (Py_ssize_t k = 0; k < e; k++)
+        if (k == 0 || rounded[k] > longest || rounded[k] != rounded[k]) { longest = rounded[k]; if (longest != longest) break; }
+    metric = metric_of(rounded, e, code, wants_gradient ? slope : NULL);
+    if (itemsize == 4) metric = to_float_signed(metric);
+    if (target == target) {  /* the term and its derivative (LayerTerm.of_tensor's) */
+        double gap = metric - target;
+        term = coefficient * gap * gap;
+        derivative = coefficient * 2.0 * gap;
+    } else {
+        term = coefficient * sign * metric;
+        derivative = coefficient * sign;
+    }
+    if (wants_gradient && isfinite(metric)) {
+        memset(gradient.buf, 0, (size_t)gradient.len);
+        if (itemsize == 4) {
+            for (Py_ssize_t k = 0; k < e; k++) ((float *)grad)[k] = to_float_signed(slope[k] * derivative);
+            scatter_from_points_float(points.buf, d, u.buf, v.buf, e, lengths, grad, gradient.buf);
+        } else {
+            for (Py_ssize_t k = 0; k < e; k++) ((double *)grad)[k] = slope[k] * derivative;
+            scatter_from_points_double(points.buf, d, u.buf, v.buf, e, lengths, grad, gradient.buf);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("ddd", metric, term, longest);
+done:
+    free(lengths); free(rounded); free(slope); free(grad);
+    PyBuffer_Release(&points);
+    PyBuffer_Release(&u);
+    PyBuffer_Release(&v);
+    PyBuffer_Release(&deaths);
+    PyBuffer_Release(&gradient);
     return result;
 }
 
@@ -789,8 +862,8 @@ static PyMethodDef methods[] = {
     {"block_distances", block_distances, METH_VARARGS, "A row block of the general search's distances."},
     {"same_bytes", same_bytes, METH_VARARGS, "Whether two buffers hold the same bytes."},
     {"measure", measure, METH_VARARGS, "Edge lengths and differences, optionally sorted."},
-    {"measure_metric", measure_metric, METH_VARARGS, "Edge lengths, rounded deaths, and their metric and slope."},
     {"scatter", scatter, METH_VARARGS, "Gradient of edge lengths, scattered to the points."},
+    {"layer_term", layer_term, METH_VARARGS, "One layer of the one-node penalty: deaths, metric, term, gradient."},
     {NULL, NULL, 0, NULL},
 };
 
