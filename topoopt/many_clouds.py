@@ -65,14 +65,14 @@ def trees_of_many(clouds: Sequence[torch.Tensor]) -> list[Edges]:
         n = cloud.shape[0]
         if 2 < n <= spanning_tree.BLOCK_ROWS and cloud.device.type not in spanning_tree.DEVICE_SEARCH_TYPES:
             same_shape.setdefault((cloud.shape, cloud.dtype, cloud.device), []).append(i)
-    with engine_threads():
-        for members in same_shape.values():
-            if len(members) < 2:
-                continue
-            stacked = _small_trees(torch.stack([clouds[i].detach() for i in members]))
-            for i, edges in zip(members, stacked):
-                if edges is not None:
-                    trees[i] = edges
+    groups = [members for members in same_shape.values() if len(members) > 1]
+    if groups:
+        with engine_threads():
+            for members in groups:
+                stacked = _small_trees(torch.stack([clouds[i].detach() for i in members]))
+                for i, edges in zip(members, stacked):
+                    if edges is not None:
+                        trees[i] = edges
     for i, cloud in enumerate(clouds):
         if trees[i] is None and spanning_tree.native_small_tree_handles(cloud):
             # straight to the compiled search, and if it declines, straight past it

@@ -54,7 +54,7 @@ def _longest(deaths: Mapping[str, torch.Tensor]) -> dict[str, float]:
     if not named:
         return {}
     if all(d.device.type == "cpu" for _, d in named):  # no sync to save: each read straight
-        return {name: d.detach().max().item() for name, d in named}
+        return {name: float(d.detach().numpy().max()) for name, d in named}
     device = named[0][1].device
     wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     values = torch.stack([d.detach().max().to(device, wide) for _, d in named]).tolist()

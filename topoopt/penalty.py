@@ -209,8 +209,8 @@ class TopoPenalty(MeterSettings, nn.Module):
         range where the engine is exact."""
         searched = {name: cloud for name, cloud in clouds.items() if cloud.shape[0] >= 2}
         trees = self.meter.trees_for(searched, passive)
-        no_edge = torch.empty(0, dtype=torch.int64)
-        edges = {name: trees[name][:2] if name in searched else (no_edge, no_edge) for name in clouds}
+        no_edge = torch.empty(0, dtype=torch.int64) if len(searched) < len(clouds) else None
+        edges = {name: trees[name] if name in searched else (no_edge, no_edge) for name in clouds}
         sign = -1.0 if self.direction == "maximize" else 1.0
         terms = {name: penalty_node.LayerTerm(self.coefficients[name], sign, self.target) for name in clouds}
         total, deaths, longest = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn,

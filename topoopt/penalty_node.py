@@ -70,13 +70,14 @@ class _Measured:
 
 def one_node_penalty(
     clouds: Mapping[str, torch.Tensor],
-    edges: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    edges: Mapping[str, Sequence[torch.Tensor]],
     metric: str,
     terms: Mapping[str, LayerTerm],
     torch_metric: Callable[[torch.Tensor], torch.Tensor],
     last_values: dict[str, float],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
-    """The penalty Σ term(metric(deaths)) over the named clouds, measured along `edges`.
+    """The penalty Σ term(metric(deaths)) over the named clouds, measured along `edges` (u, v,
+and anything after them).
 
     Returns the total (a scalar tensor of the clouds' promoted dtype, float32 at least, with one
     autograd node when a cloud requires grad), each layer's deaths in tree order (detached, the
@@ -92,8 +93,10 @@ def one_node_penalty(
     longest: dict[str, float] = {}
     total = 0.0
     for name, cloud in clouds.items():
-        u, v = (int64_index(index) for index in edges[name])
-        x = cloud.detach().contiguous()
+        u, v = int64_index(edges[name][0]), int64_index(edges[name][1])
+        x = cloud.detach()
+        if not x.is_contiguous():
+            x = x.contiguous()
         n, d = x.shape
         layer_deaths = np.empty(u.shape[0], dtype=NUMPY_DTYPES[x.dtype])  # rounded to the cloud's dtype
         gradient = torch.empty((n, d), dtype=x.dtype) if wants_graph and cloud.requires_grad else None
