@@ -320,6 +320,7 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         state["_topo"] = copy.copy(self._topo)
         state["_topo"].scaled = None
         state["_copies"], state["_copy_views"], state["_views_of_params"] = [], None, None
+        state.pop("_stepped_memo", None)  # parameter ids: another process's are others
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -334,9 +335,7 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         """Each wrapped layer's complexity (layers of fewer than 3 neurons, and layers with no
         parameter in the optimizer's groups, left out), all layers
         measured in one call (`TreeCache.deaths_many`: batched searches, one edge measurement)."""
-        managed = {id(p) for group in self.param_groups for p in group["params"]}
-        stepped = [name for name, layer in self._layers.items()  # frozen layers: measured once unfrozen
-                   if any(id(p) in managed for p in layer_parameters(layer))]
+        stepped = self._stepped_layers()
         scaled_by_norm = metric_spec(self.metric).complexity != "as is"
         values = {}
         for name, (cloud, deaths) in self.meter.clouds_and_deaths(stepped, fewest=_FEWEST_NEURONS).items():
@@ -347,6 +346,17 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
                                  f"(longest bar {float(deaths.max()):.3g}); the weights' scale is out of range")
             values[name] = value
         return values
+
+    def _stepped_layers(self) -> list[str]:
+        """The wrapped layers with a parameter in the optimizer's groups (a frozen layer is
+        measured once unfrozen), found again when the groups' parameters change."""
+        stamp = tuple(id(p) for group in self.param_groups for p in group["params"])
+        memo = self.__dict__.get("_stepped_memo")
+        if memo is None or memo[0] != stamp:
+            managed = set(stamp)
+            memo = self._stepped_memo = (stamp, [name for name, layer in self._layers.items()
+                                                 if any(id(p) in managed for p in layer_parameters(layer))])
+        return memo[1]
 
     @torch.no_grad()
     @torch.compiler.disable
@@ -360,8 +370,13 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         dict
             Layer name → scale s_l, clipped to `bounds` (a copy of ``scales``).
         """
+        return self._update_scales()
+
+    def _update_scales(self) -> dict[str, float]:
+        """`update_scales`, for a caller already eager and without a graph (`_begin_step`)."""
         topo = self._topo
         measured = {}
+        layers_before = self.__dict__.get("_stepped_memo")
         for name, value in self._measure_all().items():
             topo.complexity[name] = value
             previous = topo.smoothed.get(name)
@@ -377,6 +392,7 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         if not isinstance(scales, Mapping):
             raise TypeError(f"The policy must return a mapping of layer name to scale, got {type(scales).__name__}")
         low, high = self.bounds
+        before = dict(topo.scales)
         for name in self._layers:
             raw = scales.get(name, 1.0)
             if isinstance(raw, bool) or not isinstance(raw, (int, float)):
@@ -386,7 +402,8 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
                 raise ValueError(f"The policy gave layer {name!r} a non-finite scale: {raw}")
             scale = min(max(raw, low), high)
             topo.scales[name] = 1.0 if abs(scale - 1.0) <= SCALE_DEADBAND else scale
-        topo.scaled = None
+        if topo.scales != before or self._stepped_memo is not layers_before:
+            topo.scaled = None  # the parameters to scale, found again
         return dict(topo.scales)
 
     # ---- the step ----
@@ -417,7 +434,7 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         plan: dict[str, Any] = {"own": None}
         if topo.topo_step % self.every == 0:  # only a measuring step changes the averages before it succeeds
             plan["own"] = topo.as_dict(list(self._layers))
-            self.update_scales()
+            self._update_scales()
         if topo.scaled is None:
             topo.scaled = self._scaled_parameters()
         plan["before"], plan["views"] = self._copy_of(_local_shards(topo.scaled[0])[0])
@@ -518,6 +535,12 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         loss : Any
             What the inner optimizer's step returns (the closure's loss, or None).
         """
+        topo = self._topo
+        if closure is None and topo.topo_step % self.every and topo.scaled is not None and not topo.scaled[0]:
+            # nothing to measure, copy or scale: the inner step, counted
+            loss = _inner_step(self.base_optimizer, None)
+            topo.topo_step += 1
+            return loss
         plan = self._begin_step(closure)
         try:
             loss = _inner_step(self.base_optimizer, closure)

@@ -200,7 +200,9 @@ class TopoPenalty(MeterSettings, nn.Module):
     def _zero(self) -> torch.Tensor:
         """A float32 zero on the last layer's device: where the output, and so the loss, lives
         when layers are spread over devices (model parallel); each layer's term is moved there."""
-        device = layer_parameters(next(reversed(self.meter.layers.values())))[0].device
+        last = next(reversed(self.meter.layers.values()))
+        weight = getattr(last, "weight", None) if isinstance(last, nn.Module) else None
+        device = weight.device if isinstance(weight, torch.Tensor) else layer_parameters(last)[0].device
         return torch.zeros((), device=device, dtype=torch.float32)
 
     def _one_node_total(self, clouds: dict[str, torch.Tensor], passive: bool) -> torch.Tensor | None:
