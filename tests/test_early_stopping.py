@@ -58,6 +58,15 @@ def test_invalid_settings(kwargs, message):
         TopologyEarlyStopping(build_mlp("mlp:6-3"), **kwargs)
 
 
+@pytest.mark.parametrize("loss", [math.nan, math.inf])
+def test_a_loss_that_is_not_finite_stops_at_once(loss):
+    """A diverged run is neither stuck nor settled: a NaN or infinite loss stops it, saying why."""
+    stopper = TopologyEarlyStopping(build_mlp("mlp:6-10-3"), patience=3, min_checks=5)
+    assert stopper.update(2.0) is False
+    assert stopper.update(loss) is True and stopper.should_stop
+    assert stopper.reason == f"training loss {loss}: the run diverged" and len(stopper.history) == 2
+
+
 def test_a_run_stuck_at_its_first_loss_is_not_settled():
     """A tiny-initialised network at chance: its topology does not move, and neither does its
     loss (ln 10). With the loss given, the checks do not count as settled until it falls."""

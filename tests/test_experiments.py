@@ -180,6 +180,19 @@ def test_ray_tasks_write_the_records_a_serial_sweep_writes(tmp_path):
     assert set(load_results(tmp_path / "ray.jsonl")) == {cell["id"] for cell in cells}
 
 
+@pytest.mark.parametrize("address, message", [
+    ("nonsense", "Invalid RAY_ADDRESS: 'nonsense'. It must be host:port"),
+    ("127.0.0.1:1", "RAY_ADDRESS=127.0.0.1:1: nothing answers at 127.0.0.1:1"),
+])
+def test_a_bad_ray_address_is_refused_in_one_line(tmp_path, monkeypatch, address, message):
+    """Before Ray is started: Ray itself would retry for ~25 s, printing its own logs."""
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(ValueError, match=message):
+        run_cells([{"id": "a", "x": 1}], _square, tmp_path / "r.jsonl", jobs=2, executor="ray", progress=False)
+    assert not (tmp_path / "r.jsonl").exists() or not load_results(tmp_path / "r.jsonl")
+
+
 def test_an_unknown_executor_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Invalid executor: 'dask'. It must be one of 'process', 'ray'"):
         run_cells([{"id": "a", "x": 1}], _square, tmp_path / "r.jsonl", jobs=2, executor="dask", progress=False)

@@ -54,7 +54,9 @@ class TopologyEarlyStopping:
         settled.
 
     ``update()`` returns ``should_stop``. ``history`` holds each check's values; ``reason`` says
-    why the last check did not count as settled, or why it stopped.
+    why the last check did not count as settled, or why it stopped. A loss given as NaN or
+    infinite stops at once (the run diverged), as Lightning's ``EarlyStopping(check_finite=True)``
+    does.
     """
 
     def __init__(self, model: nn.Module, metrics: str | Sequence[str] = ("normalized_entropy", "mean_lifetime"),
@@ -95,7 +97,12 @@ class TopologyEarlyStopping:
         stuck = False
         if loss is not None:
             loss = float(loss)
-            if self.first_loss is None and math.isfinite(loss):
+            if not math.isfinite(loss):
+                self.history.append(values)
+                self.should_stop = True
+                self.reason = f"training loss {loss}: the run diverged"
+                return True
+            if self.first_loss is None:
                 self.first_loss = loss
             stuck = self.first_loss is not None and not loss <= (1 - self.min_loss_drop) * self.first_loss
         if self.history:

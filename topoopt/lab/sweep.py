@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -76,6 +77,8 @@ def _submitter(executor: str, jobs: int):
     except ImportError:
         raise ValueError("--executor ray needs Ray: pip install 'topoopt[ray]'") from None
     started = not ray.is_initialized()
+    if started and os.environ.get("RAY_ADDRESS"):
+        check_ray_address(os.environ["RAY_ADDRESS"])
     if started:  # a cluster named by RAY_ADDRESS brings its own CPUs; a local Ray gets `jobs`
         ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": jobs}), include_dashboard=False,
                  log_to_driver=False)
@@ -85,6 +88,23 @@ def _submitter(executor: str, jobs: int):
     finally:
         if started:
             ray.shutdown()
+
+
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """Refuse a RAY_ADDRESS that is malformed, or where nothing answers, in one line: Ray itself
+    retries an unreachable cluster for about 25 s, printing its own log lines."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"Invalid RAY_ADDRESS: {address!r}. It must be host:port, ray://host:port, "
+                         f"'auto' or 'local'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ValueError(f"RAY_ADDRESS={address}: nothing answers at {host}:{port} "
+                         f"({error.strerror or error}); start the cluster, or unset RAY_ADDRESS for a local "
+                         f"Ray") from None
 
 
 def run_cells(cells: Sequence[dict], fn: Callable[[dict], dict], results_path: Path, jobs: int = 1,
