@@ -60,11 +60,18 @@ def test_invalid_settings(kwargs, message):
 
 @pytest.mark.parametrize("loss", [math.nan, math.inf])
 def test_a_loss_that_is_not_finite_stops_at_once(loss):
-    """A diverged run is neither stuck nor settled: a NaN or infinite loss stops it, saying why."""
-    stopper = TopologyEarlyStopping(build_mlp("mlp:6-10-3"), patience=3, min_checks=5)
+    """A diverged run is neither stuck nor settled: a NaN or infinite loss stops it, saying why,
+    before the weights (NaN too, after such a step) are measured; a resumed stopper stays stopped."""
+    model = build_mlp("mlp:6-10-3")
+    stopper = TopologyEarlyStopping(model, patience=3, min_checks=5)
     assert stopper.update(2.0) is False
+    with torch.no_grad():
+        next(model.parameters()).fill_(math.nan)
     assert stopper.update(loss) is True and stopper.should_stop
-    assert stopper.reason == f"training loss {loss}: the run diverged" and len(stopper.history) == 2
+    assert stopper.reason == f"training loss {loss}: the run diverged" and len(stopper.history) == 1
+    restored = TopologyEarlyStopping(model, patience=3, min_checks=5)
+    restored.load_state_dict(stopper.state_dict())
+    assert restored.should_stop and restored.diverged
 
 
 def test_a_run_stuck_at_its_first_loss_is_not_settled():

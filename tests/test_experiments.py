@@ -182,6 +182,8 @@ def test_ray_tasks_write_the_records_a_serial_sweep_writes(tmp_path):
 
 @pytest.mark.parametrize("address, message", [
     ("nonsense", "Invalid RAY_ADDRESS: 'nonsense'. It must be host:port"),
+    ("127.0.0.1:99999", "Invalid RAY_ADDRESS: '127.0.0.1:99999'. It must be host:port"),
+    ("127.0.0.1:\u00b2", "Invalid RAY_ADDRESS: '127.0.0.1:\u00b2'. It must be host:port"),
     ("127.0.0.1:1", "RAY_ADDRESS=127.0.0.1:1: nothing answers at 127.0.0.1:1"),
 ])
 def test_a_bad_ray_address_is_refused_in_one_line(tmp_path, monkeypatch, address, message):

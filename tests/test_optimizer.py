@@ -446,3 +446,28 @@ def test_collapse_on_another_metric_than_the_spread_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, policy="collapse", metric="mean_lifetime")
+
+
+def test_scales_a_failed_policy_left_half_written_are_applied_once_valid():
+    """A policy whose value for a later layer is refused raises after the earlier layers' scales
+    were written; the next measuring step must scale the steps with the scales it then sets."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+    answers = iter([{"0": 1.0, "2": 1.0}, {"0": 0.5, "2": float("nan")}, {"0": 0.5, "2": 1.0}])
+    optimizer = TopoOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net, policy=lambda m, c, s: next(answers),
+                              every=1)
+
+    def step():
+        optimizer.zero_grad()
+        net(torch.randn(4, 6)).sum().backward()
+        optimizer.step()
+
+    step()
+    with pytest.raises(ValueError, match="non-finite scale"):
+        step()
+    before = net[0].weight.detach().clone()
+    plain = copy.deepcopy(net)
+    step()
+    assert optimizer.scales == {"0": 0.5, "2": 1.0}
+    assert {tuple(p.shape) for p in optimizer._topo.scaled[0]} == {(8, 6), (8,)}
+    assert not torch.equal(net[0].weight, before) and not torch.equal(net[0].weight, plain[0].weight)

@@ -148,3 +148,19 @@ def test_an_unknown_layer_prints_its_message_as_written():
     with pytest.raises(KeyError) as raised:
         TopoPenalty(model(), layers=["fc9"])
     assert str(raised.value).startswith("Unknown layer name(s) ['fc9']")
+
+
+def test_a_skipped_call_computes_no_parametrized_weight():
+    """A call that `every` skips returns a zero on the last layer's device without reading a
+    parametrized weight: spectral_norm's power iteration would update its state (and so the
+    model's later forward passes)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), spectral_norm(torch.nn.Linear(10, 4)))
+    penalty = TopoPenalty(model, every=2)
+    state = model[2].parametrizations.weight[0]._u
+    penalty()
+    before = state.clone()
+    assert float(penalty()) == 0.0
+    assert torch.equal(state, before)

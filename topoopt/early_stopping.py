@@ -75,6 +75,7 @@ class TopologyEarlyStopping:
         self.should_stop = False
         self.min_loss_drop = float(min_loss_drop)
         self.first_loss: float | None = None
+        self.diverged = False
         self.reason = ""
 
     @property
@@ -93,15 +94,14 @@ class TopologyEarlyStopping:
     def update(self, loss: float | None = None) -> bool:
         """One check (after an epoch); `loss`, the epoch's training loss, guards against calling
         a run stuck at its first loss settled (see ``min_loss_drop``)."""
+        if loss is not None and not math.isfinite(float(loss)):  # before measuring: the weights may be NaN too
+            self.diverged = self.should_stop = True
+            self.reason = f"training loss {float(loss)}: the run diverged"
+            return True
         values = self._values()
         stuck = False
         if loss is not None:
             loss = float(loss)
-            if not math.isfinite(loss):
-                self.history.append(values)
-                self.should_stop = True
-                self.reason = f"training loss {loss}: the run diverged"
-                return True
             if self.first_loss is None:
                 self.first_loss = loss
             stuck = self.first_loss is not None and not loss <= (1 - self.min_loss_drop) * self.first_loss
@@ -119,13 +119,15 @@ class TopologyEarlyStopping:
         return self.should_stop
 
     def state_dict(self) -> dict:
-        return {"history": [dict(h) for h in self.history], "settled": self.settled, "first_loss": self.first_loss}
+        return {"history": [dict(h) for h in self.history], "settled": self.settled, "first_loss": self.first_loss,
+                "diverged": self.diverged}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = [dict(h) for h in state["history"]]
         self.settled = int(state["settled"])
         self.first_loss = state.get("first_loss")
-        self.should_stop = len(self.history) >= self.min_checks and self.settled >= self.patience
+        self.diverged = bool(state.get("diverged", False))
+        self.should_stop = self.diverged or (len(self.history) >= self.min_checks and self.settled >= self.patience)
 
 
 class NeuralPersistenceStopping:

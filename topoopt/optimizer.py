@@ -320,7 +320,6 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         state["_topo"] = copy.copy(self._topo)
         state["_topo"].scaled = None
         state["_copies"], state["_copy_views"], state["_views_of_params"] = [], None, None
-        state.pop("_stepped_memo", None)  # parameter ids: another process's are others
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -335,7 +334,9 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         """Each wrapped layer's complexity (layers of fewer than 3 neurons, and layers with no
         parameter in the optimizer's groups, left out), all layers
         measured in one call (`TreeCache.deaths_many`: batched searches, one edge measurement)."""
-        stepped = self._stepped_layers()
+        managed = {id(p) for group in self.param_groups for p in group["params"]}
+        stepped = [name for name, layer in self._layers.items()  # frozen layers: measured once unfrozen
+                   if any(id(p) in managed for p in layer_parameters(layer))]
         scaled_by_norm = metric_spec(self.metric).complexity != "as is"
         values = {}
         for name, (cloud, deaths) in self.meter.clouds_and_deaths(stepped, fewest=_FEWEST_NEURONS).items():
@@ -346,17 +347,6 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
                                  f"(longest bar {float(deaths.max()):.3g}); the weights' scale is out of range")
             values[name] = value
         return values
-
-    def _stepped_layers(self) -> list[str]:
-        """The wrapped layers with a parameter in the optimizer's groups (a frozen layer is
-        measured once unfrozen), found again when the groups' parameters change."""
-        stamp = tuple(id(p) for group in self.param_groups for p in group["params"])
-        memo = self.__dict__.get("_stepped_memo")
-        if memo is None or memo[0] != stamp:
-            managed = set(stamp)
-            memo = self._stepped_memo = (stamp, [name for name, layer in self._layers.items()
-                                                 if any(id(p) in managed for p in layer_parameters(layer))])
-        return memo[1]
 
     @torch.no_grad()
     @torch.compiler.disable
@@ -376,7 +366,6 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         """`update_scales`, for a caller already eager and without a graph (`_begin_step`)."""
         topo = self._topo
         measured = {}
-        layers_before = self.__dict__.get("_stepped_memo")
         for name, value in self._measure_all().items():
             topo.complexity[name] = value
             previous = topo.smoothed.get(name)
@@ -392,7 +381,6 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         if not isinstance(scales, Mapping):
             raise TypeError(f"The policy must return a mapping of layer name to scale, got {type(scales).__name__}")
         low, high = self.bounds
-        before = dict(topo.scales)
         for name in self._layers:
             raw = scales.get(name, 1.0)
             if isinstance(raw, bool) or not isinstance(raw, (int, float)):
@@ -402,8 +390,7 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
                 raise ValueError(f"The policy gave layer {name!r} a non-finite scale: {raw}")
             scale = min(max(raw, low), high)
             topo.scales[name] = 1.0 if abs(scale - 1.0) <= SCALE_DEADBAND else scale
-        if topo.scales != before or self._stepped_memo is not layers_before:
-            topo.scaled = None  # the parameters to scale, found again
+        topo.scaled = None  # the parameters to scale, found again (the layers' parameters may be new)
         return dict(topo.scales)
 
     # ---- the step ----

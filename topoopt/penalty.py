@@ -201,8 +201,10 @@ class TopoPenalty(MeterSettings, nn.Module):
         """A float32 zero on the last layer's device: where the output, and so the loss, lives
         when layers are spread over devices (model parallel); each layer's term is moved there."""
         last = next(reversed(self.meter.layers.values()))
-        weight = getattr(last, "weight", None) if isinstance(last, nn.Module) else None
-        device = weight.device if isinstance(weight, torch.Tensor) else layer_parameters(last)[0].device
+        # a module's own weight parameter, never computed (a parametrization would run, and
+        # spectral_norm's would update its state); else the parameters that make the layer
+        weight = last._parameters.get("weight") if isinstance(last, nn.Module) else None
+        device = weight.device if weight is not None else layer_parameters(last)[0].device
         return torch.zeros((), device=device, dtype=torch.float32)
 
     def _one_node_total(self, clouds: dict[str, torch.Tensor], passive: bool) -> torch.Tensor | None:

@@ -96,7 +96,7 @@ def check_ray_address(address: str, timeout: float = 3.0) -> None:
     if address in ("auto", "local"):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         raise ValueError(f"Invalid RAY_ADDRESS: {address!r}. It must be host:port, ray://host:port, "
                          f"'auto' or 'local'")
     try:
