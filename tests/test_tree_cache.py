@@ -417,3 +417,39 @@ def test_an_observed_tree_taken_by_training_is_not_kept_twice():
     assert len(trees._observed) == 1 and trees.searches == 1
     trees.edges("fc", cloud)  # training takes it, without a search
     assert len(trees._observed) == 0 and trees.searches == 1 and torch.equal(trees._entries["fc"].searched_on, cloud)
+
+
+def test_exact_lookups_of_compiled_clouds_keep_what_the_general_path_keeps(monkeypatch):
+    """`TreeCache._exact_compiled`, the short path of exact active lookups of float32 CPU clouds,
+    leaves the cache as the general path does: the same trees, copies, spare memory, deaths and
+    search count, through searches, exact reuses, a layer whose shape changes, a float64 cloud
+    and a cloud the compiled search declines (copies: too many near pairs)."""
+    served = []
+    original = TreeCache._exact_compiled
+
+    def run(short: bool) -> tuple[TreeCache, list]:
+        monkeypatch.setattr(TreeCache, "_exact_compiled", lambda self, clouds: served.append(
+            original(self, clouds)) or served[-1] if short else None)
+        torch.manual_seed(0)
+        trees, seen = TreeCache(), []
+        a, b = torch.randn(30, 8), torch.randn(12, 5)
+        for clouds in ({"a": a, "b": b}, {"a": a, "b": b}, {"a": a + 0.1, "b": b},
+                       {"a": torch.randn(31, 8)}, {"a": torch.randn(31, 8).double()},
+                       {"a": torch.randn(4, 8).repeat(10, 1)}, {"b": b * 2}):
+            found = trees.deaths_many(clouds)
+            seen.append({key: (d.clone(), *trees.edges_many({key: clouds[key]})[key]) for key, d in found.items()})
+        monkeypatch.undo()
+        return trees, seen
+
+    short, long = run(True), run(False)
+    assert sum(found is not None for found in served) >= 4 and None in served  # both paths taken
+    assert short[0].searches == long[0].searches
+    for got, expected in zip(short[1], long[1]):
+        assert got.keys() == expected.keys()
+        for key in got:
+            for x, y in zip(got[key], expected[key]):
+                assert torch.equal(x, y)
+    for key, entry in short[0]._entries.items():
+        other = long[0]._entries[key]
+        assert torch.equal(entry.searched_on, other.searched_on) and torch.equal(entry.u, other.u)
+        assert (entry.spare is None) == (other.spare is None) and entry.reuses == other.reuses

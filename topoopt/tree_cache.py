@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from topoopt import _native
@@ -46,7 +47,7 @@ from topoopt._validation import check_positive_int
 from topoopt.cloud import layer_cloud
 from topoopt.many_clouds import edge_lengths_many, trees_of_many
 from topoopt.persistence import edge_lengths
-from topoopt.spanning_tree import euclidean_mst_edges
+from topoopt.spanning_tree import compiled_tree, euclidean_mst_edges, native_small_tree_handles
 
 __all__ = ["TreeCache", "cache_key", "measure_layer", "measure_layers"]
 
@@ -149,6 +150,10 @@ class TreeCache:
         """`edges_many`, each tree as (u, v, exact, again): exact for a cloud it was searched on,
         again for the cloud of the last approximate lookup."""
         check_positive_int("tree_every", tree_every)
+        if tree_every == 1 and not passive and not self._observed:
+            found = self._exact_compiled(clouds)
+            if found is not None:
+                return found
         found: dict[str, tuple[torch.Tensor, torch.Tensor, bool, bool]] = {}
         missing: dict[str, torch.Tensor] = {}
         for key, cloud in clouds.items():
@@ -167,6 +172,44 @@ class TreeCache:
             self._store(key, cloud, u, v, passive, searched=key in to_search)
             found[key] = (u, v, True, False)
         return {key: found[key] for key in clouds}
+
+    def _exact_compiled(self, clouds: Mapping[str, torch.Tensor]) -> dict[str, tuple] | None:
+        """`_edges_many` of exact, active lookups (``tree_every=1``) of clouds the compiled search
+        takes (contiguous float32 on the CPU), with no tree kept from a passive lookup: the same
+        trees, entries and count, in a few calls a cloud instead of the general bookkeeping,
+        which a measuring step paid for every layer. None where a cloud is not such a cloud or
+        the compiled search declines it (too many near pairs): the caller then takes the general
+        path, where the clouds already searched here are exact reuses."""
+        if _native.engine is None or torch.is_inference_mode_enabled():
+            return None
+        found = {}
+        for key, cloud in clouds.items():
+            cloud = cloud.detach()
+            if not (native_small_tree_handles(cloud) and cloud.is_contiguous()):
+                return None
+            points = cloud.numpy()
+            entry = self._entries.get(key)
+            if entry is not None:  # one kept on another device, of another shape or layout: the general rules
+                kept = entry.searched_on
+                if not (_same_layout(kept, cloud) and kept.is_contiguous() and not kept.is_inference()):
+                    return None
+                if _native.engine.same_bytes(kept.numpy(), points):
+                    found[key] = (entry.u, entry.v, True, False)
+                    continue
+            n = cloud.shape[0]
+            edges = compiled_tree(points, np.empty((n, n), dtype=np.float32))
+            if edges is None:
+                return None
+            u, v = torch.from_numpy(edges)
+            if entry is None:
+                kept = cloud.clone()
+            else:  # the old copy's memory, as `_store` reuses it
+                _native.engine.copy_all([points], [kept.numpy()])
+            spare = None if entry is None else entry.moved if entry.moved is not None else entry.spare
+            self._entries[key] = _Entry(kept, u, v, spare=spare)
+            self.searches += 1
+            found[key] = (u, v, True, False)
+        return found
 
     def _observed_tree(self, key: str, cloud: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The tree a passive lookup searched on this very cloud, if it did (else None)."""
