@@ -164,3 +164,42 @@ def test_a_skipped_call_computes_no_parametrized_weight():
     before = state.clone()
     assert float(penalty()) == 0.0
     assert torch.equal(state, before)
+
+
+def test_the_compiled_lookups_of_a_training_step_change_nothing(monkeypatch):
+    """`LayerMeter.compiled_trees`, a penalty's short way to its clouds and trees, gives the
+    values, gradients, trees and search count of the general path over a few training steps,
+    and leaves a NaN layer to the general path's error, with no tree searched before it."""
+    from topoopt.measure import LayerMeter
+
+    original, used = LayerMeter.compiled_trees, []
+
+    def run(short: bool):
+        monkeypatch.setattr(LayerMeter, "compiled_trees",
+                            lambda self, names: used.append(original(self, names)) or used[-1] if short else None)
+        torch.manual_seed(0)
+        model = build_mlp("mlp:12-9-7-3")
+        penalty = TopoPenalty(model, metric="normalized_entropy", weight=0.5)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        seen = []
+        for step in range(4):
+            optimizer.zero_grad()
+            total = penalty() + (model(torch.randn(5, 12)) ** 2).mean()
+            total.backward()
+            seen.append((float(total), [p.grad.clone() for p in model.parameters()], dict(penalty.last_values)))
+            if step != 1:  # one step without an update: the trees are reused exactly
+                optimizer.step()
+        with torch.no_grad():
+            model.fc2.weight[0, 0] = float("nan")
+        searches = penalty.trees.searches
+        with pytest.raises(ValueError, match="Layer 'fc2': Invalid weights: NaN or Inf in 1 of 7 rows"):
+            penalty()
+        assert penalty.trees.searches == searches
+        monkeypatch.undo()
+        return seen, searches
+
+    short, general = run(True), run(False)
+    assert any(found is not None for found in used) and short[1] == general[1]
+    for (total, grads, values), (total2, grads2, values2) in zip(short[0], general[0]):
+        assert total == total2 and values == values2
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads2))

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from topoopt import _native
 from topoopt._range import needs_rescaling, rescale_exponent, rescaled_deaths
-from topoopt._validation import check_instance, check_positive_int
+from topoopt._validation import check_instance, check_positive_int, functorch_active
 from topoopt.cloud import layer_cloud, neuron_cloud
 from topoopt.layers import layer_parameters, select_layers
 from topoopt.metrics import (
@@ -131,6 +132,33 @@ class LayerMeter:
             if deaths is not None and (deaths.numel() == 0 or not needs_rescaling(longest[name], cloud.dtype)):
                 continue
             found[name] = self._rescaled_deaths(name, cloud, deaths, passive)
+        return found
+
+    def compiled_trees(self, names: Iterable[str]) -> dict[str, tuple[torch.Tensor, tuple]] | None:
+        """Each named layer's cloud and exact tree (u, v, True), as `clouds` and `trees_for`
+        (not passive) give them, where every layer is a built-in Linear or Conv layer whose
+        finite float32 CPU weight the compiled search takes and the tree is exact
+        (``tree_every=1``); None where any is not (the general path then applies, and raises
+        what it raises). A few calls a layer: a training step's penalty asks for all of them."""
+        if self.tree_every != 1 or self.sharded or self.include_bias or functorch_active():
+            return None
+        clouds = {}
+        for name in names:
+            rows = plain_weight_rows(self.layers[name])
+            if rows is None:
+                return None
+            cloud = rows.detach()
+            if not (cloud.dtype == torch.float32 and cloud.device.type == "cpu" and cloud.is_contiguous()
+                    and cloud.shape[0] >= 2 and cloud.shape[1] >= 1
+                    and _native.engine.all_finite(cloud.numpy(), 4)):  # else: the general path's error
+                return None
+            clouds[name] = rows
+        found = {}
+        for name, cloud in clouds.items():  # every cloud checked before any tree changes
+            tree = self.trees.compiled_exact_edges(self.key(name), cloud)
+            if tree is None:
+                return None
+            found[name] = (cloud, (*tree, True))
         return found
 
     def clouds_and_deaths(self, names: Iterable[str], fewest: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

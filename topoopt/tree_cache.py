@@ -180,36 +180,46 @@ class TreeCache:
         which a measuring step paid for every layer. None where a cloud is not such a cloud or
         the compiled search declines it (too many near pairs): the caller then takes the general
         path, where the clouds already searched here are exact reuses."""
-        if _native.engine is None or torch.is_inference_mode_enabled():
-            return None
         found = {}
         for key, cloud in clouds.items():
-            cloud = cloud.detach()
-            if not (native_small_tree_handles(cloud) and cloud.is_contiguous()):
+            tree = self.compiled_exact_edges(key, cloud)
+            if tree is None:
                 return None
-            points = cloud.numpy()
-            entry = self._entries.get(key)
-            if entry is not None:  # one kept on another device, of another shape or layout: the general rules
-                kept = entry.searched_on
-                if not (_same_layout(kept, cloud) and kept.is_contiguous() and not kept.is_inference()):
-                    return None
-                if _native.engine.same_bytes(kept.numpy(), points):
-                    found[key] = (entry.u, entry.v, True, False)
-                    continue
-            n = cloud.shape[0]
-            edges = compiled_tree(points, np.empty((n, n), dtype=np.float32))
-            if edges is None:
-                return None
-            u, v = torch.from_numpy(edges)
-            if entry is None:
-                kept = cloud.clone()
-            else:  # the old copy's memory, as `_store` reuses it
-                _native.engine.copy_all([points], [kept.numpy()])
-            spare = None if entry is None else entry.moved if entry.moved is not None else entry.spare
-            self._entries[key] = _Entry(kept, u, v, spare=spare)
-            self.searches += 1
-            found[key] = (u, v, True, False)
+            found[key] = (*tree, True, False)
         return found
+
+    def compiled_exact_edges(self, key: str, cloud: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`edges` of an exact, active lookup (``tree_every=1``) of a contiguous float32 CPU
+        cloud that the compiled search takes: the tree kept for these very bytes, or searched
+        and kept as `edges` keeps it. None where the general rules apply: an entry on another
+        device or of another shape or layout, a tree kept by a passive lookup, inference mode, a
+        cloud the compiled search declines (too many near pairs)."""
+        if _native.engine is None or self._observed or torch.is_inference_mode_enabled():
+            return None
+        cloud = cloud.detach()
+        if not (native_small_tree_handles(cloud) and cloud.is_contiguous()):
+            return None
+        points = cloud.numpy()
+        entry = self._entries.get(key)
+        if entry is not None:
+            kept = entry.searched_on
+            if not (_same_layout(kept, cloud) and kept.is_contiguous() and not kept.is_inference()):
+                return None
+            if _native.engine.same_bytes(kept.numpy(), points):
+                return entry.u, entry.v
+        n = cloud.shape[0]
+        edges = compiled_tree(points, np.empty((n, n), dtype=np.float32))
+        if edges is None:
+            return None
+        u, v = torch.from_numpy(edges)
+        if entry is None:
+            kept = cloud.clone()
+        else:  # the old copy's memory, as `_store` reuses it
+            _native.engine.copy_all([points], [kept.numpy()])
+        spare = None if entry is None else entry.moved if entry.moved is not None else entry.spare
+        self._entries[key] = _Entry(kept, u, v, spare=spare)
+        self.searches += 1
+        return u, v
 
     def _observed_tree(self, key: str, cloud: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The tree a passive lookup searched on this very cloud, if it did (else None)."""
