@@ -120,6 +120,7 @@ class TopoPenalty(MeterSettings, nn.Module):
         self.every = every
         self._metric_fn = get_metric(metric)
         self._calls = 0
+        self._terms: tuple | None = None  # (settings, each layer's LayerTerm), made again when they change
         self.last_values: dict[str, float] = {}
 
     @staticmethod
@@ -224,7 +225,12 @@ class TopoPenalty(MeterSettings, nn.Module):
         no_edge = torch.empty(0, dtype=torch.int64) if len(searched) < len(clouds) else None
         edges = {name: trees[name] if name in searched else (no_edge, no_edge) for name in clouds}
         sign = -1.0 if self.direction == "maximize" else 1.0
-        terms = {name: penalty_node.LayerTerm(self.coefficients[name], sign, self.target) for name in clouds}
+        settings = (tuple(self.coefficients.items()), sign, self.target)
+        kept = getattr(self, "_terms", None)
+        if kept is None or kept[0] != settings:  # the settings may be changed between calls
+            kept = self._terms = (settings, {name: penalty_node.LayerTerm(coefficient, sign, self.target)
+                                             for name, coefficient in self.coefficients.items()})
+        terms = kept[1]
         total, deaths, longest = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn,
                                                                self.last_values)
         if any(needs_rescaling(value, clouds[name].dtype) for name, value in longest.items()):

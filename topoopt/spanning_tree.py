@@ -387,8 +387,7 @@ def native_small_tree(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     edges = compiled_tree(points.contiguous().numpy(), np.empty((n, n), dtype=np.float32))
     if edges is None:
         return None
-    both = torch.from_numpy(edges)
-    return both[0], both[1]
+    return torch.from_numpy(edges[0]), torch.from_numpy(edges[1])
 
 
 def compiled_tree(points: np.ndarray, scratch: np.ndarray) -> np.ndarray | None:

@@ -211,7 +211,7 @@ class TreeCache:
         edges = compiled_tree(points, np.empty((n, n), dtype=np.float32))
         if edges is None:
             return None
-        u, v = torch.from_numpy(edges)
+        u, v = torch.from_numpy(edges[0]), torch.from_numpy(edges[1])  # (unpacking one tensor: ~10 µs)
         if entry is None:
             kept = cloud.clone()
         else:  # the old copy's memory, as `_store` reuses it
