@@ -186,7 +186,8 @@ def test_the_compiled_lookups_of_a_training_step_change_nothing(monkeypatch):
             optimizer.zero_grad()
             total = penalty() + (model(torch.randn(5, 12)) ** 2).mean()
             total.backward()
-            seen.append((float(total.detach()), [p.grad.clone() for p in model.parameters()], dict(penalty.last_values)))
+            grads = [p.grad.clone() for p in model.parameters()]
+            seen.append((float(total.detach()), grads, dict(penalty.last_values)))
             if step != 1:  # one step without an update: the trees are reused exactly
                 optimizer.step()
         with torch.no_grad():
@@ -203,3 +204,28 @@ def test_the_compiled_lookups_of_a_training_step_change_nothing(monkeypatch):
     for (total, grads, values), (total2, grads2, values2) in zip(short[0], general[0]):
         assert total == total2 and values == values2
         assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
+def test_terms_kept_between_calls_follow_a_coefficient_of_another_type():
+    """0.1 == np.float32(0.1), but the term of the float32 coefficient is another number: the
+    kept layer terms are made again, and the value is the one a fresh penalty gives."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.Linear(9, 7)).double()
+    penalty = TopoPenalty(model, metric="mean_lifetime", weight=0.1)
+    penalty()
+    penalty.coefficients["0"] = np.float32(0.1)
+    kept = float(penalty().detach())
+    penalty._terms = None
+    assert kept == float(penalty().detach())
+
+
+def test_a_failed_measurement_keeps_no_tree(monkeypatch):
+    """A layer whose search is refused (here: over its memory budget) raises before the cache
+    keeps any other layer's tree, as the general path does."""
+    import topoopt.spanning_tree as spanning_tree
+
+    monkeypatch.setattr(spanning_tree, "available_bytes", lambda device: 100_000)
+    penalty = TopoPenalty(torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.Linear(9, 300)))
+    with pytest.raises(spanning_tree.MemoryBudgetError):
+        penalty()
+    assert len(penalty.trees) == 0 and penalty.trees.searches == 0

@@ -347,11 +347,15 @@ def test_host_metrics_take_any_float_array_and_propagate_nan():
 
 
 def test_a_declined_compiled_search_is_not_run_twice(monkeypatch):
-    from topoopt import spanning_tree
-
     calls = []
-    compiled = spanning_tree.native_small_tree
-    monkeypatch.setattr(spanning_tree, "native_small_tree", lambda points: calls.append(1) or compiled(points))
+    engine = _native.engine
+
+    class Counting:  # the engine, counting its compiled searches
+        def __getattr__(self, name):
+            found = getattr(engine, name)
+            return (lambda *args: calls.append(1) or found(*args)) if name == "small_tree" else found
+
+    monkeypatch.setattr(_native, "engine", Counting())
     clustered = torch.zeros(50, 10)  # every pair a near pair: the compiled search declines
     trees = TreeCache()
     u, v = trees.edges_many({"zero": clustered})["zero"]

@@ -420,15 +420,15 @@ def test_an_observed_tree_taken_by_training_is_not_kept_twice():
 
 
 def test_exact_lookups_of_compiled_clouds_keep_what_the_general_path_keeps(monkeypatch):
-    """`TreeCache._exact_compiled`, the short path of exact active lookups of float32 CPU clouds,
+    """`TreeCache.compiled_exact_trees`, the short path of exact active lookups of float32 CPU clouds,
     leaves the cache as the general path does: the same trees, copies, spare memory, deaths and
     search count, through searches, exact reuses, a layer whose shape changes, a float64 cloud
     and a cloud the compiled search declines (copies: too many near pairs)."""
     served = []
-    original = TreeCache._exact_compiled
+    original = TreeCache.compiled_exact_trees
 
     def run(short: bool) -> tuple[TreeCache, list]:
-        monkeypatch.setattr(TreeCache, "_exact_compiled", lambda self, clouds: served.append(
+        monkeypatch.setattr(TreeCache, "compiled_exact_trees", lambda self, clouds: served.append(
             original(self, clouds)) or served[-1] if short else None)
         torch.manual_seed(0)
         trees, seen = TreeCache(), []

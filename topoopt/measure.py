@@ -140,7 +140,7 @@ class LayerMeter:
         finite float32 CPU weight the compiled search takes and the tree is exact
         (``tree_every=1``); None where any is not (the general path then applies, and raises
         what it raises). A few calls a layer: a training step's penalty asks for all of them."""
-        if self.tree_every != 1 or self.sharded or self.include_bias or functorch_active():
+        if self.tree_every != 1 or self.sharded or self.include_bias or _native.engine is None or functorch_active():
             return None
         clouds = {}
         for name in names:
@@ -153,13 +153,10 @@ class LayerMeter:
                     and _native.engine.all_finite(cloud.numpy(), 4)):  # else: the general path's error
                 return None
             clouds[name] = rows
-        found = {}
-        for name, cloud in clouds.items():  # every cloud checked before any tree changes
-            tree = self.trees.compiled_exact_edges(self.key(name), cloud)
-            if tree is None:
-                return None
-            found[name] = (cloud, (*tree, True))
-        return found
+        trees = self.trees.compiled_exact_trees({self.key(name): cloud for name, cloud in clouds.items()})
+        if trees is None:  # every cloud was checked first, and the cache keeps nothing unless all are found
+            return None
+        return {name: (cloud, (*trees[self.key(name)], True)) for name, cloud in clouds.items()}
 
     def clouds_and_deaths(self, names: Iterable[str], fewest: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each named layer's detached cloud and its deaths (`deaths`, not passive), for a tool

@@ -225,7 +225,9 @@ class TopoPenalty(MeterSettings, nn.Module):
         no_edge = torch.empty(0, dtype=torch.int64) if len(searched) < len(clouds) else None
         edges = {name: trees[name] if name in searched else (no_edge, no_edge) for name in clouds}
         sign = -1.0 if self.direction == "maximize" else 1.0
-        settings = (tuple(self.coefficients.items()), sign, self.target)
+        # by type and value: 0.1 == np.float32(0.1), but the terms would differ
+        settings = (tuple((name, type(c), float(c)) for name, c in self.coefficients.items()), sign,
+                    type(self.target), None if self.target is None else float(self.target))
         kept = getattr(self, "_terms", None)
         if kept is None or kept[0] != settings:  # the settings may be changed between calls
             kept = self._terms = (settings, {name: penalty_node.LayerTerm(coefficient, sign, self.target)

@@ -47,7 +47,12 @@ from topoopt._validation import check_positive_int
 from topoopt.cloud import layer_cloud
 from topoopt.many_clouds import edge_lengths_many, trees_of_many
 from topoopt.persistence import edge_lengths
-from topoopt.spanning_tree import compiled_tree, euclidean_mst_edges, native_small_tree_handles
+from topoopt.spanning_tree import (
+    compiled_tree,
+    euclidean_mst_edges,
+    native_small_tree_handles,
+    tree_without_the_compiled_search,
+)
 
 __all__ = ["TreeCache", "cache_key", "measure_layer", "measure_layers"]
 
@@ -150,10 +155,10 @@ class TreeCache:
         """`edges_many`, each tree as (u, v, exact, again): exact for a cloud it was searched on,
         again for the cloud of the last approximate lookup."""
         check_positive_int("tree_every", tree_every)
-        if tree_every == 1 and not passive and not self._observed:
-            found = self._exact_compiled(clouds)
+        if tree_every == 1 and not passive:
+            found = self.compiled_exact_trees(clouds)
             if found is not None:
-                return found
+                return {key: (u, v, True, False) for key, (u, v) in found.items()}
         found: dict[str, tuple[torch.Tensor, torch.Tensor, bool, bool]] = {}
         missing: dict[str, torch.Tensor] = {}
         for key, cloud in clouds.items():
@@ -173,53 +178,44 @@ class TreeCache:
             found[key] = (u, v, True, False)
         return {key: found[key] for key in clouds}
 
-    def _exact_compiled(self, clouds: Mapping[str, torch.Tensor]) -> dict[str, tuple] | None:
-        """`_edges_many` of exact, active lookups (``tree_every=1``) of clouds the compiled search
-        takes (contiguous float32 on the CPU), with no tree kept from a passive lookup: the same
-        trees, entries and count, in a few calls a cloud instead of the general bookkeeping,
-        which a measuring step paid for every layer. None where a cloud is not such a cloud or
-        the compiled search declines it (too many near pairs): the caller then takes the general
-        path, where the clouds already searched here are exact reuses."""
-        found = {}
+    def compiled_exact_trees(self, clouds: Mapping[str, torch.Tensor]) -> dict[str, tuple] | None:
+        """`edges_many` of exact, active lookups (``tree_every=1``) of contiguous float32 CPU
+        clouds that the compiled search takes, a shorter way, which a measuring step takes for
+        every layer: the same trees, entries and count, and nothing kept until every tree is
+        found. None, with nothing changed, where a lookup needs the general rules (an entry kept
+        on another device or holding an approximate lookup's cloud, inference mode)."""
+        if _native.engine is None or torch.is_inference_mode_enabled():
+            return None
+        found: dict[str, tuple] = {}
+        missing: dict[str, torch.Tensor] = {}
         for key, cloud in clouds.items():
-            tree = self.compiled_exact_edges(key, cloud)
-            if tree is None:
+            cloud = cloud.detach()
+            if not (native_small_tree_handles(cloud) and cloud.is_contiguous()):
                 return None
-            found[key] = (*tree, True, False)
-        return found
-
-    def compiled_exact_edges(self, key: str, cloud: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """`edges` of an exact, active lookup (``tree_every=1``) of a contiguous float32 CPU
-        cloud that the compiled search takes: the tree kept for these very bytes, or searched
-        and kept as `edges` keeps it. None where the general rules apply: an entry on another
-        device or of another shape or layout, a tree kept by a passive lookup, inference mode, a
-        cloud the compiled search declines (too many near pairs)."""
-        if _native.engine is None or self._observed or torch.is_inference_mode_enabled():
-            return None
-        cloud = cloud.detach()
-        if not (native_small_tree_handles(cloud) and cloud.is_contiguous()):
-            return None
-        points = cloud.numpy()
-        entry = self._entries.get(key)
-        if entry is not None:
-            kept = entry.searched_on
-            if not (_same_layout(kept, cloud) and kept.is_contiguous() and not kept.is_inference()):
-                return None
-            if _native.engine.same_bytes(kept.numpy(), points):
-                return entry.u, entry.v
-        n = cloud.shape[0]
-        edges = compiled_tree(points, np.empty((n, n), dtype=np.float32))
-        if edges is None:
-            return None
-        u, v = torch.from_numpy(edges[0]), torch.from_numpy(edges[1])  # (unpacking one tensor: ~10 µs)
-        if entry is None:
-            kept = cloud.clone()
-        else:  # the old copy's memory, as `_store` reuses it
-            _native.engine.copy_all([points], [kept.numpy()])
-        spare = None if entry is None else entry.moved if entry.moved is not None else entry.spare
-        self._entries[key] = _Entry(kept, u, v, spare=spare)
-        self.searches += 1
-        return u, v
+            entry = self._entries.get(key)
+            if entry is not None:
+                if entry.searched_on.device != cloud.device or entry.moved is not None:
+                    return None
+                if _same_layout(entry.searched_on, cloud) and _same_values(entry.searched_on, cloud):
+                    found[key] = (entry.u, entry.v)
+                    continue
+            missing[key] = cloud
+        trees = {}
+        for key, cloud in missing.items():  # as `_edges_many`: a tree a passive lookup found, else searched
+            observed = self._observed_tree(key, cloud)
+            if observed is not None:
+                trees[key] = (*observed, False)
+                continue
+            n = cloud.shape[0]
+            edges = compiled_tree(cloud.numpy(), np.empty((n, n), dtype=np.float32))
+            if edges is None:  # declined (many near pairs): the general search, as `trees_of_many` takes it
+                trees[key] = (*tree_without_the_compiled_search(cloud), True)
+            else:  # two tensors (unpacking one into its rows cost ~10 µs)
+                trees[key] = (torch.from_numpy(edges[0]), torch.from_numpy(edges[1]), True)
+        for key, (u, v, searched) in trees.items():
+            self._store(key, missing[key], u, v, searched=searched)
+            found[key] = (self._entries[key].u, self._entries[key].v)
+        return {key: found[key] for key in clouds}
 
     def _observed_tree(self, key: str, cloud: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The tree a passive lookup searched on this very cloud, if it did (else None)."""
