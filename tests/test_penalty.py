@@ -167,16 +167,16 @@ def test_a_skipped_call_computes_no_parametrized_weight():
 
 
 def test_the_compiled_lookups_of_a_training_step_change_nothing(monkeypatch):
-    """`LayerMeter.compiled_trees`, a penalty's short way to its clouds and trees, gives the
+    """`TreeCache.compiled_exact_trees`, the short way to a training step's trees, gives the
     values, gradients, trees and search count of the general path over a few training steps,
     and leaves a NaN layer to the general path's error, with no tree searched before it."""
-    from topoopt.measure import LayerMeter
+    from topoopt import TreeCache
 
-    original, used = LayerMeter.compiled_trees, []
+    original, used = TreeCache.compiled_exact_trees, []
 
     def run(short: bool):
-        monkeypatch.setattr(LayerMeter, "compiled_trees",
-                            lambda self, names: used.append(original(self, names)) or used[-1] if short else None)
+        monkeypatch.setattr(TreeCache, "compiled_exact_trees",
+                            lambda self, clouds: used.append(original(self, clouds)) or used[-1] if short else None)
         torch.manual_seed(0)
         model = build_mlp("mlp:12-9-7-3")
         penalty = TopoPenalty(model, metric="normalized_entropy", weight=0.5)
@@ -206,16 +206,15 @@ def test_the_compiled_lookups_of_a_training_step_change_nothing(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
 
 
-def test_terms_kept_between_calls_follow_a_coefficient_of_another_type():
-    """0.1 == np.float32(0.1), but the term of the float32 coefficient is another number: the
-    kept layer terms are made again, and the value is the one a fresh penalty gives."""
+def test_a_coefficient_changed_to_another_type_gives_its_own_term():
+    """0.1 == np.float32(0.1), but the term of the float32 coefficient is another number: a call
+    after the change gives the value of the changed coefficient."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.Linear(9, 7)).double()
     penalty = TopoPenalty(model, metric="mean_lifetime", weight=0.1)
     penalty()
     penalty.coefficients["0"] = np.float32(0.1)
     kept = float(penalty().detach())
-    penalty._terms = None
     assert kept == float(penalty().detach())
 
 

@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from topoopt import _native
 from topoopt._range import needs_rescaling, rescale_exponent, rescaled_deaths
-from topoopt._validation import check_instance, check_positive_int, functorch_active
+from topoopt._validation import check_instance, check_positive_int
 from topoopt.cloud import layer_cloud, neuron_cloud
 from topoopt.layers import layer_parameters, select_layers
 from topoopt.metrics import (
@@ -133,30 +132,6 @@ class LayerMeter:
                 continue
             found[name] = self._rescaled_deaths(name, cloud, deaths, passive)
         return found
-
-    def compiled_trees(self, names: Iterable[str]) -> dict[str, tuple[torch.Tensor, tuple]] | None:
-        """Each named layer's cloud and exact tree (u, v, True), as `clouds` and `trees_for`
-        (not passive) give them, where every layer is a built-in Linear or Conv layer whose
-        finite float32 CPU weight the compiled search takes and the tree is exact
-        (``tree_every=1``); None where any is not (the general path then applies, and raises
-        what it raises). A few calls a layer: a training step's penalty asks for all of them."""
-        if self.tree_every != 1 or self.sharded or self.include_bias or _native.engine is None or functorch_active():
-            return None
-        clouds = {}
-        for name in names:
-            rows = plain_weight_rows(self.layers[name])
-            if rows is None:
-                return None
-            cloud = rows.detach()
-            if not (cloud.dtype == torch.float32 and cloud.device.type == "cpu" and cloud.is_contiguous()
-                    and cloud.shape[0] >= 2 and cloud.shape[1] >= 1
-                    and _native.engine.all_finite(cloud.numpy(), 4)):  # else: the general path's error
-                return None
-            clouds[name] = rows
-        trees = self.trees.compiled_exact_trees({self.key(name): cloud for name, cloud in clouds.items()})
-        if trees is None:  # every cloud was checked first, and the cache keeps nothing unless all are found
-            return None
-        return {name: (cloud, (*trees[self.key(name)], True)) for name, cloud in clouds.items()}
 
     def clouds_and_deaths(self, names: Iterable[str], fewest: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each named layer's detached cloud and its deaths (`deaths`, not passive), for a tool

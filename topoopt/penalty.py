@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from topoopt import _native, penalty_node
+from topoopt import penalty_node
 from topoopt._range import needs_rescaling
 from topoopt._validation import UnknownName, check_choice, check_number, check_positive_int, invalid
 from topoopt.layers import layer_parameters
@@ -120,7 +120,6 @@ class TopoPenalty(MeterSettings, nn.Module):
         self.every = every
         self._metric_fn = get_metric(metric)
         self._calls = 0
-        self._terms: tuple | None = None  # (settings, each layer's LayerTerm), made again when they change
         self.last_values: dict[str, float] = {}
 
     @staticmethod
@@ -175,16 +174,10 @@ class TopoPenalty(MeterSettings, nn.Module):
             self._calls += 1
             if (self._calls - 1) % self.every:
                 return self._zero()
-        names = [name for name in self.meter.layers if self.coefficients[name] != 0.0]
-        compiled = None if passive or _native.engine is None else self.meter.compiled_trees(names)
-        if compiled is None:
-            clouds, trees = self.meter.clouds(names), None
-        else:
-            clouds, trees = {name: cloud for name, (cloud, _) in compiled.items()}, {
-                name: tree for name, (_, tree) in compiled.items()}
+        clouds = self.meter.clouds([name for name in self.meter.layers if self.coefficients[name] != 0.0])
         if penalty_node.handles(list(clouds.values()), self.metric):
             try:
-                node_total = self._one_node_total(clouds, passive, trees)
+                node_total = self._one_node_total(clouds, passive)
             except (OverflowError, ValueError):  # finite weights, non-finite lengths: a cloud at the end of
                 node_total = None                 # its dtype's range, which the general path rescales
             if node_total is not None:
@@ -214,25 +207,16 @@ class TopoPenalty(MeterSettings, nn.Module):
         device = weight.device if weight is not None else layer_parameters(last)[0].device
         return torch.zeros((), device=device, dtype=torch.float32)
 
-    def _one_node_total(self, clouds: dict[str, torch.Tensor], passive: bool,
-                        trees: dict[str, tuple] | None = None) -> torch.Tensor | None:
+    def _one_node_total(self, clouds: dict[str, torch.Tensor], passive: bool) -> torch.Tensor | None:
         """`forward` for CPU layers the compiled engine measures: one autograd node
-        (`topoopt.penalty_node`), the same trees and values (`trees`: those of every cloud, when
-        already looked up); None when a cloud's deaths left the range where the engine is exact."""
+        (`topoopt.penalty_node`), the same trees and values; None when a cloud's deaths left the
+        range where the engine is exact."""
         searched = {name: cloud for name, cloud in clouds.items() if cloud.shape[0] >= 2}
-        if trees is None:
-            trees = self.meter.trees_for(searched, passive)
+        trees = self.meter.trees_for(searched, passive)
         no_edge = torch.empty(0, dtype=torch.int64) if len(searched) < len(clouds) else None
         edges = {name: trees[name] if name in searched else (no_edge, no_edge) for name in clouds}
         sign = -1.0 if self.direction == "maximize" else 1.0
-        # by type and value: 0.1 == np.float32(0.1), but the terms would differ
-        settings = (tuple((name, type(c), float(c)) for name, c in self.coefficients.items()), sign,
-                    type(self.target), None if self.target is None else float(self.target))
-        kept = getattr(self, "_terms", None)
-        if kept is None or kept[0] != settings:  # the settings may be changed between calls
-            kept = self._terms = (settings, {name: penalty_node.LayerTerm(coefficient, sign, self.target)
-                                             for name, coefficient in self.coefficients.items()})
-        terms = kept[1]
+        terms = {name: penalty_node.LayerTerm(self.coefficients[name], sign, self.target) for name in clouds}
         total, deaths, longest = penalty_node.one_node_penalty(clouds, edges, self.metric, terms, self._metric_fn,
                                                                self.last_values)
         if any(needs_rescaling(value, clouds[name].dtype) for name, value in longest.items()):
