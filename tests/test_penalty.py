@@ -166,17 +166,21 @@ def test_a_skipped_call_computes_no_parametrized_weight():
     assert torch.equal(state, before)
 
 
-def test_the_compiled_lookups_of_a_training_step_change_nothing(monkeypatch):
-    """`TreeCache.compiled_exact_trees`, the short way to a training step's trees, gives the
-    values, gradients, trees and search count of the general path over a few training steps,
-    and leaves a NaN layer to the general path's error, with no tree searched before it."""
+@pytest.mark.parametrize("short_way", ["exact_terms", "compiled_exact_trees"])
+def test_the_compiled_lookups_of_a_training_step_change_nothing(monkeypatch, short_way):
+    """`TreeCache.exact_terms` (a training step's lookups and terms in one compiled call) and
+    `TreeCache.compiled_exact_trees` (the short way to the trees alone) give the values,
+    gradients, trees and search count of the general path over a few training steps, and leave
+    a NaN layer to the general path's error, with no tree searched before it."""
     from topoopt import TreeCache
 
-    original, used = TreeCache.compiled_exact_trees, []
+    original, used = getattr(TreeCache, short_way), []
 
     def run(short: bool):
-        monkeypatch.setattr(TreeCache, "compiled_exact_trees",
-                            lambda self, clouds: used.append(original(self, clouds)) or used[-1] if short else None)
+        if short_way == "compiled_exact_trees":  # the trees' short way alone, under the one node
+            monkeypatch.setattr(TreeCache, "exact_terms", lambda self, *args, **kwargs: None)
+        monkeypatch.setattr(TreeCache, short_way, lambda self, *args, **kwargs: used.append(
+            original(self, *args, **kwargs)) or used[-1] if short else None)
         torch.manual_seed(0)
         model = build_mlp("mlp:12-9-7-3")
         penalty = TopoPenalty(model, metric="normalized_entropy", weight=0.5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from topoopt import TopoOptimizer, TopoPenalty, TreeCache, _native, penalty_node
+from topoopt import TopoOptimizer, TopoPenalty, TreeCache, _native, penalty_node, spanning_tree
 from topoopt.host_metrics import HOST_METRICS, METRIC_CODES, entropy_and_slope, metric_and_slope
 from topoopt.metrics import METRIC_SPECS
 
@@ -370,3 +370,77 @@ def test_weights_modified_in_place_before_the_backward_are_an_error():
         model[0].weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         total.backward()
+
+
+def test_exact_terms_is_the_lookup_search_copy_and_layer_term_of_each_layer():
+    """`engine.exact_terms` against its parts, layer by layer: a cloud equal to its kept copy is
+    measured along the kept tree (status 0); a moved one is searched as `small_tree` searches it,
+    copied into its kept memory and measured along the new tree (1); one with a given tree is
+    copied and measured along it (2); one the search declines is left untouched (-1); with every
+    layer's term, metric, deaths and gradient those of `layer_term`. A layer that is not finite
+    is named by its index, with nothing written for any layer."""
+    engine, rng = _native.engine, np.random.default_rng(3)
+    ratio, pairs = spanning_tree.NEAR_PAIR_RATIO, spanning_tree.EXACT_PAIRS_PER_POINT
+    code, sign, target = METRIC_CODES["normalized_entropy"], -1.0, np.nan
+
+    def tree_of(points):
+        n, d = points.shape
+        u, v = np.empty(n - 1, np.int64), np.empty(n - 1, np.int64)
+        assert engine.small_tree(points, n, d, ratio, pairs * n, np.empty((n, n), np.float32), u, v) >= 0
+        return u, v
+
+    same = rng.standard_normal((12, 5)).astype(np.float32)
+    moved = rng.standard_normal((30, 7)).astype(np.float32)
+    given = rng.standard_normal((9, 4)).astype(np.float32)
+    declined = np.repeat(rng.standard_normal((2, 6)).astype(np.float32), 10, axis=0)  # copies: many near pairs
+    old_u, old_v = tree_of(same)
+    given_u, given_v = np.arange(8, dtype=np.int64), np.arange(1, 9, dtype=np.int64)  # a path, not the tree
+    kept = {"same": same.copy(), "moved": rng.standard_normal((30, 7)).astype(np.float32),
+            "given": np.zeros((9, 4), np.float32), "declined": np.zeros((20, 6), np.float32)}
+    out = {name: (np.full(n - 1, -7, np.int64), np.full(n - 1, -7, np.int64), np.full(n - 1, -7, np.float32),
+                  np.empty((n, d), np.float32))
+           for name, (n, d) in {"same": (12, 5), "moved": (30, 7), "given": (9, 4), "declined": (20, 6)}.items()}
+    empty = np.empty(0, np.int64)
+
+    def layers(points_of=lambda name, p: p):
+        return [
+            (points_of("same", same), 12, 5, kept["same"], old_u, old_v, *out["same"][:2], *out["same"][2:], 0.5),
+            (points_of("moved", moved), 30, 7, kept["moved"], *tree_of(kept["moved"]), *out["moved"][:2],
+             *out["moved"][2:], 2.0),
+            (points_of("given", given), 9, 4, kept["given"], given_u, given_v, empty, empty, *out["given"][2:], 1.0),
+            (points_of("declined", declined), 20, 6, kept["declined"], empty, empty, *out["declined"][:2],
+             out["declined"][2], np.empty(0, np.float32), 1.0),
+        ]
+
+    before = {name: array.copy() for name, array in kept.items()}
+    nan_moved = moved.copy()
+    nan_moved[4, 2] = np.nan
+    assert engine.exact_terms(layers(lambda name, p: nan_moved if name == "moved" else p), code, sign, target,
+                              ratio, pairs) == 1
+    assert all(np.array_equal(kept[name], before[name]) for name in kept)
+
+    outcomes = engine.exact_terms(layers(), code, sign, target, ratio, pairs)
+    assert [status for status, *_ in outcomes] == [0, 1, 2, -1]
+    new_u, new_v = tree_of(moved)
+    assert np.array_equal(out["moved"][0], new_u) and np.array_equal(out["moved"][1], new_v)
+    assert np.array_equal(kept["moved"], moved) and np.array_equal(kept["given"], given)
+    assert np.array_equal(kept["same"], same) and np.array_equal(kept["declined"], before["declined"])
+    trees = {"same": (old_u, old_v), "moved": (new_u, new_v), "given": (given_u, given_v)}
+    for (name, points, coefficient), (_, metric, term, longest) in zip(
+            [("same", same, 0.5), ("moved", moved, 2.0), ("given", given, 1.0)], outcomes):
+        deaths, gradient = np.empty(points.shape[0] - 1, np.float32), np.empty(points.shape, np.float32)
+        expected = engine.layer_term(points, 4, *points.shape, *trees[name], code, coefficient, sign, target,
+                                     deaths, gradient)
+        assert (metric, term, longest) == expected
+        assert np.array_equal(out[name][2], deaths) and np.array_equal(out[name][3], gradient)
+    assert all(np.all(array == -7) for array in out["declined"][:3])  # declined: no tree, no deaths
+
+    with pytest.raises(ValueError, match="sizes"):
+        engine.exact_terms([(same, 12, 5, kept["same"][:3], old_u, old_v, *out["same"], 1.0)], code, sign, target,
+                           ratio, pairs)
+    with pytest.raises(ValueError, match="sizes"):  # no tree given and none to search into
+        engine.exact_terms([(same, 12, 5, kept["same"], empty, empty, empty, empty, *out["same"][2:], 1.0)], code,
+                           sign, target, ratio, pairs)
+    with pytest.raises(IndexError):
+        engine.exact_terms([(same, 12, 5, kept["same"], old_u + 12, old_v, *out["same"], 1.0)], code, sign, target,
+                           ratio, pairs)

@@ -453,3 +453,47 @@ def test_exact_lookups_of_compiled_clouds_keep_what_the_general_path_keeps(monke
         other = long[0]._entries[key]
         assert torch.equal(entry.searched_on, other.searched_on) and torch.equal(entry.u, other.u)
         assert (entry.spare is None) == (other.spare is None) and entry.reuses == other.reuses
+
+
+@pytest.mark.parametrize("between", [None, "data write", "other metric"])
+def test_a_wrapper_after_a_penalty_of_its_metric_takes_that_metric_and_only_for_the_same_weights(
+        monkeypatch, between):
+    """A TopoOptimizer of normalized entropy after a TopoPenalty of it, one cache and one step,
+    takes each layer's metric the penalty measured (`LayerMeter.known_metrics`) instead of
+    measuring again: the same scales, step by step, as a wrapper that always measures. A write
+    through ``.data`` between the two, or a penalty of another metric, gives it nothing to take."""
+    from topoopt.measure import LayerMeter
+
+    original, taken = LayerMeter.known_metrics, []
+
+    def run(take: bool):
+        monkeypatch.setattr(LayerMeter, "known_metrics", lambda self, names, code, fewest=1: (
+            taken.append(original(self, names, code, fewest)) or taken[-1]) if take else {})
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 3))
+        trees = TreeCache()
+        optimizer = TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), model,
+                                  metric="normalized_entropy", policy="contrast", every=1, trees=trees)
+        penalty = TopoPenalty(model, metric="mean_lifetime" if between == "other metric" else "normalized_entropy",
+                              weight=0.3, trees=trees)
+        seen = []
+        for step in range(5):
+            optimizer.zero_grad()
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+            (model(x).pow(2).mean() + penalty()).backward()
+            if between == "data write":
+                model[2].weight.data.mul_(1.01)
+            optimizer.step()
+            seen.append((dict(optimizer.complexity), dict(optimizer.scales)))
+        monkeypatch.undo()
+        return seen, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    (taking, weights), (measuring, weights_measured) = run(True), run(False)
+    assert taking == measuring and torch.equal(weights, weights_measured)
+    served = [set(found) for found in taken]
+    if between is None:
+        assert served == [{"0", "2", "4"}] * 5
+    elif between == "data write":
+        assert served == [{"0", "4"}] * 5
+    else:
+        assert served == [set()] * 5

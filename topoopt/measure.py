@@ -29,7 +29,7 @@ from topoopt.metrics import (
     total_persistence,
 )
 from topoopt.neurons import plain_weight_rows
-from topoopt.tree_cache import TreeCache, cache_key
+from topoopt.tree_cache import ExactTerm, TreeCache, cache_key
 
 __all__ = ["LayerMeter", "MeterSettings", "LayerTopology", "layer_topology"]
 
@@ -184,6 +184,48 @@ class LayerMeter:
         clouds = self.clouds(chosen)
         deaths = self.deaths(clouds, passive)
         return {name: deaths.get(name) for name in chosen}
+
+    def plain_clouds(self, names: Iterable[str]) -> dict[str, torch.Tensor] | None:
+        """Each named layer's cloud read straight from its weight (`plain_weight_rows`), unchecked,
+        for `exact_terms`, which checks them; None unless every one is a built-in layer's, with
+        2 or more neurons, and the meter neither shards nor appends biases."""
+        if self.sharded or self.include_bias:
+            return None
+        clouds = {}
+        for name in names:
+            rows = plain_weight_rows(self.layers[name])
+            if rows is None or rows.shape[0] < 2 or rows.shape[1] < 1:
+                return None
+            clouds[name] = rows
+        return clouds or None
+
+    def exact_terms(self, clouds: Mapping[str, torch.Tensor], code: int, coefficients: Mapping[str, float],
+                    sign: float, target: float | None) -> dict[str, ExactTerm] | None:
+        """`TreeCache.exact_terms` of the named clouds (a training step's exact lookups and
+        penalty terms, with gradients), keyed by name; None where it does not take them (then
+        nothing changed), or ``tree_every`` is not 1."""
+        if self.tree_every != 1:
+            return None
+        keyed = {self.key(name): cloud for name, cloud in clouds.items()}
+        found = self.trees.exact_terms(keyed, code, {self.key(name): coefficients[name] for name in clouds}, sign,
+                                       target, gradients=True)
+        return None if found is None else {name: found[self.key(name)] for name in clouds}
+
+    def known_metrics(self, names: Iterable[str], code: int, fewest: int = 1) -> dict[str, float]:
+        """The metric of code `code` of each named built-in layer's cloud that `exact_terms`
+        measured bit for bit as it is now (`TreeCache.known_metric`): a second tool's lookup in
+        one step, with nothing looked up or counted. Layers with fewer than `fewest` neurons
+        are left out, as `clouds` leaves them out."""
+        if self.sharded or self.include_bias:
+            return {}
+        found = {}
+        for name in names:
+            rows = plain_weight_rows(self.layers[name])
+            if rows is not None and rows.shape[0] >= fewest:
+                value = self.trees.known_metric(self.key(name), rows.detach(), code)
+                if value is not None:
+                    found[name] = value
+        return found
 
     def trees_for(self, clouds: Mapping[str, torch.Tensor], passive: bool = False) -> dict[str, tuple]:
         """Each cloud's tree as (u, v, exact), for a caller that measures the edges itself and

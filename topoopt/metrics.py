@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from topoopt._validation import check_choice, check_instance, check_number, functorch_active
-from topoopt.host_metrics import entropy_parts, metric_and_slope
+from topoopt.host_metrics import METRIC_CODES, entropy_parts, metric_and_slope
 
 __all__ = [
     "persistent_entropy",
@@ -355,6 +355,14 @@ def _complexity_spec(name: str) -> MetricSpec:
     if spec.complexity is None:
         check_choice("complexity metric", name, COMPLEXITY_METRICS)  # raises: a metric, not a complexity
     return spec
+
+
+def engine_complexity_code(name: str) -> int | None:
+    """The compiled engine's code of a complexity metric that `complexity_of_measured` takes as
+    the engine gives it (its value as is, computed on the host), else None: a metric value the
+    engine measured for a penalty (`TreeCache.known_metric`) is then the complexity itself."""
+    spec = _complexity_spec(name)
+    return METRIC_CODES[name] if spec.complexity == "as is" and name in _HOST_EXACT else None
 
 
 def complexity_of_measured(name: str, deaths: torch.Tensor, rms_norm: float) -> float:

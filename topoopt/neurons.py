@@ -268,7 +268,7 @@ def plain_weight_rows(module: object) -> torch.Tensor | None:
     if kind not in _PLAIN_WEIGHT_TYPES or _definition_of(kind) is not _weight_layer \
             or _may_have(module, "effective_weight"):
         return None
-    weight = module.weight
+    weight = module._parameters.get("weight")  # (what `module.weight` finds, without Module.__getattr__)
     return weight_cloud(weight) if type(weight) is nn.Parameter else None
 
 

@@ -44,7 +44,7 @@ from topoopt._validation import (
 from topoopt.cloud import ParameterLayer, cloud_norm
 from topoopt.layers import TopologyCoverageWarning, layer_parameters, select_layers, user_stacklevel
 from topoopt.measure import LayerMeter, MeterSettings
-from topoopt.metrics import COMPLEXITY_METRICS, complexity_of_measured, metric_spec
+from topoopt.metrics import COMPLEXITY_METRICS, complexity_of_measured, engine_complexity_code, metric_spec
 from topoopt.policies import COLLAPSE_SPREAD, POLICIES, Policy, awaken_policy, calm_policy, contrast_policy
 from topoopt.tree_cache import TreeCache
 
@@ -338,8 +338,18 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         stepped = [name for name, layer in self._layers.items()  # frozen layers: measured once unfrozen
                    if any(id(p) in managed for p in layer_parameters(layer))]
         scaled_by_norm = metric_spec(self.metric).complexity != "as is"
+        code = engine_complexity_code(self.metric)
+        known = self.meter.known_metrics(stepped, code, fewest=_FEWEST_NEURONS) if code is not None else {}
+        rest = [name for name in stepped if name not in known]
+        measured = self.meter.clouds_and_deaths(rest, fewest=_FEWEST_NEURONS) if rest else {}
         values = {}
-        for name, (cloud, deaths) in self.meter.clouds_and_deaths(stepped, fewest=_FEWEST_NEURONS).items():
+        for name in stepped:
+            if name in known:  # measured by a penalty of the same metric on this very cloud
+                values[name] = known[name]
+                continue
+            if name not in measured:
+                continue
+            cloud, deaths = measured[name]
             rms_norm = cloud_norm(cloud) / math.sqrt(cloud.shape[0]) if scaled_by_norm else 1.0
             value = complexity_of_measured(self.metric, deaths, rms_norm)
             if not math.isfinite(value):

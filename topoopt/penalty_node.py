@@ -32,18 +32,23 @@ from topoopt import _native
 from topoopt._validation import functorch_active
 from topoopt.host_metrics import HOST_METRICS, METRIC_CODES
 from topoopt.persistence import NUMPY_DTYPES, edge_lengths, int64_index, native_edges_handle
+from topoopt.tree_cache import ExactTerm
 
-__all__ = ["handles", "LayerTerm", "one_node_penalty"]
+__all__ = ["handles", "handles_metric", "LayerTerm", "one_node_penalty", "penalty_of_terms"]
 
 
 def handles(clouds: Sequence[torch.Tensor], metric: str) -> bool:
     """Whether the one node computes this penalty: there are clouds, the compiled engine
-    measures every one (CPU, float32/float64, small enough for one thread), the metric has a
-    host slope, and neither a torch.func transform nor forward-mode AD is active (they need the
+    measures every one (CPU, float32/float64, small enough for one thread) and `handles_metric`."""
+    return bool(clouds) and handles_metric(metric) and all(native_edges_handle(cloud) for cloud in clouds)
+
+
+def handles_metric(metric: str) -> bool:
+    """Whether the one node may compute a penalty of this metric now: the metric has a host
+    slope, and neither a torch.func transform nor forward-mode AD is active (they need the
     per-layer graph)."""
     forward_ad_active = getattr(forward_ad, "_current_level", -1) >= 0  # dual tensors: no tangent here
-    return (bool(clouds) and metric in HOST_METRICS and not functorch_active() and not forward_ad_active
-            and all(native_edges_handle(cloud) for cloud in clouds))
+    return metric in HOST_METRICS and not functorch_active() and not forward_ad_active
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,34 @@ and anything after them).
         return torch.tensor(total, dtype=dtype), deaths, longest
     plan = _Plan(measured, chosen_terms, torch_metric, torch.tensor(total, dtype=dtype))
     return _PenaltyNode.apply(plan, *(m.cloud for m in measured)), deaths, longest
+
+
+def penalty_of_terms(
+    clouds: Mapping[str, torch.Tensor],
+    found: Mapping[str, ExactTerm],
+    terms: Mapping[str, LayerTerm],
+    torch_metric: Callable[[torch.Tensor], torch.Tensor],
+    last_values: dict[str, float],
+) -> torch.Tensor | None:
+    """`one_node_penalty`'s total from the terms and gradients `TreeCache.exact_terms` measured
+    (a training step's exact lookups, in one compiled call; the deaths stay in the cache). None
+    where a metric is not finite or a cloud's deaths left the engine's exact range: the general
+    path then names the layer or rescales."""
+    total, measured, chosen_terms = 0.0, [], []
+    for key, cloud in clouds.items():
+        layer = found[key]
+        if not layer.exact:
+            return None
+        total += layer.term
+        if cloud.requires_grad:
+            measured.append(_Measured(cloud, layer.u, layer.v, layer.gradient))
+            chosen_terms.append(terms[key])
+    for key in clouds:
+        last_values[key] = found[key].metric
+    if not measured:
+        return torch.scalar_tensor(total, dtype=torch.float32)
+    plan = _Plan(measured, chosen_terms, torch_metric, torch.scalar_tensor(total, dtype=torch.float32))
+    return _PenaltyNode.apply(plan, *(m.cloud for m in measured))
 
 
 _NO_GRADIENT = bytearray()  # an empty writable buffer: no gradient asked for

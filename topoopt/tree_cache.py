@@ -35,6 +35,7 @@ saves training a search.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,12 +43,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from topoopt import _native
+from topoopt import _native, spanning_tree
+from topoopt._range import needs_rescaling
 from topoopt._validation import check_positive_int
 from topoopt.cloud import layer_cloud
 from topoopt.many_clouds import edge_lengths_many, trees_of_many
 from topoopt.persistence import edge_lengths
 from topoopt.spanning_tree import (
+    BLOCK_ROWS,
+    EXACT_PAIRS_PER_POINT,
+    NEAR_PAIR_RATIO,
     compiled_tree,
     euclidean_mst_edges,
     native_small_tree_handles,
@@ -67,6 +72,8 @@ class _Entry:
     moved: torch.Tensor | None = None  # a copy of the cloud of the last approximate lookup
     moved_deaths: torch.Tensor | None = None  # its deaths, once measured
     spare: torch.Tensor | None = None  # memory for the next `moved` copy (that of the last search's)
+    metric: tuple[int, float] | None = None  # (code, value) of `deaths`' metric, when the engine measured it
+    views: tuple | None = None  # numpy views of searched_on, u and v, for the compiled lookups
 
 
 class TreeCache:
@@ -133,6 +140,7 @@ class TreeCache:
         kept = deaths.detach().clone() if copy else deaths.detach()
         if exact:
             self._entries[key].deaths = kept
+            self._entries[key].metric = None
         else:
             self._entries[key].moved_deaths = kept
 
@@ -216,6 +224,94 @@ class TreeCache:
             self._store(key, missing[key], u, v, searched=searched)
             found[key] = (self._entries[key].u, self._entries[key].v)
         return {key: found[key] for key in clouds}
+
+    def exact_terms(self, clouds: Mapping[str, torch.Tensor], code: int, coefficients: Mapping[str, float],
+                    sign: float, target: float | None, gradients: bool) -> dict[str, ExactTerm] | None:
+        """The exact, active lookups of a training step's float32 CPU clouds and each layer's
+        penalty term measured along its tree (`engine.exact_terms`: one compiled call for every
+        layer's finiteness check, exact-reuse comparison, search, copy and term), with the
+        entries, copies and search count `trees_for` leaves and each searched cloud's deaths (and
+        the metric of metric code `code`) kept for a graphless lookup of it. Gradients of each
+        term with respect to its cloud when `gradients`.
+
+        None, with nothing changed, where a lookup needs the general rules (an entry kept on
+        another device or holding an approximate lookup's cloud; a cloud not contiguous float32
+        on the CPU, or too big for one compiled search; inference mode) or a cloud is not finite
+        (the caller's general path names it)."""
+        engine = _native.engine
+        if engine is None or torch.is_inference_mode_enabled():
+            return None
+        layers, plans = [], []
+        host_search = "cpu" not in spanning_tree.DEVICE_SEARCH_TYPES  # (tests send CPU clouds to the other)
+        for key, cloud in clouds.items():
+            x = cloud.detach()
+            n, d = x.shape
+            if not (host_search and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+                    and 2 <= n <= BLOCK_ROWS and d >= 1):
+                return None
+            entry = self._entries.get(key)
+            kept = u = v = _EMPTY
+            if entry is not None:
+                if entry.moved is not None or entry.searched_on.device.type != "cpu":
+                    return None
+                if entry.views is None:
+                    entry.views = _host_views(entry)
+                if entry.views and entry.views[0].shape == (n, d):
+                    kept, u, v = entry.views
+            u_new, v_new = np.empty(n - 1, dtype=np.int64), np.empty(n - 1, dtype=np.int64)
+            points = x.numpy()
+            taken = None  # a passive lookup's tree of this very cloud (not the entry's): measured along it
+            if key in self._observed and not (kept is not _EMPTY and engine.same_bytes(kept, points)):
+                taken = self._observed_tree(key, x)
+            if taken is not None:
+                taken = tuple(edge.contiguous() for edge in taken)
+                u, v, u_new, v_new = taken[0].numpy(), taken[1].numpy(), _EMPTY, _EMPTY
+            deaths = np.empty(n - 1, dtype=np.float32)
+            gradient = np.empty((n, d), dtype=np.float32) if gradients else _EMPTY
+            layers.append((points, n, d, kept, u, v, u_new, v_new, deaths, gradient, coefficients[key]))
+            plans.append((key, x, entry, kept is not _EMPTY, taken, u_new, v_new, deaths, gradient))
+        target = math.nan if target is None else target
+        outcomes = engine.exact_terms(layers, code, sign, target, NEAR_PAIR_RATIO, EXACT_PAIRS_PER_POINT)
+        if type(outcomes) is int:  # a cloud not finite: nothing was written
+            return None
+        found = {}
+        for layer, plan, (status, metric, term, longest) in zip(layers, plans, outcomes):
+            key, x, entry, in_place, taken, u_new, v_new, deaths, gradient = plan
+            if status < 0:  # declined: the general search's tree, measured along it
+                u_t, v_t = (edge.contiguous() for edge in tree_without_the_compiled_search(x))
+                given = (*layer[:4], u_t.numpy(), v_t.numpy(), _EMPTY, _EMPTY, *layer[8:])
+                status, metric, term, longest = engine.exact_terms(
+                    [given], code, sign, target, NEAR_PAIR_RATIO, EXACT_PAIRS_PER_POINT)[0]
+            elif taken is not None:  # the passive lookup's search counted: this is not another
+                u_t, v_t = taken
+                del self._observed[key]
+            else:
+                u_t, v_t = (torch.from_numpy(u_new), torch.from_numpy(v_new)) if status else (entry.u, entry.v)
+            if status:  # a new tree: the copy was written into the entry's memory, or is made now
+                self.searches += taken is None
+                kept_cloud = entry.searched_on if in_place else x.clone()
+                entry = self._entries[key] = _Entry(kept_cloud, u_t, v_t, spare=entry.spare if entry else None)
+                entry.views = (layer[3], u_new, v_new) if in_place and status == 1 else _host_views(entry)
+            deaths_t = torch.from_numpy(deaths)
+            exact = math.isfinite(metric) and not needs_rescaling(longest, torch.float32)
+            entry.deaths, entry.metric = deaths_t, (code, metric) if exact else None
+            found[key] = ExactTerm(entry.u, entry.v, deaths_t, torch.from_numpy(gradient) if gradients else None,
+                                   metric, term, exact)
+        return found
+
+    def known_metric(self, key: str, cloud: torch.Tensor, code: int) -> float | None:
+        """The metric of code `code` of this very cloud when `exact_terms` measured it (and its
+        deaths were in the engine's exact range), else None: what a graphless lookup of it would
+        give, with no tree looked up and no reuse counted (a `TopoOptimizer` after a
+        `TopoPenalty` of the same metric, in one step). `cloud` is detached."""
+        entry = self._entries.get(key)
+        if entry is None or entry.metric is None or entry.metric[0] != code or not entry.views:
+            return None
+        kept = entry.views[0]
+        if cloud.dtype != torch.float32 or cloud.device.type != "cpu" or not cloud.is_contiguous() \
+                or kept.shape != tuple(cloud.shape) or not _native.engine.same_bytes(kept, cloud.numpy()):
+            return None
+        return entry.metric[1]
 
     def _observed_tree(self, key: str, cloud: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The tree a passive lookup searched on this very cloud, if it did (else None)."""
@@ -369,6 +465,35 @@ def measure_layers(
     keyed = {cache_key(name, include_bias): cloud for name, cloud in clouds.items() if cloud is not None}
     deaths = trees.deaths_many(keyed, tree_every, passive)
     return {name: None if cloud is None else deaths[cache_key(name, include_bias)] for name, cloud in clouds.items()}
+
+
+@dataclass(frozen=True)
+class ExactTerm:
+    """One layer's outcome of `TreeCache.exact_terms`: its tree (u, v), deaths (tree order, float32,
+    the cache's own: not to be written to), the term's gradient with respect to the cloud (or
+    None), metric and term, and whether the metric is finite and the deaths in the range where
+    the engine is exact (`topoopt._range`)."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    deaths: torch.Tensor
+    gradient: torch.Tensor | None
+    metric: float
+    term: float
+    exact: bool
+
+
+_EMPTY = np.empty(0, dtype=np.uint8)  # an empty buffer: "none" to the engine
+
+
+def _host_views(entry: _Entry) -> tuple:
+    """Numpy views of an entry's copy and tree for `TreeCache.exact_terms` (made once an entry:
+    ~1 µs each), or () when the engine cannot read them in place."""
+    kept, u, v = entry.searched_on, entry.u, entry.v
+    if not (kept.dtype == torch.float32 and kept.device.type == "cpu" and kept.is_contiguous()
+            and all(t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous() for t in (u, v))):
+        return ()
+    return kept.numpy(), u.numpy(), v.numpy()
 
 
 def _copy_into(buffer: torch.Tensor | None, cloud: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@
  *   (the norm's gradient scattered to both endpoints) of a tree's edge lengths.
  * - metric_slope: a metric of H0 bars and its gradient per bar, for the one-node penalty.
  * - layer_term: one layer of the one-node penalty (its deaths, metric, term and gradient).
+ * - exact_terms: a training step's exact tree lookups and penalty terms, every layer in one call.
  * - block_distances: a row block of the general search's squared distances and near pairs.
  * - same_bytes: TreeCache's test that a cloud is the one its tree was searched on.
  * Lengths are summed in double from the float32 or float64 points: exact over float32's whole
@@ -158,6 +159,47 @@ VECTORISED static void gram_upper(const float *x, Py_ssize_t n, Py_ssize_t d, fl
         }
 }
 
+static Py_ssize_t small_tree_into(const float *p, Py_ssize_t n, Py_ssize_t d, double ratio, Py_ssize_t max_pairs,
+                                  float *g, double *norms, float *key, int64_t *parent, int64_t *frontier,
+                                  int64_t *u, int64_t *v) {
+    gram_upper(p, n, d, g);
+    double largest = 0.0;
+    int finite = 1;  /* a NaN or infinite coordinate makes its row's squared norm NaN or infinite */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        norms[i] = g[i * n + i];
+        finite &= isfinite(norms[i]) != 0;
+        if (norms[i] > largest) largest = norms[i];
+    }
+    /* The matrix holds squared distances times scale, a power of two that brings the largest
+     * norm near 1: exact, and the same resolution for close pairs as the centred search has. */
+    if (!(finite && largest > 1e-30 && largest < 1e30)) return -1;
+    double scale = ldexp(1.0, -(int)lrint(log2(largest)));
+    Py_ssize_t near = 0;
+    /* Squared distances of the upper triangle, mirrored; the pairs to recompute marked -1. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        g[i * n + i] = 0.0f;
+        for (Py_ssize_t j = i + 1; j < n; j++) {
+            double sum = norms[i] + norms[j];
+            double s = sum - 2.0 * (double)g[i * n + j];
+            float value = (float)((s > 0.0 ? s : 0.0) * scale);
+            if (!(sum > 1e-36 && s >= ratio * sum)) { near++; value = -1.0f; }
+            g[i * n + j] = value;
+            g[j * n + i] = value;
+        }
+    }
+    if (near > max_pairs) return -1;
+    /* Those pairs, exactly (rounded to float32 only at the end). */
+    for (Py_ssize_t i = 0; near > 0 && i < n; i++)
+        for (Py_ssize_t j = i + 1; j < n; j++)
+            if (g[i * n + j] < 0.0f) {
+                float value = (float)(squared_difference(p + i * d, p + j * d, d) * scale);
+                g[i * n + j] = value;
+                g[j * n + i] = value;
+            }
+    prim_edges(g, n, u, v, key, parent, frontier);
+    return near;
+}
+
 /* small_tree(x: float32[n*d], n, d, ratio, max_pairs, scratch: float32[n*n], u: int64[n-1] out,
  *            v: int64[n-1] out) -> near pairs, or -1
  * The Gram product's upper triangle goes into `scratch` and becomes the squared distances
@@ -178,58 +220,24 @@ static PyObject *small_tree(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*nndnw*w*w*", &x, &n, &d, &ratio, &max_pairs, &scratch, &u, &v)) return NULL;
     PyObject *result = NULL;
     double *norms = NULL;
+    float *key = NULL;
+    int64_t *parent = NULL, *frontier = NULL;
     if (!expect(n >= 2 && d >= 1 && scratch.len == (Py_ssize_t)(n * n * sizeof(float)) &&
                 x.len == (Py_ssize_t)(n * d * sizeof(float)) &&
                 u.len == (Py_ssize_t)((n - 1) * sizeof(int64_t)) && v.len == u.len,
                 "small_tree: expected float32 n*d and n*n buffers and two int64[n-1] outputs")) goto done;
     norms = malloc((size_t)n * sizeof(double));
-    if (!norms) { PyErr_NoMemory(); goto done; }
-    float *g = (float *)scratch.buf;
-    const float *p = (const float *)x.buf;
-    Py_ssize_t near = 0;
-    int in_range;
+    key = malloc((size_t)n * sizeof(float));
+    parent = malloc((size_t)n * sizeof(int64_t));
+    frontier = malloc((size_t)n * sizeof(int64_t));
+    if (!norms || !key || !parent || !frontier) { PyErr_NoMemory(); goto done; }
+    Py_ssize_t near;
     Py_BEGIN_ALLOW_THREADS
-    gram_upper(p, n, d, g);
-    double largest = 0.0;
-    int finite = 1;  /* a NaN or infinite coordinate makes its row's squared norm NaN or infinite */
-    for (Py_ssize_t i = 0; i < n; i++) {
-        norms[i] = g[i * n + i];
-        finite &= isfinite(norms[i]) != 0;
-        if (norms[i] > largest) largest = norms[i];
-    }
-    /* The matrix holds squared distances times scale, a power of two that brings the largest
-     * norm near 1: exact, and the same resolution for close pairs as the centred search has. */
-    in_range = finite && largest > 1e-30 && largest < 1e30;
-    double scale = in_range ? ldexp(1.0, -(int)lrint(log2(largest))) : 1.0;
-    /* Squared distances of the upper triangle, mirrored; the pairs to recompute marked -1. */
-    for (Py_ssize_t i = 0; in_range && i < n; i++) {
-        g[i * n + i] = 0.0f;
-        for (Py_ssize_t j = i + 1; j < n; j++) {
-            double sum = norms[i] + norms[j];
-            double s = sum - 2.0 * (double)g[i * n + j];
-            float value = (float)((s > 0.0 ? s : 0.0) * scale);
-            if (!(sum > 1e-36 && s >= ratio * sum)) { near++; value = -1.0f; }
-            g[i * n + j] = value;
-            g[j * n + i] = value;
-        }
-    }
-    /* Those pairs, exactly (rounded to float32 only at the end). */
-    if (in_range && near <= max_pairs && near > 0)
-        for (Py_ssize_t i = 0; i < n; i++)
-            for (Py_ssize_t j = i + 1; j < n; j++)
-                if (g[i * n + j] < 0.0f) {
-                    float value = (float)(squared_difference(p + i * d, p + j * d, d) * scale);
-                    g[i * n + j] = value;
-                    g[j * n + i] = value;
-                }
+    near = small_tree_into(x.buf, n, d, ratio, max_pairs, scratch.buf, norms, key, parent, frontier, u.buf, v.buf);
     Py_END_ALLOW_THREADS
-    if (!in_range || near > max_pairs) {
-        result = PyLong_FromLong(-1);
-    } else if (prim_with_scratch(g, n, (int64_t *)u.buf, (int64_t *)v.buf) == 0) {
-        result = PyLong_FromSsize_t(near);
-    }
+    result = PyLong_FromSsize_t(near);
 done:
-    free(norms);
+    free(norms); free(key); free(parent); free(frontier);
     PyBuffer_Release(&x);
     PyBuffer_Release(&scratch);
     PyBuffer_Release(&u);
@@ -643,6 +651,66 @@ static float to_float_signed(double x) {
  * the term's gradient with respect to the points: the metric's slope times the term's derivative,
  * cast to the points' type, scattered as `measure` and `scatter` would (zeroed first). One call a layer where
  * the fixed cost of ~10 small numpy and torch operations was most of the time. */
+/* Scratch of term_into for up to `edges` edges of `itemsize`-byte points; NULL when out of memory. */
+typedef struct { double *lengths, *rounded, *slope; void *grad; } term_scratch;
+
+static int term_scratch_alloc(term_scratch *s, Py_ssize_t edges, Py_ssize_t itemsize) {
+    size_t count = (size_t)(edges > 0 ? edges : 1);
+    s->lengths = malloc(count * sizeof(double));
+    s->rounded = malloc(count * sizeof(double));
+    s->slope = malloc(count * sizeof(double));
+    s->grad = malloc(count * (size_t)itemsize);
+    return s->lengths && s->rounded && s->slope && s->grad;
+}
+
+static void term_scratch_free(term_scratch *s) {
+    free(s->lengths); free(s->rounded); free(s->slope); free(s->grad);
+}
+
+/* layer_term's work, no Python calls (the GIL may be released); gradient NULL: none asked for.
+ * out: metric, term, longest. */
+static void term_into(const void *points, Py_ssize_t itemsize, Py_ssize_t n, Py_ssize_t d, const int64_t *u,
+                      const int64_t *v, Py_ssize_t e, int code, double coefficient, double sign, double target,
+                      void *deaths, void *gradient, term_scratch *s, double out[3]) {
+    double *lengths = s->lengths, *rounded = s->rounded, *slope = s->slope;
+    double metric, term, derivative, longest = 0.0;
+    if (itemsize == 4) {
+        lengths_float(points, d, u, v, e, lengths);
+        for (Py_ssize_t k = 0; k < e; k++) {
+            float length = to_float(lengths[k]);
+            ((float *)deaths)[k] = length;
+            rounded[k] = length;
+        }
+    } else {
+        lengths_double(points, d, u, v, e, lengths);
+        memcpy(deaths, lengths, (size_t)e * sizeof(double));
+        memcpy(rounded, lengths, (size_t)e * sizeof(double));
+    }
+    for (Py_ssize_t k = 0; k < e; k++)
+        if (k == 0 || rounded[k] > longest || rounded[k] != rounded[k]) { longest = rounded[k]; if (longest != longest) break; }
+    metric = metric_of(rounded, e, code, gradient ? slope : NULL);
+    if (itemsize == 4) metric = to_float_signed(metric);
+    if (target == target) {  /* the term and its derivative (LayerTerm.of_tensor's) */
+        double gap = metric - target;
+        term = coefficient * gap * gap;
+        derivative = coefficient * 2.0 * gap;
+    } else {
+        term = coefficient * sign * metric;
+        derivative = coefficient * sign;
+    }
+    if (gradient && isfinite(metric)) {
+        memset(gradient, 0, (size_t)(n * d * itemsize));
+        if (itemsize == 4) {
+            for (Py_ssize_t k = 0; k < e; k++) ((float *)s->grad)[k] = to_float_signed(slope[k] * derivative);
+            scatter_from_points_float(points, d, u, v, e, lengths, s->grad, gradient);
+        } else {
+            for (Py_ssize_t k = 0; k < e; k++) ((double *)s->grad)[k] = slope[k] * derivative;
+            scatter_from_points_double(points, d, u, v, e, lengths, s->grad, gradient);
+        }
+    }
+    out[0] = metric; out[1] = term; out[2] = longest;
+}
+
 static PyObject *layer_term(PyObject *self, PyObject *args) {
     Py_buffer points, u, v, deaths, gradient;
     Py_ssize_t itemsize, n, d;
@@ -653,64 +721,144 @@ static PyObject *layer_term(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     Py_ssize_t e = u.len / (Py_ssize_t)sizeof(int64_t);
     int wants_gradient = gradient.len > 0;
-    double *lengths = NULL, *rounded = NULL, *slope = NULL;
-    void *grad = NULL;
+    term_scratch s = {NULL, NULL, NULL, NULL};
     if (!expect((itemsize == 4 || itemsize == 8) && d >= 1 && points.len == n * d * itemsize &&
                 v.len == u.len && deaths.len == e * itemsize &&
                 (!wants_gradient || gradient.len == n * d * itemsize) && code >= 0 && code <= 5,
                 "layer_term: buffer sizes do not match, or an unknown metric code") ||
         !edges_in_range((const int64_t *)u.buf, (const int64_t *)v.buf, e, n)) goto done;
-    size_t edges = (size_t)(e ? e : 1);
-    lengths = malloc(edges * sizeof(double));
-    rounded = malloc(edges * sizeof(double));
-    slope = malloc(edges * sizeof(double));
-    grad = malloc(edges * (size_t)itemsize);
-    if (!lengths || !rounded || !slope || !grad) { PyErr_NoMemory(); goto done; }
-    double metric, term, derivative, longest = 0.0;
+    if (!term_scratch_alloc(&s, e, itemsize)) { PyErr_NoMemory(); goto done; }
+    double out[3];
     Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 4) {
-        lengths_float(points.buf, d, u.buf, v.buf, e, lengths);
-        for (Py_ssize_t k = 0; k < e; k++) {
-            float length = to_float(lengths[k]);
-            ((float *)deaths.buf)[k] = length;
-            rounded[k] = length;
-        }
-    } else {
-        lengths_double(points.buf, d, u.buf, v.buf, e, lengths);
-        memcpy(deaths.buf, lengths, (size_t)e * sizeof(double));
-        memcpy(rounded, lengths, (size_t)e * sizeof(double));
-    }
-    for (Py_ssize_t k = 0; k < e; k++)
-        if (k == 0 || rounded[k] > longest || rounded[k] != rounded[k]) { longest = rounded[k]; if (longest != longest) break; }
-    metric = metric_of(rounded, e, code, wants_gradient ? slope : NULL);
-    if (itemsize == 4) metric = to_float_signed(metric);
-    if (target == target) {  /* the term and its derivative (LayerTerm.of_tensor's) */
-        double gap = metric - target;
-        term = coefficient * gap * gap;
-        derivative = coefficient * 2.0 * gap;
-    } else {
-        term = coefficient * sign * metric;
-        derivative = coefficient * sign;
-    }
-    if (wants_gradient && isfinite(metric)) {
-        memset(gradient.buf, 0, (size_t)gradient.len);
-        if (itemsize == 4) {
-            for (Py_ssize_t k = 0; k < e; k++) ((float *)grad)[k] = to_float_signed(slope[k] * derivative);
-            scatter_from_points_float(points.buf, d, u.buf, v.buf, e, lengths, grad, gradient.buf);
-        } else {
-            for (Py_ssize_t k = 0; k < e; k++) ((double *)grad)[k] = slope[k] * derivative;
-            scatter_from_points_double(points.buf, d, u.buf, v.buf, e, lengths, grad, gradient.buf);
-        }
-    }
+    term_into(points.buf, itemsize, n, d, u.buf, v.buf, e, code, coefficient, sign, target, deaths.buf,
+              wants_gradient ? gradient.buf : NULL, &s, out);
     Py_END_ALLOW_THREADS
-    result = Py_BuildValue("ddd", metric, term, longest);
+    result = Py_BuildValue("ddd", out[0], out[1], out[2]);
 done:
-    free(lengths); free(rounded); free(slope); free(grad);
+    term_scratch_free(&s);
     PyBuffer_Release(&points);
     PyBuffer_Release(&u);
     PyBuffer_Release(&v);
     PyBuffer_Release(&deaths);
     PyBuffer_Release(&gradient);
+    return result;
+}
+
+/* One layer of exact_terms: its buffers (views[0..7]: points, kept, u_old, v_old, u_new, v_new,
+ * deaths, gradient), sizes, coefficient and outcome. */
+typedef struct {
+    Py_buffer views[8];
+    int held;
+    Py_ssize_t n, d;
+    double coefficient;
+    int status;
+    double out[3];
+} exact_layer;
+
+enum { POINTS, KEPT, U_OLD, V_OLD, U_NEW, V_NEW, DEATHS, GRADIENT };
+
+/* exact_terms(layers: [(points: float32[n*d], n, d, kept: float32[n*d] out or empty, u_old, v_old:
+ *                       int64[n-1] or empty, u_new, v_new: int64[n-1] out or empty, deaths: float32[n-1]
+ *                       out, gradient: float32[n*d] out or empty, coefficient)],
+ *             code, sign, target, ratio, pairs_per_point) -> [(status, metric, term, longest)], or the index
+ *             of the first layer whose points are not all finite (then nothing is written)
+ * A training step's exact tree lookups (TreeCache) and penalty terms (layer_term) of float32
+ * clouds in one call; in a Python loop of ~10 calls a layer their fixed costs were most of the
+ * step's overhead. Per layer, status:
+ *   0  points hold kept's bytes: measured along the kept tree (u_old, v_old);
+ *   1  searched (small_tree, max_pairs pairs_per_point·n) into u_new, v_new, then points copied into
+ *      kept (when it has room);
+ *   2  u_new empty: the tree given as u_old, v_old (found elsewhere), points copied into kept;
+ *  -1  the search declined (as small_tree's -1): nothing written for this layer, no term.
+ * Finiteness is checked for every layer first, so a NaN layer leaves everything as it was. */
+static PyObject *exact_terms(PyObject *self, PyObject *args) {
+    PyObject *list;
+    int code;
+    double sign, target, ratio;
+    Py_ssize_t pairs_per_point;
+    if (!PyArg_ParseTuple(args, "Oidddn", &list, &code, &sign, &target, &ratio, &pairs_per_point)) return NULL;
+    PyObject *items = PySequence_Fast(list, "exact_terms: expected a list of layers");
+    if (!items) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(items), parsed = 0, largest_n = 2, largest_e = 1;
+    PyObject *result = NULL;
+    exact_layer *layers = PyMem_Calloc((size_t)(count ? count : 1), sizeof(exact_layer));
+    term_scratch s = {NULL, NULL, NULL, NULL};
+    float *g = NULL, *key = NULL;
+    double *norms = NULL;
+    int64_t *parent = NULL, *frontier = NULL;
+    if (!layers) { PyErr_NoMemory(); goto done; }
+    for (; parsed < count; parsed++) {
+        exact_layer *l = &layers[parsed];
+        Py_buffer *b = l->views;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(items, parsed), "y*nnw*y*y*w*w*w*w*d", &b[POINTS], &l->n,
+                              &l->d, &b[KEPT], &b[U_OLD], &b[V_OLD], &b[U_NEW], &b[V_NEW], &b[DEATHS],
+                              &b[GRADIENT], &l->coefficient)) goto done;
+        l->held = 1;
+        Py_ssize_t n = l->n, d = l->d, cloud = n * d * (Py_ssize_t)sizeof(float);
+        Py_ssize_t tree = (n - 1) * (Py_ssize_t)sizeof(int64_t);
+        int given = b[U_NEW].len == 0;
+        if (!expect(n >= 2 && d >= 1 && b[POINTS].len == cloud && (b[KEPT].len == 0 || b[KEPT].len == cloud) &&
+                    (b[U_OLD].len == 0 || b[U_OLD].len == tree) && b[V_OLD].len == b[U_OLD].len &&
+                    (given || b[U_NEW].len == tree) && b[V_NEW].len == b[U_NEW].len &&
+                    !(given && b[U_OLD].len == 0) && b[DEATHS].len == (n - 1) * (Py_ssize_t)sizeof(float) &&
+                    (b[GRADIENT].len == 0 || b[GRADIENT].len == cloud) && code >= 0 && code <= 5,
+                    "exact_terms: buffer sizes do not match, or an unknown metric code")) goto done;
+        if (b[U_OLD].len && !edges_in_range(b[U_OLD].buf, b[V_OLD].buf, n - 1, n)) goto done;
+        if (n > largest_n) largest_n = n;
+    }
+    largest_e = largest_n - 1;
+    g = malloc((size_t)(largest_n * largest_n) * sizeof(float));
+    norms = malloc((size_t)largest_n * sizeof(double));
+    key = malloc((size_t)largest_n * sizeof(float));
+    parent = malloc((size_t)largest_n * sizeof(int64_t));
+    frontier = malloc((size_t)largest_n * sizeof(int64_t));
+    if (!g || !norms || !key || !parent || !frontier || !term_scratch_alloc(&s, largest_e, sizeof(float))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t not_finite = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < count && not_finite < 0; i++)
+        if (!all_finite_float(layers[i].views[POINTS].buf, layers[i].n * layers[i].d)) not_finite = i;
+    for (Py_ssize_t i = 0; i < count && not_finite < 0; i++) {
+        exact_layer *l = &layers[i];
+        Py_buffer *b = l->views;
+        if (b[U_NEW].len == 0) {
+            l->status = 2;
+        } else if (b[KEPT].len && b[U_OLD].len && memcmp(b[POINTS].buf, b[KEPT].buf, (size_t)b[POINTS].len) == 0) {
+            l->status = 0;
+        } else {
+            Py_ssize_t near = small_tree_into(b[POINTS].buf, l->n, l->d, ratio, pairs_per_point * l->n, g, norms, key, parent,
+                                              frontier, b[U_NEW].buf, b[V_NEW].buf);
+            l->status = near < 0 ? -1 : 1;
+        }
+        if (l->status < 0) continue;
+        if (l->status > 0 && b[KEPT].len) memcpy(b[KEPT].buf, b[POINTS].buf, (size_t)b[POINTS].len);
+        int searched = l->status == 1;
+        term_into(b[POINTS].buf, sizeof(float), l->n, l->d, b[searched ? U_NEW : U_OLD].buf,
+                  b[searched ? V_NEW : V_OLD].buf, l->n - 1, code, l->coefficient, sign, target, b[DEATHS].buf,
+                  b[GRADIENT].len ? b[GRADIENT].buf : NULL, &s, l->out);
+    }
+    Py_END_ALLOW_THREADS
+    if (not_finite >= 0) {
+        result = PyLong_FromSsize_t(not_finite);
+        goto done;
+    }
+    result = PyList_New(count);
+    for (Py_ssize_t i = 0; result && i < count; i++) {
+        exact_layer *l = &layers[i];
+        PyObject *item = Py_BuildValue("iddd", l->status, l->out[0], l->out[1], l->out[2]);
+        if (!item) { Py_CLEAR(result); break; }
+        PyList_SET_ITEM(result, i, item);
+    }
+done:
+    for (Py_ssize_t i = 0; layers && i < count; i++)
+        if (layers[i].held)
+            for (int k = 0; k < 8; k++) PyBuffer_Release(&layers[i].views[k]);
+    PyMem_Free(layers);
+    term_scratch_free(&s);
+    free(g); free(norms); free(key); free(parent); free(frontier);
+    Py_DECREF(items);
     return result;
 }
 
@@ -864,6 +1012,7 @@ static PyMethodDef methods[] = {
     {"measure", measure, METH_VARARGS, "Edge lengths and differences, optionally sorted."},
     {"scatter", scatter, METH_VARARGS, "Gradient of edge lengths, scattered to the points."},
     {"layer_term", layer_term, METH_VARARGS, "One layer of the one-node penalty: deaths, metric, term, gradient."},
+    {"exact_terms", exact_terms, METH_VARARGS, "A training step's exact tree lookups and penalty terms, in one call."},
     {NULL, NULL, 0, NULL},
 };
 
