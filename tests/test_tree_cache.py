@@ -497,3 +497,56 @@ def test_a_wrapper_after_a_penalty_of_its_metric_takes_that_metric_and_only_for_
         assert served == [{"0", "4"}] * 5
     else:
         assert served == [set()] * 5
+
+
+def test_a_training_step_s_compiled_lookups_and_terms_keep_what_the_general_path_keeps():
+    """`TreeCache.exact_terms` (lookups, copies, searches and terms in one compiled call) against
+    `trees_for` and then `engine.layer_term` of each cloud: the same trees, deaths, metrics,
+    terms, gradients, entries and search count, through a first search, exact reuse, moved
+    clouds written into the kept memory, a layer whose shape changes, a cloud the compiled
+    search declines (copies), a tree a passive lookup searched, and a NaN cloud (None, with
+    nothing changed)."""
+    import numpy as np
+
+    from topoopt import _native
+    from topoopt.host_metrics import METRIC_CODES
+
+    if _native.engine is None:
+        pytest.skip("compiled engine not built")
+    code, coefficients = METRIC_CODES["normalized_entropy"], {"a": 0.5, "b": 2.0}
+    torch.manual_seed(0)
+    a, b = torch.randn(30, 8), torch.randn(12, 5)
+    copies = torch.randn(4, 8).repeat(10, 1)
+    observed = torch.randn(12, 5)
+    steps = [{"a": a, "b": b}, {"a": a, "b": b}, {"a": a + 0.1, "b": b * 2}, {"a": torch.randn(31, 8), "b": b},
+             {"a": copies, "b": b}, {"a": copies + 0.01, "b": b}, {"a": a, "b": observed}]
+    short, general = TreeCache(), TreeCache()
+    for clouds in steps:
+        if clouds["b"] is observed:  # a monitor measured it first
+            for trees in (short, general):
+                trees.edges("b", observed, passive=True)
+        found = short.exact_terms(clouds, code, coefficients, -1.0, None)
+        trees = general.trees_for(clouds)
+        for key, cloud in clouds.items():
+            n, d = cloud.shape
+            deaths, gradient = np.empty(n - 1, np.float32), np.empty((n, d), np.float32)
+            u, v = (edge.contiguous() for edge in trees[key][:2])
+            metric, term, _ = _native.engine.layer_term(cloud.numpy(), 4, n, d, u.numpy(), v.numpy(), code,
+                                                        coefficients[key], -1.0, np.nan, deaths, gradient)
+            general.remember_deaths(key, torch.from_numpy(deaths), trees[key][2])
+            got = found[key]
+            assert torch.equal(got.u, u) and torch.equal(got.v, v)
+            assert torch.equal(got.deaths, torch.from_numpy(deaths)) and torch.equal(got.gradient,
+                                                                                     torch.from_numpy(gradient))
+            assert (got.metric, got.term) == (metric, term) and got.exact
+        assert short.searches == general.searches and short._observed.keys() == general._observed.keys()
+        for key, entry in short._entries.items():
+            other = general._entries[key]
+            assert torch.equal(entry.searched_on, other.searched_on) and torch.equal(entry.u, other.u)
+            assert torch.equal(entry.deaths, other.deaths) and (entry.spare is None) == (other.spare is None)
+    assert short.searches == 2 + 0 + 2 + 2 + 1 + 1 + 2  # the passive lookup's search, taken, counts once
+    bad = a.clone()
+    bad[3, 1] = float("nan")
+    kept = short._entries["b"].searched_on.clone()
+    assert short.exact_terms({"b": b * 3, "a": bad}, code, coefficients, -1.0, None) is None
+    assert short.searches == general.searches and torch.equal(short._entries["b"].searched_on, kept)

@@ -208,7 +208,7 @@ class LayerMeter:
             return None
         keyed = {self.key(name): cloud for name, cloud in clouds.items()}
         found = self.trees.exact_terms(keyed, code, {self.key(name): coefficients[name] for name in clouds}, sign,
-                                       target, gradients=True)
+                                       target)
         return None if found is None else {name: found[self.key(name)] for name in clouds}
 
     def known_metrics(self, names: Iterable[str], code: int, fewest: int = 1) -> dict[str, float]:

@@ -226,13 +226,12 @@ class TreeCache:
         return {key: found[key] for key in clouds}
 
     def exact_terms(self, clouds: Mapping[str, torch.Tensor], code: int, coefficients: Mapping[str, float],
-                    sign: float, target: float | None, gradients: bool) -> dict[str, ExactTerm] | None:
+                    sign: float, target: float | None) -> dict[str, ExactTerm] | None:
         """The exact, active lookups of a training step's float32 CPU clouds and each layer's
-        penalty term measured along its tree (`engine.exact_terms`: one compiled call for every
-        layer's finiteness check, exact-reuse comparison, search, copy and term), with the
-        entries, copies and search count `trees_for` leaves and each searched cloud's deaths (and
-        the metric of metric code `code`) kept for a graphless lookup of it. Gradients of each
-        term with respect to its cloud when `gradients`.
+        penalty term and its gradient, measured along its tree (`engine.exact_terms`: one
+        compiled call for every layer's finiteness check, exact-reuse comparison, search, copy
+        and term), with the entries, copies and search count `trees_for` leaves and each cloud's
+        deaths (and the metric of metric code `code`) kept for a graphless lookup of it.
 
         None, with nothing changed, where a lookup needs the general rules (an entry kept on
         another device or holding an approximate lookup's cloud; a cloud not contiguous float32
@@ -267,37 +266,53 @@ class TreeCache:
                 taken = tuple(edge.contiguous() for edge in taken)
                 u, v, u_new, v_new = taken[0].numpy(), taken[1].numpy(), _EMPTY, _EMPTY
             deaths = np.empty(n - 1, dtype=np.float32)
-            gradient = np.empty((n, d), dtype=np.float32) if gradients else _EMPTY
+            gradient = np.empty((n, d), dtype=np.float32)
             layers.append((points, n, d, kept, u, v, u_new, v_new, deaths, gradient, coefficients[key]))
             plans.append((key, x, entry, kept is not _EMPTY, taken, u_new, v_new, deaths, gradient))
         target = math.nan if target is None else target
         outcomes = engine.exact_terms(layers, code, sign, target, NEAR_PAIR_RATIO, EXACT_PAIRS_PER_POINT)
         if type(outcomes) is int:  # a cloud not finite: nothing was written
             return None
+        # Every layer the engine wrote into gets its entry first, with nothing that can fail between;
+        # then the declined ones (untouched so far) are searched the general way and measured.
         found = {}
-        for layer, plan, (status, metric, term, longest) in zip(layers, plans, outcomes):
-            key, x, entry, in_place, taken, u_new, v_new, deaths, gradient = plan
-            if status < 0:  # declined: the general search's tree, measured along it
-                u_t, v_t = (edge.contiguous() for edge in tree_without_the_compiled_search(x))
-                given = (*layer[:4], u_t.numpy(), v_t.numpy(), _EMPTY, _EMPTY, *layer[8:])
-                status, metric, term, longest = engine.exact_terms(
-                    [given], code, sign, target, NEAR_PAIR_RATIO, EXACT_PAIRS_PER_POINT)[0]
-            elif taken is not None:  # the passive lookup's search counted: this is not another
-                u_t, v_t = taken
+        declined = []
+        for layer, plan, outcome in zip(layers, plans, outcomes):
+            if outcome[0] < 0:
+                declined.append((layer, plan))
+                continue
+            key, x, entry, in_place, taken, u_new, v_new = plan[:7]
+            if taken is not None:  # measured along a passive lookup's tree, whose search counted
                 del self._observed[key]
+                found[key] = self._exact_found(key, x, entry, in_place, taken, None, False, plan[7:], code, outcome)
+            elif outcome[0] == 1:
+                tree = torch.from_numpy(u_new), torch.from_numpy(v_new)
+                views = (layer[3], u_new, v_new) if in_place else None
+                found[key] = self._exact_found(key, x, entry, in_place, tree, views, True, plan[7:], code, outcome)
             else:
-                u_t, v_t = (torch.from_numpy(u_new), torch.from_numpy(v_new)) if status else (entry.u, entry.v)
-            if status:  # a new tree: the copy was written into the entry's memory, or is made now
-                self.searches += taken is None
-                kept_cloud = entry.searched_on if in_place else x.clone()
-                entry = self._entries[key] = _Entry(kept_cloud, u_t, v_t, spare=entry.spare if entry else None)
-                entry.views = (layer[3], u_new, v_new) if in_place and status == 1 else _host_views(entry)
-            deaths_t = torch.from_numpy(deaths)
-            exact = math.isfinite(metric) and not needs_rescaling(longest, torch.float32)
-            entry.deaths, entry.metric = deaths_t, (code, metric) if exact else None
-            found[key] = ExactTerm(entry.u, entry.v, deaths_t, torch.from_numpy(gradient) if gradients else None,
-                                   metric, term, exact)
-        return found
+                found[key] = self._exact_found(key, x, entry, False, None, None, False, plan[7:], code, outcome)
+        for layer, (key, x, entry, in_place, *_, deaths, gradient) in declined:
+            tree = tuple(edge.contiguous() for edge in tree_without_the_compiled_search(x))
+            given = (*layer[:4], tree[0].numpy(), tree[1].numpy(), _EMPTY, _EMPTY, *layer[8:])
+            outcome = engine.exact_terms([given], code, sign, target, NEAR_PAIR_RATIO, EXACT_PAIRS_PER_POINT)[0]
+            found[key] = self._exact_found(key, x, entry, in_place, tree, None, True, (deaths, gradient), code, outcome)
+        return {key: found[key] for key in clouds}
+
+    def _exact_found(self, key: str, x: torch.Tensor, entry: _Entry | None, in_place: bool, tree: tuple | None,
+                     views: tuple | None, searched: bool, written: tuple, code: int, outcome: tuple) -> ExactTerm:
+        """One layer's outcome of `exact_terms`: its entry (a new one for a new `tree`, holding the
+        copy the engine wrote into the old one's memory when `in_place`, else a clone) and its
+        deaths, metric and term."""
+        deaths, gradient = (torch.from_numpy(array) for array in written)
+        _, metric, term, longest = outcome
+        if tree is not None:
+            self.searches += searched
+            kept = entry.searched_on if in_place else x.clone()
+            entry = self._entries[key] = _Entry(kept, *tree, spare=entry.spare if entry else None)
+            entry.views = views if views is not None else _host_views(entry)
+        exact = math.isfinite(metric) and not needs_rescaling(longest, torch.float32)
+        entry.deaths, entry.metric = deaths, (code, metric) if exact else None
+        return ExactTerm(entry.u, entry.v, deaths, gradient, metric, term, exact)
 
     def known_metric(self, key: str, cloud: torch.Tensor, code: int) -> float | None:
         """The metric of code `code` of this very cloud when `exact_terms` measured it (and its
@@ -470,14 +485,14 @@ def measure_layers(
 @dataclass(frozen=True)
 class ExactTerm:
     """One layer's outcome of `TreeCache.exact_terms`: its tree (u, v), deaths (tree order, float32,
-    the cache's own: not to be written to), the term's gradient with respect to the cloud (or
-    None), metric and term, and whether the metric is finite and the deaths in the range where
+    the cache's own: not to be written to), the term's gradient with respect to the cloud,
+    metric and term, and whether the metric is finite and the deaths in the range where
     the engine is exact (`topoopt._range`)."""
 
     u: torch.Tensor
     v: torch.Tensor
     deaths: torch.Tensor
-    gradient: torch.Tensor | None
+    gradient: torch.Tensor
     metric: float
     term: float
     exact: bool
