@@ -2,7 +2,8 @@
 
 Times blocks of 10 steps (so `every=10` pays its measurement once a block) of an MLP at batch
 128 on CPU, the variants interleaved block by block, and reports the median time per step and
-its ratio to the plain optimizer's, all measured in the same run on the same data.
+its ratio to the plain optimizer's, all measured in the same run on the same data; "paired" is
+the median of each block's ratio to the plain block next to it (for a shared machine).
 
 The "floor" variant is the plain step plus only the compiled work an exact penalty and wrapper
 cannot avoid, called straight, with no Python between the calls but a loop: on a measuring step
@@ -111,15 +112,22 @@ class _CompiledFloor:
                                 [0.1] * len(self.weights), True)
 
 
-def per_step_medians(blocks: dict, repeats: int) -> dict:
-    """Median seconds per step of each block; variants interleaved so drift hits all alike."""
+def per_step_times(blocks: dict, repeats: int) -> dict:
+    """Seconds per step of each block in each repeat; variants interleaved so drift hits all alike."""
     times = {name: [] for name in blocks}
     for _ in range(repeats):
         for name, block in blocks.items():
             start = time.perf_counter()
             block()
             times[name].append((time.perf_counter() - start) / 10)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def paired_ratio(times: list[float], plain: list[float]) -> float:
+    """The median over repeats of a variant's block time over the plain block's of the same
+    repeat, seconds apart: on a shared machine, where a block's time swings with the other
+    processes, a ratio of medians taken minutes apart can come out below 1."""
+    return statistics.median(t / p for t, p in zip(times, plain))
 
 
 def main() -> None:
@@ -132,7 +140,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 128, "
           f"median of {args.blocks} blocks of 10 steps, tree_every={args.tree_every}\n")
-    header = f"{'model':<22} {'inner':<5} {'variant':<22} {'ms/step':>8} {'× plain':>8}"
+    header = f"{'model':<22} {'inner':<5} {'variant':<22} {'ms/step':>8} {'× plain':>8} {'paired':>7}"
     print(header)
     print("-" * len(header))
     for spec in args.models:
@@ -141,9 +149,11 @@ def main() -> None:
             for every in (10, 1):
                 for variant in ("floor", "optimizer", "penalty", "both"):
                     blocks[f"{variant} every={every}"] = make_block(spec, inner, variant, every, args.tree_every)
-            medians = per_step_medians(blocks, args.blocks)
+            times = per_step_times(blocks, args.blocks)
+            medians = {name: statistics.median(values) for name, values in times.items()}
             for label, seconds in medians.items():
-                print(f"{spec:<22} {inner:<5} {label:<22} {seconds * 1e3:>8.2f} {seconds / medians['plain']:>7.2f}×")
+                print(f"{spec:<22} {inner:<5} {label:<22} {seconds * 1e3:>8.2f} {seconds / medians['plain']:>7.2f}× "
+                      f"{paired_ratio(times[label], times['plain']):>6.2f}×")
         print()
 
 

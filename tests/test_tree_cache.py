@@ -550,3 +550,39 @@ def test_a_training_step_s_compiled_lookups_and_terms_keep_what_the_general_path
     kept = short._entries["b"].searched_on.clone()
     assert short.exact_terms({"b": b * 3, "a": bad}, code, coefficients, -1.0, None) is None
     assert short.searches == general.searches and torch.equal(short._entries["b"].searched_on, kept)
+
+
+@pytest.mark.parametrize("metric", ["normalized_entropy", "mean_lifetime", "total_persistence"])
+def test_a_wrapper_s_measuring_steps_in_one_compiled_call_change_nothing(monkeypatch, metric):
+    """A TopoOptimizer alone measures its built-in float32 layers in one compiled call
+    (`LayerMeter.exact_measurements`): the same complexities, scales, weights and search count,
+    step by step, as the general path; a NaN layer still gets the general path's error."""
+    from topoopt.measure import LayerMeter
+
+    original, served = LayerMeter.exact_measurements, []
+
+    def run(short: bool):
+        monkeypatch.setattr(LayerMeter, "exact_measurements", lambda self, names, code, fewest: (
+            served.append(original(self, names, code, fewest)) or served[-1]) if short else {})
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 2))
+        optimizer = TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), model, metric=metric,
+                                  policy="contrast", every=1)
+        seen = []
+        for step in range(5):
+            optimizer.zero_grad()
+            model(torch.randn(4, 8, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+            optimizer.step()
+            seen.append((dict(optimizer.complexity), dict(optimizer.scales)))
+        weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+        with torch.no_grad():
+            model[2].weight[1, 1] = float("nan")
+        with pytest.raises(ValueError, match="Layer '2': Invalid weights"):
+            optimizer.update_scales()
+        monkeypatch.undo()
+        return seen, weights, optimizer.trees.searches
+
+    short, general = run(True), run(False)
+    assert short[0] == general[0] and torch.equal(short[1], general[1]) and short[2] == general[2]
+    assert [set(found) for found in served[:5]] == [{"0", "2"}] * 5  # the 2-neuron layer is left out
+    assert served[5] == {}  # the NaN layer: nothing measured here

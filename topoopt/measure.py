@@ -187,29 +187,46 @@ class LayerMeter:
 
     def plain_clouds(self, names: Iterable[str]) -> dict[str, torch.Tensor] | None:
         """Each named layer's cloud read straight from its weight (`plain_weight_rows`), unchecked,
-        for `exact_terms`, which checks them; None unless every one is a built-in layer's, with
-        2 or more neurons, and the meter neither shards nor appends biases."""
+        for `exact_terms`, which checks them; None unless every one is a built-in layer's and
+        the meter neither shards nor appends biases."""
         if self.sharded or self.include_bias:
             return None
         clouds = {}
         for name in names:
             rows = plain_weight_rows(self.layers[name])
-            if rows is None or rows.shape[0] < 2 or rows.shape[1] < 1:
+            if rows is None:
                 return None
             clouds[name] = rows
-        return clouds or None
+        return clouds
 
     def exact_terms(self, clouds: Mapping[str, torch.Tensor], code: int, coefficients: Mapping[str, float],
-                    sign: float, target: float | None) -> dict[str, ExactTerm] | None:
+                    sign: float, target: float | None, gradients: bool = True) -> dict[str, ExactTerm] | None:
         """`TreeCache.exact_terms` of the named clouds (a training step's exact lookups and
-        penalty terms, with gradients), keyed by name; None where it does not take them (then
-        nothing changed), or ``tree_every`` is not 1."""
+        penalty terms), keyed by name; None where it does not take them (then nothing changed),
+        or ``tree_every`` is not 1."""
         if self.tree_every != 1:
             return None
-        keyed = {self.key(name): cloud for name, cloud in clouds.items()}
-        found = self.trees.exact_terms(keyed, code, {self.key(name): coefficients[name] for name in clouds}, sign,
-                                       target)
-        return None if found is None else {name: found[self.key(name)] for name in clouds}
+        keys = {name: self.key(name) for name in clouds}
+        found = self.trees.exact_terms({keys[name]: cloud for name, cloud in clouds.items()}, code,
+                                       {keys[name]: coefficients[name] for name in clouds}, sign, target, gradients)
+        return None if found is None else {name: found[keys[name]] for name in clouds}
+
+    def exact_measurements(self, names: Iterable[str], code: int, fewest: int) -> dict[str, tuple]:
+        """(cloud, `ExactTerm` without gradient) of the named built-in layers of `fewest` or more
+        neurons, all measured in one compiled call (`exact_terms`), for a tool that only reads
+        them (a `TopoOptimizer`'s measuring step); empty where that call does not take them
+        all, and without the layers whose deaths left the engine's exact range. The caller
+        measures what is missing the general way (`clouds_and_deaths`)."""
+        clouds = self.plain_clouds(names)
+        if not clouds:
+            return {}
+        clouds = {name: rows.detach() for name, rows in clouds.items() if rows.shape[0] >= max(fewest, 2)
+                  and rows.shape[1] >= 1}
+        found = self.exact_terms(clouds, code, dict.fromkeys(clouds, 0.0), 1.0, None, gradients=False) \
+            if clouds else None
+        if found is None:
+            return {}
+        return {name: (clouds[name], term) for name, term in found.items() if term.exact}
 
     def known_metrics(self, names: Iterable[str], code: int, fewest: int = 1) -> dict[str, float]:
         """The metric of code `code` of each named built-in layer's cloud that `exact_terms`

@@ -42,6 +42,7 @@ from topoopt._validation import (
     invalid,
 )
 from topoopt.cloud import ParameterLayer, cloud_norm
+from topoopt.host_metrics import METRIC_CODES
 from topoopt.layers import TopologyCoverageWarning, layer_parameters, select_layers, user_stacklevel
 from topoopt.measure import LayerMeter, MeterSettings
 from topoopt.metrics import COMPLEXITY_METRICS, complexity_of_measured, engine_complexity_code, metric_spec
@@ -332,8 +333,10 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
     # ---- measuring topology ----
     def _measure_all(self) -> dict[str, float]:
         """Each wrapped layer's complexity (layers of fewer than 3 neurons, and layers with no
-        parameter in the optimizer's groups, left out), all layers
-        measured in one call (`TreeCache.deaths_many`: batched searches, one edge measurement)."""
+        parameter in the optimizer's groups, left out): the metric a penalty measured on the
+        very same weights this step, else built-in float32 CPU layers in one compiled call
+        (`LayerMeter.exact_measurements`), else all in one call of the general path
+        (`TreeCache.deaths_many`: batched searches, one edge measurement)."""
         managed = {id(p) for group in self.param_groups for p in group["params"]}
         stepped = [name for name, layer in self._layers.items()  # frozen layers: measured once unfrozen
                    if any(id(p) in managed for p in layer_parameters(layer))]
@@ -341,15 +344,24 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         code = engine_complexity_code(self.metric)
         known = self.meter.known_metrics(stepped, code, fewest=_FEWEST_NEURONS) if code is not None else {}
         rest = [name for name in stepped if name not in known]
+        exact = self.meter.exact_measurements(rest, METRIC_CODES[self.metric], _FEWEST_NEURONS) if rest else {}
+        rest = [name for name in rest if name not in exact]
         measured = self.meter.clouds_and_deaths(rest, fewest=_FEWEST_NEURONS) if rest else {}
         values = {}
         for name in stepped:
             if name in known:  # measured by a penalty of the same metric on this very cloud
                 values[name] = known[name]
                 continue
-            if name not in measured:
+            if name in exact:
+                cloud, term = exact[name]
+                if code is not None:  # the engine's metric is the complexity
+                    values[name] = term.metric
+                    continue
+                deaths = term.deaths
+            elif name in measured:
+                cloud, deaths = measured[name]
+            else:
                 continue
-            cloud, deaths = measured[name]
             rms_norm = cloud_norm(cloud) / math.sqrt(cloud.shape[0]) if scaled_by_norm else 1.0
             value = complexity_of_measured(self.metric, deaths, rms_norm)
             if not math.isfinite(value):

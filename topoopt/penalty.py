@@ -220,7 +220,7 @@ class TopoPenalty(MeterSettings, nn.Module):
         if self.meter.tree_every != 1 or not penalty_node.handles_metric(self.metric):
             return None
         clouds = self.meter.plain_clouds([name for name in self.meter.layers if self.coefficients[name] != 0.0])
-        if clouds is None:
+        if not clouds or any(cloud.shape[0] < 2 or cloud.shape[1] < 1 for cloud in clouds.values()):
             return None
         sign = -1.0 if self.direction == "maximize" else 1.0
         found = self.meter.exact_terms(clouds, METRIC_CODES[self.metric], self.coefficients, sign, self.target)

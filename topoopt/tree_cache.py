@@ -226,12 +226,13 @@ class TreeCache:
         return {key: found[key] for key in clouds}
 
     def exact_terms(self, clouds: Mapping[str, torch.Tensor], code: int, coefficients: Mapping[str, float],
-                    sign: float, target: float | None) -> dict[str, ExactTerm] | None:
+                    sign: float, target: float | None, gradients: bool = True) -> dict[str, ExactTerm] | None:
         """The exact, active lookups of a training step's float32 CPU clouds and each layer's
-        penalty term and its gradient, measured along its tree (`engine.exact_terms`: one
-        compiled call for every layer's finiteness check, exact-reuse comparison, search, copy
-        and term), with the entries, copies and search count `trees_for` leaves and each cloud's
-        deaths (and the metric of metric code `code`) kept for a graphless lookup of it.
+        penalty term (and, with `gradients`, its gradient), measured along its tree
+        (`engine.exact_terms`: one compiled call for every layer's finiteness check, exact-reuse
+        comparison, search, copy and term), with the entries, copies and search count
+        `trees_for` leaves and each cloud's deaths (and the metric of metric code `code`) kept
+        for a graphless lookup of it. A wrapper's measurement is one without gradients.
 
         None, with nothing changed, where a lookup needs the general rules (an entry kept on
         another device or holding an approximate lookup's cloud; a cloud not contiguous float32
@@ -266,7 +267,7 @@ class TreeCache:
                 taken = tuple(edge.contiguous() for edge in taken)
                 u, v, u_new, v_new = taken[0].numpy(), taken[1].numpy(), _EMPTY, _EMPTY
             deaths = np.empty(n - 1, dtype=np.float32)
-            gradient = np.empty((n, d), dtype=np.float32)
+            gradient = np.empty((n, d), dtype=np.float32) if gradients else _EMPTY
             layers.append((points, n, d, kept, u, v, u_new, v_new, deaths, gradient, coefficients[key]))
             plans.append((key, x, entry, kept is not _EMPTY, taken, u_new, v_new, deaths, gradient))
         target = math.nan if target is None else target
@@ -303,7 +304,8 @@ class TreeCache:
         """One layer's outcome of `exact_terms`: its entry (a new one for a new `tree`, holding the
         copy the engine wrote into the old one's memory when `in_place`, else a clone) and its
         deaths, metric and term."""
-        deaths, gradient = (torch.from_numpy(array) for array in written)
+        deaths = torch.from_numpy(written[0])
+        gradient = torch.from_numpy(written[1]) if written[1] is not _EMPTY else None
         _, metric, term, longest = outcome
         if tree is not None:
             self.searches += searched
@@ -322,11 +324,10 @@ class TreeCache:
         entry = self._entries.get(key)
         if entry is None or entry.metric is None or entry.metric[0] != code or not entry.views:
             return None
-        kept = entry.views[0]
-        if cloud.dtype != torch.float32 or cloud.device.type != "cpu" or not cloud.is_contiguous() \
-                or kept.shape != tuple(cloud.shape) or not _native.engine.same_bytes(kept, cloud.numpy()):
+        if not (cloud.is_cpu and cloud.dtype == torch.float32 and cloud.is_contiguous()
+                and cloud.shape == entry.searched_on.shape):
             return None
-        return entry.metric[1]
+        return entry.metric[1] if _native.engine.same_bytes(entry.views[0], cloud.numpy()) else None
 
     def _observed_tree(self, key: str, cloud: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The tree a passive lookup searched on this very cloud, if it did (else None)."""
@@ -485,14 +486,14 @@ def measure_layers(
 @dataclass(frozen=True)
 class ExactTerm:
     """One layer's outcome of `TreeCache.exact_terms`: its tree (u, v), deaths (tree order, float32,
-    the cache's own: not to be written to), the term's gradient with respect to the cloud,
-    metric and term, and whether the metric is finite and the deaths in the range where
+    the cache's own: not to be written to), the term's gradient with respect to the cloud (None
+    when none was asked for), metric and term, and whether the metric is finite and the deaths in the range where
     the engine is exact (`topoopt._range`)."""
 
     u: torch.Tensor
     v: torch.Tensor
     deaths: torch.Tensor
-    gradient: torch.Tensor
+    gradient: torch.Tensor | None
     metric: float
     term: float
     exact: bool
