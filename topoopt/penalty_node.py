@@ -6,9 +6,10 @@ forward and backward for ~0.1 ms of arithmetic (measured with the trees given). 
 costs one compiled call (`engine.layer_term`): it measures the tree's edges, takes their metric
 and its slope (the formulas of `topoopt.host_metrics`) and the layer's term, and scatters the
 term's slope onto the neurons; the node's backward hands those gradients over, times the
-incoming one. The penalty's
-gradient is needed on every call that builds a graph (the loss's backward follows), so nothing
-is computed in vain.
+incoming one. On a training call whose layers are all built-in float32 layers with exact trees,
+every layer's tree lookup and term are one compiled call together (`TreeCache.exact_terms`;
+`penalty_of_terms` makes the node). The penalty's gradient is needed on every call that builds
+a graph (the loss's backward follows), so nothing is computed in vain.
 
 The values are those of the per-layer graph: the deaths are rounded to the cloud's dtype before
 the metric, and the metric after it, as there. The sums differ in order, and the mean lifetime
