@@ -586,3 +586,66 @@ def test_a_wrapper_s_measuring_steps_in_one_compiled_call_change_nothing(monkeyp
     assert short[0] == general[0] and torch.equal(short[1], general[1]) and short[2] == general[2]
     assert [set(found) for found in served[:5]] == [{"0", "2"}] * 5  # the 2-neuron layer is left out
     assert served[5] == {}  # the NaN layer: nothing measured here
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_cache_after_a_training_step_keeps_its_clouds_and_trees_together(how):
+    """A cache copied (deepcopy, pickle: `torch.save` of a whole penalty) after `exact_terms`
+    ran, then used for the next step, keeps in each entry the cloud its tree was searched on: the
+    copy's kept memory is its own (a referee found the copied numpy views of the old memory
+    written instead, with the new tree beside the old cloud)."""
+    import copy
+    import pickle
+
+    from topoopt.host_metrics import METRIC_CODES
+
+    torch.manual_seed(0)
+    a, b = torch.randn(20, 6), torch.randn(20, 6)
+    trees = TreeCache()
+    assert trees.exact_terms({"fc": a}, METRIC_CODES["mean_lifetime"], {"fc": 1.0}, 1.0, None) is not None
+    trees = copy.deepcopy(trees) if how == "deepcopy" else pickle.loads(pickle.dumps(trees))
+    trees.exact_terms({"fc": b}, METRIC_CODES["mean_lifetime"], {"fc": 1.0}, 1.0, None)
+    entry = trees._entries["fc"]
+    assert torch.equal(entry.searched_on, b)
+    with torch.no_grad():
+        layer = nn.Linear(6, 20)
+        layer.weight.copy_(b)
+    deaths = measure_layers(trees, {"fc": layer}, passive=True)["fc"]
+    assert torch.equal(deaths.sort().values, h0_deaths(b))
+
+
+def test_what_a_training_step_s_compiled_call_leaves_to_the_general_path():
+    """Found by a referee, each against the general path: a cloud of 2,000,000 or more numbers
+    (whose edges torch measures, on the caller's threads) is not taken; a new entry of a cloud the
+    compiled search declines keeps its place in the cache's order; an entry loaded under
+    inference mode is replaced by an ordinary copy, not written into; and a wrapper whose
+    layer of two neurons is NaN raises before any layer is searched."""
+    from topoopt.host_metrics import METRIC_CODES
+
+    code = METRIC_CODES["mean_lifetime"]
+    torch.manual_seed(0)
+    wide = torch.randn(100, 20_000)
+    trees = TreeCache()
+    assert trees.exact_terms({"wide": wide}, code, {"wide": 1.0}, 1.0, None) is None and len(trees) == 0
+
+    clouds = {"zero": torch.zeros(10, 4), "b": torch.randn(7, 3), "c": torch.randn(5, 2)}
+    trees.exact_terms(clouds, code, dict.fromkeys(clouds, 1.0), 1.0, None)
+    assert list(trees._entries) == list(clouds)
+
+    saved = trees.state_dict()
+    with torch.inference_mode():
+        trees.load_state_dict(saved)
+    moved = {key: cloud + 0.5 for key, cloud in clouds.items()}
+    trees.exact_terms(moved, code, dict.fromkeys(clouds, 1.0), 1.0, None)
+    assert not any(entry.searched_on.is_inference() for entry in trees._entries.values())
+    assert all(torch.equal(trees._entries[key].searched_on, cloud) for key, cloud in moved.items())
+    trees._entries["b"].searched_on.add_(0.0)  # an ordinary tensor, written in place outside inference mode
+
+    torch.manual_seed(0)
+    model = build_mlp("mlp:12-9-2-4")
+    optimizer = TopoOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, every=1)
+    with torch.no_grad():
+        model.fc2.weight[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="Layer 'fc2': Invalid weights"):
+        optimizer.update_scales()
+    assert optimizer.trees.searches == 0 and len(optimizer.trees) == 0

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from topoopt._range import needs_rescaling, rescale_exponent, rescaled_deaths
-from topoopt._validation import check_instance, check_positive_int
+from topoopt._validation import check_instance, check_positive_int, compiled_all_finite
 from topoopt.cloud import layer_cloud, neuron_cloud
 from topoopt.layers import layer_parameters, select_layers
 from topoopt.metrics import (
@@ -220,6 +220,9 @@ class LayerMeter:
         clouds = self.plain_clouds(names)
         if not clouds:
             return {}
+        few = [rows for rows in clouds.values() if rows.shape[0] < max(fewest, 2) or rows.shape[1] < 1]
+        if not all(compiled_all_finite(rows) is not False for rows in few):  # the general path names it
+            return {}                                                         # before any search, as always
         clouds = {name: rows.detach() for name, rows in clouds.items() if rows.shape[0] >= max(fewest, 2)
                   and rows.shape[1] >= 1}
         found = self.exact_terms(clouds, code, dict.fromkeys(clouds, 0.0), 1.0, None, gradients=False) \

@@ -45,6 +45,7 @@ import torch
 
 from topoopt import _native, spanning_tree
 from topoopt._range import needs_rescaling
+from topoopt._threads import PARALLEL_MIN_ELEMENTS
 from topoopt._validation import check_positive_int
 from topoopt.cloud import layer_cloud
 from topoopt.many_clouds import edge_lengths_many, trees_of_many
@@ -74,6 +75,10 @@ class _Entry:
     spare: torch.Tensor | None = None  # memory for the next `moved` copy (that of the last search's)
     metric: tuple[int, float] | None = None  # (code, value) of `deaths`' metric, when the engine measured it
     views: tuple | None = None  # numpy views of searched_on, u and v, for the compiled lookups
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy's views would be arrays of their own, no longer searched_on's memory: made again
+        return {**self.__dict__, "views": None}
 
 
 class TreeCache:
@@ -247,8 +252,8 @@ class TreeCache:
             x = cloud.detach()
             n, d = x.shape
             if not (host_search and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
-                    and 2 <= n <= BLOCK_ROWS and d >= 1):
-                return None
+                    and 2 <= n <= BLOCK_ROWS and d >= 1 and n * d < PARALLEL_MIN_ELEMENTS):
+                return None  # (bigger clouds' edges are measured by torch, on the caller's threads)
             entry = self._entries.get(key)
             kept = u = v = _EMPTY
             if entry is not None:
@@ -297,6 +302,10 @@ class TreeCache:
             given = (*layer[:4], tree[0].numpy(), tree[1].numpy(), _EMPTY, _EMPTY, *layer[8:])
             outcome = engine.exact_terms([given], code, sign, target, NEAR_PAIR_RATIO, EXACT_PAIRS_PER_POINT)[0]
             found[key] = self._exact_found(key, x, entry, in_place, tree, None, True, (deaths, gradient), code, outcome)
+        if any(entry is None for _, (_, _, entry, *_) in declined):  # new entries in the clouds' order, as stored
+            for key, (_, _, entry, *_) in zip(clouds, plans):           # one by one the general way
+                if entry is None:
+                    self._entries[key] = self._entries.pop(key)
         return {key: found[key] for key in clouds}
 
     def _exact_found(self, key: str, x: torch.Tensor, entry: _Entry | None, in_place: bool, tree: tuple | None,
@@ -507,6 +516,7 @@ def _host_views(entry: _Entry) -> tuple:
     ~1 µs each), or () when the engine cannot read them in place."""
     kept, u, v = entry.searched_on, entry.u, entry.v
     if not (kept.dtype == torch.float32 and kept.device.type == "cpu" and kept.is_contiguous()
+            and not kept.is_inference()  # (written only through `_copy_into`, which replaces it)
             and all(t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous() for t in (u, v))):
         return ()
     return kept.numpy(), u.numpy(), v.numpy()
