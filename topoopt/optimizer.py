@@ -344,7 +344,9 @@ class TopoOptimizer(MeterSettings, torch.optim.Optimizer):
         code = engine_complexity_code(self.metric)
         known = self.meter.known_metrics(stepped, code, fewest=_FEWEST_NEURONS) if code is not None else {}
         rest = [name for name in stepped if name not in known]
-        exact = self.meter.exact_measurements(rest, METRIC_CODES[self.metric], _FEWEST_NEURONS) if rest else {}
+        measured_code = METRIC_CODES.get(self.metric)
+        exact = self.meter.exact_measurements(rest, measured_code, _FEWEST_NEURONS) \
+            if rest and measured_code is not None else {}
         rest = [name for name in rest if name not in exact]
         measured = self.meter.clouds_and_deaths(rest, fewest=_FEWEST_NEURONS) if rest else {}
         values = {}

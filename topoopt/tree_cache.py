@@ -494,10 +494,10 @@ def measure_layers(
 
 @dataclass(frozen=True)
 class ExactTerm:
-    """One layer's outcome of `TreeCache.exact_terms`: its tree (u, v), deaths (tree order, float32,
-    the cache's own: not to be written to), the term's gradient with respect to the cloud (None
-    when none was asked for), metric and term, and whether the metric is finite and the deaths in the range where
-    the engine is exact (`topoopt._range`)."""
+    """One layer's outcome of `TreeCache.exact_terms`: its tree (u, v), deaths (tree order,
+    float32, the cache's own: not to be written to), the term's gradient with respect to the
+    cloud (None when none was asked for), metric and term, and whether the metric is finite and
+    the deaths in the range where the engine is exact (`topoopt._range`)."""
 
     u: torch.Tensor
     v: torch.Tensor
