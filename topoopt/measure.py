@@ -220,11 +220,11 @@ class LayerMeter:
         clouds = self.plain_clouds(names)
         if not clouds:
             return {}
-        few = [rows for rows in clouds.values() if rows.shape[0] < max(fewest, 2) or rows.shape[1] < 1]
-        if not all(compiled_all_finite(rows) is not False for rows in few):  # the general path names it
-            return {}                                                         # before any search, as always
-        clouds = {name: rows.detach() for name, rows in clouds.items() if rows.shape[0] >= max(fewest, 2)
-                  and rows.shape[1] >= 1}
+        measured = {name: rows.detach() for name, rows in clouds.items()
+                    if rows.shape[0] >= max(fewest, 2) and rows.shape[1] >= 1}
+        if not all(compiled_all_finite(rows) is not False for name, rows in clouds.items() if name not in measured):
+            return {}  # a layer left out is not finite: the general path names it before any search, as always
+        clouds = measured
         found = self.exact_terms(clouds, code, dict.fromkeys(clouds, 0.0), 1.0, None, gradients=False) \
             if clouds else None
         if found is None:
